@@ -1,0 +1,29 @@
+"""One exception family for everything numgpt reports to a user.
+
+Every error a user can cause (a bad flag, a broken file, a malformed request) is a
+``NumGPTError``; the subclasses say which boundary it came through. ``ConfigError``,
+``InputError`` and ``ShapeError`` are also ``ValueError`` so callers that already catch
+``ValueError`` keep working. ``assert`` is used only for internal invariants.
+"""
+
+__all__ = ["NumGPTError", "ConfigError", "InputError", "ShapeError", "CheckpointError"]
+
+
+class NumGPTError(Exception):
+    """Base class of every error numgpt raises on purpose."""
+
+
+class ConfigError(NumGPTError, ValueError):
+    """A configuration key is unknown, has the wrong type, or an impossible value."""
+
+
+class InputError(NumGPTError, ValueError):
+    """Data handed to numgpt (text, ids, a request) cannot be used as given."""
+
+
+class ShapeError(NumGPTError, ValueError):
+    """Arrays given to an op have shapes the math does not allow; names both shapes."""
+
+
+class CheckpointError(NumGPTError):
+    """A checkpoint file or folder is missing, corrupt, or of the wrong format."""
