@@ -1,0 +1,591 @@
+"""The op library: every piece of GPT-2 math as a pure function of arrays.
+
+Each op is ``f(*inputs, **consts) -> (out, backward)``. Positional arguments are the
+differentiable inputs (``None`` for an optional input that is absent); keyword arguments
+are constants (ids, targets, axes, epsilon, a random generator). ``backward(dout)``
+returns a tuple with one gradient per positional input, each with exactly that input's
+shape (``None`` for an absent optional input). The backward closures capture arrays
+only, never graph nodes, so a dropped graph is freed by reference counting alone.
+
+Shape legend used in docstrings and comments:
+    B  batch size           T  sequence length (time)
+    C  channels (n_embd)    nh number of heads
+    hs head size (C // nh)  V  vocabulary size
+    L  number of layers     N  flattened rows (B*T)
+
+dtype: an op keeps the floating dtype of its inputs (float32 in normal use, float64 in the
+verification gates). Mixed float dtypes are a ``TypeError``; so are integer arrays where
+floats are required. Constants are applied as Python floats so NumPy never upcasts.
+
+Derivations: each backward cites the identity it uses. ``dX`` is the gradient of a
+scalar loss with respect to ``X``; ``*`` is elementwise, ``@`` is matrix product.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from scipy.special import erf
+
+from .errors import ShapeError
+
+__all__ = [
+    "add", "sub", "mul", "scale", "neg", "relu", "tanh", "exp", "log",
+    "gelu", "gelu_tanh", "matmul", "linear", "sum", "mean", "reshape", "transpose",
+    "slice", "softmax", "log_softmax", "cross_entropy", "layernorm", "embedding",
+    "tied_head", "attention_scores", "causal_mask", "attention_output", "attention",
+    "dropout", "unbroadcast",
+]
+
+Backward = Callable[[np.ndarray], tuple]
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_float(*arrays: np.ndarray | None) -> None:
+    """All given arrays are floating point and of one dtype; otherwise TypeError."""
+    dtypes = {a.dtype for a in arrays if a is not None}
+    for dt in dtypes:
+        if dt.type not in _FLOAT_DTYPES:
+            raise TypeError(f"expected floating-point arrays, got dtype {dt}")
+    if len(dtypes) > 1:
+        names = ", ".join(sorted(str(d) for d in dtypes))
+        raise TypeError(f"mixed dtypes ({names}): cast the inputs to one dtype first; "
+                        "ops never upcast silently")
+
+
+def _check_broadcast(a: np.ndarray, b: np.ndarray, op: str) -> tuple[int, ...]:
+    try:
+        return np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ShapeError(f"{op}: shapes {a.shape} and {b.shape} do not broadcast") from None
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` back down to ``shape`` over the axes NumPy broadcasting added/stretched.
+
+    If ``y = f(broadcast(x))`` then ``dx = sum of dy over every broadcast copy of x``.
+    """
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad
+
+
+# ----------------------------------------------------------------------- elementwise
+
+def add(a: np.ndarray, b: np.ndarray):
+    """``a + b`` with broadcasting.  d/da = 1, d/db = 1 (then unbroadcast)."""
+    _check_float(a, b)
+    _check_broadcast(a, b, "add")
+    out = a + b
+
+    def backward(dout):
+        return unbroadcast(dout, a.shape), unbroadcast(dout, b.shape)
+    return out, backward
+
+
+def sub(a: np.ndarray, b: np.ndarray):
+    """``a - b`` with broadcasting.  d/da = 1, d/db = -1."""
+    _check_float(a, b)
+    _check_broadcast(a, b, "sub")
+    out = a - b
+
+    def backward(dout):
+        return unbroadcast(dout, a.shape), unbroadcast(-dout, b.shape)
+    return out, backward
+
+
+def mul(a: np.ndarray, b: np.ndarray):
+    """``a * b`` with broadcasting.  da = dout * b, db = dout * a."""
+    _check_float(a, b)
+    _check_broadcast(a, b, "mul")
+    out = a * b
+
+    def backward(dout):
+        return unbroadcast(dout * b, a.shape), unbroadcast(dout * a, b.shape)
+    return out, backward
+
+
+def scale(x: np.ndarray, *, c: float):
+    """``c * x`` for a constant scalar c.  dx = c * dout."""
+    _check_float(x)
+    c = float(c)
+    out = x * c
+
+    def backward(dout):
+        return (dout * c,)
+    return out, backward
+
+
+def neg(x: np.ndarray):
+    """``-x``.  dx = -dout."""
+    _check_float(x)
+
+    def backward(dout):
+        return (-dout,)
+    return -x, backward
+
+
+def relu(x: np.ndarray):
+    """``max(x, 0)``.  dx = dout * [x > 0]."""
+    _check_float(x)
+    positive = x > 0
+    out = x * positive
+
+    def backward(dout):
+        return (dout * positive,)
+    return out, backward
+
+
+def tanh(x: np.ndarray):
+    """``tanh(x)``.  dx = dout * (1 - tanh(x)^2)."""
+    _check_float(x)
+    out = np.tanh(x)
+
+    def backward(dout):
+        return (dout * (1.0 - out * out),)
+    return out, backward
+
+
+def exp(x: np.ndarray):
+    """``e^x``.  dx = dout * e^x."""
+    _check_float(x)
+    out = np.exp(x)
+
+    def backward(dout):
+        return (dout * out,)
+    return out, backward
+
+
+def log(x: np.ndarray):
+    """Natural log.  dx = dout / x."""
+    _check_float(x)
+    out = np.log(x)
+
+    def backward(dout):
+        return (dout / x,)
+    return out, backward
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x: np.ndarray):
+    """Exact GELU (nanoGPT): ``x * Phi(x)``, ``Phi(x) = (1 + erf(x / sqrt 2)) / 2``.
+
+    d/dx = Phi(x) + x * phi(x), with phi the standard normal density e^(-x^2/2)/sqrt(2 pi).
+    """
+    _check_float(x)
+    cdf = 0.5 * (1.0 + erf(x * _SQRT_HALF))
+    out = x * cdf
+
+    def backward(dout):
+        pdf = np.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return (dout * (cdf + x * pdf),)
+    return out, backward
+
+
+def gelu_tanh(x: np.ndarray):
+    """GPT-2's GELU (``gelu_new``): ``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi)(x + 0.044715 x^3)``.
+
+    d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    """
+    _check_float(x)
+    t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x)))
+    out = 0.5 * x * (1.0 + t)
+
+    def backward(dout):
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * (x * x))
+        return (dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
+    return out, backward
+
+
+# ----------------------------------------------------------------------------- matmul
+
+def matmul(a: np.ndarray, b: np.ndarray):
+    """``a @ b`` for a (..., n, k), b (..., k, m) -> (..., n, m); leading axes broadcast.
+
+    dA = dY @ B^T and dB = A^T @ dY, where ^T swaps the LAST two axes only (a plain
+    ``.T`` would reverse the batch axes too), then summed over broadcast batch axes.
+    """
+    _check_float(a, b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ShapeError(f"matmul needs arrays of at least 2 dims, got {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ShapeError(f"matmul: inner dims differ: {a.shape} @ {b.shape}")
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ShapeError(f"matmul: batch dims of {a.shape} and {b.shape} do not broadcast") from None
+    out = a @ b
+
+    def backward(dout):
+        da = dout @ np.swapaxes(b, -1, -2)  # (..., n, m) @ (..., m, k) -> (..., n, k)
+        db = np.swapaxes(a, -1, -2) @ dout  # (..., k, n) @ (..., n, m) -> (..., k, m)
+        return unbroadcast(da, a.shape), unbroadcast(db, b.shape)
+    return out, backward
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None):
+    """``x @ W + b``: x (..., in), W (in, out), b (out,) -> (..., out).
+
+    Leading axes are flattened so each direction is one BLAS call:
+    dX = dY @ W^T, dW = X^T @ dY (over all N rows), db = sum of dY over rows.
+    """
+    _check_float(x, w, b)
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ShapeError(f"linear: input {x.shape} does not match weight {w.shape} (in, out)")
+    if b is not None and b.shape != (w.shape[1],):
+        raise ShapeError(f"linear: bias {b.shape} does not match weight {w.shape}; expected ({w.shape[1]},)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.shape[0])  # (N, in)
+    out = x2 @ w  # (N, in) @ (in, out) -> (N, out)
+    if b is not None:
+        out += b
+    out = out.reshape(*lead, w.shape[1])  # (..., out)
+
+    def backward(dout):
+        d2 = dout.reshape(-1, w.shape[1])  # (N, out)
+        dx = (d2 @ w.T).reshape(x.shape)  # (N, out) @ (out, in) -> (..., in)
+        dw = x2.T @ d2  # (in, N) @ (N, out) -> (in, out)
+        db = d2.sum(axis=0) if b is not None else None
+        return dx, dw, db
+    return out, backward
+
+
+# -------------------------------------------------------------------------- reductions
+
+def _norm_axes(axis, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    for ax in axes:
+        if not -ndim <= ax < ndim:
+            raise ShapeError(f"axis {ax} is out of range for an array of {ndim} dims")
+    return tuple(sorted(ax % ndim for ax in axes))
+
+
+def sum(x: np.ndarray, *, axis=None, keepdims: bool = False):  # noqa: A001 - mirrors np.sum
+    """Sum over ``axis`` (None = all).  dx = dout broadcast back over the summed axes."""
+    _check_float(x)
+    axes = _norm_axes(axis, x.ndim)
+    out = np.sum(x, axis=axes, keepdims=keepdims)
+
+    def backward(dout):
+        d = dout if keepdims else np.expand_dims(dout, axes)
+        return (np.broadcast_to(d, x.shape).copy(),)
+    return out, backward
+
+
+def mean(x: np.ndarray, *, axis=None, keepdims: bool = False):
+    """Mean over ``axis``.  dx = dout / n broadcast back, n = number of averaged elements."""
+    _check_float(x)
+    axes = _norm_axes(axis, x.ndim)
+    n = int(np.prod([x.shape[a] for a in axes]))
+    out = np.mean(x, axis=axes, keepdims=keepdims)
+
+    def backward(dout):
+        d = dout if keepdims else np.expand_dims(dout, axes)
+        return (np.broadcast_to(d * (1.0 / n), x.shape).copy(),)
+    return out, backward
+
+
+# ----------------------------------------------------------------------- shape moves
+
+def reshape(x: np.ndarray, *, shape: tuple[int, ...]):
+    """Reshape (same elements).  dx = dout reshaped back."""
+    try:
+        out = x.reshape(shape)
+    except ValueError:
+        raise ShapeError(f"cannot reshape {x.shape} ({x.size} elements) to {tuple(shape)}") from None
+
+    def backward(dout):
+        return (dout.reshape(x.shape),)
+    return out, backward
+
+
+def transpose(x: np.ndarray, *, axes: tuple[int, ...]):
+    """Permute axes (e.g. the head split (B, T, nh, hs) -> (B, nh, T, hs) with (0, 2, 1, 3)).
+
+    dx = dout permuted by the inverse permutation.
+    """
+    axes = tuple(axes)
+    if sorted(a % x.ndim for a in axes) != list(range(x.ndim)) or len(axes) != x.ndim:
+        raise ShapeError(f"transpose: {axes} is not a permutation of the axes of {x.shape}")
+    out = np.transpose(x, axes)
+    inverse = tuple(np.argsort([a % x.ndim for a in axes]))
+
+    def backward(dout):
+        return (np.transpose(dout, inverse),)
+    return out, backward
+
+
+def slice(x: np.ndarray, *, index):  # noqa: A001 - the natural name
+    """``x[index]`` for basic slicing (e.g. Q, K, V out of the fused (B, T, 3C)).
+
+    dx = zeros of x's shape with dout written back at ``index``.
+    """
+    out = x[index]
+
+    def backward(dout):
+        dx = np.zeros_like(x)
+        dx[index] = dout
+        return (dx,)
+    return out, backward
+
+
+# ----------------------------------------------------------------------- softmax & loss
+
+def softmax(x: np.ndarray):
+    """Softmax over the last axis, max-subtracted for stability.
+
+    With p = softmax(x): dx = p * (dp - sum(dp * p, last axis)).
+    """
+    _check_float(x)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+
+    def backward(dout):
+        return (p * (dout - np.sum(dout * p, axis=-1, keepdims=True)),)
+    return p, backward
+
+
+def log_softmax(x: np.ndarray):
+    """``x - logsumexp(x)`` over the last axis.  dx = dout - softmax(x) * sum(dout)."""
+    _check_float(x)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    out = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    def backward(dout):
+        return (dout - np.exp(out) * dout.sum(axis=-1, keepdims=True),)
+    return out, backward
+
+
+def cross_entropy(logits: np.ndarray, *, targets: np.ndarray, ignore_index: int = -1):
+    """Fused softmax cross-entropy, mean over the targets that are not ``ignore_index``.
+
+    logits (..., V), targets (...) int -> scalar.  loss = mean_i(logsumexp(z_i) - z_i[t_i]).
+    d loss / d z_i = (softmax(z_i) - onehot(t_i)) / n for counted rows, 0 for ignored ones.
+    """
+    _check_float(logits)
+    if not np.issubdtype(np.asarray(targets).dtype, np.integer):
+        raise TypeError(f"cross_entropy targets must be integers, got dtype {np.asarray(targets).dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ShapeError(f"cross_entropy: targets {targets.shape} do not match logits {logits.shape} "
+                         f"(expected targets of shape {logits.shape[:-1]})")
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)  # (N, V)
+    t = targets.reshape(-1)  # (N,)
+    keep = t != ignore_index
+    if np.any((t[keep] < 0) | (t[keep] >= V)):
+        raise ShapeError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index {ignore_index}")
+    n = int(keep.sum())
+    rows = np.nonzero(keep)[0]
+    shifted = z - z.max(axis=-1, keepdims=True)
+    sumexp = np.exp(shifted).sum(axis=-1)  # (N,)
+    nll = np.log(sumexp[rows]) - shifted[rows, t[rows]]
+    out = np.asarray(nll.sum() / max(n, 1), dtype=logits.dtype)
+
+    def backward(dout):
+        g = np.exp(shifted) / sumexp[:, None]  # softmax, (N, V)
+        g[rows, t[rows]] -= 1.0
+        g[~keep] = 0.0
+        g *= float(dout) / max(n, 1)
+        return (g.reshape(logits.shape),)
+    return out, backward
+
+
+def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None, *, eps: float = 1e-5):
+    """LayerNorm over the last axis: ``(x - mu) * rstd * gamma + beta``.
+
+    Biased variance, ``rstd = 1 / sqrt(var + eps)`` (eps inside the root, as PyTorch).
+    With xhat = (x - mu) * rstd and g = dout * gamma:
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (means over the last axis)
+        dgamma = sum(dout * xhat), dbeta = sum(dout)          (sums over all other axes)
+    Forward saves exactly what backward needs: xhat and rstd.
+    """
+    _check_float(x, gamma, beta)
+    C = x.shape[-1]
+    if gamma.shape != (C,) or (beta is not None and beta.shape != (C,)):
+        raise ShapeError(f"layernorm: input {x.shape} needs gamma/beta of shape ({C},), "
+                         f"got {gamma.shape} and {None if beta is None else beta.shape}")
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + float(eps))
+    xhat = xc * rstd
+    out = xhat * gamma
+    if beta is not None:
+        out += beta
+
+    def backward(dout):
+        g = dout * gamma
+        dx = rstd * (g - g.mean(axis=-1, keepdims=True)
+                     - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+        rows = dout.reshape(-1, C)
+        dgamma = np.sum(rows * xhat.reshape(-1, C), axis=0)
+        dbeta = rows.sum(axis=0) if beta is not None else None
+        return dx, dgamma, dbeta
+    return out, backward
+
+
+# ----------------------------------------------------------------------- embeddings
+
+def embedding(w: np.ndarray, *, ids: np.ndarray):
+    """Row lookup ``W[ids]``: W (V, C), ids (...) int -> (..., C).
+
+    dW = scatter-add of dout rows into the looked-up rows. ``np.add.at`` accumulates
+    repeated ids; ``dW[ids] += dout`` would keep only the last write of each repeat.
+    """
+    _check_float(w)
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
+        raise ShapeError(f"embedding: ids must lie in [0, {w.shape[0]}), "
+                         f"got values in [{ids.min()}, {ids.max()}]")
+    out = w[ids]
+
+    def backward(dout):
+        dw = np.zeros_like(w)
+        np.add.at(dw, ids.reshape(-1), dout.reshape(-1, w.shape[1]))
+        return (dw,)
+    return out, backward
+
+
+def tied_head(x: np.ndarray, w_e: np.ndarray):
+    """Output head tied to the token embedding: ``x @ W_e^T``: x (..., C), W_e (V, C) -> (..., V).
+
+    dX = dY @ W_e; dW_e = dY^T @ X over all rows (N, V)^T @ (N, C) -> (V, C).
+    """
+    _check_float(x, w_e)
+    if w_e.ndim != 2 or x.shape[-1] != w_e.shape[1]:
+        raise ShapeError(f"tied_head: input {x.shape} does not match embedding {w_e.shape} (V, C)")
+    x2 = x.reshape(-1, w_e.shape[1])  # (N, C)
+    out = (x2 @ w_e.T).reshape(*x.shape[:-1], w_e.shape[0])  # (..., V)
+
+    def backward(dout):
+        d2 = dout.reshape(-1, w_e.shape[0])  # (N, V)
+        dx = (d2 @ w_e).reshape(x.shape)  # (N, V) @ (V, C) -> (..., C)
+        dw = d2.T @ x2  # (V, N) @ (N, C) -> (V, C)
+        return dx, dw
+    return out, backward
+
+
+# ----------------------------------------------------------------------- attention
+
+def _check_qkv(q, k, v=None):
+    if q.ndim < 2 or k.shape[-1] != q.shape[-1] or k.shape[:-2] != q.shape[:-2]:
+        raise ShapeError(f"attention: q {q.shape} and k {k.shape} must be (..., T, hs) with equal leading dims")
+    if v is not None and (v.shape[:-1] != k.shape[:-1]):
+        raise ShapeError(f"attention: v {v.shape} must match k {k.shape} on every axis but the last")
+
+
+def attention_scores(q: np.ndarray, k: np.ndarray):
+    """``S = Q K^T / sqrt(hs)``: q (B, nh, Tq, hs), k (B, nh, Tk, hs) -> (B, nh, Tq, Tk).
+
+    dQ = dS @ K / sqrt(hs); dK = dS^T @ Q / sqrt(hs).
+    """
+    _check_float(q, k)
+    _check_qkv(q, k)
+    s = 1.0 / math.sqrt(q.shape[-1])
+    out = (q @ np.swapaxes(k, -1, -2)) * s  # (.., Tq, hs) @ (.., hs, Tk) -> (.., Tq, Tk)
+
+    def backward(dout):
+        dq = (dout @ k) * s  # (.., Tq, Tk) @ (.., Tk, hs)
+        dk = (np.swapaxes(dout, -1, -2) @ q) * s  # (.., Tk, Tq) @ (.., Tq, hs)
+        return dq, dk
+    return out, backward
+
+
+def causal_mask(scores: np.ndarray, *, fill: float = -np.inf):
+    """Set scores of future keys to ``fill`` (query i sees keys j <= i + Tk - Tq).
+
+    scores (..., Tq, Tk). With Tq < Tk (a cache), query i sits at position Tk - Tq + i.
+    dscores = dout where visible, 0 where masked.
+    """
+    _check_float(scores)
+    Tq, Tk = scores.shape[-2:]
+    future = np.triu(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)  # (Tq, Tk)
+    out = np.where(future, scores.dtype.type(fill), scores)
+
+    def backward(dout):
+        return (np.where(future, 0.0, dout).astype(scores.dtype, copy=False),)
+    return out, backward
+
+
+def attention_output(p: np.ndarray, v: np.ndarray):
+    """``Y = P V``: p (B, nh, Tq, Tk), v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
+
+    dP = dY @ V^T; dV = P^T @ dY.
+    """
+    return matmul(p, v)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray):
+    """Fused causal scaled-dot-product attention: softmax(mask(Q K^T / sqrt hs)) V.
+
+    q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs); Tq <= Tk, queries
+    are the last Tq positions. Only P is saved for backward. With S the scaled scores:
+        dV = P^T dY;  dP = dY V^T;  dS = P * (dP - rowsum(dP * P));
+        dQ = dS K / sqrt(hs);  dK = dS^T Q / sqrt(hs).
+    """
+    _check_float(q, k, v)
+    _check_qkv(q, k, v)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq > Tk:
+        raise ShapeError(f"attention: more queries ({Tq}) than keys ({Tk})")
+    s = 1.0 / math.sqrt(q.shape[-1])
+    att = q @ np.swapaxes(k, -1, -2)  # (.., Tq, Tk)
+    att *= s
+    if Tq > 1:
+        future = np.triu(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+        att[..., future] = -np.inf
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)  # P, (.., Tq, Tk)
+    p = att
+    out = p @ v  # (.., Tq, Tk) @ (.., Tk, hs) -> (.., Tq, hs)
+
+    def backward(dout):
+        dv = np.swapaxes(p, -1, -2) @ dout  # (.., Tk, Tq) @ (.., Tq, hs)
+        dp = dout @ np.swapaxes(v, -1, -2)  # (.., Tq, hs) @ (.., hs, Tk)
+        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        ds *= s
+        dq = ds @ k  # (.., Tq, Tk) @ (.., Tk, hs)
+        dk = np.swapaxes(ds, -1, -2) @ q  # (.., Tk, Tq) @ (.., Tq, hs)
+        return dq, dk, dv
+    return out, backward
+
+
+# ------------------------------------------------------------------------- dropout
+
+def dropout(x: np.ndarray, *, p: float, rng: np.random.Generator | None):
+    """Inverted dropout: zero each element with probability p, scale survivors by 1/(1-p).
+
+    dx = dout * mask / (1 - p). p == 0 or rng None is the identity (evaluation).
+    """
+    _check_float(x)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if p == 0.0 or rng is None:
+        return x, lambda dout: (dout,)
+    keep = (rng.random(x.shape, dtype=np.float32 if x.dtype == np.float32 else np.float64) >= p)
+    mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
+    out = x * mask
+
+    def backward(dout):
+        return (dout * mask,)
+    return out, backward
