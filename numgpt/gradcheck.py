@@ -182,6 +182,9 @@ def op_cases(rng: np.random.Generator) -> list[tuple]:
          ["q", "k", "v"]),
         ("attention (fused, 2 queries on 5 cached keys)", ops.attention,
          [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {}, ["q", "k", "v"]),
+        ("attention (fused, per-row cache lengths 3 and 5)", ops.attention,
+         [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {"key_lengths": np.array([3, 5])},
+         ["q", "k", "v"]),
         ("dropout (p=0.3, fixed mask)", ops.dropout, [r(3, 4)],
          {"p": 0.3, "rng": _FixedGenerator(np.random.default_rng(7))}, ["x"]),
     ]
@@ -199,10 +202,51 @@ class _FixedGenerator:
         return g.random(shape, dtype=dtype)
 
 
+def _module_checks(name: str, module, forward: Callable[[], "object"],
+                   rng: np.random.Generator) -> list[CheckResult]:
+    """Gradient-check every parameter of ``module`` for the scalar sum(g * forward())."""
+    from .tensor import no_grad
+    module.zero_grad()
+    out = forward()
+    upstream = rng.standard_normal(out.shape)
+    out.backward(upstream)
+    params = module.parameters()
+    analytic = [p.grad for p in params.values()]
+
+    def loss() -> float:
+        with no_grad():
+            return _weighted_sum(forward().data, upstream)
+
+    return check_function(name, loss, analytic, [p.data for p in params.values()], list(params))
+
+
 def composite_checks(rng: np.random.Generator) -> list[CheckResult]:
-    """Gradient checks of whole modules through the Tensor engine (needs nn and model)."""
-    from .composites import composite_checks as run  # imported late: nn sits above ops
-    return run(rng)
+    """Whole modules through the Tensor engine: multi-head attention, a pre-LN block with
+    both residuals, and a tiny weight-tied GPT with its cross-entropy loss."""
+    from .model import GPT, GPTConfig
+    from .nn import Block, CausalSelfAttention
+    from .tensor import Tensor
+
+    def randomize(module) -> None:
+        for p in module.parameters().values():
+            p.data[...] = rng.normal(0.0, 0.5, p.data.shape)
+
+    results: list[CheckResult] = []
+    x = Tensor(rng.standard_normal((2, 4, 8)))
+    attn = CausalSelfAttention(8, 2, dtype=np.float64)
+    randomize(attn)
+    results += _module_checks("composite: multi-head attention (B=2 T=4 C=8 nh=2)", attn,
+                              lambda: attn(x), rng)
+    block = Block(8, 2, activation="gelu_tanh", dtype=np.float64)
+    randomize(block)
+    results += _module_checks("composite: pre-LN block", block, lambda: block(x), rng)
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
+    gpt = GPT(config, seed=None)
+    randomize(gpt)
+    idx, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    results += _module_checks("composite: tiny weight-tied GPT loss", gpt,
+                              lambda: gpt(idx, targets)[1], rng)
+    return results
 
 
 def run_gate(include_composites: bool = True, seed: int = 0) -> list[CheckResult]:

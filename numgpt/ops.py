@@ -534,11 +534,30 @@ def attention_output(p: np.ndarray, v: np.ndarray):
     return matmul(p, v)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray):
+def _visible_keys(Tq: int, Tk: int, key_lengths: np.ndarray | None) -> np.ndarray | None:
+    """Boolean mask of keys each query may see, or None when every key is visible.
+
+    Query i is at position ``length - Tq + i`` (the queries are the newest tokens) and sees
+    keys ``j <= position``. Without ``key_lengths`` every row has ``length = Tk``:
+    (Tq, Tk). With per-row lengths (B,), for a cache whose rows hold different numbers of
+    tokens: (B, 1, Tq, Tk).
+    """
+    if key_lengths is None:
+        if Tq == 1:
+            return None
+        return ~np.triu(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+    lengths = np.asarray(key_lengths).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    position = lengths - Tq + np.arange(Tq).reshape(1, 1, Tq, 1)  # (B, 1, Tq, 1)
+    return np.arange(Tk).reshape(1, 1, 1, Tk) <= position  # (B, 1, Tq, Tk)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.ndarray | None = None):
     """Fused causal scaled-dot-product attention: softmax(mask(Q K^T / sqrt hs)) V.
 
     q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs); Tq <= Tk, queries
-    are the last Tq positions. Only P is saved for backward. With S the scaled scores:
+    are the newest Tq positions. ``key_lengths`` (B,) gives, for a KV cache whose rows hold
+    different numbers of tokens, how many keys of each row are real (the rest are masked).
+    Only P is saved for backward. With S the scaled scores:
         dV = P^T dY;  dP = dY V^T;  dS = P * (dP - rowsum(dP * P));
         dQ = dS K / sqrt(hs);  dK = dS^T Q / sqrt(hs).
     """
@@ -547,12 +566,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray):
     Tq, Tk = q.shape[-2], k.shape[-2]
     if Tq > Tk:
         raise ShapeError(f"attention: more queries ({Tq}) than keys ({Tk})")
+    if key_lengths is not None and np.shape(key_lengths) != (q.shape[0],):
+        raise ShapeError(f"attention: key_lengths {np.shape(key_lengths)} must be ({q.shape[0]},)")
     s = 1.0 / math.sqrt(q.shape[-1])
     att = q @ np.swapaxes(k, -1, -2)  # (.., Tq, Tk)
     att *= s
-    if Tq > 1:
-        future = np.triu(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
-        att[..., future] = -np.inf
+    visible = _visible_keys(Tq, Tk, key_lengths)
+    if visible is not None:
+        np.copyto(att, -np.inf, where=~visible)
     att -= att.max(axis=-1, keepdims=True)
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)  # P, (.., Tq, Tk)
