@@ -140,7 +140,7 @@ def relu(x: np.ndarray):
     """``max(x, 0)``.  dx = dout * [x > 0]."""
     _check_float(x)
     positive = x > 0
-    out = x * positive
+    out = np.maximum(x, 0.0)  # not x * positive: -inf * 0 is nan
 
     def backward(dout):
         return (dout * positive,)
@@ -390,7 +390,8 @@ def cross_entropy(logits: np.ndarray, *, targets: np.ndarray, ignore_index: int 
     t = targets.reshape(-1)  # (N,)
     keep = t != ignore_index
     if np.any((t[keep] < 0) | (t[keep] >= V)):
-        raise ShapeError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index {ignore_index}")
+        raise ShapeError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index {ignore_index}, "
+                         f"got values in [{t[keep].min()}, {t[keep].max()}]")
     n = int(keep.sum())
     rows = np.nonzero(keep)[0]
     shifted = z - z.max(axis=-1, keepdims=True)

@@ -47,6 +47,9 @@ class Tensor:
     """An array in a computation graph."""
 
     __slots__ = ("data", "grad", "requires_grad", "parents", "_backward", "name", "__weakref__")
+    # NumPy on the left (``np.float32(2) * t``, ``arr - t``) defers to our reflected
+    # operators instead of building an object array of Tensors.
+    __array_ufunc__ = None
 
     def __init__(self, data, requires_grad: bool = False, name: str | None = None):
         self.data = data if isinstance(data, np.ndarray) else np.asarray(data)

@@ -1,0 +1,74 @@
+"""Rung 1 of the verification ladder: the gradient-check gate passes on every op, fails on
+the negative control, and is tight enough to catch a backward that is off by 0.1%.
+
+Writes ``docs/results/gradcheck.md`` from the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numgpt import gradcheck, ops
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "gradcheck.md"
+
+
+@pytest.fixture(scope="module")
+def results():
+    # composites (nn/model through the engine) join once numgpt.composites exists
+    results = gradcheck.run_gate(include_composites=False)
+    gradcheck.write_table(results, RESULTS)
+    return results
+
+
+def test_every_op_check_passes(results):
+    failing = [f"{r.name} [{r.input}]: abs {r.max_abs_err:.2e}, rel {r.max_rel_err:.2e}"
+               for r in results if not r.expect_fail and not r.passed]
+    assert not failing, "gradient checks failed:\n" + "\n".join(failing)
+
+
+def test_gate_covers_every_op_with_at_least_74_checks(results):
+    checks = [r for r in results if not r.expect_fail]
+    assert len(checks) >= 74
+    names = " ".join(r.name for r in checks)
+    for op in set(ops.__all__) - {"unbroadcast"}:
+        assert op in names, f"no gradient check for ops.{op}"
+
+
+def test_negative_control_fails_by_an_order_one_error(results):
+    controls = [r for r in results if r.expect_fail]
+    assert len(controls) == 1
+    control = controls[0]
+    assert not control.passed and control.ok
+    assert control.max_abs_err > 0.1
+
+
+def _scaled_backward(op, factor):
+    def wrong(*inputs, **consts):
+        out, backward = op(*inputs, **consts)
+        return out, lambda dout: tuple(factor * g for g in backward(dout))
+    return wrong
+
+
+@pytest.mark.parametrize("op,inputs,consts", [
+    (ops.scale, [np.random.default_rng(0).standard_normal((3, 4))], {"c": -1.7}),
+    (ops.gelu_tanh, [np.random.default_rng(1).standard_normal((3, 4))], {}),
+    (ops.layernorm, [np.random.default_rng(2).standard_normal((2, 6)), np.ones(6), np.zeros(6)], {}),
+], ids=["scale", "gelu_tanh", "layernorm"])
+def test_gate_flags_a_gradient_off_by_a_tenth_of_a_percent(op, inputs, consts):
+    right = gradcheck.check_op("right", op, inputs, consts)
+    assert all(r.passed for r in right)
+    wrong = gradcheck.check_op("wrong", _scaled_backward(op, 1.001), inputs, consts)
+    assert not any(r.passed for r in wrong)
+    assert all(r.max_rel_err > 5e-4 for r in wrong)
+
+
+def test_results_table_is_written(results):
+    text = RESULTS.read_text()
+    n = sum(1 for r in results if not r.expect_fail)
+    assert f"{n} of {n} checks pass" in text
+    assert "fails as it must" in text
+    assert text.count("\n| ") == len(results) + 1  # header row plus one row per check
