@@ -1,0 +1,414 @@
+"""Text files -> token-id files on disk, and random (x, y) batches from them.
+
+``prepare`` streams any number of UTF-8 text files through a tokenizer with bounded
+memory and writes, into one folder:
+
+- ``train.bin``, ``val.bin``: raw little-endian token ids (``uint16`` when the vocabulary
+  has at most 65536 ids, else ``uint32``), the same layout as nanoGPT's files;
+  ``val.bin`` is the LAST ``val_fraction`` of the token stream;
+- ``meta.json``: tokenizer config, vocab size, dtype, tokens per split, source files.
+
+``load_split`` memory-maps one split; ``get_batch`` samples ``B`` windows of ``T + 1``
+tokens from it: ``x = data[i:i+T]``, ``y = data[i+1:i+T+1]`` (the next-token targets).
+
+Shapes: ``B`` batch size, ``T`` block size (context length), ``N`` tokens in a split.
+"""
+
+import codecs
+import json
+import numbers
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import InputError
+
+__all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype",
+           "META_FORMAT", "META_VERSION", "SPLITS"]
+
+META_FORMAT = "numgpt-tokens"
+META_VERSION = 1
+SPLITS = ("train", "val")
+CHUNK_BYTES = 1 << 20  # 1 MiB of text per read
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian ``uint16`` when every id fits (vocab <= 65536), else ``uint32``."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+# ------------------------------------------------------------------------- validation
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_inputs(inputs) -> list[Path]:
+    """Paths that exist, are files and can be opened; InputError naming the first bad one."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise InputError("no input files given; pass at least one text file to prepare")
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"input file {str(path)!r} does not exist; check the path")
+        if not path.is_file():
+            raise InputError(f"input {str(path)!r} is not a regular file; pass text files, "
+                             "not folders")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise InputError(f"input file {str(path)!r} cannot be read ({e.strerror}); "
+                             "check its permissions") from None
+    return paths
+
+
+def _check_options(val_fraction, block_size, batch_size, chunk_bytes) -> None:
+    """InputError naming the first option outside its allowed range."""
+    if not (isinstance(val_fraction, numbers.Real) and 0 <= val_fraction < 1):
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction!r}; "
+                         "e.g. 0.1 keeps the last 10% of tokens for validation")
+    for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise InputError(f"{name} must be a positive integer or None, got {value!r}")
+    if not (_is_int(chunk_bytes) and chunk_bytes >= 1):
+        raise InputError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+
+
+def _check_split_sizes(counts: dict, val_fraction: float, block_size) -> None:
+    """Each split in use must hold one window of ``block_size + 1`` tokens."""
+    if block_size is None:
+        return
+    need = block_size + 1
+    hints = {"train": "add more text, lower block_size, or lower val_fraction",
+             "val": "add more text, lower block_size, or raise val_fraction"}
+    for split in SPLITS:
+        if split == "val" and val_fraction == 0:
+            continue
+        if counts[split] < need:
+            raise InputError(
+                f"the {split} split has {counts[split]} tokens, but block_size {block_size} "
+                f"needs at least {need} for one batch; {hints[split]}")
+
+
+# -------------------------------------------------------------------------- streaming
+
+def _safe_cut(text: str, lo: int = 0) -> int:
+    """Largest ``i > 0``, ``i >= lo``, such that encoding ``text[:i]`` and ``text[i:]``
+    separately gives the same ids as encoding ``text``; 0 when there is none.
+
+    The cut goes just before a space or newline that is followed by a non-space
+    character. GPT-2's pre-tokenizer never lets a piece span such a point except the
+    ``" word"`` piece that starts there, and the whitespace run before it ends as its
+    own piece both ways (``\\s+(?!\\S)`` at end of text == backtracked run), so BPE ids
+    are unchanged. For the byte tokenizer every cut is safe. ``lo`` skips a prefix
+    already known to hold no cut (the carried text), so a long run without whitespace
+    is scanned once, not once per chunk.
+    """
+    end = len(text) - 1  # the char after the cut must exist
+    while end > 0:
+        pos = max(text.rfind(" ", lo, end), text.rfind("\n", lo, end))
+        if pos <= 0:
+            return 0
+        if not text[pos + 1].isspace():
+            return pos
+        end = pos
+    return 0
+
+
+def _encode_file(path: Path, tokenizer, sink, chunk_bytes: int, bar) -> None:
+    """Encode one UTF-8 file chunk by chunk, passing each chunk's ids to ``sink``.
+
+    Bytes are decoded incrementally (a multi-byte character split across reads waits
+    for its tail); text after the last safe cut is carried into the next chunk. Memory
+    is about ``chunk_bytes`` of text unless a file has a longer stretch with no space or
+    newline, which is carried whole until one appears.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            text = carry + _decode(decoder, raw, path, offset, final=not raw)
+            offset += len(raw)
+            bar.update(len(raw))
+            if not raw:
+                break
+            cut = _safe_cut(text, lo=max(len(carry) - 1, 0))
+            if cut:
+                sink(tokenizer.encode(text[:cut]))
+            carry = text[cut:]
+    if text:
+        sink(tokenizer.encode(text))
+
+
+def _decode(decoder, raw: bytes, path: Path, offset: int, final: bool) -> str:
+    """Decode the next bytes; InputError naming the file and byte offset if not UTF-8."""
+    pending = len(decoder.getstate()[0])
+    try:
+        return decoder.decode(raw, final=final)
+    except UnicodeDecodeError as e:
+        where = offset - pending + e.start
+        raise InputError(f"input file {str(path)!r} is not valid UTF-8 at byte {where} "
+                         f"({e.reason}); convert it to UTF-8 first") from None
+
+
+class _TokenWriter:
+    """Appends id chunks to an open binary file as ``dtype``; counts them."""
+
+    def __init__(self, fh, dtype: np.dtype, vocab_size: int):
+        self.fh, self.dtype, self.vocab_size, self.count = fh, dtype, vocab_size, 0
+
+    def __call__(self, ids) -> None:
+        arr = np.asarray(ids, dtype=np.int64)  # (n,)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            bad = int(arr.min() if arr.min() < 0 else arr.max())
+            raise InputError(f"the tokenizer produced id {bad}, outside its vocab_size "
+                             f"{self.vocab_size}; the tokenizer is inconsistent")
+        arr.astype(self.dtype).tofile(self.fh)
+        self.count += int(arr.size)
+
+
+def _copy_tail(src: Path, dst: Path, start_byte: int, chunk_bytes: int) -> None:
+    """Copy ``src[start_byte:]`` to ``dst`` in chunks (bounded memory)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fi.seek(start_byte)
+        while block := fi.read(max(chunk_bytes, 1 << 16)):
+            fo.write(block)
+
+
+def _split_file(all_tmp: Path, val_tmp: Path, n_train: int, itemsize: int,
+                chunk_bytes: int) -> None:
+    """Move the tail of ``all_tmp`` (from token ``n_train``) into ``val_tmp``; truncate."""
+    _copy_tail(all_tmp, val_tmp, n_train * itemsize, chunk_bytes)
+    with open(all_tmp, "r+b") as f:
+        f.truncate(n_train * itemsize)
+
+
+def _temp_path(out_dir: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = _temp_path(path.parent, path.name)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _make_out_dir(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {str(out)!r} exists and is not a folder; "
+                         "choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- prepare
+
+def prepare(inputs, tokenizer, out_dir, val_fraction: float = 0.1, *,
+            block_size: int | None = None, batch_size: int | None = None,
+            progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Tokenize text files into ``out_dir/{train.bin, val.bin, meta.json}``.
+
+    Args:
+        inputs: text file paths (UTF-8), concatenated in order; each file is encoded on
+            its own, so no token spans two files.
+        tokenizer: has ``encode(text) -> list[int]``, ``vocab_size``, ``to_config()``.
+        out_dir: created if missing; existing outputs are replaced atomically
+            (``meta.json`` is written last, so a folder with it is complete).
+        val_fraction: in [0, 1); the last ``round(N * val_fraction)`` tokens are ``val``.
+        block_size: when given, each split in use must hold ``block_size + 1`` tokens.
+        batch_size: recorded in meta.json; validated but it adds no size requirement,
+            since ``get_batch`` samples windows with replacement.
+        progress: show a tqdm bar over input bytes.
+        chunk_bytes: bytes read per chunk (memory bound; small values are for tests).
+
+    Returns:
+        The meta dict that was written to ``meta.json``.
+
+    Raises:
+        InputError: no inputs, a missing/unreadable/non-UTF-8 file (named), empty input,
+            val_fraction outside [0, 1), or a split too small for one window.
+    """
+    paths = _check_inputs(inputs)
+    _check_options(val_fraction, block_size, batch_size, chunk_bytes)
+    tok_config = tokenizer.to_config()
+    vocab_size, dtype = int(tokenizer.vocab_size), token_dtype(int(tokenizer.vocab_size))
+    out = _make_out_dir(out_dir)
+    all_tmp, val_tmp = _temp_path(out, "train.bin"), _temp_path(out, "val.bin")
+    try:
+        total = _stream_tokens(paths, tokenizer, all_tmp, dtype, vocab_size, chunk_bytes,
+                               progress)
+        if total == 0:
+            names = ", ".join(repr(str(p)) for p in paths)
+            raise InputError(f"the input is empty: {names} hold no text; pass files with "
+                                 "text to tokenize")
+        n_val = round(total * val_fraction)
+        counts = {"train": total - n_val, "val": n_val}
+        _check_split_sizes(counts, val_fraction, block_size)
+        _split_file(all_tmp, val_tmp, counts["train"], dtype.itemsize, chunk_bytes)
+        meta = _meta(tok_config, vocab_size, dtype, counts, val_fraction, paths,
+                     block_size, batch_size)
+        _publish(out, all_tmp, val_tmp, meta)
+        return meta
+    finally:
+        all_tmp.unlink(missing_ok=True)
+        val_tmp.unlink(missing_ok=True)
+
+
+def _stream_tokens(paths, tokenizer, dest: Path, dtype, vocab_size, chunk_bytes,
+                   progress) -> int:
+    """Encode every file into ``dest``; returns the number of tokens written."""
+    total_bytes = sum(p.stat().st_size for p in paths)
+    with open(dest, "wb") as fh, tqdm(total=total_bytes, unit="B", unit_scale=True,
+                                      desc="prepare", disable=not progress) as bar:
+        writer = _TokenWriter(fh, dtype, vocab_size)
+        for path in paths:
+            _encode_file(path, tokenizer, writer, chunk_bytes, bar)
+    return writer.count
+
+
+def _meta(tok_config, vocab_size, dtype, counts, val_fraction, paths, block_size,
+          batch_size) -> dict:
+    return {
+        "format": META_FORMAT, "version": META_VERSION,
+        "tokenizer": tok_config, "vocab_size": vocab_size,
+        "dtype": dtype.name, "byteorder": "little",
+        "splits": {s: {"file": f"{s}.bin", "tokens": counts[s]} for s in SPLITS},
+        "val_fraction": float(val_fraction),
+        "block_size": block_size, "batch_size": batch_size,
+        "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths],
+    }
+
+
+def _publish(out: Path, train_tmp: Path, val_tmp: Path, meta: dict) -> None:
+    """Rename temp files into place; meta.json last so it marks a complete folder."""
+    (out / "meta.json").unlink(missing_ok=True)
+    os.replace(train_tmp, out / "train.bin")
+    os.replace(val_tmp, out / "val.bin")
+    _write_json_atomic(out / "meta.json", meta)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _read_meta(folder: Path) -> dict:
+    """meta.json of a ``prepare`` output, or InputError saying what the folder lacks."""
+    path = folder / "meta.json"
+    hint = "run `numgpt prepare` (numgpt.data.prepare) to create it"
+    if not path.is_file():
+        raise InputError(f"{str(folder)!r} is not a prepared data folder: no meta.json; {hint}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{str(path)!r} cannot be read as JSON ({e}); {hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise InputError(f"{str(path)!r} is not a numgpt token meta file (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {META_FORMAT!r}); {hint}")
+    splits = meta.get("splits")
+    if not (isinstance(splits, dict) and all(isinstance(splits.get(s), dict) for s in SPLITS)):
+        raise InputError(f"{str(path)!r} lists no train/val splits; {hint}")
+    if meta.get("version") != META_VERSION or meta.get("dtype") not in ("uint16", "uint32"):
+        raise InputError(f"{str(path)!r} has version {meta.get('version')!r} and dtype "
+                         f"{meta.get('dtype')!r}; this numgpt reads version {META_VERSION} "
+                         f"with uint16/uint32; re-run prepare")
+    return meta
+
+
+def load_split(folder, split: str) -> np.ndarray:
+    """Memory-map one split of a ``prepare`` output: read-only ``(N,)`` array.
+
+    Returns an ``np.memmap`` (an empty ``np.ndarray`` when the split has no tokens,
+    since an empty file cannot be mapped). The dtype comes from meta.json.
+    """
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    n = int(meta["splits"][split]["tokens"])
+    path = folder / meta["splits"][split]["file"]
+    size = path.stat().st_size if path.is_file() else None
+    if size != n * dtype.itemsize:
+        raise InputError(f"{str(path)!r} has {size if size is not None else 'no'} bytes but "
+                         f"meta.json says {n} {meta['dtype']} tokens ({n * dtype.itemsize} "
+                         "bytes); the folder is incomplete or mixed, re-run prepare")
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``batch_size`` random windows from a 1-D token array.
+
+    ``ix = rng.integers(0, N - T, size=B)``; ``x[b] = data[ix[b] : ix[b]+T]`` and
+    ``y[b] = data[ix[b]+1 : ix[b]+T+1]``.
+
+    Args:
+        data: ``(N,)`` token ids (e.g. from ``load_split``), ``N >= T + 1``.
+        batch_size: ``B``; block_size: ``T``.
+        rng: the only source of randomness; same generator state, same batch.
+    Returns:
+        ``x, y``: ``(B, T)`` int64 each, separate contiguous arrays.
+    """
+    for name, value in (("batch_size", batch_size), ("block_size", block_size)):
+        if not (_is_int(value) and value >= 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise InputError(f"rng must be a numpy.random.Generator "
+                         f"(np.random.default_rng(seed)), got {type(rng).__name__}")
+    if np.ndim(data) != 1:
+        raise InputError(f"data must be a 1-D array of token ids, got shape {np.shape(data)}")
+    if len(data) < block_size + 1:
+        raise InputError(f"the split has {len(data)} tokens, but block_size {block_size} "
+                         f"needs at least {block_size + 1}; lower block_size or add data")
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)  # (B,)
+    window = ix[:, None] + np.arange(block_size + 1)               # (B, T+1)
+    tokens = np.asarray(data)[window].astype(np.int64)             # (B, T+1)
+    return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+
+
+class TokenDataset:
+    """A ``prepare`` output folder: meta plus memory-mapped splits.
+
+    ``ds.train`` / ``ds.val`` are ``(N,)`` arrays; ``ds.get_batch("train", B, T, rng)``
+    returns ``(x, y)`` of shape ``(B, T)``.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.meta = _read_meta(self.folder)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.tokenizer_config = self.meta["tokenizer"]
+        self.splits = {s: load_split(self.folder, s) for s in SPLITS}
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> np.ndarray:
+        return self.splits["val"]
+
+    def get_batch(self, split: str, batch_size: int, block_size: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``get_batch`` on one split: ``(x, y)``, each ``(B, T)`` int64."""
+        if split not in self.splits:
+            raise InputError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        return get_batch(self.splits[split], batch_size, block_size, rng)
+
+    def __repr__(self) -> str:
+        counts = {s: len(a) for s, a in self.splits.items()}
+        return f"TokenDataset({str(self.folder)!r}, {counts}, dtype={self.meta['dtype']})"
