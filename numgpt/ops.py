@@ -567,8 +567,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.nd
     Tq, Tk = q.shape[-2], k.shape[-2]
     if Tq > Tk:
         raise ShapeError(f"attention: more queries ({Tq}) than keys ({Tk})")
-    if key_lengths is not None and np.shape(key_lengths) != (q.shape[0],):
-        raise ShapeError(f"attention: key_lengths {np.shape(key_lengths)} must be ({q.shape[0]},)")
+    if key_lengths is not None:
+        if np.shape(key_lengths) != (q.shape[0],):
+            raise ShapeError(f"attention: key_lengths {np.shape(key_lengths)} must be ({q.shape[0]},)")
+        if np.any(key_lengths < Tq) or np.any(key_lengths > Tk):
+            raise ShapeError(f"attention: key_lengths must lie in [Tq, Tk] = [{Tq}, {Tk}] so every "
+                             f"query sees at least itself, got {np.asarray(key_lengths).tolist()}")
     s = 1.0 / math.sqrt(q.shape[-1])
     att = q @ np.swapaxes(k, -1, -2)  # (.., Tq, Tk)
     att *= s

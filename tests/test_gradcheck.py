@@ -18,8 +18,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "gradche
 
 @pytest.fixture(scope="module")
 def results():
-    # composites (nn/model through the engine) join once numgpt.composites exists
-    results = gradcheck.run_gate(include_composites=False)
+    results = gradcheck.run_gate(include_composites=True)
     gradcheck.write_table(results, RESULTS)
     return results
 
@@ -30,9 +29,11 @@ def test_every_op_check_passes(results):
     assert not failing, "gradient checks failed:\n" + "\n".join(failing)
 
 
-def test_gate_covers_every_op_with_at_least_74_checks(results):
+def test_gate_covers_every_op_and_composite_with_at_least_92_checks(results):
     checks = [r for r in results if not r.expect_fail]
-    assert len(checks) >= 74
+    assert len(checks) >= 92
+    for composite in ("multi-head attention", "pre-LN block", "weight-tied GPT"):
+        assert any(composite in r.name for r in checks), f"no composite check for {composite}"
     names = " ".join(r.name for r in checks)
     for op in set(ops.__all__) - {"unbroadcast"}:
         assert op in names, f"no gradient check for ops.{op}"
