@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from .errors import ConfigError, InputError
 from .nn import Block, Embedding, LayerNorm, Module, dropout
 from .tensor import Tensor, apply, no_grad
 
-__all__ = ["GPTConfig", "GPT", "KVCache", "PRESETS"]
+__all__ = ["GPTConfig", "GPT", "KVCache", "PRESETS", "Probe", "PROBE_POINTS"]
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -136,6 +137,27 @@ class KVCache:
         self.lengths[slice(None) if rows is None else rows] = 0
 
 
+# A probe sees ``probe(name, layer, array)`` for each name below, once per layer per call.
+Probe = Callable[[str, int, np.ndarray], None]
+PROBE_POINTS = {
+    "ln_1": "ln_1 output (A, Tn, C)",
+    "q": "queries of the new tokens after the head split (A, nh, Tn, hs)",
+    "k": "keys of the new tokens after the head split (A, nh, Tn, hs)",
+    "v": "values of the new tokens after the head split (A, nh, Tn, hs)",
+    "cache_k": "this layer's cached keys after the write, positions [0, Tk) (A, nh, Tk, hs)",
+    "cache_v": "this layer's cached values after the write (A, nh, Tk, hs)",
+    "attn_out": "attention output after c_proj, before the residual add (A, Tn, C)",
+    "mlp_out": "MLP output, before the residual add (A, Tn, C)",
+    "block_out": "the block's output (the residual stream after it) (A, Tn, C)",
+}
+
+
+def _report(probe: Probe, layer: int, **arrays) -> None:
+    """Hand each named intermediate (Tensor or ndarray) to the probe as an ndarray."""
+    for name, value in arrays.items():
+        probe(name, layer, value.data if isinstance(value, Tensor) else value)
+
+
 def _as_index(rows: np.ndarray):
     """A contiguous ascending run of slots becomes a slice, so cache reads are views, not copies."""
     if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
@@ -213,12 +235,18 @@ class GPT(Module):
 
     # ----------------------------------------------------------------- inference path
     def forward_cached(self, idx: np.ndarray, cache: KVCache, rows=None,
-                       all_logits: bool = False) -> np.ndarray:
+                       all_logits: bool = False, probe: Probe | None = None) -> np.ndarray:
         """Run new tokens through the model, reading and extending the KV cache.
 
         idx (A, Tn): Tn new tokens for each of A cache slots ``rows`` (default 0..A-1); row
         a continues from position ``cache.lengths[rows[a]]``. Returns logits (A, V) for the
         last new token of each row, or (A, Tn, V) with ``all_logits``. No graph is built.
+
+        ``probe``, when given, is called as ``probe(name, layer, array)`` with the
+        intermediates of every layer as this same code computes them (see ``PROBE_POINTS``);
+        the arrays may be views into the cache, so a probe that keeps them must copy.
+        ``numgpt.trace`` records validation checkpoints this way. None (the default) costs
+        one ``is None`` test per layer.
         """
         rows = np.arange(len(idx)) if rows is None else np.asarray(rows, dtype=np.int64)
         start = cache.lengths[rows]  # (A,)
@@ -231,10 +259,14 @@ class GPT(Module):
             x = self.embed(idx, positions)
             for layer, block in enumerate(self.h):
                 a = block.attn
-                qkv = a.c_attn(block.ln_1(x))
-                y = self._cached_attention(qkv, cache, layer, rows, start)  # (A, Tn, C)
-                x = x + a.c_proj(y)
-                x = x + block.mlp(block.ln_2(x))
+                h = block.ln_1(x)
+                y = self._cached_attention(a.c_attn(h), cache, layer, rows, start, probe)  # (A, Tn, C)
+                attn_out = a.c_proj(y)
+                x = x + attn_out
+                mlp_out = block.mlp(block.ln_2(x))
+                x = x + mlp_out
+                if probe is not None:
+                    _report(probe, layer, ln_1=h, attn_out=attn_out, mlp_out=mlp_out, block_out=x)
             if not all_logits:
                 x = x[:, -1]  # (A, C): logits only where they are needed
             logits = self.head(x).data
@@ -242,7 +274,7 @@ class GPT(Module):
         return logits
 
     def _cached_attention(self, qkv: Tensor, cache: KVCache, layer: int, rows: np.ndarray,
-                          start: np.ndarray) -> Tensor:
+                          start: np.ndarray, probe: Probe | None = None) -> Tensor:
         """Write the new keys/values at each row's position, attend over the row's cache."""
         A, Tn, _ = qkv.shape
         q, k, v = (t.data for t in self.h[layer].attn.split_heads(qkv))  # (A, nh, Tn, hs)
@@ -258,6 +290,8 @@ class GPT(Module):
         Tk = int(lengths.max())
         keys = cache.k[layer, index, :, :Tk]  # (A, nh, Tk, hs)
         values = cache.v[layer, index, :, :Tk]
+        if probe is not None:
+            _report(probe, layer, q=q, k=k, v=v, cache_k=keys, cache_v=values)
         same = bool(np.all(lengths == Tk))
         y, _ = ops.attention(q, keys, values, key_lengths=None if same else lengths)  # (A, nh, Tn, hs)
         return Tensor(y.transpose(0, 2, 1, 3).reshape(A, Tn, -1))  # merge heads -> (A, Tn, C)
