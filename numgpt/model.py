@@ -158,6 +158,17 @@ def _report(probe: Probe, layer: int, **arrays) -> None:
         probe(name, layer, value.data if isinstance(value, Tensor) else value)
 
 
+def _check_rows(rows, n: int, slots: int) -> np.ndarray:
+    """Cache slots for ``n`` rows of ids: default 0..n-1; distinct, in [0, slots); (n,) int64."""
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    if rows.shape != (n,) or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+        raise InputError(f"rows must be {n} integer slot numbers (one per row of ids), got {rows!r}")
+    if n and (rows.min() < 0 or rows.max() >= slots or len(np.unique(rows)) != n):
+        raise InputError(f"rows must be distinct slots in [0, {slots}), got {rows.tolist()}; "
+                         f"allocate a cache with more slots or pass other rows")
+    return rows.astype(np.int64, copy=False)
+
+
 def _as_index(rows: np.ndarray):
     """A contiguous ascending run of slots becomes a slice, so cache reads are views, not copies."""
     if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
@@ -248,7 +259,8 @@ class GPT(Module):
         ``numgpt.trace`` records validation checkpoints this way. None (the default) costs
         one ``is None`` test per layer.
         """
-        rows = np.arange(len(idx)) if rows is None else np.asarray(rows, dtype=np.int64)
+        idx = self._check_ids(idx)  # shape and ids first, so a 1-D idx is not read as rows
+        rows = _check_rows(rows, len(idx), cache.slots)
         start = cache.lengths[rows]  # (A,)
         idx = self._check_ids(idx, start)
         if int(np.max(start)) + idx.shape[1] > cache.max_len:
