@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import NumGPTError
+from .errors import InputError, NumGPTError
 
 __all__ = ["main", "build_parser"]
 
@@ -40,9 +40,140 @@ def _run_gradcheck(args) -> int:
     return 1 if bad else 0
 
 
+# ------------------------------------------------------------- convert, info, tokenize
+
+_CONVERT_HELP = """\
+Read any checkpoint numgpt loads (a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt, a numgpt
+PREFIX) and write it as a numgpt checkpoint or a Hugging Face folder.
+Output format rule (when --format is not given): DST that is an existing folder or ends
+with '/' -> Hugging Face folder (config.json + model.safetensors + tokenizer files);
+anything else -> numgpt checkpoint DST.json + DST.safetensors (a trailing .json or
+.safetensors on DST is dropped)."""
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint to numgpt or Hugging Face format",
+                       description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="HF folder, nanoGPT ckpt.pt, or numgpt PREFIX")
+    p.add_argument("dst", metavar="DST", help="output PREFIX (numgpt) or FOLDER/ (hf)")
+    p.add_argument("--format", choices=["numgpt", "hf"], default=None,
+                   help="output format (default: from DST, see above)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="cast the weights (default: keep the stored dtype)")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from . import checkpoint
+
+    fmt = args.format or ("hf" if args.dst.endswith(("/", "\\")) or Path(args.dst).is_dir() else "numgpt")
+    if fmt == "numgpt" and Path(args.dst).is_dir():
+        raise InputError(f"DST {args.dst!r} is a folder; a numgpt checkpoint is a file prefix such "
+                         f"as {str(Path(args.dst) / 'model')!r} (or pass --format hf)")
+    model = checkpoint.load(args.src, dtype=args.dtype)
+    if fmt == "hf":
+        out = checkpoint.export_hf(model, args.dst)
+        wrote = f"Hugging Face folder {out}/ (config.json + model.safetensors"
+        wrote += " + tokenizer files)" if model.tokenizer is not None else ")"
+    else:
+        out = checkpoint.save(model, args.dst)
+        wrote = f"numgpt checkpoint {out}.json + {out}.safetensors"
+    print(f"wrote {wrote}: {model.num_parameters():,} parameters, "
+          f"{model.wte.weight.data.dtype}, from {model.source['format']} {args.src}")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="show a checkpoint's format, config, size, dtype and tokenizer")
+    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, or numgpt PREFIX")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args) -> int:
+    import json
+
+    from . import checkpoint
+
+    d = checkpoint.describe(checkpoint.load(args.model))
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    tok = d["tokenizer"]
+    print(f"format      {d['format']}  ({d['path']})")
+    print(f"weights     {d['weights']}")
+    print("config      " + " ".join(f"{k}={v}" for k, v in d["config"].items()))
+    print(f"parameters  {d['parameters']:,}")
+    print(f"dtype       {d['dtype']}")
+    tok_text = "none" if tok is None else f"{tok['type']} vocab_size={tok['vocab_size']}"
+    print(f"tokenizer   {tok_text}")
+    for note in d["notes"]:
+        print(f"note        {note}")
+    return 0
+
+
+def _add_tokenize(sub) -> None:
+    p = sub.add_parser("tokenize", help="text -> token ids (JSON), or ids -> text with --decode")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="PATH", help="checkpoint whose tokenizer to use")
+    src.add_argument("--tokenizer", metavar="SPEC",
+                     help="'bytes', or a folder with vocab.json + merges.txt")
+    p.add_argument("--decode", action="store_true",
+                   help="TEXT is token ids, as a JSON list '[15496, 13]' or '15496 13'")
+    p.add_argument("--allow-special", action="store_true",
+                   help="encode '<|endoftext|>' as its special id instead of as text")
+    p.add_argument("text", nargs="*", metavar="TEXT",
+                   help="text (several words are joined with one space); stdin when absent")
+    p.set_defaults(run=_run_tokenize)
+
+
+def _parse_ids(text: str) -> list[int]:
+    """'[1, 2]' (JSON) or '1 2' / '1,2' -> [1, 2]; InputError naming the bad entry."""
+    text = text.strip()
+    if text.startswith("["):
+        import json
+
+        try:
+            ids = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"token ids {text[:60]!r} are not a valid JSON list ({e})") from None
+    else:
+        ids = [t for t in text.replace(",", " ").split()]
+    out = []
+    for t in ids:
+        try:
+            if isinstance(t, (bool, float)):
+                raise ValueError
+            out.append(int(t))
+        except (TypeError, ValueError):
+            raise InputError(f"token id {t!r} is not an integer; give ids like '[15496, 13]' "
+                             f"or '15496 13'") from None
+    return out
+
+
+def _run_tokenize(args) -> int:
+    import json
+
+    from . import checkpoint, tokenizer
+
+    if args.model is not None:
+        tok, notes = checkpoint.find_tokenizer(args.model)
+        if tok is None:
+            raise InputError(f"{args.model} has no tokenizer ({'; '.join(notes)}); "
+                             f"pass --tokenizer bytes or --tokenizer FOLDER")
+    else:
+        tok = tokenizer.load_tokenizer(args.tokenizer)
+    text = " ".join(args.text) if args.text else sys.stdin.read()
+    if args.decode:
+        print(tok.decode(_parse_ids(text)))
+    else:
+        print(json.dumps(tok.encode(text, allow_special=args.allow_special)))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_gradcheck]
+_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:
