@@ -171,9 +171,55 @@ def _run_tokenize(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible completions API")
+    p.add_argument("--model", required=True, help="numgpt checkpoint, HF folder or nanoGPT ckpt.pt")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $NUMGPT_API_KEY, else none)")
+    p.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="sequences allowed to wait for a slot before 503")
+    p.add_argument("--max-tokens-limit", type=_positive_int, default=None,
+                   help="largest max_tokens a request may ask for (default: the context length)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the model path's last part)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    import logging
+    import os
+
+    from . import server
+    from .checkpoint import detect_format
+
+    detect_format(args.model)  # a missing or unrecognised path fails now, not after startup
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    config = server.ServerConfig(
+        model_path=args.model, model_name=args.model_name,
+        api_key=args.api_key or os.environ.get("NUMGPT_API_KEY") or None,
+        max_batch=args.max_batch, max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+    return server.serve(config, host=args.host, port=args.port, log_level=args.log_level)
+
+
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize]
+_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,433 @@
+"""Continuous batching: one model, one KV cache with ``max_batch`` slots, one worker thread.
+
+The HTTP server (``numgpt.server``) turns each completion request into one ``Request`` per
+sequence (``n`` choices x prompts) and submits them here; this module knows nothing about
+HTTP and is tested without it.
+
+One scheduler iteration (``Engine.step``)::
+
+    drop cancelled sequences (free their slots)
+    admit queued sequences into free slots: prefill each prompt into its slot
+        (identical prompts admitted together are prefilled once and the cache rows copied)
+        and choose its first token from the prompt's last logits
+    one batched decode step: feed every active slot's newest token at its own position,
+        logits (A, V) -> each row's next token with its own params and generator
+
+so a request that arrives while others decode joins the running batch at the next step,
+and a finished one leaves it (its slot is free for the next admission). Token choice goes
+through ``numgpt.sample.select_next`` with generator ``sample_rng(seed, index)`` and stop
+strings through ``sample.StopMatcher``, exactly as offline ``sample.generate`` does, so a
+greedy or seeded request gets the tokens offline generation gives. The one difference:
+offline generation slides its context window past ``block_size``; the server ends the
+sequence there with finish reason ``"length"``.
+
+Each ``Request`` reports through its ``emit`` callback, called on the worker thread:
+``PromptEvent`` (prompt logprobs, only when asked), ``TokenEvent`` per released token, and
+exactly one ``FinishEvent`` (reason ``stop``, ``length``, ``cancelled`` or ``error``).
+
+Shapes: ``A`` active slots, ``V`` vocabulary size, ``T`` prompt length.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import InputError, NumGPTError
+from .metrics import Counter, Gauge, Histogram, Registry
+from .sample import (SamplingParams, StopMatcher, _allowed_tokens, sample_rng, select_next,
+                     token_logprobs)
+
+__all__ = ["Engine", "EngineMetrics", "Request", "TokenEvent", "PromptEvent", "FinishEvent",
+           "QueueFull", "MAX_LOGPROBS"]
+
+log = logging.getLogger("numgpt.engine")
+
+MAX_LOGPROBS = 5  # OpenAI's limit on top alternatives per token
+
+
+class QueueFull(NumGPTError):
+    """The engine's waiting queue has no room; the caller should retry later (HTTP 503)."""
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token released to the client.
+
+    text: the new text this token completes ('' while it ends inside a multi-byte
+        character; that text comes with the next token).
+    text_offset: characters of generated text before this token.
+    logprob / top: the token's log-probability under the model and the top alternatives
+        as ((id, logprob), ...), when the request asked for logprobs.
+    """
+
+    token_id: int
+    text: str
+    text_offset: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass(frozen=True)
+class PromptEvent:
+    """Log-probabilities of the prompt tokens (``echo`` with ``logprobs``): entry 0 is None
+    (nothing precedes the first token), entry t scores prompt token t given tokens < t."""
+
+    logprobs: list[float | None]
+    top: list[tuple[tuple[int, float], ...] | None]
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The sequence ended. text: any text still held (a partial character at the end).
+    completion_tokens: tokens the model generated for it (including an end-of-text token
+    or the tokens of a stop string, which are not shown)."""
+
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    text: str
+    completion_tokens: int
+    message: str = ""
+
+
+Event = TokenEvent | PromptEvent | FinishEvent
+
+
+# --------------------------------------------------------------------------- request
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate. ``index`` is the sample index within its request: the
+    generator is ``sample_rng(params.seed, index)``, as for sample ``index`` offline."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k: chosen token + top k alternatives
+    prompt_logprobs: bool = False
+    index: int = 0
+    # engine-owned state
+    cancelled: bool = field(default=False, init=False)
+    slot: int | None = field(default=None, init=False)
+    generated: int = field(default=0, init=False)
+    _pending: int = field(default=-1, init=False)  # last chosen token, fed at the next step
+    _matcher: StopMatcher | None = field(default=None, init=False)
+    _lp: deque = field(default_factory=deque, init=False)  # logprobs of unreleased tokens
+    _decoder: object = field(default=None, init=False)
+    _chars: int = field(default=0, init=False)
+    _rng: np.random.Generator | None = field(default=None, init=False)
+    _done: bool = field(default=False, init=False)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class EngineMetrics:
+    """What the engine measures; the server renders ``registry`` at ``/metrics``."""
+
+    def __init__(self, registry: Registry | None = None):
+        r = self.registry = registry if registry is not None else Registry()
+        self.tokens = r.add(Counter("numgpt_tokens_generated_total", "Tokens generated."))
+        self.prompt_tokens = r.add(Counter("numgpt_prompt_tokens_total", "Prompt tokens prefilled."))
+        self.finished = r.add(Counter("numgpt_sequences_finished_total",
+                                      "Sequences finished, by reason.", ["reason"]))
+        self.queue_depth = r.add(Gauge("numgpt_queue_depth", "Sequences waiting for a slot."))
+        self.active = r.add(Gauge("numgpt_active_slots", "Sequences holding a KV-cache slot."))
+        self.steps = r.add(Counter("numgpt_decode_steps_total", "Batched decode steps run."))
+        self.batch = r.add(Histogram("numgpt_decode_batch_size", "Sequences per decode step.",
+                                     [1, 2, 4, 8, 16, 32, 64, 128]))
+        self.batch_max = r.add(Gauge("numgpt_decode_batch_size_max",
+                                     "Largest decode batch seen since start."))
+        self.token_time = r.add(Histogram(
+            "numgpt_time_per_token_seconds",
+            "Time between a sequence's tokens: the decode step that produced each token.",
+            [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))
+        self.prefill_time = r.add(Histogram(
+            "numgpt_prefill_seconds", "Time to prefill one prompt.",
+            [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30]))
+
+
+# ---------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """The continuous-batching scheduler around one model (see the module docstring).
+
+    model: a ``GPT`` (with ``model.tokenizer`` for stop strings, end-of-text, ascii-only).
+    max_batch: KV-cache slots, i.e. sequences decoded together.
+    max_queue: sequences allowed to wait for a slot; ``submit`` raises QueueFull beyond it.
+    max_len: positions per slot (default block_size); a sequence that fills its slot ends
+        with reason "length".
+    """
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 metrics: EngineMetrics | None = None):
+        if max_batch < 1 or max_queue < 1:
+            raise InputError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.model = model
+        self.tokenizer = getattr(model, "tokenizer", None)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache = model.new_cache(max_batch, max_len)
+        self.max_len = self.cache.max_len
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self._slots: list[Request | None] = [None] * max_batch
+        self._queue: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._allowed: dict[bool, np.ndarray | None] = {}
+
+    # ------------------------------------------------------------ public interface
+    def submit(self, requests: list[Request]) -> None:
+        """Queue sequences, all or none: QueueFull when they do not fit in the queue,
+        InputError when one cannot be served (empty prompt, no room in the context)."""
+        for r in requests:
+            self._check(r)
+        with self._cv:
+            if len(self._queue) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._queue)} sequences are waiting and the queue holds "
+                                f"{self.max_queue}; retry shortly")
+            self._queue.extend(requests)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cv.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a sequence (e.g. its client went away); its slot is freed at the next step."""
+        if not request._done:
+            request.cancelled = True
+            with self._cv:
+                self._cv.notify()
+
+    def start(self) -> "Engine":
+        """Run the scheduler on a daemon worker thread until ``stop``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="numgpt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish the current step, cancel everything left, and join the worker."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for r in [*self._queue, *(s for s in self._slots if s is not None)]:
+            r.cancelled = True
+        self._drop_cancelled()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    def idle(self) -> bool:
+        return not self._queue and self.active == 0
+
+    # ---------------------------------------------------------------- scheduler
+    def step(self) -> int:
+        """One scheduler iteration: drop cancelled, admit, one batched decode step.
+        Returns the decode batch size (0 when nothing was active). Call it directly only
+        when no worker thread runs (tests)."""
+        self._drop_cancelled()
+        self._admit()
+        active = [s for s, r in enumerate(self._slots) if r is not None]
+        if active:
+            self._decode(active)
+        self.metrics.active.set(self.active)
+        return len(active)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and self.idle():
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # never let the worker die: fail the sequences involved
+                log.exception("engine step failed")
+                self._fail_all("internal error while generating")
+
+    def _check(self, r: Request) -> None:
+        n = len(r.prompt_ids)
+        if n == 0:
+            raise InputError("the prompt is empty; give at least one token")
+        if n >= self.max_len:
+            raise InputError(f"the prompt has {n} tokens but the context holds {self.max_len}, "
+                             f"leaving no room to generate; shorten the prompt")
+        if r.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        if r.logprobs is not None and not 0 <= r.logprobs <= MAX_LOGPROBS:
+            raise InputError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {r.logprobs}")
+        if (r.stop or r.params.ascii_only) and self.tokenizer is None:
+            raise InputError("stop strings and ascii_only need a tokenizer; this model has none")
+
+    def _allowed_for(self, params: SamplingParams) -> np.ndarray | None:
+        """The drawable-token mask offline generation uses (ascii-only, padded vocab)."""
+        key = params.ascii_only
+        if key not in self._allowed:
+            self._allowed[key] = _allowed_tokens(self.model, self.tokenizer, params)
+        return self._allowed[key]
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            waiting = [r for r in self._queue if r.cancelled]
+            for r in waiting:
+                self._queue.remove(r)
+            self.metrics.queue_depth.set(len(self._queue))
+        for r in waiting:
+            self._finish(r, "cancelled")
+        for r in self._slots:
+            if r is not None and r.cancelled:
+                self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        """Move queued sequences into free slots; prefill each distinct prompt once."""
+        prefilled: dict[tuple[int, ...], tuple[Request, np.ndarray]] = {}
+        while None in self._slots:
+            with self._cv:
+                if not self._queue:
+                    break
+                r = self._queue.popleft()
+                self.metrics.queue_depth.set(len(self._queue))
+            slot = self._slots.index(None)
+            r.slot, self._slots[slot] = slot, r
+            try:
+                logits = self._prefill(r, slot, prefilled)
+                self._start(r)
+                self._choose(r, logits)
+            except Exception as e:  # a bad sequence fails alone, the batch goes on
+                log.exception("prefill failed")
+                self._finish(r, "error", f"{type(e).__name__}: {e}")
+
+    def _prefill(self, r: Request, slot: int, prefilled: dict) -> np.ndarray:
+        """Fill ``slot`` with the prompt's keys/values; return the logits after it (V,)."""
+        key = tuple(r.prompt_ids)
+        T = len(key)
+        t0 = time.perf_counter()
+        src_req, logits = prefilled.get(key, (None, None))
+        if src_req is not None and self._slots[src_req.slot] is src_req and not r.prompt_logprobs:
+            # the same prompt was prefilled this step and its slot still holds exactly the
+            # prompt (nothing is decoded during admission): copy its cache rows
+            src = src_req.slot
+            self.cache.k[:, slot, :, :T] = self.cache.k[:, src, :, :T]  # (L, nh, T, hs)
+            self.cache.v[:, slot, :, :T] = self.cache.v[:, src, :, :T]
+            self.cache.lengths[slot] = T
+            return logits
+        self.cache.reset([slot])
+        ids = np.asarray([r.prompt_ids], dtype=np.int64)  # (1, T)
+        out = self.model.forward_cached(ids, self.cache, rows=[slot], all_logits=r.prompt_logprobs)
+        logits = out[0, -1] if r.prompt_logprobs else out[0]  # (V,)
+        if r.prompt_logprobs:
+            self._emit_prompt_logprobs(r, out[0])
+        prefilled[key] = (r, logits)
+        self.metrics.prompt_tokens.inc(T)
+        self.metrics.prefill_time.observe(time.perf_counter() - t0)
+        return logits
+
+    def _emit_prompt_logprobs(self, r: Request, logits: np.ndarray) -> None:
+        """logits (T, V): row t predicts prompt token t + 1."""
+        ids = r.prompt_ids
+        lps: list[float | None] = [None]
+        tops: list = [None]
+        if len(ids) > 1:
+            res = token_logprobs(logits[:-1], np.asarray(ids[1:]), r.logprobs or 0)
+            lps += [float(x) for x in res.logprob]
+            tops += [tuple(zip(t.tolist(), p.tolist())) for t, p in zip(res.top_ids, res.top_logprobs)]
+        self._send(r, PromptEvent(lps, tops))
+
+    def _start(self, r: Request) -> None:
+        r._rng = sample_rng(r.params.seed, r.index)
+        r._matcher = StopMatcher(list(r.stop), self.tokenizer) if r.stop else None
+        r._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def _decode(self, active: list[int]) -> None:
+        """Feed each active slot's newest token; choose every row's next token."""
+        t0 = time.perf_counter()
+        rows = np.asarray(active, dtype=np.int64)  # (A,)
+        tokens = np.asarray([[self._slots[s]._pending] for s in active], dtype=np.int64)  # (A, 1)
+        logits = self.model.forward_cached(tokens, self.cache, rows=rows)  # (A, V)
+        dt = time.perf_counter() - t0
+        m = self.metrics
+        m.steps.inc()
+        m.batch.observe(len(active))
+        m.batch_max.set_max(len(active))
+        m.token_time.observe(dt, times=len(active))
+        for i, s in enumerate(active):
+            r = self._slots[s]
+            if r.cancelled:
+                self._finish(r, "cancelled")
+            else:
+                self._choose(r, logits[i])
+
+    def _choose(self, r: Request, logits: np.ndarray) -> None:
+        """Pick the next token from logits (V,), release what is safe, finish if done."""
+        token = int(select_next(logits, r.params, r._rng, self._allowed_for(r.params)))
+        r.generated += 1
+        self.metrics.tokens.inc()
+        eot = self.tokenizer.eot_id if self.tokenizer is not None else None
+        if eot is not None and token == eot:
+            self._release(r, r._matcher.flush() if r._matcher else [])
+            return self._finish(r, "stop")
+        if r.logprobs is not None:
+            res = token_logprobs(logits, token, r.logprobs)
+            r._lp.append((res.logprob, tuple(zip(res.top_ids.tolist(), res.top_logprobs.tolist()))))
+        self._release(r, r._matcher.push(token) if r._matcher else [token])
+        if r._matcher is not None and r._matcher.stopped:
+            return self._finish(r, "stop")
+        full = len(r.prompt_ids) + r.generated >= self.max_len
+        if r.generated >= r.max_new_tokens or full:
+            self._release(r, r._matcher.flush() if r._matcher else [])
+            return self._finish(r, "length")
+        r._pending = token
+
+    def _release(self, r: Request, tokens: list[int]) -> None:
+        """Send TokenEvents for tokens that can no longer be part of a stop string."""
+        for token in tokens:
+            lp, top = r._lp.popleft() if r.logprobs is not None else (None, None)
+            raw = self.tokenizer.token_bytes(token) if self.tokenizer is not None else b""
+            text = r._decoder.decode(raw)
+            self._send(r, TokenEvent(token, text, r._chars, lp, top))
+            r._chars += len(text)
+
+    def _finish(self, r: Request, reason: str, message: str = "") -> None:
+        """End a sequence once: free its slot and send its FinishEvent."""
+        if r._done:
+            return
+        r._done = True
+        if r.slot is not None and self._slots[r.slot] is r:
+            self._slots[r.slot] = None
+            self.cache.lengths[r.slot] = 0
+        tail = r._decoder.decode(b"", final=True) if r._decoder is not None else ""
+        self.metrics.finished.inc(reason=reason)
+        self.metrics.active.set(self.active)
+        self._send(r, FinishEvent(reason, tail, r.generated, message))
+
+    def _fail_all(self, message: str) -> None:
+        for r in [s for s in self._slots if s is not None]:
+            self._finish(r, "error", message)
+
+    def _send(self, r: Request, event: Event) -> None:
+        """Hand an event to the request's callback; a failing callback cancels it."""
+        try:
+            r.emit(event)
+        except Exception:
+            log.exception("event callback failed; cancelling the sequence")
+            r.cancelled = True
