@@ -1,0 +1,561 @@
+"""Sampling: pure logits filters, one next-token rule, and KV-cached generation.
+
+The server reuses exactly these functions, so offline and served tokens agree.
+
+Filters are pure functions on logits arrays ``(..., V)``; each returns a new array in which
+removed tokens are ``-inf`` (the input is never modified). They are applied in the order
+Hugging Face ``transformers`` applies its logits warpers, and match them exactly:
+
+    allowed mask (ASCII-only, padded vocab)  ->  temperature  ->  top-k  ->  top-p
+
+``select_next`` turns (filtered) logits into token ids: ``argmax`` when the temperature is
+0 (greedy; top-k/top-p cannot change the argmax), otherwise one draw per row from the
+softmax of the filtered logits with an explicit ``numpy.random.Generator``.
+
+Generation (``generate``, ``stream``, ``generate_batch``) prefills a KV cache with the
+prompt and then feeds one token per step. When a sequence fills the model's context
+(``block_size`` positions) it *slides*: the cache slot is cleared and re-prefilled with the
+most recent ``window`` tokens (default ``block_size // 2``), and one ``ContextSlideWarning``
+is issued per call (Python ``warnings``). ``window=block_size`` reproduces nanoGPT's
+"crop to the last block_size tokens at every step" exactly, at the cost of a full
+prefill per token once the context is full; half the context amortises that cost.
+
+Randomness: sample ``i`` of a call draws from ``sample_rng(seed, i)``, so ``generate``,
+``stream``, row ``i`` of ``generate_batch`` and sample ``i`` of ``numgpt generate`` give the
+same tokens for the same seed, whatever else is in the batch.
+
+Shapes: ``V`` vocabulary size, ``A`` rows (active sequences).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = [
+    "SamplingParams",
+    "ContextSlideWarning",
+    "TokenLogprobs",
+    "apply_temperature",
+    "top_k_filter",
+    "top_p_filter",
+    "ascii_mask",
+    "filter_logits",
+    "select_next",
+    "token_logprobs",
+    "sample_rng",
+    "check_prompt",
+    "StopMatcher",
+    "generate",
+    "stream",
+    "generate_batch",
+]
+
+
+# ------------------------------------------------------------------------ parameters
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen.
+
+    temperature: 0 is greedy (argmax); > 0 divides the logits before the softmax.
+    top_k: keep the k highest logits (ties with the k-th are kept too), None for all.
+    top_p: nucleus sampling, keep the smallest most-probable set whose probability reaches
+        p (at least one token), None (or 1.0) for all.
+    ascii_only: only tokens whose bytes are printable ASCII or newline may be drawn.
+    seed: integer seed of the draws; None for fresh entropy.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    ascii_only: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+            raise InputError(f"top_k must be an integer >= 1 (or None for no limit), got {k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
+                              or not 0.0 < p <= 1.0):
+            raise InputError(f"top_p must lie in (0, 1] (or None for no limit), got {p!r}")
+        if not isinstance(self.ascii_only, bool):
+            raise InputError(f"ascii_only must be True or False, got {self.ascii_only!r}")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0):
+            raise InputError(f"seed must be an integer >= 0 (or None), got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class ContextSlideWarning(UserWarning):
+    """Generation ran past the model's context and now sees only the most recent tokens."""
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``logits / temperature`` (a new array, same dtype). temperature must be > 0:
+    greedy (temperature 0) is an argmax, not a division, and is handled by ``select_next``."""
+    if not temperature > 0:
+        raise InputError(f"apply_temperature needs temperature > 0, got {temperature!r} "
+                         f"(temperature 0 is greedy: take the argmax instead)")
+    logits = np.asarray(logits)
+    return logits / logits.dtype.type(temperature)
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the logits >= the k-th largest of each row; the rest become -inf.
+
+    As ``transformers.TopKLogitsWarper``: tokens tied with the k-th value are all kept, so
+    more than k may survive; k >= V keeps everything. logits (..., V) -> (..., V).
+    """
+    logits = np.asarray(logits)
+    V = logits.shape[-1]
+    if k < 1:
+        raise InputError(f"top_k must be >= 1, got {k}")
+    if k >= V:
+        return logits.copy()
+    kth = -np.partition(-logits, k - 1, axis=-1)[..., k - 1:k]  # (..., 1) the k-th largest
+    return np.where(logits < kth, -np.inf, logits).astype(logits.dtype, copy=False)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filter: keep the smallest set of most probable tokens whose probability
+    reaches ``p``; always at least one token. logits (..., V) -> (..., V).
+
+    Exactly ``transformers.TopPLogitsWarper`` (min_tokens_to_keep=1): sort ascending with a
+    stable sort (tied logits: the lower id comes first), take the cumulative softmax, and
+    remove every token whose cumulative probability is <= 1 - p, except the last (largest).
+    Among tied logits at the boundary the higher ids are kept.
+    """
+    if not 0.0 < p <= 1.0:
+        raise InputError(f"top_p must lie in (0, 1], got {p}")
+    logits = np.asarray(logits)
+    order = np.argsort(logits, axis=-1, kind="stable")  # (..., V) ascending
+    ascending = np.take_along_axis(logits, order, axis=-1)
+    shifted = ascending - ascending[..., -1:]  # the max is last
+    e = np.exp(shifted)
+    cumulative = np.cumsum(e / e.sum(axis=-1, keepdims=True), axis=-1)  # (..., V)
+    remove_sorted = cumulative <= logits.dtype.type(1 - p)
+    remove_sorted[..., -1] = False  # keep at least the most probable token
+    remove = np.empty_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)  # back to vocabulary order
+    return np.where(remove, -np.inf, logits).astype(logits.dtype, copy=False)
+
+
+_ASCII_BYTES = np.zeros(256, dtype=bool)
+_ASCII_BYTES[0x20:0x7F] = True  # printable ASCII, space to tilde
+_ASCII_BYTES[ord("\n")] = True
+_ascii_cache: "weakref.WeakKeyDictionary[object, np.ndarray]" = weakref.WeakKeyDictionary()
+_ascii_lock = threading.Lock()
+
+
+def ascii_mask(tokenizer) -> np.ndarray:
+    """bool (tokenizer.vocab_size,): True for tokens whose bytes are all printable ASCII
+    (0x20-0x7E) or newline, plus the end-of-text token (so generation can still end).
+
+    Computed once per tokenizer object and cached (read-only array)."""
+    with _ascii_lock:
+        cached = _ascii_cache.get(tokenizer)
+    if cached is not None:
+        return cached
+    mask = np.zeros(tokenizer.vocab_size, dtype=bool)
+    for token_id in range(tokenizer.vocab_size):
+        raw = np.frombuffer(tokenizer.token_bytes(token_id), dtype=np.uint8)
+        mask[token_id] = raw.size > 0 and bool(_ASCII_BYTES[raw].all())
+    if tokenizer.eot_id is not None:
+        mask[tokenizer.eot_id] = True
+    mask.setflags(write=False)
+    with _ascii_lock:
+        _ascii_cache[tokenizer] = mask
+    return mask
+
+
+def _check_allowed(allowed: np.ndarray | None, V: int) -> np.ndarray | None:
+    if allowed is None:
+        return None
+    allowed = np.asarray(allowed, dtype=bool)
+    if allowed.shape != (V,):
+        raise InputError(f"allowed mask has shape {allowed.shape}, logits have V={V} tokens; "
+                         f"the mask must be ({V},)")
+    if not allowed.any():
+        raise InputError("the allowed-token mask excludes every token; nothing can be drawn")
+    return allowed
+
+
+def filter_logits(logits: np.ndarray, params: SamplingParams,
+                  allowed: np.ndarray | None = None) -> np.ndarray:
+    """Everything ``select_next`` applies before its draw, in transformers' order:
+    disallowed tokens -> -inf, then temperature (if > 0), top-k, top-p. (..., V) -> (..., V)."""
+    logits = np.asarray(logits)
+    allowed = _check_allowed(allowed, logits.shape[-1])
+    if allowed is not None:
+        logits = np.where(allowed, logits, -np.inf).astype(logits.dtype, copy=False)
+    if params.temperature > 0:
+        logits = apply_temperature(logits, params.temperature)
+    if params.top_k is not None:
+        logits = top_k_filter(logits, params.top_k)
+    if params.top_p is not None and params.top_p < 1.0:
+        logits = top_p_filter(logits, params.top_p)
+    return logits
+
+
+# ---------------------------------------------------------------------- next token
+
+
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float64 (-inf -> probability exactly 0)."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _draw(probs: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """One inverse-CDF draw per row: probs (A, V) -> ids (A,). Row a uses rngs[a]
+    (or all rows share rngs[0]). A token with probability 0 is never drawn."""
+    cdf = np.cumsum(probs, axis=-1)  # (A, V)
+    if len(rngs) == 1:
+        u = rngs[0].random(len(probs))
+    else:
+        u = np.array([r.random() for r in rngs])
+    # first index whose cdf exceeds u * total; u < 1 so one always exists
+    return np.argmax(cdf > (u * cdf[:, -1])[:, None], axis=-1)
+
+
+def select_next(logits: np.ndarray, params: SamplingParams,
+                rng: np.random.Generator | Sequence[np.random.Generator] | None = None,
+                allowed: np.ndarray | None = None):
+    """The next token of each row: logits (V,) -> int, or (A, V) -> ids (A,) int64.
+
+    Greedy (temperature 0): the argmax of the allowed logits (lowest id on ties).
+    Otherwise a draw from ``softmax(filter_logits(logits, params, allowed))`` using ``rng``
+    (one Generator shared by the rows, or a sequence of A, one per row).
+    ``allowed`` (V,) bool restricts the tokens (ASCII-only: ``ascii_mask(tokenizer)``).
+    """
+    logits = np.asarray(logits)
+    single = logits.ndim == 1
+    rows = logits[None] if single else logits  # (A, V)
+    if rows.ndim != 2:
+        raise InputError(f"logits must be (V,) or (A, V), got shape {logits.shape}")
+    if params.ascii_only and allowed is None:
+        raise InputError("ascii_only needs the allowed mask: pass allowed=ascii_mask(tokenizer)")
+    if params.greedy:
+        allowed = _check_allowed(allowed, rows.shape[-1])
+        masked = rows if allowed is None else np.where(allowed, rows, -np.inf)
+        ids = np.argmax(masked, axis=-1)
+    else:
+        if rng is None:
+            raise InputError("sampling (temperature > 0) needs a numpy.random.Generator; "
+                             "pass rng=sample_rng(seed)")
+        rngs = [rng] if isinstance(rng, np.random.Generator) else list(rng)
+        if len(rngs) not in (1, len(rows)):
+            raise InputError(f"got {len(rngs)} generators for {len(rows)} rows; give 1 or {len(rows)}")
+        ids = _draw(_softmax64(filter_logits(rows, params, allowed)), rngs)
+    return int(ids[0]) if single else ids.astype(np.int64)
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities for the server's ``logprobs``: of the chosen token, and the top k
+    alternatives in descending order (lowest id first on ties)."""
+
+    logprob: float | np.ndarray  # () or (A,)
+    top_ids: np.ndarray  # (k,) or (A, k) int64
+    top_logprobs: np.ndarray  # (k,) or (A, k) float64
+
+
+def token_logprobs(logits: np.ndarray, chosen, k: int = 0) -> TokenLogprobs:
+    """``log_softmax`` of logits (V,) or (A, V) in float64; the chosen token's entry and the
+    k most likely tokens. Pass raw model logits for the model's own distribution, or
+    ``filter_logits(...)`` output for the distribution actually sampled from."""
+    z = np.asarray(logits, dtype=np.float64)
+    single = z.ndim == 1
+    z = z[None] if single else z  # (A, V)
+    if not 0 <= k <= z.shape[-1]:
+        raise InputError(f"k must lie in [0, {z.shape[-1]}], got {k}")
+    shifted = z - z.max(axis=-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (A, V)
+    chosen = np.atleast_1d(np.asarray(chosen, dtype=np.int64))  # (A,)
+    picked = logp[np.arange(len(logp)), chosen]  # (A,)
+    top = np.argsort(-logp, axis=-1, kind="stable")[:, :k]  # (A, k)
+    top_lp = np.take_along_axis(logp, top, axis=-1)
+    if single:
+        return TokenLogprobs(float(picked[0]), top[0], top_lp[0])
+    return TokenLogprobs(picked, top, top_lp)
+
+
+def sample_rng(seed: int | None, index: int = 0) -> np.random.Generator:
+    """The generator of sample ``index`` for ``seed``: independent streams per sample
+    (``SeedSequence(seed, spawn_key=(index,))``); fresh entropy when seed is None."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+# -------------------------------------------------------------------------- prompts
+
+
+def check_prompt(model, prompt_ids) -> list[int]:
+    """The prompt as a list of ints, or InputError if empty, too long for the context, or
+    holding ids the model cannot take."""
+    ids = np.asarray(prompt_ids)
+    if ids.size == 0:
+        raise InputError("the prompt is empty; give at least one token (GPT-2 models "
+                         "usually start from '<|endoftext|>', id 50256)")
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"prompt ids must be a flat sequence of integers, got shape "
+                         f"{ids.shape} and dtype {ids.dtype}")
+    V, T = model.config.vocab_size, model.config.block_size
+    bad = np.nonzero((ids < 0) | (ids >= V))[0]
+    if bad.size:
+        raise InputError(f"prompt token {int(ids[bad[0]])} at position {int(bad[0])} is outside "
+                         f"the model's vocabulary [0, {V}); was the prompt encoded with "
+                         f"another tokenizer?")
+    if len(ids) > T:
+        raise InputError(f"the prompt has {len(ids)} tokens but the model's context is "
+                         f"block_size={T}; shorten it (e.g. keep its last {T} tokens)")
+    return ids.astype(np.int64).tolist()
+
+
+def _allowed_tokens(model, tokenizer, params: SamplingParams) -> np.ndarray | None:
+    """(V,) bool of drawable tokens: ASCII-only if asked, and never an id the tokenizer
+    cannot decode (a model vocabulary padded past the tokenizer's, e.g. 50304)."""
+    V = model.config.vocab_size
+    if params.ascii_only and tokenizer is None:
+        raise InputError("ascii_only needs a tokenizer (the model has none attached; pass tokenizer=)")
+    if tokenizer is None or (tokenizer.vocab_size >= V and not params.ascii_only):
+        return None
+    allowed = np.zeros(V, dtype=bool)
+    n = min(V, tokenizer.vocab_size)
+    allowed[:n] = ascii_mask(tokenizer)[:n] if params.ascii_only else True
+    return allowed
+
+
+# ---------------------------------------------------------------------- stop strings
+
+
+class StopMatcher:
+    """Cuts one sequence's generated tokens at the first stop string, holding tokens back
+    while they could be the start of one.
+
+    Matching is on the UTF-8 bytes of the generated tokens (exact for UTF-8 stop strings,
+    and immune to multi-byte characters split over tokens). A token that contains any part
+    of a stop string is never released, so ``tokenizer.decode(released)`` never contains
+    a stop string; a token holding text before *and* the start of a stop string is dropped
+    whole (token granularity).
+    """
+
+    def __init__(self, stops: Sequence[str], tokenizer):
+        self.stops = [s.encode("utf-8") for s in stops]
+        if any(not s for s in self.stops):
+            raise InputError("stop strings must not be empty")
+        self.tokenizer = tokenizer
+        self.text = b""
+        self.ends: list[int] = []  # byte offset where each pending token ends
+        self.pending: list[int] = []
+        self.released_bytes = 0
+        self.stopped = False
+
+    def push(self, token: int) -> list[int]:
+        """Add one generated token; return the tokens that are now safe to emit."""
+        if not self.stops:
+            return [token]
+        start = max(0, len(self.text) - max(map(len, self.stops)) + 1)
+        self.text += self.tokenizer.token_bytes(token)
+        self.pending.append(token)
+        self.ends.append(len(self.text))
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release_until(min(hits))
+        return self._release_until(self._hold_from())
+
+    def flush(self) -> list[int]:
+        """End of generation without a stop: everything pending is safe."""
+        if self.stopped:
+            return []
+        return self._release_until(len(self.text))
+
+    def _hold_from(self) -> int:
+        """Byte offset of the earliest tail of the text that is a proper prefix of a stop."""
+        n = len(self.text)
+        for i in range(max(self.released_bytes, n - max(map(len, self.stops)) + 1), n):
+            tail = self.text[i:]
+            if any(s.startswith(tail) for s in self.stops):
+                return i
+        return n
+
+    def _release_until(self, offset: int) -> list[int]:
+        """Release the pending tokens that end at or before byte ``offset``."""
+        count = 0
+        while count < len(self.pending) and self.ends[count] <= offset:
+            count += 1
+        if count:
+            self.released_bytes = self.ends[count - 1]
+        out, self.pending, self.ends = self.pending[:count], self.pending[count:], self.ends[count:]
+        return out
+
+
+# ------------------------------------------------------------------------ generation
+
+
+@dataclass
+class _Row:
+    """One sequence being generated: its full token history and its stop state."""
+
+    context: list[int]
+    matcher: StopMatcher | None
+    count: int = 0
+    done: bool = False
+
+
+def _window_size(model, window: int | None) -> int:
+    T = model.config.block_size
+    keep = max(1, T // 2) if window is None else window
+    if not 1 <= keep <= T:
+        raise InputError(f"window must lie in [1, block_size={T}], got {window}")
+    return keep
+
+
+def _setup(model, prompts, max_new_tokens, params, stop, tokenizer):
+    if not isinstance(params, SamplingParams):
+        raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if stops and tokenizer is None:
+        raise InputError("stop strings need a tokenizer (the model has none attached; pass tokenizer=)")
+    prompts = [check_prompt(model, p) for p in prompts]
+    return prompts, stops, tokenizer
+
+
+def _decode_events(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                   rngs: list, stops: list[str], stop_at_eot: bool, tokenizer,
+                   window: int | None) -> Iterator[tuple[int, int]]:
+    """The one generation loop: yields (row, token) as each token is released.
+
+    Prefill each slot, then batched one-token steps over the rows still running; a row
+    leaves when it hits max_new_tokens, end-of-text or a stop string.
+    """
+    T = model.config.block_size
+    keep = _window_size(model, window)
+    allowed = _allowed_tokens(model, tokenizer, params)
+    eot = tokenizer.eot_id if (stop_at_eot and tokenizer is not None) else None
+    rows = [_Row(list(p), StopMatcher(stops, tokenizer) if stops else None) for p in prompts]
+    if max_new_tokens == 0:
+        return
+    cache = model.new_cache(len(prompts), min(T, max(map(len, prompts)) + max_new_tokens))
+    logits = np.stack([model.forward_cached(np.asarray([p]), cache, rows=[i])[0]
+                       for i, p in enumerate(prompts)])  # (n, V)
+    warned = False
+    while True:
+        active = [i for i, r in enumerate(rows) if not r.done]
+        if not active:
+            return
+        ids = select_next(logits[active], params, [rngs[i] for i in active], allowed)
+        feed = []
+        for i, token in zip(active, ids.tolist()):
+            yield from ((i, t) for t in _advance(rows[i], token, eot, max_new_tokens))
+            if not rows[i].done:
+                feed.append(i)
+        full = [i for i in feed if cache.lengths[i] == cache.max_len]
+        step = [i for i in feed if cache.lengths[i] < cache.max_len]
+        if full and not warned:
+            warnings.warn(f"the context passed block_size={T} tokens; from now on each sequence "
+                          f"keeps only its most recent {keep} tokens (window={keep})",
+                          ContextSlideWarning, stacklevel=3)
+            warned = True
+        assert not full or cache.max_len == T, "a shorter cache never fills before the end"
+        for i in full:  # slide: re-prefill the most recent `keep` tokens into a cleared slot
+            cache.reset([i])
+            logits[i] = model.forward_cached(np.asarray([rows[i].context[-keep:]]), cache, rows=[i])[0]
+        if step:
+            last = np.asarray([[rows[i].context[-1]] for i in step])  # (A, 1)
+            logits[step] = model.forward_cached(last, cache, rows=np.asarray(step))
+
+
+def _advance(row: _Row, token: int, eot: int | None, max_new_tokens: int) -> list[int]:
+    """Record one chosen token for a row; return the tokens it releases and mark done."""
+    if eot is not None and token == eot:
+        row.done = True
+        return row.matcher.flush() if row.matcher else []
+    row.context.append(token)
+    row.count += 1
+    out = row.matcher.push(token) if row.matcher else [token]
+    if row.matcher and row.matcher.stopped:
+        row.done = True
+    elif row.count >= max_new_tokens:
+        row.done = True
+        out += row.matcher.flush() if row.matcher else []
+    return out
+
+
+def stream(model, prompt_ids, max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
+           stop: str | Sequence[str] | None = None, stop_at_eot: bool = True, tokenizer=None,
+           window: int | None = None, rng: np.random.Generator | None = None) -> Iterator[int]:
+    """Yield each new token id as it is produced (see ``generate`` for the arguments).
+
+    With stop strings, a token is yielded once it can no longer be part of a stop string,
+    so it may come a step or two late; the stop string itself is never yielded.
+    """
+    (prompt,), stops, tokenizer = _setup(model, [prompt_ids], max_new_tokens, params, stop, tokenizer)
+    rng = rng if rng is not None else sample_rng(params.seed, 0)
+    for _, token in _decode_events(model, [prompt], max_new_tokens, params, [rng], stops,
+                                   stop_at_eot, tokenizer, window):
+        yield token
+
+
+def generate(model, prompt_ids, max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
+             stop: str | Sequence[str] | None = None, stop_at_eot: bool = True, tokenizer=None,
+             window: int | None = None, rng: np.random.Generator | None = None) -> list[int]:
+    """Generate up to ``max_new_tokens`` token ids after ``prompt_ids`` (prompt not included).
+
+    params: temperature / top-k / top-p / ascii-only / seed (``SamplingParams``).
+    stop: string(s) that end generation when they appear in the generated text; the stop
+        string (and any token overlapping it) is not returned.
+    stop_at_eot: end at the tokenizer's end-of-text token (not returned).
+    tokenizer: defaults to ``model.tokenizer``; needed for stop strings, end-of-text and
+        ascii-only.
+    window: tokens kept when the context passes block_size (default block_size // 2); a
+        ``ContextSlideWarning`` is issued once per call when that happens.
+    rng: overrides the generator made from ``params.seed``.
+    Raises InputError for an empty prompt, a prompt longer than block_size, or ids outside
+    the vocabulary.
+    """
+    return list(stream(model, prompt_ids, max_new_tokens, params, stop=stop, stop_at_eot=stop_at_eot,
+                       tokenizer=tokenizer, window=window, rng=rng))
+
+
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   params: SamplingParams = SamplingParams(), *,
+                   stop: str | Sequence[str] | None = None, stop_at_eot: bool = True,
+                   tokenizer=None, window: int | None = None) -> list[list[int]]:
+    """``generate`` for several prompts (of any lengths) at once: one KV cache with a slot
+    per prompt, each slot prefilled alone, then batched one-token decode steps over the
+    rows still running. Row i draws from ``sample_rng(params.seed, i)``, so it gets the
+    same tokens as ``generate`` would give for that prompt and generator."""
+    if len(prompts) == 0:
+        raise InputError("generate_batch needs at least one prompt")
+    prompts, stops, tokenizer = _setup(model, prompts, max_new_tokens, params, stop, tokenizer)
+    rngs = [sample_rng(params.seed, i) for i in range(len(prompts))]
+    out: list[list[int]] = [[] for _ in prompts]
+    for row, token in _decode_events(model, prompts, max_new_tokens, params, rngs, stops,
+                                     stop_at_eot, tokenizer, window):
+        out[row].append(token)
+    return out
