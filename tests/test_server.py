@@ -1,0 +1,547 @@
+"""``numgpt serve`` end to end: the real server in a subprocess on a free loopback port,
+driven by the official ``openai`` client and by raw HTTP (httpx).
+
+The reference for every completion is offline generation (``numgpt.sample.generate``) on
+the same checkpoint loaded in the test process. The model is a tiny random-weight
+byte-level GPT in float64 (batched and single-row arithmetic then cannot flip an argmax),
+saved as a numgpt checkpoint into a temporary folder. In-process tests (Starlette's
+TestClient, no network) cover what a subprocess cannot show: /health before the model is
+loaded, the catch-all 500, a full queue, and the GPT-2 BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+import numgpt
+from numgpt.checkpoint import save
+from numgpt.model import GPT, GPTConfig
+from numgpt.sample import SamplingParams, generate, sample_rng
+from numgpt.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-0123"
+NAME = "tiny-test"
+LIMIT = 240  # --max-tokens-limit
+BODY_LIMIT = 65536  # --max-body-bytes
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_model(block_size=256, seed=5) -> GPT:
+    m = GPT(GPTConfig(vocab_size=256, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                      dtype="float64"), seed=seed)
+    m.tokenizer = ByteTokenizer()
+    return m
+
+
+class Served:
+    def __init__(self, url, model, proc, log):
+        self.url, self.model, self.proc, self.log = url, model, proc, log
+
+    def client(self, key=KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30,
+                            headers={"Authorization": f"Bearer {KEY}"})
+
+    def metrics(self) -> dict[str, float]:
+        with self.http() as h:
+            text = h.get("/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    prefix = save(_tiny_model(), folder / "tiny")
+    port = _free_port()
+    log_path = folder / "server.log"
+    env = {**os.environ, "NUMGPT_API_KEY": KEY}
+    cmd = [sys.executable, "-m", "numgpt", "serve", "--model", str(prefix), "--port", str(port),
+           "--max-batch", "8", "--max-queue", "32", "--max-tokens-limit", str(LIMIT),
+           "--model-name", NAME, "--max-body-bytes", str(BODY_LIMIT), "--log-level", "warning"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"server exited early:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"server not healthy in 60 s:\n{log_path.read_text()}"
+            try:
+                if httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"},
+                             timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield Served(url, numgpt.load(prefix), proc, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def offline(served, prompt: str, n: int, params=GREEDY, index=0, stop=None) -> str:
+    ids = generate(served.model, list(prompt.encode()), n, params, stop=stop,
+                   rng=sample_rng(params.seed, index))
+    return bytes(ids).decode("utf-8", "replace")
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+# ------------------------------------------------------------------ basic endpoints
+
+
+def test_health_models_and_auth(served):
+    with served.http() as h:
+        assert h.get("/health").json()["status"] == "ok"
+        models = h.get("/v1/models").json()
+        assert models["object"] == "list" and [m["id"] for m in models["data"]] == [NAME]
+    assert served.client().models.list().data[0].id == NAME
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
+        _assert_openai_error(r, 401, code="invalid_api_key")
+        _assert_openai_error(httpx.get(served.url + "/health", headers=headers), 401)
+    with pytest.raises(openai.AuthenticationError):
+        served.client(key="wrong").completions.create(model=NAME, prompt="x", max_tokens=1)
+
+
+def test_greedy_completion_equals_offline_generate(served):
+    out = served.client().completions.create(model=NAME, prompt="Hello there", max_tokens=20,
+                                             temperature=0)
+    assert out.object == "text_completion" and out.model == NAME and out.id.startswith("cmpl-")
+    (choice,) = out.choices
+    assert choice.text == offline(served, "Hello there", 20)
+    assert choice.finish_reason == "length" and choice.index == 0 and choice.logprobs is None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (11, 20, 31)
+
+
+def test_streaming_sends_one_chunk_per_token_then_done(served):
+    stream = served.client().completions.create(model=NAME, prompt="Once upon", max_tokens=12,
+                                                temperature=0, stream=True)
+    chunks = list(stream)
+    tokens = [c for c in chunks if c.choices[0].finish_reason is None]
+    assert len(tokens) == 12 and chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks) == offline(served, "Once upon", 12)
+    with served.http() as h:  # the raw wire format ends with [DONE]
+        body = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "stream": True}).text
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert len(events) == 2 + 1 + 1
+
+
+def test_seeded_sampling_and_n_choices_equal_offline(served):
+    params = SamplingParams(temperature=0.9, top_k=40, seed=1234)
+    out = served.client().completions.create(model=NAME, prompt="The sea", max_tokens=15, n=3,
+                                             temperature=0.9, seed=1234, extra_body={"top_k": 40})
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert texts == [offline(served, "The sea", 15, params, j) for j in range(3)]
+    assert len(set(texts)) == 3, "the n choices are independent draws"
+    assert out.usage.completion_tokens == 45 and out.usage.prompt_tokens == 7
+
+
+def test_prompt_list_gives_prompt_major_choices(served):
+    out = served.client().completions.create(model=NAME, prompt=["ab", "xyz"], max_tokens=5,
+                                             n=2, temperature=0)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert texts == [offline(served, "ab", 5)] * 2 + [offline(served, "xyz", 5)] * 2
+    assert out.usage.prompt_tokens == 5
+
+
+def test_token_id_prompt_equals_string_prompt(served):
+    with served.http() as h:
+        a = h.post("/v1/completions", json={"prompt": list(b"Hi"), "max_tokens": 6,
+                                            "temperature": 0, "echo": True}).json()
+    assert a["choices"][0]["text"] == "Hi" + offline(served, "Hi", 6)
+
+
+ASCII = SamplingParams(temperature=0.0, ascii_only=True)
+
+
+def test_stop_string_finishes_with_stop(served):
+    free = offline(served, "Hello", 30, ASCII)
+    stop = free[6:8]
+    out = served.client().completions.create(model=NAME, prompt="Hello", max_tokens=30,
+                                             temperature=0, stop=[stop, "@@@"],
+                                             extra_body={"ascii_only": True})
+    (choice,) = out.choices
+    assert choice.finish_reason == "stop" and stop not in choice.text
+    assert choice.text == offline(served, "Hello", 30, ASCII, stop=[stop, "@@@"])
+    assert free.startswith(choice.text) and len(choice.text) < len(free)
+
+
+def test_echo_and_logprobs_shape_and_values(served):
+    out = served.client().completions.create(model=NAME, prompt="Hello", max_tokens=5,
+                                             temperature=0, echo=True, logprobs=2,
+                                             extra_body={"ascii_only": True})
+    (choice,) = out.choices
+    lp = choice.logprobs
+    completion = offline(served, "Hello", 5, ASCII)
+    assert choice.text == "Hello" + completion
+    assert lp.tokens == list("Hello" + completion)
+    assert lp.text_offset == list(range(10))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ids = list(("Hello" + completion).encode())
+    logits, _ = served.model(np.asarray([ids]))
+    ref = _log_softmax(logits.data[0])  # (T, V): row t predicts token t + 1
+    want = [ref[t - 1, ids[t]] for t in range(1, 10)]
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=1e-9)
+    for t in range(1, 10):
+        top = lp.top_logprobs[t]
+        best = np.argsort(-ref[t - 1], kind="stable")[:2]
+        keys = [chr(b) if b < 0x80 else f"bytes:\\x{b:02x}" for b in best]  # OpenAI's spelling
+        assert 2 <= len(top) <= 3
+        assert all(abs(top[k] - ref[t - 1, b]) < 1e-9 for k, b in zip(keys, best))
+        assert top[lp.tokens[t]] == pytest.approx(lp.token_logprobs[t], abs=1e-12)
+
+
+def test_streamed_logprobs_come_with_each_token(served):
+    stream = served.client().completions.create(model=NAME, prompt="Hey", max_tokens=4,
+                                                temperature=0, logprobs=0, stream=True)
+    per_token = [c.choices[0].logprobs for c in stream if c.choices[0].finish_reason is None]
+    assert len(per_token) == 4
+    assert all(len(p.tokens) == 1 and len(p.top_logprobs[0]) == 1 for p in per_token)
+    assert [p.text_offset[0] for p in per_token] == [0, 1, 2, 3]
+
+
+def test_prompt_truncation_only_when_asked(served):
+    long_prompt = "z" * 300
+    with served.http() as h:
+        r = h.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
+        _assert_openai_error(r, 400, param="prompt", code="context_length_exceeded")
+        assert "300" in r.json()["error"]["message"] and "256" in r.json()["error"]["message"]
+        ok = h.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4,
+                                             "temperature": 0, "truncate": True}).json()
+    assert ok["usage"]["prompt_tokens"] == 252
+    assert ok["choices"][0]["text"] == offline(served, "z" * 252, 4)
+
+
+def test_generation_reaching_the_context_ends_with_length(served):
+    out = served.client().completions.create(model=NAME, prompt="q" * 250, max_tokens=20,
+                                             temperature=0)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
+    assert out.choices[0].text == offline(served, "q" * 250, 6)
+
+
+# -------------------------------------------------------------------- concurrency
+
+
+def test_sixteen_concurrent_clients_batched_and_correct(served):
+    client = served.client()
+    barrier = threading.Barrier(16, timeout=30)
+    results: dict[int, tuple] = {}
+
+    def run(i: int) -> None:
+        seeded = i % 2 == 1
+        kwargs = dict(temperature=0.8, seed=100 + i) if seeded else dict(temperature=0)
+        barrier.wait()
+        if i % 4 == 0:  # a quarter stream
+            chunks = list(client.completions.create(model=NAME, prompt=f"client {i}:",
+                                                    max_tokens=24, stream=True, **kwargs))
+            results[i] = ("".join(c.choices[0].text for c in chunks),
+                          chunks[-1].choices[0].finish_reason)
+        else:
+            out = client.completions.create(model=NAME, prompt=f"client {i}:", max_tokens=24,
+                                            **kwargs)
+            results[i] = (out.choices[0].text, out.choices[0].finish_reason)
+
+    before = served.metrics()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 16, "some clients got no answer"
+    for i in range(16):
+        params = SamplingParams(0.8, seed=100 + i) if i % 2 else GREEDY
+        assert results[i] == (offline(served, f"client {i}:", 24, params), "length"), i
+    after = served.metrics()
+    multi = (after["numgpt_decode_batch_size_count"] - after['numgpt_decode_batch_size_bucket{le="1"}']) \
+        - (before["numgpt_decode_batch_size_count"] - before['numgpt_decode_batch_size_bucket{le="1"}'])
+    assert multi > 0 and after["numgpt_decode_batch_size_max"] > 1, "no batched decode step"
+    assert after["numgpt_tokens_generated_total"] - before["numgpt_tokens_generated_total"] >= 16 * 24
+
+
+def test_client_killed_mid_stream_frees_its_slot(served):
+    before = served.metrics().get('numgpt_sequences_finished_total{reason="cancelled"}', 0)
+    with served.http() as h:
+        with h.stream("POST", "/v1/completions", json={"prompt": "go", "max_tokens": LIMIT,
+                                                       "stream": True, "temperature": 0}) as r:
+            lines = r.iter_lines()
+            got = []
+            for line in lines:
+                if line.startswith("data: "):
+                    got.append(line)
+                if len(got) == 3:
+                    break
+    assert len(got) == 3  # the connection is closed here, mid-stream
+    deadline = time.monotonic() + 15
+    while True:
+        m = served.metrics()
+        freed = m["numgpt_active_slots"] == 0 and m["numgpt_queue_depth"] == 0
+        cancelled = m.get('numgpt_sequences_finished_total{reason="cancelled"}', 0) > before
+        if freed and cancelled:
+            break
+        assert time.monotonic() < deadline, f"slot not freed: {m}"
+        time.sleep(0.05)
+    out = served.client().completions.create(model=NAME, prompt="still", max_tokens=3, temperature=0)
+    assert out.choices[0].text == offline(served, "still", 3)
+
+
+# -------------------------------------------------------------------- bad input
+
+
+def _assert_openai_error(r: httpx.Response, status: int, param=None, code=None) -> None:
+    """OpenAI's error shape, the expected status, and no traceback in the body."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+
+
+def test_error_checker_rejects_a_success_response(served):
+    """Negative control for the error-shape checks below."""
+    with served.http() as h:
+        ok = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    with pytest.raises(AssertionError):
+        _assert_openai_error(ok, 200)
+
+
+BAD_BODIES = [
+    ({}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": ["ok", ""]}, 400, "prompt"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": [1, "a"]}, 400, "prompt"),
+    ({"prompt": [[1, 2], [999]]}, 400, "prompt"),
+    ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": LIMIT + 1}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -0.1}, 400, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "top_k": -5}, 400, "top_k"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 17}, 400, "n"),
+    ({"prompt": "x", "n": 1.5}, 400, "n"),
+    ({"prompt": "x", "stop": 3}, 400, "stop"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "x", "seed": -1}, 400, "seed"),
+    ({"prompt": "x", "model": 7}, 400, "model"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_BODIES, ids=[str(b) for b, _, _ in BAD_BODIES])
+def test_bad_fields_get_openai_errors(served, body, status, param):
+    with served.http() as h:
+        _assert_openai_error(h.post("/v1/completions", json=body), status, param=param)
+
+
+def test_bad_bodies_get_openai_errors(served):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    js = {**auth, "Content-Type": "application/json"}
+    with httpx.Client(base_url=served.url, timeout=30) as h:
+        _assert_openai_error(h.post("/v1/completions", content=b'{"prompt": "x"', headers=js),
+                             400, code="invalid_json")
+        _assert_openai_error(h.post("/v1/completions", content=b"[1, 2]", headers=js), 400)
+        _assert_openai_error(h.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers=js),
+                             400, code="invalid_encoding")
+        _assert_openai_error(h.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
+                                    headers=js), 400, param="temperature")
+        _assert_openai_error(h.post("/v1/completions", content=b"[" * 100000 + b"]" * 100000,
+                                    headers=js), 413)
+        _assert_openai_error(h.post("/v1/completions", content=b'{"prompt": "x"}',
+                                    headers={**auth, "Content-Type": "text/plain"}), 415)
+        _assert_openai_error(h.post("/v1/completions", content=b'{"prompt": "x"}', headers=auth), 415)
+        _assert_openai_error(h.post("/v1/completions", content=b"[" * 5000 + b"]" * 5000,
+                                    headers=js), 400)  # too deep for the JSON parser
+
+        def chunks():  # no Content-Length: the cap must hold while reading
+            for _ in range(5):
+                yield b" " * (BODY_LIMIT // 4)
+
+        _assert_openai_error(h.post("/v1/completions", content=chunks(), headers=js), 413)
+        _assert_openai_error(h.get("/v1/nothing", headers=auth), 404)
+        _assert_openai_error(h.get("/v1/completions", headers=auth), 405)
+
+
+def test_unknown_fields_are_ignored(served):
+    with served.http() as h:
+        r = h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0,
+                                            "frobnicate": {"a": 1}, "user": "me", "presence_penalty": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline(served, "Hi", 3)
+
+
+def test_server_keeps_serving_after_bad_input(served):
+    assert served.proc.poll() is None
+    with served.http() as h:
+        assert h.get("/health").status_code == 200
+        counts = served.metrics()
+    assert counts['numgpt_http_requests_total{path="/v1/completions",status="400"}'] >= 20
+    out = served.client().completions.create(model=NAME, prompt="fine", max_tokens=4, temperature=0)
+    assert out.choices[0].text == offline(served, "fine", 4)
+    assert "Traceback" not in served.log.read_text()
+
+
+# ------------------------------------------------------------- in-process (no network)
+
+
+@pytest.fixture
+def app_client():
+    from starlette.testclient import TestClient
+
+    from numgpt import server
+
+    made = []
+
+    def make(config=None, model=None):
+        app = server.create_app(config or server.ServerConfig(model_name=NAME), model=model)
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        made.append(client)
+        return client, app.state.numgpt
+
+    yield make
+    for c in made:
+        c.__exit__(None, None, None)
+
+
+def _wait(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_health_is_503_until_the_model_is_loaded(app_client, monkeypatch, tmp_path):
+    from numgpt import checkpoint, server
+
+    release = threading.Event()
+    real = checkpoint.load
+
+    def slow_load(path):
+        assert release.wait(20)
+        return real(path)
+
+    prefix = save(_tiny_model(64), tmp_path / "m")
+    monkeypatch.setattr(checkpoint, "load", slow_load)
+    client, state = app_client(server.ServerConfig(model_path=str(prefix)))
+    r = client.get("/health")
+    _assert_openai_error(r, 503, code="model_not_ready")
+    assert "loading" in r.json()["error"]["message"] and "Retry-After" in r.headers
+    _assert_openai_error(client.post("/v1/completions", json={"prompt": "x"}), 503)
+    release.set()
+    _wait(lambda: state.ready)
+    assert client.get("/health").status_code == 200
+    assert client.get("/v1/models").json()["data"][0]["id"] == "m"
+
+
+def test_a_model_that_fails_to_load_is_reported(app_client, tmp_path):
+    from numgpt import server
+
+    client, state = app_client(server.ServerConfig(model_path=str(tmp_path / "missing")))
+    _wait(lambda: state.load_error is not None)
+    r = client.get("/health")
+    _assert_openai_error(r, 503)
+    assert "failed to load" in r.json()["error"]["message"]
+
+
+def test_unexpected_errors_become_a_generic_500(app_client, monkeypatch):
+    from numgpt import server
+
+    def boom(*a, **kw):
+        raise ZeroDivisionError("secret internals")
+
+    client, _ = app_client(model=_tiny_model(64))
+    monkeypatch.setattr(server, "parse_completion", boom)
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    _assert_openai_error(r, 500, code="internal_error")
+    assert "secret" not in r.text and "ZeroDivision" not in r.text
+    monkeypatch.undo()
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_full_queue_answers_503_with_retry_after(app_client):
+    from numgpt import engine, server
+
+    client, state = app_client(server.ServerConfig(model_name=NAME, max_batch=1, max_queue=2),
+                               model=_tiny_model(64))
+    state.engine.stop()  # park the worker so queued sequences stay queued
+    state.engine.submit([engine.Request([1, 2], 3, GREEDY, lambda ev: None)])
+    r = client.post("/v1/completions", json={"prompt": "x", "n": 2})
+    _assert_openai_error(r, 503, code="overloaded")
+    assert r.headers["Retry-After"].isdigit()
+    _assert_openai_error(client.post("/v1/completions", json={"prompt": "x", "n": 3}), 400, param="n")
+
+
+def test_gpt2_tokenizer_end_of_text_and_byte_tokens(app_client, gpt2_tokenizer_dir, tmp_path):
+    """With GPT-2's BPE: end-of-text ends a choice with "stop", and tokens that are not
+    whole UTF-8 show as ``bytes:\\xNN`` in logprobs, as OpenAI shows them."""
+    from numgpt import server
+    from numgpt.tokenizer import GPT2Tokenizer
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_tokenizer_dir / name, tmp_path / name)
+    tok = GPT2Tokenizer.from_folder(tmp_path)
+    m = GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16,
+                      dtype="float64"), seed=0)
+    m.tokenizer = tok
+    # make end-of-text the greedy pick after position 5 (the 5th new token): the longest
+    # embedding row wins when the final hidden state points along it
+    eot_row = m.wte.weight.data[tok.eot_id]
+    eot_row *= 3.0
+    m.wpe.weight.data[5] = 100.0 * eot_row / np.linalg.norm(eot_row)
+    client, _ = app_client(model=m)
+    body = client.post("/v1/completions", json={"prompt": "Hello.", "max_tokens": 30,
+                                                "temperature": 0, "logprobs": 1}).json()
+    choice = body["choices"][0]
+    ref = generate(m, tok.encode("Hello."), 30, GREEDY)
+    assert choice["text"] == tok.decode(ref)
+    assert len(ref) == 4 and choice["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == 5  # the end-of-text token counts, unseen
+    assert choice["logprobs"]["tokens"] == [server._token_str(tok, t) for t in ref]
+    assert server._token_str(tok, tok.encode(" the")[0]) == " the"
+    partial = next(t for t in range(256) if tok.token_bytes(t)[0] >= 0x80)
+    assert server._token_str(tok, partial) == f"bytes:\\x{tok.token_bytes(partial)[0]:02x}"
+    assert body["usage"]["prompt_tokens"] == 2
