@@ -1,0 +1,581 @@
+"""The training loop as an importable function: ``train(config) -> TrainResult``.
+
+One optimizer step (``train_step``) is: zero the gradients; for each of
+``gradient_accumulation_steps`` micro-batches, forward, scale the loss by ``1/steps`` and
+backward (gradients add up in ``.grad``); measure the per-group gradient magnitudes
+(every ``log_interval`` steps); clip the global norm; one AdamW update at the scheduled
+learning rate. ``train`` wraps it with data sampling, evaluation, checkpoints, a log, a
+progress bar and plots.
+
+Randomness is explicit. ``SeedSequence(seed)`` spawns independent streams for the batch
+sampler, dropout and the evaluation batches; the model init uses ``seed`` itself. The
+sampler and dropout generator states go into every checkpoint, so ``resume`` continues
+bit for bit: 10 steps + resume + 10 steps gives the same losses and weights as 20 steps.
+Evaluation draws its batches from a fresh generator with a fixed seed each time, so every
+evaluation of a run scores the same batches and the numbers compare.
+
+Files in the run folder ``out``:
+    latest.json/.safetensors  weights, optimizer moments, config, step, RNG states
+    best.json/.safetensors    the weights with the lowest validation loss so far
+    log.jsonl                 one JSON object per step, per evaluation, and at the end
+    *.png                     plots (``numgpt.plots``)
+    data/                     the prepared default corpus, when no ``data`` is given
+
+Ctrl-C stops after the current step, saves ``latest`` and raises ``KeyboardInterrupt``
+(a second Ctrl-C aborts at once without saving). A NaN or infinite loss or gradient norm
+raises ``TrainingDiverged`` before the optimizer touches the weights, so the checkpoints on
+disk stay the last good ones.
+
+Shapes: ``B`` batch size, ``T`` block size, ``V`` vocabulary, ``N`` tokens in a split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import checkpoint, ops
+from .config import ARCH_KEYS, TrainConfig
+from .data import SPLITS, TokenDataset, get_batch, prepare
+from .errors import CheckpointError, ConfigError, InputError, NumGPTError
+from .model import GPT, GPTConfig
+from .optim import AdamW, clip_grad_norm, lr_schedule
+from .tensor import apply, no_grad
+from .tokenizer import ByteTokenizer, tokenizer_from_config
+
+__all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats",
+           "estimate_loss", "position_losses", "param_group", "grad_group_means",
+           "global_grad_norm", "default_corpus", "resume_config", "GROUPS",
+           "CHECKPOINT_KIND"]
+
+CHECKPOINT_KIND = "numgpt-train"
+GROUPS = ("embeddings", "attention", "mlp", "layernorm", "head")
+_LOG = "log.jsonl"
+_RUN_FILES = ("latest.json", "latest.safetensors", "best.json", "best.safetensors", _LOG)
+
+
+class TrainingDiverged(NumGPTError):
+    """The loss or the gradient norm became NaN or infinite; training stopped."""
+
+
+# ------------------------------------------------------------------------- one step
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured: mean micro-batch loss, pre-clip global gradient
+    norm, the learning rate used, and (when asked) mean |grad| per parameter group."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    grad_means: dict[str, float] | None = None
+
+
+def param_group(name: str) -> str:
+    """The plot group of a parameter: embeddings (``wte``, ``wpe``; ``wte`` is also the tied
+    output head, so its gradient includes the head's), attention, mlp, layernorm (the
+    blocks' ``ln_1``/``ln_2``), head (``ln_f``, the final LayerNorm feeding the head)."""
+    if name.startswith(("wte.", "wpe.")):
+        return "embeddings"
+    if ".attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith("ln_f."):
+        return "head"
+    if ".ln_" in name:
+        return "layernorm"
+    raise ValueError(f"parameter {name!r} belongs to no known group")
+
+
+def grad_group_means(params: dict) -> dict[str, float]:
+    """Mean absolute gradient over all elements of each group's parameters."""
+    sums = {g: 0.0 for g in GROUPS}
+    counts = {g: 0 for g in GROUPS}
+    for name, p in params.items():
+        if p.grad is not None:
+            g = param_group(name)
+            sums[g] += float(np.abs(p.grad).sum(dtype=np.float64))
+            counts[g] += p.grad.size
+    return {g: sums[g] / counts[g] for g in GROUPS if counts[g]}
+
+
+def global_grad_norm(params: dict) -> float:
+    """sqrt(sum of squared gradient entries) over every parameter that has a gradient."""
+    total = 0.0
+    for p in params.values():
+        if p.grad is not None:
+            flat = p.grad.ravel()
+            total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def _check_finite(what: str, value: float, step: int, lr: float) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"the {what} is {value} at step {step} (learning rate {lr:.3g}); training stopped "
+            f"before the weights were updated. Lower learning_rate, raise warmup_iters or set "
+            f"grad_clip, then continue from the last good checkpoint with --resume")
+
+
+def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.ndarray]], *,
+               lr: float, grad_clip: float, rng: np.random.Generator | None = None,
+               group_stats: bool = False, step: int = 0) -> StepStats:
+    """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
+
+    Each micro-batch ``(x, y)`` is ``(B, T)`` int; its mean cross-entropy is scaled by
+    ``1 / len(batches)`` before backward, so the accumulated gradient is that of the mean
+    loss over all micro-batches. ``rng`` drives dropout (None: no dropout). Clipping uses
+    ``grad_clip`` (0: off). Raises ``TrainingDiverged`` (weights untouched) on a NaN/inf
+    loss or gradient norm; ``step`` only labels that message.
+    """
+    optimizer.zero_grad()
+    n, total = len(batches), 0.0
+    for x, y in batches:
+        _, loss = model(x, y, rng=rng)
+        value = float(loss.data)
+        _check_finite("loss", value, step, lr)
+        total += value
+        (loss if n == 1 else apply(ops.scale, loss, c=1.0 / n)).backward()
+    params = optimizer.params
+    means = grad_group_means(params) if group_stats else None
+    norm = clip_grad_norm(params, grad_clip) if grad_clip > 0 else global_grad_norm(params)
+    _check_finite("gradient norm", norm, step, lr)
+    optimizer.step(lr=lr)
+    return StepStats(total / n, norm, lr, means)
+
+
+# ------------------------------------------------------------------------- evaluation
+
+def estimate_loss(model: GPT, data: np.ndarray, batch_size: int, block_size: int, iters: int,
+                  seed) -> float:
+    """Mean loss over ``iters`` batches drawn from ``default_rng(seed)`` (no graph, no
+    dropout), so two calls with the same seed score the same batches."""
+    rng = np.random.default_rng(seed)
+    losses = []
+    with no_grad():
+        for _ in range(iters):
+            x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
+            losses.append(float(model(x, y)[1].data))
+    return float(np.mean(losses))
+
+
+def position_losses(model: GPT, data: np.ndarray, batch_size: int, block_size: int, iters: int,
+                    seed) -> np.ndarray:
+    """Mean loss at each position of the context window: (T,) float64.
+
+    Position t predicts token t+1 from the t+1 tokens before it, so the curve shows how
+    much the model gains from more context. Log-softmax in float64 over (B, T, V) logits.
+    """
+    rng = np.random.default_rng(seed)
+    total = np.zeros(block_size, dtype=np.float64)
+    with no_grad():
+        for _ in range(iters):
+            x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
+            logits = model(x)[0].data.astype(np.float64)  # (B, T, V)
+            logits -= logits.max(axis=-1, keepdims=True)
+            logz = np.log(np.exp(logits).sum(axis=-1))  # (B, T)
+            picked = np.take_along_axis(logits, y[..., None], axis=-1)[..., 0]  # (B, T)
+            total += (logz - picked).mean(axis=0)
+    return total / iters
+
+
+# ------------------------------------------------------------------------- data
+
+def default_corpus(folder: Path, *, progress: bool = False) -> Path:
+    """The no-download corpus: every topic of the standard library's ``pydoc_data`` (the
+    Python language reference sections ``help()`` shows, about 460 KB of English and code),
+    written to ``folder/pydoc_topics.txt`` and prepared as bytes into ``folder``. Reused
+    when already prepared."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("pydoc_data") is None:
+        raise InputError("this Python has no pydoc_data module to train on by default; "
+                         "pass --data with a folder made by `numgpt prepare`")
+    folder = Path(folder)
+    if (folder / "meta.json").is_file():
+        return folder
+    topics = importlib.import_module("pydoc_data.topics").topics
+    text = "\n\n".join(topics[k].strip("\n") for k in sorted(topics)) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "pydoc_topics.txt"
+    tmp = folder / ".pydoc_topics.txt.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, source)
+    prepare([source], ByteTokenizer(), folder, val_fraction=0.1, progress=progress)
+    return folder
+
+
+def _check_tokenizers(model_tok, data_meta: dict, model_vocab: int, where: str, data_dir) -> None:
+    """The data's token ids must mean the same as the model's: same tokenizer kind and
+    vocabulary size, and every id inside the model's embedding table."""
+    data_tok = data_meta["tokenizer"]
+    data_vocab = int(data_meta["vocab_size"])
+    mine = model_tok.to_config() if model_tok is not None else None
+    if mine is None or mine.get("type") != data_tok.get("type") or model_tok.vocab_size != data_vocab \
+            or data_vocab > model_vocab:
+        desc = "no tokenizer" if mine is None else f"{mine.get('type')} (vocab {model_tok.vocab_size})"
+        raise InputError(
+            f"the data in {str(data_dir)!r} was tokenized with {data_tok.get('type')} (vocab "
+            f"{data_vocab}) but the model {where} uses {desc}, embedding {model_vocab} ids; "
+            f"re-run `numgpt prepare --tokenizer` with the model's tokenizer")
+
+
+# ------------------------------------------------------------------------- the run
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: where it wrote, how far it got, and the trained model."""
+
+    out: Path
+    step: int
+    losses: list[float]
+    val_loss: float | None
+    best_val_loss: float | None
+    model: GPT
+    tokenizer: object
+    plots: list[Path] = field(default_factory=list)
+    sample: str | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / _LOG
+
+
+class _Run:
+    """The mutable state of one training run (model, optimizer, RNGs, step, log)."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out)
+        self._prepare_out()
+        self.data_dir = Path(cfg.data) if cfg.data else default_corpus(self.out / "data", progress=progress)
+        self.dataset = TokenDataset(self.data_dir)
+        self._check_splits()
+        seeds = np.random.SeedSequence(cfg.seed).spawn(3)
+        self.data_rng = np.random.default_rng(seeds[0])
+        self.dropout_rng = np.random.default_rng(seeds[1])
+        self.eval_seeds = dict(zip(SPLITS, seeds[2].spawn(len(SPLITS))))  # reused each eval
+        self.step, self.best_val, self.last_val = 0, None, None
+        self.model = self._build_model()
+        self.optimizer = AdamW(self.model.parameters(), lr=cfg.learning_rate,
+                               betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        if cfg.resume:
+            self._restore()
+        self.schedule = lr_schedule("cosine" if cfg.decay_lr else "constant",
+                                    learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
+                                    lr_decay_iters=cfg.decay_iters, min_lr=cfg.min_lr)
+        self._open_log()
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_out(self) -> None:
+        out, cfg = self.out, self.cfg
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out {str(out)!r} exists and is not a folder; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        has_run = (out / "latest.json").exists() or (out / _LOG).exists()
+        if cfg.resume and not (out / "latest.json").exists():
+            raise CheckpointError(f"cannot resume: {str(out / 'latest.json')!r} does not exist; "
+                                  f"train without --resume first, or point --out at the run")
+        if has_run and not cfg.resume:
+            if not cfg.overwrite:
+                raise ConfigError(f"{str(out)!r} already holds a training run; pass --resume to "
+                                  f"continue it, --overwrite to start over, or another --out")
+            for name in _RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            for png in out.glob("*.png"):
+                png.unlink()
+
+    def _check_splits(self) -> None:
+        need = self.cfg.block_size + 1
+        for split in SPLITS:
+            n = len(self.dataset.splits[split])
+            if n < need:
+                raise InputError(
+                    f"the {split} split of {str(self.data_dir)!r} has {n} tokens, but block_size "
+                    f"{self.cfg.block_size} needs at least {need}; lower block_size, or re-run "
+                    f"prepare with more text or a larger --val-fraction")
+
+    def _build_model(self) -> GPT:
+        cfg, meta = self.cfg, self.dataset.meta
+        if cfg.init:
+            model = checkpoint.load(cfg.init, dtype=cfg.dtype)
+            where = f"at {cfg.init!r}"
+            if cfg.block_size > model.config.block_size:
+                raise ConfigError(f"config key 'block_size' is {cfg.block_size} but the model {where} "
+                                  f"has a context of {model.config.block_size}; lower block_size")
+        else:
+            model = GPT(GPTConfig(vocab_size=int(meta["vocab_size"]), block_size=cfg.block_size,
+                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                  bias=cfg.bias, dropout=cfg.dropout, activation=cfg.activation,
+                                  dtype=cfg.dtype), seed=cfg.seed)
+            model.tokenizer = tokenizer_from_config(meta["tokenizer"])
+            where = "being trained"
+        _check_tokenizers(model.tokenizer, meta, model.config.vocab_size, where, self.data_dir)
+        _set_dropout(model, cfg.dropout)
+        return model
+
+    def _restore(self) -> None:
+        """Load ``out/latest``: weights, optimizer moments, step, best loss, RNG states."""
+        prefix = self.out / "latest"
+        model, meta, arrays = checkpoint.load_checkpoint(prefix)
+        if meta.get("kind") != CHECKPOINT_KIND:
+            raise CheckpointError(f"{prefix}.json is not a training checkpoint (kind "
+                                  f"{meta.get('kind')!r}); it cannot be resumed")
+        saved = meta["train_config"]
+        for key in ARCH_KEYS:
+            if saved.get(key) != getattr(self.cfg, key):
+                raise ConfigError(
+                    f"config key {key!r} is {getattr(self.cfg, key)!r} but the run in "
+                    f"{str(self.out)!r} was trained with {saved.get(key)!r}; a resumed run keeps "
+                    f"its model, so drop that setting or start a new --out")
+        if model.config.vocab_size != self.model.config.vocab_size:
+            raise CheckpointError(f"{prefix} has vocab {model.config.vocab_size}, the data has "
+                                  f"{self.model.config.vocab_size}")
+        for name, p in self.model.parameters().items():
+            np.copyto(p.data, model.parameters()[name].data)
+        self.optimizer.load_state_dict({"meta": meta["optimizer"], "arrays": arrays})
+        # the config, not the checkpoint, decides hyper-parameters a user may change
+        self.optimizer.betas = (self.cfg.beta1, self.cfg.beta2)
+        self.optimizer.weight_decay = self.cfg.weight_decay
+        self.step, self.best_val, self.last_val = int(meta["step"]), meta["best_val_loss"], meta["val_loss"]
+        self.data_rng.bit_generator.state = meta["rng"]["data"]
+        self.dropout_rng.bit_generator.state = meta["rng"]["dropout"]
+
+    def _open_log(self) -> None:
+        """Append to log.jsonl; on resume, first drop records past the checkpoint's step
+        (written after it by the interrupted run), so the log reads as one clean run."""
+        path = self.out / _LOG
+        if self.cfg.resume and path.exists():
+            keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step
+                    and json.loads(line).get("kind") != "final"]
+            tmp = path.with_name(f".{_LOG}.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            os.replace(tmp, path)
+        self.log_file = open(path, "a", encoding="utf-8")
+
+    # ------------------------------------------------------------------ actions
+    def log(self, record: dict) -> None:
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+
+    def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        c = self.cfg
+        return [get_batch(self.dataset.train, c.batch_size, c.block_size, self.data_rng)
+                for _ in range(c.gradient_accumulation_steps)]
+
+    def evaluate(self) -> dict:
+        c = self.cfg
+        losses = {s: estimate_loss(self.model, self.dataset.splits[s], c.batch_size, c.block_size,
+                                   c.eval_iters, self.eval_seeds[s]) for s in SPLITS}
+        record = {"kind": "eval", "step": self.step, "train_loss": losses["train"],
+                  "val_loss": losses["val"]}
+        self.last_val = losses["val"]
+        self.log(record)
+        if self.best_val is None or losses["val"] < self.best_val:
+            self.best_val = losses["val"]
+            self.save("best", moments=False)
+        return record
+
+    def meta(self) -> dict:
+        return {"kind": CHECKPOINT_KIND, "version": 1, "step": self.step,
+                "best_val_loss": self.best_val, "val_loss": self.last_val,
+                "train_config": self.cfg.to_dict(), "optimizer": self.optimizer.state_meta(),
+                "rng": {"data": self.data_rng.bit_generator.state,
+                        "dropout": self.dropout_rng.bit_generator.state},
+                "data": {"folder": str(self.data_dir), "meta": self.dataset.meta}}
+
+    def save(self, name: str, moments: bool = True) -> Path:
+        arrays = self.optimizer.state_arrays() if moments else None
+        return checkpoint.save(self.model, self.out / name, meta=self.meta(), arrays=arrays)
+
+    def close(self) -> None:
+        self.log_file.close()
+
+
+def _set_dropout(model: GPT, p: float) -> None:
+    """Use dropout probability ``p`` in every layer of ``model`` (fine-tuning may change it)."""
+    model.config.dropout = p
+    for block in model.h:
+        block.attn.dropout = p
+        block.mlp.dropout = p
+
+
+@contextmanager
+def _deferred_sigint() -> Iterator[dict]:
+    """While training, the first Ctrl-C only sets ``flag["stop"]`` (the loop saves and stops at
+    the end of the step, so the weights are never saved half-updated); a second one aborts at
+    once (``flag["abort"]``). Outside the main thread signals cannot be caught: no change."""
+    flag = {"stop": False, "abort": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            flag["abort"] = True
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print("\nnumgpt: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again aborts without saving)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_config(out, overrides: dict | None = None, toml_path=None) -> TrainConfig:
+    """The config of the run in ``out`` (from ``out/latest.json``) with ``overrides`` (and a
+    TOML file) applied on top and ``resume`` set: what ``numgpt train --resume`` trains with."""
+    path = Path(out) / "latest.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        saved = doc["meta"]["train_config"]
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot resume: {str(path)!r} does not exist; train without "
+                              f"--resume first, or point --out at the run") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from {str(path)!r}: not a readable training "
+                              f"checkpoint ({e})") from None
+    saved = {**saved, "out": str(out), "resume": True, "overwrite": False}
+    return TrainConfig.from_sources(toml_path, {**(overrides or {}), "resume": True}, base=saved)
+
+
+# ------------------------------------------------------------------------- the loop
+
+def train(config: TrainConfig | dict, *, progress: bool = True,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train (or fine-tune, or resume) as ``config`` says; see the module docstring.
+
+    Args:
+        config: a ``TrainConfig`` or a dict of its keys.
+        progress: show a live progress bar (loss, lr, tokens/s, ETA) and messages.
+        on_step: called after every step with that step's log record (a dict).
+    Returns:
+        ``TrainResult`` (out folder, final step, this call's step losses, last and best
+        validation loss, the model and its tokenizer, the plots written, the sample).
+    Raises:
+        ConfigError / InputError / CheckpointError for a bad setup (before any training);
+        TrainingDiverged on a NaN/inf loss; KeyboardInterrupt after saving on Ctrl-C.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    run = _Run(cfg, progress)
+    try:
+        losses = _loop(run, on_step)
+        return _finish(run, losses)
+    finally:
+        run.close()
+
+
+def _loop(run: _Run, on_step) -> list[float]:
+    from tqdm import tqdm
+
+    cfg, losses = run.cfg, []
+    bar = tqdm(total=cfg.max_iters, initial=run.step, desc="train", unit="step",
+               disable=not run.progress, dynamic_ncols=True)
+    with _deferred_sigint() as flag, bar:
+        try:
+            if run.step == 0 and cfg.eval_interval > 0 and cfg.max_iters > 0:
+                _report_eval(run.evaluate(), bar)
+            while run.step < cfg.max_iters:
+                record = _one_step(run)
+                losses.append(record["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                _after_step(run, bar)
+                if on_step is not None:
+                    on_step(record)
+                if flag["stop"]:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if not flag["abort"]:
+                prefix = run.save("latest")
+                print(f"numgpt: saved {prefix} at step {run.step}; continue with --resume",
+                      file=sys.stderr)
+            raise
+    return losses
+
+
+def _one_step(run: _Run) -> dict:
+    cfg = run.cfg
+    lr = run.schedule(run.step)  # nanoGPT numbers iterations from 0
+    group_stats = run.step % cfg.log_interval == 0
+    t0 = time.perf_counter()
+    stats = train_step(run.model, run.optimizer, run.batches(), lr=lr, grad_clip=cfg.grad_clip,
+                       rng=run.dropout_rng if cfg.dropout > 0 else None,
+                       group_stats=group_stats, step=run.step + 1)
+    dt = time.perf_counter() - t0
+    run.step += 1
+    record = {"kind": "step", "step": run.step, "loss": stats.loss, "lr": lr,
+              "grad_norm": stats.grad_norm, "tokens_per_s": cfg.tokens_per_step / dt}
+    if stats.grad_means is not None:
+        record["grad_mean_abs"] = stats.grad_means
+    run.log(record)
+    return record
+
+
+def _after_step(run: _Run, bar) -> None:
+    cfg = run.cfg
+    if cfg.eval_interval > 0 and run.step % cfg.eval_interval == 0 and run.step < cfg.max_iters:
+        _report_eval(run.evaluate(), bar)
+    if cfg.checkpoint_interval > 0 and run.step % cfg.checkpoint_interval == 0:
+        run.save("latest")
+
+
+def _report_eval(record: dict, bar) -> None:
+    if not bar.disable:
+        bar.write(f"step {record['step']}: train loss {record['train_loss']:.4f}, "
+                  f"val loss {record['val_loss']:.4f}")
+
+
+def _finish(run: _Run, losses: list[float]) -> TrainResult:
+    """Final evaluation, checkpoint, per-position loss, plots and the sample."""
+    cfg = run.cfg
+    if losses:  # this call trained: score the final weights
+        record = run.evaluate()
+        if run.progress:
+            print(f"final: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f} "
+                  f"(best {run.best_val:.4f})", file=sys.stderr)
+    run.save("latest")
+    pos = position_losses(run.model, run.dataset.val, cfg.batch_size, cfg.block_size,
+                          cfg.eval_iters, run.eval_seeds["val"])
+    run.log({"kind": "final", "step": run.step, "val_loss_by_position": pos.tolist()})
+    run.log_file.flush()
+    plots = []
+    if cfg.plot:
+        from .plots import plot_run
+        plots = plot_run(run.out)
+    sample = _sample(run) if cfg.sample_tokens > 0 else None
+    return TrainResult(run.out, run.step, losses, run.last_val, run.best_val, run.model,
+                       run.model.tokenizer, plots, sample)
+
+
+def _sample(run: _Run) -> str:
+    """``sample_tokens`` tokens after ``sample_prompt`` from the trained model (seeded)."""
+    import warnings
+
+    from .sample import ContextSlideWarning, SamplingParams, generate
+
+    cfg, tok = run.cfg, run.model.tokenizer
+    prompt = tok.encode(cfg.sample_prompt) or [0]
+    params = SamplingParams(temperature=cfg.sample_temperature, seed=cfg.seed)
+    with warnings.catch_warnings():  # a sample longer than the context slides it: expected
+        warnings.simplefilter("ignore", ContextSlideWarning)
+        ids = generate(run.model, prompt[-cfg.block_size:], cfg.sample_tokens, params, tokenizer=tok)
+    return tok.decode(prompt + ids)
