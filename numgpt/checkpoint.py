@@ -620,7 +620,7 @@ def _extra_tensors(arrays: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
         if a.dtype == object or a.dtype.kind not in "biuf":
             raise CheckpointError(f"extra array {name!r} has dtype {a.dtype}; only bool, integer "
                                   f"and float arrays can be stored")
-        out[EXTRA_PREFIX + name] = np.ascontiguousarray(a)
+        out[EXTRA_PREFIX + name] = np.asarray(a, order="C")  # not ascontiguousarray: it makes 0-d 1-d
     return out
 
 
@@ -644,7 +644,7 @@ def save(model: GPT, prefix: str | os.PathLike, *, meta: Mapping[str, Any] | Non
         text = json.dumps(doc, indent=2) + "\n"
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"meta must be JSON-serialisable: {e}") from None
-    tensors = {n: np.ascontiguousarray(p.data) for n, p in model.parameters().items()}
+    tensors = {n: np.asarray(p.data, order="C") for n, p in model.parameters().items()}
     tensors.update(_extra_tensors(arrays))
     weights, config = _with(prefix, ".safetensors"), _with(prefix, ".json")
     pairs = []
@@ -663,7 +663,7 @@ def save(model: GPT, prefix: str | os.PathLike, *, meta: Mapping[str, Any] | Non
 def _hf_tensors(model: GPT) -> dict[str, np.ndarray]:
     """Parameters under HF's names; a bias-free model gets exact zero biases (HF has them)."""
     c = model.config
-    out = {f"transformer.{n}": np.ascontiguousarray(p.data) for n, p in model.parameters().items()}
+    out = {f"transformer.{n}": np.asarray(p.data, order="C") for n, p in model.parameters().items()}
     if not c.bias:
         dt = c.np_dtype
         widths = {"ln_1": c.n_embd, "attn.c_attn": 3 * c.n_embd, "attn.c_proj": c.n_embd,

@@ -13,8 +13,8 @@ gradient < 1e-4 abs or < 1e-3 relative (to that gradient's largest entry); float
 separate, different output head; a numgpt model whose head does not feed its gradient back
 into ``wte``; attention without the causal mask.
 
-All measurements are made once (module fixture), written to ``docs/results/model_parity.md``,
-and asserted by the tests below.
+Measurements are made once per module (fixtures), asserted by the tests below, and written to
+``docs/results/model_parity.md`` by the last test. The 124M tests are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -229,15 +229,19 @@ def write_table(rows: list[Row]) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[Row]]:
+    """The tiny shapes and the three negative controls (a few seconds)."""
     tmp = tmp_path_factory.mktemp("parity")
-    out = {"tiny": _positive(TINY, "tiny", tmp / "tiny", B=2, T=16, seed=0),
-           "tiny-gelu": _positive(TINY_GELU, "tiny-gelu", tmp / "tiny_gelu", B=2, T=16, seed=1),
-           "124M": _positive(GPT2_124M, "124M", tmp / "gpt2", B=2, T=12, seed=2),
-           "untied": _control_untied_head(tmp / "untied"),
-           "frozen_head": _control_head_not_tied_in_numgpt(tmp / "frozen"),
-           "no_mask": _control_no_causal_mask(tmp / "nomask")}
-    write_table([r for rows in out.values() for r in rows])
-    return out
+    return {"tiny": _positive(TINY, "tiny", tmp / "tiny", B=2, T=16, seed=0),
+            "tiny-gelu": _positive(TINY_GELU, "tiny-gelu", tmp / "tiny_gelu", B=2, T=16, seed=1),
+            "untied": _control_untied_head(tmp / "untied"),
+            "frozen_head": _control_head_not_tied_in_numgpt(tmp / "frozen"),
+            "no_mask": _control_no_causal_mask(tmp / "nomask")}
+
+
+@pytest.fixture(scope="module")
+def results_124m(tmp_path_factory) -> list[Row]:
+    """The full GPT-2 124M shape: about 2 GB of float64 parameters and gradients per side."""
+    return _positive(GPT2_124M, "124M", tmp_path_factory.mktemp("parity124m") / "gpt2", B=2, T=12, seed=2)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -254,8 +258,9 @@ def test_tiny_model_matches_transformers_float32_and_float64_with_every_gradient
     assert passes(rows), _failures(rows)
 
 
-def test_gpt2_124m_shape_matches_transformers_float32_and_float64_with_every_gradient(results):
-    rows = results["124M"]
+@pytest.mark.slow
+def test_gpt2_124m_shape_matches_transformers_float32_and_float64_with_every_gradient(results_124m):
+    rows = results_124m
     assert "all 148 params" in rows[-1].quantity  # 12 blocks x 12 tensors + wte, wpe, ln_f x2
     assert passes(rows), _failures(rows)
 
@@ -276,8 +281,12 @@ def test_parity_check_fails_when_attention_sees_the_future(results):
     assert not results["no_mask"][0].ok
 
 
-def test_results_table_is_written_with_every_row(results):
+@pytest.mark.slow
+def test_results_table_is_written_with_every_row(results, results_124m):
+    groups = ["tiny", "tiny-gelu", "124M", "untied", "frozen_head", "no_mask"]
+    rows = [r for g in groups for r in (results_124m if g == "124M" else results[g])]
+    write_table(rows)
     text = RESULTS.read_text()
-    n_rows = sum(len(rows) for rows in results.values())
+    n_rows = len(rows)
     assert text.count("\n| ") == n_rows + 1  # header + one line per measured row
     assert "check PASSED: the gate is blind" not in text

@@ -1,0 +1,557 @@
+"""Checkpoints: every source loads and matches its reference, round trips are bit-identical,
+exports load in transformers, every broken input is refused by name, writes are atomic.
+
+References are independent: ``transformers.GPT2LMHeadModel`` for HF folders, exports and
+the nanoGPT import (a nanoGPT-layout state dict built here from an HF model with exact
+GELU, the same math as nanoGPT's model). The model-level gate with gradients and the 124M
+shape is ``tests/test_model_parity.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+import numgpt  # noqa: E402
+from numgpt import checkpoint  # noqa: E402
+from numgpt.cli import main  # noqa: E402
+from numgpt.errors import CheckpointError, ConfigError  # noqa: E402
+from numgpt.model import GPT, GPTConfig  # noqa: E402
+from numgpt.tensor import no_grad  # noqa: E402
+from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+
+TINY = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+LINEAR = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+# ------------------------------------------------------------------------ helpers
+
+def make_hf(seed: int = 0, **overrides):
+    """A small GPT2LMHeadModel, dropout off, with random biases and LayerNorm parameters."""
+    config = transformers.GPT2Config(**{**TINY, **overrides}, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, attn_implementation="eager",
+                                     bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)  # HF's initialiser uses torch's global generator
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or "ln_f" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return hf
+
+
+def hf_logits(hf, idx: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return hf(torch.tensor(idx)).logits.numpy()
+
+
+def logits(model: GPT, idx: np.ndarray) -> np.ndarray:
+    with no_grad():
+        return model(idx)[0].data
+
+
+def ids(vocab: int = TINY["vocab_size"], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (2, 9))
+
+
+def same_weights(a: GPT, b: GPT) -> bool:
+    pa, pb = a.parameters(), b.parameters()
+    return list(pa) == list(pb) and all(
+        pa[n].data.dtype == pb[n].data.dtype and np.array_equal(pa[n].data, pb[n].data) for n in pa)
+
+
+def rewrite_weights(folder: Path, edit) -> None:
+    """Load model.safetensors, let ``edit`` change the dict, write it back."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def edit_json(path: Path, **changes) -> None:
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def hf_ref():
+    """(HF model in float64, its float32 folder saved with save_pretrained)."""
+    import tempfile
+
+    hf = make_hf(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        yield hf.double(), Path(tmp)
+
+
+@pytest.fixture()
+def hf_folder(hf_ref, tmp_path) -> Path:
+    """A fresh, editable copy of the reference folder."""
+    import shutil
+
+    return Path(shutil.copytree(hf_ref[1], tmp_path / "hf"))
+
+
+def tiny_numgpt(dtype: str = "float32", seed: int = 3, **overrides) -> GPT:
+    return GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32,
+                         dtype=dtype, **overrides), seed=seed)
+
+
+# ----------------------------------------------------------- Hugging Face folders
+
+def test_hf_safetensors_folder_loads_with_its_config_and_matches_transformers(hf_ref, hf_folder):
+    hf, _ = hf_ref
+    model = numgpt.load(hf_folder, dtype="float64")
+    assert model.config == GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32,
+                                     activation="gelu_tanh", layer_norm_epsilon=1e-5, dtype="float64")
+    assert model.source["format"] == "hf" and model.tokenizer is None
+    assert "no tokenizer" in model.source["notes"][0]
+    idx = ids()
+    assert np.max(np.abs(logits(model, idx) - hf_logits(hf, idx))) < 1e-12
+
+
+def test_hf_folder_keeps_stored_float32_and_accepts_any_path_form(hf_folder):
+    for path in (hf_folder, hf_folder / "config.json", hf_folder / "model.safetensors"):
+        model = numgpt.load(path)
+        assert model.wte.weight.data.dtype == np.float32 and model.config.dtype == "float32"
+    assert numgpt.load(hf_folder, dtype=np.float64).wte.weight.data.dtype == np.float64
+    with pytest.raises(ConfigError, match="int8"):
+        numgpt.load(hf_folder, dtype="int8")
+
+
+def test_hf_exact_gelu_and_epsilon_are_read_from_config_json(tmp_path):
+    hf = make_hf(1, activation_function="gelu", layer_norm_epsilon=1e-6).double()
+    hf.save_pretrained(tmp_path)
+    model = numgpt.load(tmp_path, dtype="float64")
+    assert (model.config.activation, model.config.layer_norm_epsilon) == ("gelu", 1e-6)
+    idx = ids()
+    assert np.max(np.abs(logits(model, idx) - hf_logits(hf, idx))) < 1e-12
+
+
+def _write_bin(hf, folder: Path, prefix: str, buffers: bool) -> None:
+    """pytorch_model.bin as older transformers wrote it (transformers 5 always writes
+    safetensors, even with safe_serialization=False): optional ``transformer.`` prefix,
+    the tied ``lm_head.weight``, and the attention mask buffers."""
+    state = {(k if k.startswith("lm_head") else prefix + k.removeprefix("transformer.")): v
+             for k, v in hf.state_dict().items()}
+    if buffers:
+        n = hf.config.n_positions
+        for i in range(hf.config.n_layer):
+            state[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
+            state[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("prefix,buffers", [("transformer.", True), ("", False)])
+def test_hf_pytorch_bin_folder_loads_and_matches(hf_ref, hf_folder, prefix, buffers):
+    hf, _ = hf_ref
+    _write_bin(make_hf(0), hf_folder, prefix, buffers)
+    model = numgpt.load(hf_folder, dtype="float64")
+    assert model.source["weights"].endswith("pytorch_model.bin")
+    idx = ids()
+    assert np.max(np.abs(logits(model, idx) - hf_logits(hf, idx))) < 1e-12
+
+
+def test_pytorch_bin_without_torch_says_torch_is_needed(hf_folder, monkeypatch):
+    _write_bin(make_hf(0), hf_folder, "transformer.", False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is a PyTorch pickle; reading it needs torch"):
+        numgpt.load(hf_folder)
+
+
+def test_sharded_and_bfloat16_folders_load(hf_ref, tmp_path):
+    hf, _ = hf_ref
+    hf32 = make_hf(0)
+    hf32.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    idx = ids()
+    model = numgpt.load(tmp_path / "sharded", dtype="float64")
+    assert np.max(np.abs(logits(model, idx) - hf_logits(hf, idx))) < 1e-12
+    hf32.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = numgpt.load(tmp_path / "bf16")  # numpy has no bfloat16: widened to float32 exactly
+    assert model.wte.weight.data.dtype == np.float32
+    assert np.array_equal(model.wte.weight.data, hf32.transformer.wte.weight.float().detach().numpy())
+
+
+def test_hf_folder_with_gpt2_bpe_files_attaches_the_tokenizer(hf_folder, gpt2_tokenizer_dir):
+    GPT2Tokenizer.from_folder(gpt2_tokenizer_dir).save_files(hf_folder)
+    model = numgpt.load(hf_folder)
+    assert isinstance(model.tokenizer, GPT2Tokenizer)
+    assert model.tokenizer.encode("Hello.") == [15496, 13]
+    assert any("exceeds the model's vocab_size" in n for n in model.source["notes"])  # 50257 > 97
+
+
+def test_identical_separate_lm_head_is_accepted(hf_folder):
+    rewrite_weights(hf_folder, lambda t: t.update({"lm_head.weight": t["transformer.wte.weight"].copy()}))
+    assert numgpt.load(hf_folder).config.n_layer == 2
+
+
+# ---------------------------------------------------------------------- nanoGPT
+
+def _nanogpt_ckpt(hf, path: Path, bias: bool = True) -> None:
+    """A ckpt.pt as nanoGPT's train.py writes it (torch.compile'd model): ``_orig_mod.``
+    prefixes, nn.Linear weights (out, in), tied lm_head, the causal-mask buffer, the
+    optimizer state and the run's bookkeeping."""
+    sd = {}
+    for k, v in hf.state_dict().items():
+        if not bias and k.endswith(".bias"):
+            continue
+        if k.endswith(".weight") and any(f".{layer}." in k for layer in LINEAR):
+            v = v.t().contiguous()  # Conv1D (in, out) -> nn.Linear (out, in)
+        sd["_orig_mod." + k] = v
+    c = hf.config
+    for i in range(c.n_layer):
+        sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(c.n_positions, c.n_positions))[None, None]
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3)
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
+                      bias=bias, vocab_size=c.vocab_size, dropout=0.0)
+    torch.save({"model": sd, "optimizer": opt.state_dict(), "model_args": model_args,
+                "iter_num": 250, "best_val_loss": torch.tensor(1.5),
+                "config": {"dataset": "shakespeare_char", "learning_rate": 1e-3}}, path)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_ckpt_loads_transposed_and_matches_reference(tmp_path, bias):
+    hf = make_hf(4, activation_function="gelu")  # nanoGPT's MLP uses exact GELU
+    if not bias:  # nanoGPT bias=False == every bias zero
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+    _nanogpt_ckpt(hf, tmp_path / "ckpt.pt", bias)
+    for path in (tmp_path / "ckpt.pt", tmp_path):  # the file or nanoGPT's out_dir
+        model = numgpt.load(path, dtype="float64")
+        assert model.source["format"] == "nanogpt"
+        assert (model.config.activation, model.config.bias) == ("gelu", bias)
+        idx = ids()
+        assert np.max(np.abs(logits(model, idx) - hf_logits(hf.double(), idx))) < 1e-12
+        hf.float()
+
+
+def test_nanogpt_without_transpose_would_be_refused_by_shape(tmp_path):
+    hf = make_hf(4, activation_function="gelu")
+    _nanogpt_ckpt(hf, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    key = "_orig_mod.transformer.h.0.mlp.c_fc.weight"
+    ckpt["model"][key] = ckpt["model"][key].t().contiguous()  # (in, out): the wrong layout
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt: shape mismatch for 'h\.0\.mlp\.c_fc\.weight': "
+                                              r"expected \(32, 128\).*found \(128, 32\)"):
+        numgpt.load(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch, on the garbage file
+def test_nanogpt_errors_name_the_file(tmp_path):
+    torch.save({"model": {}}, tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match=r"a\.pt: not a nanoGPT checkpoint.*'model_args'"):
+        numgpt.load(tmp_path / "a.pt")
+    (tmp_path / "b.pt").write_bytes(b"\x80\x04 definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"b\.pt: not a readable PyTorch checkpoint"):
+        numgpt.load(tmp_path / "b.pt")
+    torch.save({"model": {}, "model_args": dict(n_layer=1, n_head=1, n_embd=8, block_size=8,
+                                                vocab_size=8, n_kv_head=1)}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"c\.pt: model_args has unknown keys \['n_kv_head'\]"):
+        numgpt.load(tmp_path / "c.pt")
+
+
+# ------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numgpt_checkpoint_round_trip_is_bit_identical_with_meta_and_arrays(tmp_path, dtype):
+    model = tiny_numgpt(dtype, dropout=0.1, activation="gelu", layer_norm_epsilon=1e-6)
+    model.tokenizer = ByteTokenizer()
+    arrays = {"adam.m.wte.weight": np.random.default_rng(0).normal(size=(97, 32)).astype(np.float32),
+              "step": np.array(250, dtype=np.int64), "flags": np.array([True, False])}
+    meta = {"step": 250, "losses": [3.5, float("nan")], "train": {"lr": 6e-4}}
+    prefix = checkpoint.save(model, tmp_path / "run" / "ckpt", meta=meta, arrays=arrays)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+    back, meta2, arrays2 = checkpoint.load_checkpoint(prefix)
+    assert same_weights(model, back) and back.config == model.config
+    assert isinstance(back.tokenizer, ByteTokenizer) and back.source["format"] == "numgpt"
+    assert meta2["step"] == 250 and meta2["train"] == {"lr": 6e-4} and np.isnan(meta2["losses"][1])
+    assert set(arrays2) == set(arrays)
+    assert all(arrays2[k].dtype == v.dtype and np.array_equal(arrays2[k], v) for k, v in arrays.items())
+    for path in (prefix, tmp_path / "run" / "ckpt.json", tmp_path / "run" / "ckpt.safetensors"):
+        assert same_weights(model, numgpt.load(path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numgpt_to_hf_to_numgpt_is_bit_identical(tmp_path, dtype):
+    model = tiny_numgpt(dtype, dropout=0.1)
+    checkpoint.export_hf(model, tmp_path / "hf")
+    back = numgpt.load(tmp_path / "hf")
+    assert same_weights(model, back) and back.config == model.config
+
+
+def test_gpt2_tokenizer_travels_through_numgpt_and_hf_formats(tmp_path, gpt2_tokenizer_dir):
+    model = tiny_numgpt()
+    model.tokenizer = GPT2Tokenizer.from_folder(gpt2_tokenizer_dir)
+    checkpoint.export_hf(model, tmp_path / "hf")
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "hf" / name).read_bytes() == (gpt2_tokenizer_dir / name).read_bytes()
+    checkpoint.save(model, tmp_path / "ck")
+    for path in (tmp_path / "hf", tmp_path / "ck"):
+        assert numgpt.load(path).tokenizer.encode("Hello.") == [15496, 13]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("float64", 1e-12)])
+@pytest.mark.parametrize("overrides", [{}, {"activation": "gelu", "layer_norm_epsilon": 1e-6},
+                                       {"bias": False}], ids=["gpt2", "exact-gelu", "no-bias"])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, dtype, tol, overrides):
+    model = tiny_numgpt(dtype, **overrides)
+    for p in model.parameters().values():  # move biases and LayerNorms off 0/1
+        p.data += np.random.default_rng(5).normal(0, 0.1, p.data.shape).astype(p.data.dtype)
+    checkpoint.export_hf(model, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert hf.dtype == {"float32": torch.float32, "float64": torch.float64}[dtype]
+    idx = ids()
+    assert np.max(np.abs(logits(model, idx) - hf_logits(hf, idx))) < tol
+
+
+# --------------------------------------------------------------------- refusals
+
+def test_missing_key_is_named(hf_folder):
+    rewrite_weights(hf_folder, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing 1 parameter.*'h\.1\.mlp\.c_fc\.bias'"):
+        numgpt.load(hf_folder)
+
+
+def test_unexpected_key_is_named(hf_folder):
+    rewrite_weights(hf_folder, lambda t: t.update({"transformer.h.0.attn.q_norm.weight": np.ones(8, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: 1 unexpected key.*'h\.0\.attn\.q_norm\.weight'"):
+        numgpt.load(hf_folder)
+
+
+def test_shape_mismatch_names_key_expected_and_found(hf_folder):
+    key = "transformer.h.1.attn.c_attn.weight"
+    rewrite_weights(hf_folder, lambda t: t.update({key: np.ascontiguousarray(t[key].T)}))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'h\.1\.attn\.c_attn\.weight': "
+                                              r"expected \(32, 96\), found \(96, 32\)"):
+        numgpt.load(hf_folder)
+
+
+def test_truncated_safetensors_is_refused_with_the_file_name(hf_folder, tmp_path):
+    weights = hf_folder / "model.safetensors"
+    data = weights.read_bytes()
+    for cut in (len(data) // 2, 5):
+        weights.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file.*truncated"):
+            numgpt.load(hf_folder)
+    checkpoint.save(tiny_numgpt(), tmp_path / "ck")
+    ours = tmp_path / "ck.safetensors"
+    ours.write_bytes(ours.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"ck\.safetensors: not a readable safetensors file"):
+        numgpt.load(tmp_path / "ck")
+
+
+def test_corrupt_json_is_refused_with_the_file_name(hf_folder, tmp_path):
+    (hf_folder / "config.json").write_text('{"model_type": "gpt2", "n_embd": ')
+    with pytest.raises(CheckpointError, match=r"config\.json: corrupt Hugging Face config, not valid JSON"):
+        numgpt.load(hf_folder)
+    checkpoint.save(tiny_numgpt(), tmp_path / "ck")
+    (tmp_path / "ck.json").write_text("[1, 2")
+    with pytest.raises(CheckpointError, match=r"ck\.json: corrupt numgpt checkpoint config"):
+        numgpt.load(tmp_path / "ck")
+
+
+def test_non_gpt2_architecture_is_refused_by_name(hf_folder):
+    edit_json(hf_folder / "config.json", model_type="llama", architectures=["LlamaForCausalLM"])
+    with pytest.raises(CheckpointError, match=r"model_type 'llama', architectures \['LlamaForCausalLM'\].*GPT-2 only"):
+        numgpt.load(hf_folder)
+    edit_json(hf_folder / "config.json", model_type="gpt2", architectures=["GPT2LMHeadModel"],
+              scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
+        numgpt.load(hf_folder)
+
+
+def test_untied_lm_head_is_refused(hf_folder):
+    def untie(t):
+        t["lm_head.weight"] = t["transformer.wte.weight"] + np.float32(0.01)
+    rewrite_weights(hf_folder, untie)
+    with pytest.raises(CheckpointError, match=r"'lm_head\.weight' differs from 'wte\.weight' \(max abs diff 0\.01\)"):
+        numgpt.load(hf_folder)
+
+
+def test_unknown_activation_is_refused_by_name(hf_folder):
+    edit_json(hf_folder / "config.json", activation_function="relu")
+    with pytest.raises(CheckpointError, match=r"config\.json: activation_function 'relu' is not supported"):
+        numgpt.load(hf_folder)
+
+
+def test_missing_paths_and_wrong_formats_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no checkpoint at '.*nowhere'"):
+        numgpt.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty' holds no checkpoint: expected config\.json"):
+        numgpt.load(tmp_path / "empty")
+    (tmp_path / "other.json").write_text('{"format": "keras", "version": 1}')
+    with pytest.raises(CheckpointError, match=r"other\.json: 'format' is 'keras'"):
+        numgpt.load(tmp_path / "other.json")
+    checkpoint.save(tiny_numgpt(), tmp_path / "ck")
+    edit_json(tmp_path / "ck.json", version=99)
+    with pytest.raises(CheckpointError, match=r"format version 99, this numgpt reads version 1"):
+        numgpt.load(tmp_path / "ck")
+    edit_json(tmp_path / "ck.json", version=1)
+    (tmp_path / "ck.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing weights file '.*ck\.safetensors'"):
+        numgpt.load(tmp_path / "ck")
+    torch.save({"model": {}}, tmp_path / "n.pt")
+    with pytest.raises(CheckpointError, match="is a nanogpt checkpoint; load_checkpoint reads numgpt"):
+        checkpoint.load_checkpoint(tmp_path / "n.pt")
+    with pytest.raises(CheckpointError, match="meta must be JSON-serialisable"):
+        checkpoint.save(tiny_numgpt(), tmp_path / "x", meta={"bad": object()})
+
+
+def test_missing_recorded_tokenizer_is_a_note_not_a_failure(tmp_path, gpt2_tokenizer_dir):
+    import shutil
+
+    folder = Path(shutil.copytree(gpt2_tokenizer_dir, tmp_path / "tok"))
+    model = tiny_numgpt()
+    model.tokenizer = GPT2Tokenizer.from_folder(folder)
+    checkpoint.save(model, tmp_path / "ck")
+    shutil.rmtree(folder)
+    back = numgpt.load(tmp_path / "ck")
+    assert back.tokenizer is None and "could not be loaded" in back.source["notes"][0]
+    assert same_weights(model, back)
+
+
+# ----------------------------------------------------------------- atomic writes
+
+def _no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    old = tiny_numgpt(seed=1)
+    checkpoint.save(old, tmp_path / "ck", meta={"step": 1})
+    new = tiny_numgpt(seed=2)
+
+    def half_then_crash(tensors, path, metadata):  # the disk fills up mid-write
+        path.write_bytes(b"\x00" * 1000)
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "_save_safetensors", half_then_crash)
+        with pytest.raises(OSError, match="No space"):
+            checkpoint.save(new, tmp_path / "ck", meta={"step": 2})
+
+    def json_crash(text):
+        def write(path):
+            path.write_text(text[:10])
+            raise KeyboardInterrupt
+        return write
+
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "_write_text", json_crash)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save(new, tmp_path / "ck", meta={"step": 2})
+    back, meta, _ = checkpoint.load_checkpoint(tmp_path / "ck")
+    assert same_weights(old, back) and meta == {"step": 1}
+    assert _no_temp_files(tmp_path)
+    checkpoint.save(new, tmp_path / "ck", meta={"step": 2})  # and a clean save replaces it
+    assert same_weights(new, numgpt.load(tmp_path / "ck"))
+
+
+def test_crash_between_the_two_renames_is_detected_not_mixed(tmp_path, monkeypatch):
+    checkpoint.save(tiny_numgpt(seed=1), tmp_path / "ck")
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the weights were renamed, before the JSON
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tiny_numgpt(seed=2), tmp_path / "ck")
+    monkeypatch.undo()
+    assert _no_temp_files(tmp_path)
+    with pytest.raises(CheckpointError, match=r"ck\.safetensors \(save_id .*ck\.json \(save_id .*different saves"):
+        numgpt.load(tmp_path / "ck")
+
+
+def test_interrupted_export_leaves_the_previous_hf_folder_intact(tmp_path, monkeypatch):
+    old = tiny_numgpt(seed=1)
+    checkpoint.export_hf(old, tmp_path)
+    monkeypatch.setattr(checkpoint, "_save_safetensors",
+                        lambda t, p, m: (p.write_bytes(b"partial"), (_ for _ in ()).throw(OSError("I/O error"))))
+    with pytest.raises(OSError, match="I/O error"):
+        checkpoint.export_hf(tiny_numgpt(seed=2), tmp_path)
+    monkeypatch.undo()
+    assert same_weights(old, numgpt.load(tmp_path)) and _no_temp_files(tmp_path)
+
+
+# -------------------------------------------------------------------------- CLI
+
+def test_cli_convert_hf_to_numgpt_and_back_and_info(hf_folder, tmp_path, capsys):
+    src = numgpt.load(hf_folder)
+    assert main(["convert", str(hf_folder), str(tmp_path / "ck")]) == 0
+    assert "wrote numgpt checkpoint" in capsys.readouterr().out
+    assert same_weights(src, numgpt.load(tmp_path / "ck"))
+    assert main(["convert", str(tmp_path / "ck.json"), str(tmp_path / "hf2") + "/"]) == 0
+    assert "wrote Hugging Face folder" in capsys.readouterr().out
+    assert same_weights(src, numgpt.load(tmp_path / "hf2"))
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "hf2"), "--dtype", "float64"]) == 0
+    capsys.readouterr()  # an existing folder means HF format
+    assert numgpt.load(tmp_path / "hf2").wte.weight.data.dtype == np.float64
+
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "format      numgpt" in out and f"parameters  {src.num_parameters():,}" in out
+    assert "dtype       float32" in out and "n_layer=2" in out and "tokenizer   none" in out
+    assert main(["info", str(hf_folder), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["format"], d["parameters"], d["dtype"], d["tokenizer"]) == ("hf", src.num_parameters(), "float32", None)
+
+
+def test_cli_convert_refuses_a_folder_as_numgpt_prefix_and_reports_errors(tmp_path, capsys):
+    checkpoint.save(tiny_numgpt(), tmp_path / "ck")
+    (tmp_path / "dir").mkdir()
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "dir"), "--format", "numgpt"]) == 2
+    assert "is a folder; a numgpt checkpoint is a file prefix" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("numgpt: error: no checkpoint at") and "Traceback" not in err
+
+
+def test_cli_tokenize_encodes_and_decodes_with_the_models_tokenizer(tmp_path, capsys, gpt2_tokenizer_dir, monkeypatch):
+    model = tiny_numgpt()
+    model.tokenizer = GPT2Tokenizer.from_folder(gpt2_tokenizer_dir)
+    checkpoint.export_hf(model, tmp_path / "hf")
+    checkpoint.save(model, tmp_path / "ck")
+    for path in (tmp_path / "hf", tmp_path / "ck"):
+        assert main(["tokenize", "--model", str(path), "Hello."]) == 0
+        assert json.loads(capsys.readouterr().out) == [15496, 13]
+    for given in (["[15496, 13]"], ["15496 13"], ["15496", "13"]):
+        assert main(["tokenize", "--model", str(tmp_path / "hf"), "--decode", *given]) == 0
+        assert capsys.readouterr().out == "Hello.\n"
+    assert main(["tokenize", "--model", str(tmp_path / "ck"), "--allow-special", "a<|endoftext|>"]) == 0
+    assert json.loads(capsys.readouterr().out) == [64, 50256]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello."))
+    assert main(["tokenize", "--tokenizer", str(gpt2_tokenizer_dir)]) == 0
+    assert json.loads(capsys.readouterr().out) == [15496, 13]
+
+
+def test_cli_tokenize_bytes_and_its_errors(tmp_path, capsys):
+    assert main(["tokenize", "--tokenizer", "bytes", "hé"]) == 0
+    assert json.loads(capsys.readouterr().out) == [104, 195, 169]
+    assert main(["tokenize", "--tokenizer", "bytes", "--decode", "104,195,169"]) == 0
+    assert capsys.readouterr().out == "hé\n"
+    assert main(["tokenize", "--tokenizer", "bytes", "--decode", "104 x"]) == 2
+    assert "token id 'x' is not an integer" in capsys.readouterr().err
+    checkpoint.save(tiny_numgpt(), tmp_path / "ck")  # no tokenizer recorded
+    assert main(["tokenize", "--model", str(tmp_path / "ck"), "hi"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
