@@ -217,9 +217,85 @@ def _run_serve(args) -> int:
     return server.serve(config, host=args.host, port=args.port, log_level=args.log_level)
 
 
+# ------------------------------------------------------------------ trace, trace-compare
+
+def _add_trace(sub) -> None:
+    p = sub.add_parser("trace", help="record the 12 validation checkpoints of a greedy run to .npz")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="PATH",
+                     help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
+    src.add_argument("--reference-hf", metavar="FOLDER",
+                     help="record with transformers instead (the reference engine; needs "
+                          "pip install 'numgpt[reference]')")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="prompt text, encoded with the model's tokenizer")
+    text.add_argument("--ids", help="prompt token ids, e.g. '15496 13' or '[15496, 13]'")
+    p.add_argument("-n", "--steps", dest="n_steps", type=int, default=10,
+                   help="greedy tokens to generate, one recorded pass each (default 10)")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="compute dtype (default float32, what the tolerances are for)")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the recording")
+    p.set_defaults(run=_run_trace)
+
+
+def _trace_tokenizer(args):
+    """--tokenizer, else the one stored with the model (None when it has none)."""
+    from . import checkpoint, tokenizer
+
+    if args.tokenizer is not None:
+        return tokenizer.load_tokenizer(args.tokenizer)
+    return checkpoint.find_tokenizer(args.model or args.reference_hf)[0]
+
+
+def _run_trace(args) -> int:
+    from . import checkpoint, trace
+
+    tok = _trace_tokenizer(args)
+    if args.ids is not None:
+        ids = _parse_ids(args.ids)
+    elif tok is None:
+        raise InputError(f"{args.model or args.reference_hf} has no tokenizer to encode --prompt; "
+                         f"pass --ids, or --tokenizer bytes / --tokenizer FOLDER")
+    else:
+        ids = tok.encode(args.prompt)
+    if args.reference_hf is not None:
+        from . import reference
+
+        hf = reference.load_hf(args.reference_hf, args.dtype)
+        recording = reference.record_transformers(hf, ids, args.n_steps, tok)
+    else:
+        recording = trace.record(checkpoint.load(args.model, dtype=args.dtype), ids, args.n_steps, tok)
+    trace.save_trace(args.out, recording)
+    print(f"{trace.describe(recording)}\nwritten to {args.out}")
+    return 0
+
+
+def _add_trace_compare(sub) -> None:
+    p = sub.add_parser("trace-compare", help="compare two trace recordings checkpoint by checkpoint; "
+                                             "exit 1 on any FAIL, naming the first")
+    p.add_argument("a", metavar="A.npz")
+    p.add_argument("b", metavar="B.npz")
+    p.add_argument("--out", default=None, metavar="FILE.md", help="also write the table as Markdown")
+    p.set_defaults(run=_run_trace_compare)
+
+
+def _run_trace_compare(args) -> int:
+    from . import trace
+
+    a, b = trace.load_trace(args.a), trace.load_trace(args.b)
+    rows = trace.compare(a, b)
+    print(f"A: {trace.describe(a)}\nB: {trace.describe(b)}\n\n{trace.format_table(rows)}\n")
+    print(trace.summary(rows))
+    if args.out:
+        trace.write_report(args.out, rows, a, b, heading=f"Trace comparison: {args.a} vs {args.b}")
+    return 0 if trace.passed(rows) else 1
+
+
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve]
+_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve, _add_trace, _add_trace_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:
