@@ -293,9 +293,150 @@ def _run_trace_compare(args) -> int:
     return 0 if trace.passed(rows) else 1
 
 
+# ------------------------------------------------------------------ generate, eval
+
+def _load_for_use(path: str, dtype: str | None, tokenizer_spec: str | None):
+    """The model at ``path`` with a usable tokenizer (``--tokenizer`` overrides the stored one)."""
+    from . import checkpoint, tokenizer
+
+    model = checkpoint.load(path, dtype=dtype)
+    if tokenizer_spec is not None:
+        model.tokenizer = tokenizer.load_tokenizer(tokenizer_spec)
+    if model.tokenizer is None:
+        raise InputError(f"{path} has no tokenizer; pass --tokenizer bytes or --tokenizer FOLDER "
+                         f"(a folder with vocab.json + merges.txt)")
+    return model
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="compute dtype (default: the stored one)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed as it is produced")
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True, help="the text to continue ('<|endoftext|>' is the special token)")
+    p.add_argument("-n", "--max-new-tokens", dest="max_new_tokens", type=int, default=100,
+                   help="tokens to generate per sample (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same tokens")
+    p.add_argument("--ascii-only", action="store_true",
+                   help="only draw tokens made of printable ASCII and newline")
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                   help="end a sample at this text, not printed (newlines: --stop $'\\n\\n' in bash)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="M", help="independent samples (default 1)")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens kept when the context passes block_size (default block_size // 2)")
+    p.add_argument("--no-eot", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per sample: prompt_ids, generated_ids, text")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import codecs
+    import json
+    import warnings
+
+    from . import sample
+
+    if args.num_samples < 1:
+        raise InputError(f"--num-samples must be >= 1, got {args.num_samples}")
+    params = sample.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   ascii_only=args.ascii_only, seed=args.seed)
+    model = _load_for_use(args.model, args.dtype, args.tokenizer)
+    tok = model.tokenizer
+    prompt = sample.check_prompt(model, tok.encode(args.prompt, allow_special=True))
+    opts = dict(stop=args.stop, stop_at_eot=not args.no_eot, tokenizer=tok, window=args.window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", sample.ContextSlideWarning)
+        warnings.showwarning = lambda message, *_a, **_k: print(f"\nnumgpt: note: {message}", file=sys.stderr)
+        if args.json:
+            outs = sample.generate_batch(model, [prompt] * args.num_samples, args.max_new_tokens,
+                                         params, **opts)
+            for ids in outs:
+                print(json.dumps({"prompt_ids": prompt, "generated_ids": ids, "text": tok.decode(ids)}))
+            return 0
+        for j in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"{'' if j == 0 else chr(10)}---------- sample {j + 1} of {args.num_samples} ----------")
+            sys.stdout.write(tok.decode(prompt))
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # UTF-8 split over tokens
+            for token in sample.stream(model, prompt, args.max_new_tokens, params, **opts,
+                                       rng=sample.sample_rng(args.seed, j)):
+                sys.stdout.write(decoder.decode(tok.token_bytes(token)))
+                sys.stdout.flush()
+            print(decoder.decode(b"", final=True))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a text file and/or LAMBADA last-word accuracy")
+    _add_model_flags(p)
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text file scored as one token stream")
+    p.add_argument("--lambada", metavar="FILE", help='JSONL file of {"text": ...} examples')
+    p.add_argument("--stride", type=int, default=None, help="window advance (default block_size // 2)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="use only the first N tokens of --text (N - 1 are scored)")
+    p.add_argument("--max-examples", type=int, default=None, metavar="N",
+                   help="use only the first N LAMBADA examples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true",
+                   help='print {"text": {tokens, nll, perplexity}, "lambada": {..., examples, accuracy}}')
+    p.set_defaults(run=_run_eval)
+
+
+def _read_text_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"text file {path!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"text file {path!r} is not UTF-8 ({e})") from None
+
+
+def _run_eval(args) -> int:
+    import json
+
+    from . import evaluate
+
+    if args.text is None and args.lambada is None:
+        raise InputError("nothing to evaluate: pass --text FILE and/or --lambada FILE")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise InputError(f"--max-examples must be >= 1, got {args.max_examples}")
+    model = _load_for_use(args.model, args.dtype, args.tokenizer)
+    results = {}
+    if args.text is not None:
+        ids = model.tokenizer.encode(_read_text_file(args.text))
+        results["text"] = evaluate.perplexity(model, ids, stride=args.stride, max_tokens=args.max_tokens,
+                                              progress=not args.no_progress)
+    if args.lambada is not None:
+        examples = evaluate.load_lambada_jsonl(args.lambada)[:args.max_examples]
+        results["lambada"] = evaluate.lambada(model, examples, model.tokenizer,
+                                              progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    if "text" in results:
+        r = results["text"]
+        print(f"text     {r['tokens']:,} tokens scored  nll {r['nll']:.6f}  perplexity {r['perplexity']:.4f}")
+    if "lambada" in results:
+        r = results["lambada"]
+        print(f"lambada  {r['examples']:,} examples ({r['tokens']:,} target tokens)  nll {r['nll']:.6f}  "
+              f"perplexity {r['perplexity']:.4f}  accuracy {100 * r['accuracy']:.2f}%")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve, _add_trace, _add_trace_compare]
+_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve, _add_trace, _add_trace_compare, _add_generate, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

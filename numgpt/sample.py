@@ -371,7 +371,10 @@ class StopMatcher:
         self.stopped = False
 
     def push(self, token: int) -> list[int]:
-        """Add one generated token; return the tokens that are now safe to emit."""
+        """Add one generated token; return the tokens that are now safe to emit (none once
+        a stop string has been seen)."""
+        if self.stopped:
+            return []
         if not self.stops:
             return [token]
         start = max(0, len(self.text) - max(map(len, self.stops)) + 1)
