@@ -405,3 +405,17 @@ def test_numgpt_does_not_import_torch():
     code = ("import sys, numgpt.trace, numgpt.reference, numgpt.cli; "
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_reference_recorder_switches_sdpa_to_eager_and_back(tiny, tiny_traces):
+    hf, _, _ = tiny
+    _, ref = tiny_traces
+    hf.set_attn_implementation("sdpa")
+    hf.train()
+    try:
+        again = record_transformers(hf, ref["meta/prompt_ids"].tolist(), 6)
+        assert hf.config._attn_implementation == "sdpa" and hf.training
+    finally:
+        hf.set_attn_implementation("eager")
+        hf.eval()
+    assert trace.passed(trace.compare(ref, again))
