@@ -196,14 +196,29 @@ def _add_serve(sub) -> None:
     p.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the model path's last part)")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="BLAS threads for the model (default: the BLAS library's choice); "
+                        "1 is fastest on a machine whose cores are busy with other work")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=_run_serve)
+
+
+def _set_blas_threads(n: int) -> None:
+    """BLAS reads its thread count when NumPy loads, so this must run before that."""
+    import os
+
+    if "numpy" in sys.modules:
+        print("numgpt: warning: NumPy is already loaded; --threads has no effect", file=sys.stderr)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
 
 
 def _run_serve(args) -> int:
     import logging
     import os
 
+    if args.threads is not None:
+        _set_blas_threads(args.threads)
     from . import server
     from .checkpoint import detect_format
 
@@ -215,82 +230,6 @@ def _run_serve(args) -> int:
         max_batch=args.max_batch, max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
     return server.serve(config, host=args.host, port=args.port, log_level=args.log_level)
-
-
-# ------------------------------------------------------------------ trace, trace-compare
-
-def _add_trace(sub) -> None:
-    p = sub.add_parser("trace", help="record the 12 validation checkpoints of a greedy run to .npz")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="PATH",
-                     help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
-    src.add_argument("--reference-hf", metavar="FOLDER",
-                     help="record with transformers instead (the reference engine; needs "
-                          "pip install 'numgpt[reference]')")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", help="prompt text, encoded with the model's tokenizer")
-    text.add_argument("--ids", help="prompt token ids, e.g. '15496 13' or '[15496, 13]'")
-    p.add_argument("-n", "--steps", dest="n_steps", type=int, default=10,
-                   help="greedy tokens to generate, one recorded pass each (default 10)")
-    p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="compute dtype (default float32, what the tolerances are for)")
-    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the recording")
-    p.set_defaults(run=_run_trace)
-
-
-def _trace_tokenizer(args):
-    """--tokenizer, else the one stored with the model (None when it has none)."""
-    from . import checkpoint, tokenizer
-
-    if args.tokenizer is not None:
-        return tokenizer.load_tokenizer(args.tokenizer)
-    return checkpoint.find_tokenizer(args.model or args.reference_hf)[0]
-
-
-def _run_trace(args) -> int:
-    from . import checkpoint, trace
-
-    tok = _trace_tokenizer(args)
-    if args.ids is not None:
-        ids = _parse_ids(args.ids)
-    elif tok is None:
-        raise InputError(f"{args.model or args.reference_hf} has no tokenizer to encode --prompt; "
-                         f"pass --ids, or --tokenizer bytes / --tokenizer FOLDER")
-    else:
-        ids = tok.encode(args.prompt)
-    if args.reference_hf is not None:
-        from . import reference
-
-        hf = reference.load_hf(args.reference_hf, args.dtype)
-        recording = reference.record_transformers(hf, ids, args.n_steps, tok)
-    else:
-        recording = trace.record(checkpoint.load(args.model, dtype=args.dtype), ids, args.n_steps, tok)
-    trace.save_trace(args.out, recording)
-    print(f"{trace.describe(recording)}\nwritten to {args.out}")
-    return 0
-
-
-def _add_trace_compare(sub) -> None:
-    p = sub.add_parser("trace-compare", help="compare two trace recordings checkpoint by checkpoint; "
-                                             "exit 1 on any FAIL, naming the first")
-    p.add_argument("a", metavar="A.npz")
-    p.add_argument("b", metavar="B.npz")
-    p.add_argument("--out", default=None, metavar="FILE.md", help="also write the table as Markdown")
-    p.set_defaults(run=_run_trace_compare)
-
-
-def _run_trace_compare(args) -> int:
-    from . import trace
-
-    a, b = trace.load_trace(args.a), trace.load_trace(args.b)
-    rows = trace.compare(a, b)
-    print(f"A: {trace.describe(a)}\nB: {trace.describe(b)}\n\n{trace.format_table(rows)}\n")
-    print(trace.summary(rows))
-    if args.out:
-        trace.write_report(args.out, rows, a, b, heading=f"Trace comparison: {args.a} vs {args.b}")
-    return 0 if trace.passed(rows) else 1
 
 
 # ------------------------------------------------------------------ generate, eval
@@ -434,9 +373,214 @@ def _run_eval(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ trace, trace-compare
+
+def _add_trace(sub) -> None:
+    p = sub.add_parser("trace", help="record the 12 validation checkpoints of a greedy run to .npz")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="PATH",
+                     help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
+    src.add_argument("--reference-hf", metavar="FOLDER",
+                     help="record with transformers instead (the reference engine; needs "
+                          "pip install 'numgpt[reference]')")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="prompt text, encoded with the model's tokenizer")
+    text.add_argument("--ids", help="prompt token ids, e.g. '15496 13' or '[15496, 13]'")
+    p.add_argument("-n", "--steps", dest="n_steps", type=int, default=10,
+                   help="greedy tokens to generate, one recorded pass each (default 10)")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="compute dtype (default float32, what the tolerances are for)")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the recording")
+    p.set_defaults(run=_run_trace)
+
+
+def _trace_tokenizer(args):
+    """--tokenizer, else the one stored with the model (None when it has none)."""
+    from . import checkpoint, tokenizer
+
+    if args.tokenizer is not None:
+        return tokenizer.load_tokenizer(args.tokenizer)
+    return checkpoint.find_tokenizer(args.model or args.reference_hf)[0]
+
+
+def _run_trace(args) -> int:
+    from . import checkpoint, trace
+
+    tok = _trace_tokenizer(args)
+    if args.ids is not None:
+        ids = _parse_ids(args.ids)
+    elif tok is None:
+        raise InputError(f"{args.model or args.reference_hf} has no tokenizer to encode --prompt; "
+                         f"pass --ids, or --tokenizer bytes / --tokenizer FOLDER")
+    else:
+        ids = tok.encode(args.prompt)
+    if args.reference_hf is not None:
+        from . import reference
+
+        hf = reference.load_hf(args.reference_hf, args.dtype)
+        recording = reference.record_transformers(hf, ids, args.n_steps, tok)
+    else:
+        recording = trace.record(checkpoint.load(args.model, dtype=args.dtype), ids, args.n_steps, tok)
+    trace.save_trace(args.out, recording)
+    print(f"{trace.describe(recording)}\nwritten to {args.out}")
+    return 0
+
+
+def _add_trace_compare(sub) -> None:
+    p = sub.add_parser("trace-compare", help="compare two trace recordings checkpoint by checkpoint; "
+                                             "exit 1 on any FAIL, naming the first")
+    p.add_argument("a", metavar="A.npz")
+    p.add_argument("b", metavar="B.npz")
+    p.add_argument("--out", default=None, metavar="FILE.md", help="also write the table as Markdown")
+    p.set_defaults(run=_run_trace_compare)
+
+
+def _run_trace_compare(args) -> int:
+    from . import trace
+
+    a, b = trace.load_trace(args.a), trace.load_trace(args.b)
+    rows = trace.compare(a, b)
+    print(f"A: {trace.describe(a)}\nB: {trace.describe(b)}\n\n{trace.format_table(rows)}\n")
+    print(trace.summary(rows))
+    if args.out:
+        trace.write_report(args.out, rows, a, b, heading=f"Trace comparison: {args.a} vs {args.b}")
+    return 0 if trace.passed(rows) else 1
+
+
+# ------------------------------------------------------------ prepare, train, plot, sanity
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize text files into train.bin/val.bin + meta.json for training")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, concatenated in order")
+    p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
+                   help="'bytes' (default), a folder with vocab.json + merges.txt, or a model whose tokenizer to use")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens kept for validation (default 0.1)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="refuse splits too small for one window of this context length")
+    p.set_defaults(run=_run_prepare)
+
+
+def _prepare_tokenizer(spec: str):
+    """'bytes', a BPE folder, or any model path whose tokenizer ``find_tokenizer`` can read."""
+    from . import checkpoint, tokenizer
+
+    try:
+        return tokenizer.load_tokenizer(spec)
+    except NumGPTError as first:
+        try:
+            tok, notes = checkpoint.find_tokenizer(spec)
+        except NumGPTError:
+            raise first from None
+        if tok is None:
+            raise InputError(f"{spec} carries no tokenizer ({'; '.join(notes)}); pass --tokenizer "
+                             f"bytes or a folder with vocab.json + merges.txt") from None
+        return tok
+
+
+def _run_prepare(args) -> int:
+    from . import data
+
+    meta = data.prepare(args.input, _prepare_tokenizer(args.tokenizer), args.out, args.val_fraction,
+                        block_size=args.block_size)
+    s = meta["splits"]
+    print(f"wrote {args.out}: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens "
+          f"({meta['dtype']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']['type']})")
+    return 0
+
+
+def _add_train(sub) -> None:
+    from .config import config_fields
+
+    p = sub.add_parser("train", help="train a GPT (no flags: a byte-level model on the Python docs, a few minutes)",
+                       description="Train from scratch, fine-tune (--init) or continue (--resume). Every key "
+                                   "of the training config is a flag; a TOML file (--config) sets many at "
+                                   "once and flags override it.")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="flat TOML file of config keys")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        shown = "unset" if f.default is None else f.default
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.help} (default: {shown})")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            p.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), **kwargs)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from . import train as training
+    from .config import TrainConfig, config_fields
+
+    flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+    cfg = TrainConfig.from_sources(args.config, flags)
+    if cfg.resume:  # the run's saved config, then the file, then the flags
+        cfg = training.resume_config(cfg.out, flags, args.config)
+    if cfg.data is None and not cfg.resume and not args.quiet:
+        print("numgpt: no --data given: training a byte-level model on the Python docs (pydoc_data)",
+              file=sys.stderr)
+    result = training.train(cfg, progress=not args.quiet)
+    best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+    print(f"trained {result.step} steps into {result.out}: checkpoints latest, best (val loss {best}), "
+          f"log.jsonl" + (f", {len(result.plots)} plots" if result.plots else ""))
+    if result.sample is not None:
+        print("--- sample ---")
+        print(result.sample)
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="write the PNG plots of a training run from its log.jsonl")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `numgpt train`")
+    p.add_argument("--out", default=None, metavar="DIR", help="write the PNGs here (default RUN_DIR)")
+    p.set_defaults(run=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from .plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def _add_sanity(sub) -> None:
+    p = sub.add_parser("sanity", help="next-token checks: expected vs predicted tokens on real data")
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="UTF-8 text file, a .bin from `numgpt prepare` (meta.json beside it), or a prepared folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--next-from-data", type=int, metavar="N", help="check N random positions")
+    what.add_argument("--offset", type=int, metavar="OFF", help="check the token at this position")
+    p.add_argument("--ctx", type=int, default=None, metavar="T",
+                   help="context tokens before each position (default: the model's block_size, at most 256)")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="most probable tokens shown (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled positions (default 0)")
+    p.add_argument("--preview", type=int, default=12, metavar="N", help="context tokens shown (default 12)")
+    p.set_defaults(run=_run_sanity)
+
+
+def _run_sanity(args) -> int:
+    from . import sanity
+
+    model = _load_for_use(args.model, args.dtype, args.tokenizer)
+    tokens = sanity.load_tokens(args.data, model.tokenizer)
+    if args.offset is not None:
+        row = sanity.check_offset(model, tokens, args.offset, ctx=args.ctx, top=args.top)
+        print(sanity.format_row(row, model.tokenizer, args.preview))
+        return 0
+    report = sanity.next_token_checks(model, tokens, args.next_from_data, ctx=args.ctx, top=args.top,
+                                      seed=args.seed)
+    print(sanity.format_report(report, model.tokenizer, args.preview))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve, _add_trace, _add_trace_compare, _add_generate, _add_eval]
+_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_prepare, _add_train, _add_plot, _add_sanity]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,9 +7,9 @@ HTTP and is tested without it.
 One scheduler iteration (``Engine.step``)::
 
     drop cancelled sequences (free their slots)
-    admit queued sequences into free slots: prefill each prompt into its slot
-        (identical prompts admitted together are prefilled once and the cache rows copied)
-        and choose its first token from the prompt's last logits
+    admit queued sequences into free slots: prefill the prompts into their slots (prompts
+        of equal length in one forward call; an identical prompt is computed once and its
+        cache rows copied) and choose each first token from its prompt's last logits
     one batched decode step: feed every active slot's newest token at its own position,
         logits (A, V) -> each row's next token with its own params and generator
 
@@ -155,7 +155,8 @@ class EngineMetrics:
             "Time between a sequence's tokens: the decode step that produced each token.",
             [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))
         self.prefill_time = r.add(Histogram(
-            "numgpt_prefill_seconds", "Time to prefill one prompt.",
+            "numgpt_prefill_seconds",
+            "Time of one prefill call (the prompts of one length admitted together).",
             [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30]))
 
 
@@ -299,48 +300,87 @@ class Engine:
                 self._finish(r, "cancelled")
 
     def _admit(self) -> None:
-        """Move queued sequences into free slots; prefill each distinct prompt once."""
-        prefilled: dict[tuple[int, ...], tuple[Request, np.ndarray]] = {}
-        while None in self._slots:
-            with self._cv:
-                if not self._queue:
-                    break
-                r = self._queue.popleft()
-                self.metrics.queue_depth.set(len(self._queue))
-            slot = self._slots.index(None)
-            r.slot, self._slots[slot] = slot, r
+        """Move queued sequences into free slots, prefill them, choose their first tokens."""
+        admitted = self._take_free_slots()
+        if not admitted:
+            return
+        logits, failed = self._prefill_all(admitted)
+        for r in admitted:
             try:
-                logits = self._prefill(r, slot, prefilled)
+                if r in failed:
+                    raise failed[r]
                 self._start(r)
-                self._choose(r, logits)
+                self._choose(r, logits[r])
             except Exception as e:  # a bad sequence fails alone, the batch goes on
-                log.exception("prefill failed")
+                log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
 
-    def _prefill(self, r: Request, slot: int, prefilled: dict) -> np.ndarray:
-        """Fill ``slot`` with the prompt's keys/values; return the logits after it (V,)."""
-        key = tuple(r.prompt_ids)
-        T = len(key)
+    def _take_free_slots(self) -> list[Request]:
+        """Pop queued sequences into the free slots (lowest slot first)."""
+        taken = []
+        with self._cv:
+            while self._queue and None in self._slots:
+                r = self._queue.popleft()
+                slot = self._slots.index(None)
+                r.slot, self._slots[slot] = slot, r
+                taken.append(r)
+            self.metrics.queue_depth.set(len(self._queue))
+        return taken
+
+    def _prefill_all(self, admitted: list[Request]) -> tuple[dict, dict]:
+        """Fill the admitted sequences' slots with their prompts.
+
+        Distinct prompts of equal length go through the model together, one forward call
+        per length (each weight matrix is read once for all of them); a prompt equal to
+        another one admitted now is not recomputed, its cache rows are copied. A sequence
+        that wants prompt logprobs is prefilled alone, with the logits of every position.
+        Returns ({request: logits after its prompt (V,)}, {request: exception}).
+        """
+        logits: dict[Request, np.ndarray] = {}
+        failed: dict[Request, Exception] = {}
+        first: dict[tuple[int, ...], Request] = {}
+        by_length: dict[int, list[Request]] = {}
+        for r in admitted:
+            if r.prompt_logprobs:
+                self._run_prefill([r], logits, failed)
+            elif first.setdefault(tuple(r.prompt_ids), r) is r:
+                by_length.setdefault(len(r.prompt_ids), []).append(r)
+        for group in by_length.values():
+            self._run_prefill(group, logits, failed)
+        for r in admitted:
+            src = first.get(tuple(r.prompt_ids))
+            if r in logits or r in failed or src is None:
+                continue
+            if src in failed:
+                failed[r] = failed[src]
+                continue
+            T = len(r.prompt_ids)  # nothing is decoded during admission: src holds just the prompt
+            self.cache.k[:, r.slot, :, :T] = self.cache.k[:, src.slot, :, :T]  # (L, nh, T, hs)
+            self.cache.v[:, r.slot, :, :T] = self.cache.v[:, src.slot, :, :T]
+            self.cache.lengths[r.slot] = T
+            logits[r] = logits[src]
+        return logits, failed
+
+    def _run_prefill(self, group: list[Request], logits: dict, failed: dict) -> None:
+        """One forward call over prompts of one length, each in its own slot."""
         t0 = time.perf_counter()
-        src_req, logits = prefilled.get(key, (None, None))
-        if src_req is not None and self._slots[src_req.slot] is src_req and not r.prompt_logprobs:
-            # the same prompt was prefilled this step and its slot still holds exactly the
-            # prompt (nothing is decoded during admission): copy its cache rows
-            src = src_req.slot
-            self.cache.k[:, slot, :, :T] = self.cache.k[:, src, :, :T]  # (L, nh, T, hs)
-            self.cache.v[:, slot, :, :T] = self.cache.v[:, src, :, :T]
-            self.cache.lengths[slot] = T
-            return logits
-        self.cache.reset([slot])
-        ids = np.asarray([r.prompt_ids], dtype=np.int64)  # (1, T)
-        out = self.model.forward_cached(ids, self.cache, rows=[slot], all_logits=r.prompt_logprobs)
-        logits = out[0, -1] if r.prompt_logprobs else out[0]  # (V,)
-        if r.prompt_logprobs:
-            self._emit_prompt_logprobs(r, out[0])
-        prefilled[key] = (r, logits)
-        self.metrics.prompt_tokens.inc(T)
+        rows = np.asarray([r.slot for r in group], dtype=np.int64)  # (G,)
+        every = group[0].prompt_logprobs  # only ever a group of one
+        try:
+            self.cache.reset(rows)
+            ids = np.asarray([r.prompt_ids for r in group], dtype=np.int64)  # (G, T)
+            out = self.model.forward_cached(ids, self.cache, rows=rows, all_logits=every)
+        except Exception as e:
+            for r in group:
+                failed[r] = e
+            return
+        if every:
+            self._emit_prompt_logprobs(group[0], out[0])  # (T, V)
+            out = out[:, -1]  # (G, V)
+        for r, row in zip(group, out):
+            logits[r] = row
+        self.metrics.prompt_tokens.inc(ids.size)
         self.metrics.prefill_time.observe(time.perf_counter() - t0)
-        return logits
 
     def _emit_prompt_logprobs(self, r: Request, logits: np.ndarray) -> None:
         """logits (T, V): row t predicts prompt token t + 1."""

@@ -275,6 +275,20 @@ def test_identical_prompts_share_one_prefill(model):
     assert made[0][1].tokens != made[1][1].tokens
 
 
+def test_prompts_of_one_length_are_prefilled_in_one_call(model):
+    spy = RowsSpy(model)
+    engine = Engine(spy, max_batch=4)
+    texts = ["abcd", "wxyz", "a longer one", "1234"]
+    made = [make(t, 5) for t in texts]
+    engine.submit([r for r, _ in made])
+    engine.step()
+    prefills = sorted(c for c in spy.calls if c[1] > 1)
+    assert prefills == [([0, 1, 3], 4), ([2], 12)]
+    run_until_idle(engine)
+    for text, (_, rec) in zip(texts, made):
+        assert rec.tokens == generate(model, list(text.encode()), 5, GREEDY)
+
+
 # ------------------------------------------------------------------------- logprobs
 
 

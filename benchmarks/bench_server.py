@@ -1,0 +1,234 @@
+"""Serving throughput: aggregate generated tokens/s at 1, 4 and 16 concurrent streaming clients.
+
+Starts the real ``numgpt serve`` in a subprocess on a free loopback port for each model
+(random weights, saved to a temporary folder), then runs N client threads at once, each
+streaming one completion over HTTP (server-sent events). Aggregate throughput is the
+tokens received by all clients divided by the wall time from the first request to the
+last ``[DONE]``. Continuous batching is what makes 16 clients faster than 1: the model's
+weights are read once per decode step for every active sequence.
+
+Models: a small byte-level GPT (4 layers, 128 wide) and the GPT-2 124M shape with GPT-2's
+vocabulary (needs ``../shared/data/gpt2``, or ``$NUMGPT_SHARED_DATA``; skipped without it).
+
+    python benchmarks/bench_server.py [--tokens-small 128] [--tokens-124m 32] [--threads 1]
+
+Prints the table and writes it to ``docs/results/bench_server.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from numgpt.checkpoint import save  # noqa: E402
+from numgpt.model import GPT, GPTConfig  # noqa: E402
+from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+
+CLIENTS = (1, 4, 16)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shared_gpt2() -> Path | None:
+    env = os.environ.get("NUMGPT_SHARED_DATA")
+    folder = (Path(env) if env else REPO.parent / "shared" / "data") / "gpt2"
+    return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
+
+
+def _small_model(tmp: Path) -> Path:
+    m = GPT(GPTConfig(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128), seed=0)
+    m.tokenizer = ByteTokenizer()
+    return save(m, tmp / "small")
+
+
+def _gpt2_model(tmp: Path, vocab_dir: Path) -> Path:
+    tok_dir = tmp / "gpt2-tokenizer"
+    tok_dir.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(vocab_dir / name, tok_dir / name)
+    m = GPT(GPTConfig.preset("gpt2"), seed=0)
+    m.tokenizer = GPT2Tokenizer.from_folder(tok_dir)
+    return save(m, tmp / "gpt2-124m")
+
+
+class Server:
+    """``numgpt serve`` in a subprocess, terminated on exit."""
+
+    def __init__(self, model: Path, max_batch: int, threads: int | None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "numgpt", "serve", "--model", str(model), "--port",
+               str(self.port), "--max-batch", str(max_batch), "--log-level", "warning"]
+        cmd += ["--threads", str(threads)] if threads else []
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> "Server":
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError("server exited:\n" + self.log.read().decode(errors="replace"))
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become healthy in 300 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def batch_max(self) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        line = next(x for x in text.splitlines() if x.startswith("numgpt_decode_batch_size_max "))
+        return float(line.split()[1])
+
+
+def _stream_one(url: str, prompt: str, max_tokens: int, seed: int, barrier: threading.Barrier,
+                out: list, i: int) -> None:
+    """One streaming client: count token chunks until [DONE]."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 1.0,
+            "seed": seed}
+    count = 0
+    with httpx.Client(timeout=600) as h:
+        barrier.wait()
+        with h.stream("POST", url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["finish_reason"] is None:
+                    count += 1
+    out[i] = (count, time.perf_counter())
+
+
+def measure(url: str, clients: int, max_tokens: int) -> dict:
+    """Aggregate tokens/s of ``clients`` simultaneous streaming requests."""
+    barrier = threading.Barrier(clients + 1)
+    out: list = [None] * clients
+    threads = [threading.Thread(target=_stream_one, args=(url, f"Client {i} says", max_tokens,
+                                                          i, barrier, out, i))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    if any(o is None for o in out):
+        raise RuntimeError("a client failed; see the traceback above")
+    tokens = sum(c for c, _ in out)
+    elapsed = max(t for _, t in out) - t0
+    return {"clients": clients, "tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+def bench_model(name: str, path: Path, max_tokens: int, threads: int | None) -> list[dict]:
+    rows = []
+    with Server(path, max_batch=max(CLIENTS), threads=threads) as server:
+        # warm-up: the first use of each cache slot and array shape pays one-off costs
+        # (page faults on fresh memory, BLAS buffers)
+        measure(server.url, max(CLIENTS), 4)
+        for n in CLIENTS:
+            r = measure(server.url, n, max_tokens)
+            r.update(model=name, max_tokens=max_tokens, batch_max=server.batch_max())
+            rows.append(r)
+            print(f"  {name}: {n:2d} clients  {r['tokens']:5d} tokens in {r['seconds']:6.2f} s "
+                  f"= {r['tok_s']:8.1f} tok/s", flush=True)
+    base = rows[0]["tok_s"]
+    for r in rows:
+        r["speedup"] = r["tok_s"] / base
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | clients | tokens per client | tokens | seconds | aggregate tok/s | x 1 client |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['clients']} | {r['max_tokens']} | {r['tokens']} | "
+                     f"{r['seconds']:.2f} | {r['tok_s']:.1f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], path: Path, notes: list[str]) -> None:
+    cpu = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    text = ("# Serving throughput (`benchmarks/bench_server.py`)\n\n"
+            "Aggregate generated tokens/s over concurrent streaming clients (SSE over loopback "
+            "HTTP, random-weight models, float32, temperature 1 with a seed per client). "
+            f"Written by the benchmark script; machine: {cpu}.\n\n"
+            + format_table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens-small", type=int, default=128, help="tokens per client, small model")
+    p.add_argument("--tokens-124m", type=int, default=32, help="tokens per client, 124M shape")
+    p.add_argument("--skip-124m", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="the server's --threads (BLAS threads); 0 leaves the BLAS default")
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_server.md"))
+    args = p.parse_args(argv)
+    rows = []
+    notes = [f"server started with --threads {args.threads} (BLAS threads)" if args.threads
+             else "server started with the BLAS library's default thread count"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("small byte-level model (4 layers, n_embd 128, block 256):", flush=True)
+        rows += bench_model("small (0.8M, bytes)", _small_model(tmp), args.tokens_small,
+                          args.threads)
+        vocab = _shared_gpt2()
+        if args.skip_124m:
+            notes.append("124M shape skipped (--skip-124m).")
+        elif vocab is None:
+            notes.append("124M shape skipped: GPT-2 vocab not found in ../shared/data/gpt2.")
+        else:
+            print("GPT-2 124M shape (random weights, GPT-2 vocabulary):", flush=True)
+            rows += bench_model("gpt2 124M shape", _gpt2_model(tmp, vocab), args.tokens_124m,
+                              args.threads)
+    for r in rows:
+        if r["clients"] == max(CLIENTS):
+            ok = r["speedup"] >= 3.0
+            notes.append(f"{r['model']}: {max(CLIENTS)} clients give {r['speedup']:.2f}x the "
+                         f"aggregate throughput of 1 (target >= 3x: {'PASS' if ok else 'FAIL'}); "
+                         f"largest decode batch seen {r['batch_max']:.0f}.")
+    table = format_table(rows)
+    print("\n" + table + "\n")
+    for n in notes:
+        print(n)
+    write_results(rows, Path(args.out), notes)
+    print(f"\nwritten to {args.out}")
+    return 0 if all(r["speedup"] >= 3.0 for r in rows if r["clients"] == max(CLIENTS)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
