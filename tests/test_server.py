@@ -316,6 +316,32 @@ def test_client_killed_mid_stream_frees_its_slot(served):
     assert out.choices[0].text == offline(served, "still", 3)
 
 
+def _wait_metrics(served, predicate, seconds=15.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        m = served.metrics()
+        if predicate(m):
+            return m
+        assert time.monotonic() < deadline, f"metrics never got there: {m}"
+        time.sleep(0.02)
+
+
+def test_client_gone_before_a_plain_answer_frees_its_slot(served):
+    """A non-streaming client that hangs up while its completion is generated."""
+    cancelled = 'numgpt_sequences_finished_total{reason="cancelled"}'
+    before = served.metrics().get(cancelled, 0)
+    body = b'{"prompt": "slow", "max_tokens": 240, "n": 4}'
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    port = int(served.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        _wait_metrics(served, lambda m: m["numgpt_active_slots"] > 0, 10)
+    m = _wait_metrics(served, lambda m: m["numgpt_active_slots"] == 0 and m.get(cancelled, 0) > before)
+    assert m[cancelled] - before == 4  # all four choices stopped early
+    assert m['numgpt_http_requests_total{path="/v1/completions",status="499"}'] >= 1
+
+
 # -------------------------------------------------------------------- bad input
 
 
