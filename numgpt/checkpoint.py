@@ -62,7 +62,9 @@ _BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 # nanoGPT nn.Linear weights, stored (out, in): the only tensors an importer transposes.
 _LINEAR_WEIGHT = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _NANOGPT_ARGS = {"n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout"}
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float32", "BF16": "float32"}
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float32", "BF16": "float32"}  # -> model dtype
+_ST_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+             "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 Thunk = Callable[[], np.ndarray]  # reads one tensor when called, so loads stream
 
@@ -134,21 +136,12 @@ def _read_json(path: Path, what: str) -> dict:
     return doc
 
 
-def _read_bf16(path: Path, key: str) -> np.ndarray:
-    """A BF16 tensor (numpy has no bfloat16) read from the safetensors header, as float32.
-
-    bfloat16 is the top 16 bits of a float32, so widening is a 16-bit shift.
-    """
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        entry = json.loads(f.read(n))[key]
-    start, end = entry["data_offsets"]
-    raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + n + start)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
-
-
 def _open_safetensors(path: Path, stack: ExitStack):
-    """A ``safe_open`` handle on ``path`` kept open by ``stack``; CheckpointError if unreadable."""
+    """A ``safe_open`` handle on ``path`` kept open by ``stack``; CheckpointError if unreadable.
+
+    ``safe_open`` validates the header and that the data covers the file exactly, so a
+    truncated or padded file is refused here, before any tensor is read.
+    """
     from safetensors import safe_open
 
     if not path.is_file():
@@ -160,24 +153,40 @@ def _open_safetensors(path: Path, stack: ExitStack):
                               f"or corrupt: copy or export it again") from None
 
 
+def _header(path: Path) -> tuple[dict, int]:
+    """The safetensors header ``{key: {dtype, shape, data_offsets}}`` and where data starts."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def _read_tensor(path: Path, entry: dict, data_start: int) -> np.ndarray:
+    """One tensor read straight from the file (not through a memory map, whose pages would
+    count against the process while the model is filled). BF16, which numpy lacks, is the
+    top half of a float32, so it widens exactly with a 16-bit shift."""
+    kind, shape = entry["dtype"], entry["shape"]
+    begin, end = entry["data_offsets"]
+    dtype = np.dtype("<u2" if kind == "BF16" else _ST_NUMPY[kind])
+    a = np.fromfile(path, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=data_start + begin)
+    if kind == "BF16":
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    return a.reshape(shape)
+
+
 def _safetensors_thunks(path: Path, stack: ExitStack, keys=None) -> tuple[dict[str, Thunk], str, dict]:
     """{key: reader} for the tensors of one safetensors file, its float dtype name, its metadata."""
     f = _open_safetensors(path, stack)
+    header, data_start = _header(path)
     thunks, dtypes = {}, set()
     for key in (f.keys() if keys is None else keys):
-        kind = f.get_slice(key).get_dtype()
-        dtypes.add(kind)
-        thunks[key] = ((lambda k=key: _read_bf16(path, k)) if kind == "BF16"
-                       else (lambda k=key: _get_tensor(f, path, k)))
+        entry = header[key]
+        if entry["dtype"] not in _ST_NUMPY and entry["dtype"] != "BF16":
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which numgpt "
+                                  f"cannot read; supported: {sorted(_ST_NUMPY) + ['BF16']}")
+        dtypes.add(entry["dtype"])
+        thunks[key] = lambda e=entry: _read_tensor(path, e, data_start)
     floats = [_ST_DTYPES[d] for d in dtypes if d in _ST_DTYPES]
     return thunks, ("float64" if "float64" in floats else "float32"), f.metadata() or {}
-
-
-def _get_tensor(f, path: Path, key: str) -> np.ndarray:
-    try:
-        return f.get_tensor(key)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e}); the file is corrupt") from None
 
 
 def _import_torch(path: Path):
