@@ -161,7 +161,7 @@ def _parse_prompt(raw: Any, tokenizer, vocab_size: int) -> tuple[list[list[int]]
             if not p:
                 raise APIError(400, f"prompt {i} is empty; give at least one character",
                                param="prompt", code="empty_prompt")
-            ids.append(tokenizer.encode(p))
+            ids.append(tokenizer.encode(p, allow_special=True))  # as `numgpt generate` does
             texts.append(p)
         elif isinstance(p, list) and p and all(_is_int(t) for t in p):
             bad = [t for t in p if not 0 <= t < vocab_size]

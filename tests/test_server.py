@@ -11,8 +11,8 @@ loaded, the catch-all 500, a full queue, and the GPT-2 BPE tokenizer.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -54,8 +54,9 @@ def _tiny_model(block_size=256, seed=5) -> GPT:
 
 
 class Served:
-    def __init__(self, url, model, proc, log):
-        self.url, self.model, self.proc, self.log = url, model, proc, log
+    def __init__(self, url, prefix, proc, log):
+        self.url, self.prefix, self.proc, self.log = url, prefix, proc, log
+        self.model = numgpt.load(prefix)
 
     def client(self, key=KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
@@ -96,7 +97,7 @@ def served(tmp_path_factory):
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        yield Served(url, numgpt.load(prefix), proc, log_path)
+        yield Served(url, prefix, proc, log_path)
     finally:
         proc.terminate()
         try:
@@ -142,6 +143,34 @@ def test_greedy_completion_equals_offline_generate(served):
     assert choice.text == offline(served, "Hello there", 20)
     assert choice.finish_reason == "length" and choice.index == 0 and choice.logprobs is None
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (11, 20, 31)
+
+
+def _ids_from_logprobs(tokens: list[str]) -> list[int]:
+    """Byte-level token ids back from OpenAI's token strings (``bytes:\\xNN`` or text)."""
+    out = []
+    for t in tokens:
+        out += [int(h, 16) for h in t[6:].split("\\x")[1:]] if t.startswith("bytes:") else list(t.encode())
+    return out
+
+
+@pytest.mark.parametrize("flags,body", [
+    (["--temperature", "0"], {"temperature": 0}),
+    (["--temperature", "0.9", "--top-k", "40", "--seed", "77", "--num-samples", "2"],
+     {"temperature": 0.9, "top_k": 40, "seed": 77, "n": 2}),
+], ids=["greedy", "seeded-n2"])
+def test_served_tokens_equal_the_numgpt_generate_command(served, flags, body):
+    cmd = [sys.executable, "-m", "numgpt", "generate", "--model", str(served.prefix), "--prompt",
+           "Hello there", "-n", "20", "--json", *flags]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    offline_samples = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    with served.http() as h:
+        out = h.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 20,
+                                              "logprobs": 0, **body}).json()
+    assert len(out["choices"]) == len(offline_samples)
+    for choice, sample in zip(out["choices"], offline_samples):
+        assert _ids_from_logprobs(choice["logprobs"]["tokens"]) == sample["generated_ids"]
+        assert choice["text"] == sample["text"]
 
 
 def test_streaming_sends_one_chunk_per_token_then_done(served):
