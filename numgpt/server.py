@@ -203,6 +203,26 @@ def _fit_context(ids: list[int], max_tokens: int, context: int, truncate: bool) 
     return ids
 
 
+def _parse_sampling(body: dict) -> SamplingParams:
+    """temperature, top_p, top_k (extension), seed and ascii_only (extension)."""
+    temperature = _typed(body, "temperature", _is_number, "a number", 1.0)
+    if temperature < 0:
+        raise _bad("temperature", f"'temperature' must be >= 0 (0 is greedy), got {temperature}")
+    top_p = _typed(body, "top_p", _is_number, "a number", 1.0)
+    if not 0 < top_p <= 1:
+        raise _bad("top_p", f"'top_p' must lie in (0, 1], got {top_p}")
+    top_k = _typed(body, "top_k", _is_int, "an integer", 0)
+    if top_k < -1:
+        raise _bad("top_k", f"'top_k' must be >= 1, or 0 / -1 for no limit, got {top_k}")
+    seed = _typed(body, "seed", _is_int, "an integer", None)
+    if seed is not None and not 0 <= seed < 2 ** 64:
+        raise _bad("seed", f"'seed' must lie in [0, 2**64), got {seed}")
+    ascii_only = _typed(body, "ascii_only", lambda v: isinstance(v, bool), "true or false", False)
+    return SamplingParams(temperature=float(temperature), top_k=top_k if top_k > 0 else None,
+                          top_p=float(top_p) if top_p < 1 else None, ascii_only=ascii_only,
+                          seed=seed)
+
+
 def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, context: int,
                      max_tokens_limit: int, max_n: int, max_sequences: int) -> CompletionSpec:
     """Validate an OpenAI completion request body; APIError names the first bad field."""
@@ -219,36 +239,25 @@ def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, 
     max_tokens = _typed(body, "max_tokens", _is_int, "an integer", 16)
     if not 1 <= max_tokens <= max_tokens_limit:
         raise _bad("max_tokens", f"'max_tokens' must lie in [1, {max_tokens_limit}], got {max_tokens}")
-    temperature = _typed(body, "temperature", _is_number, "a number", 1.0)
-    if temperature < 0:
-        raise _bad("temperature", f"'temperature' must be >= 0 (0 is greedy), got {temperature}")
-    top_p = _typed(body, "top_p", _is_number, "a number", 1.0)
-    if not 0 < top_p <= 1:
-        raise _bad("top_p", f"'top_p' must lie in (0, 1], got {top_p}")
-    top_k = _typed(body, "top_k", _is_int, "an integer", 0)
-    if top_k < -1:
-        raise _bad("top_k", f"'top_k' must be >= 1, or 0 / -1 for no limit, got {top_k}")
     n = _typed(body, "n", _is_int, "an integer", 1)
     if not 1 <= n <= max_n:
         raise _bad("n", f"'n' must lie in [1, {max_n}], got {n}")
     if n * len(ids) > max_sequences:
         raise _bad("n", f"{len(ids)} prompts x n={n} asks for {n * len(ids)} sequences; this "
                         f"server queues at most {max_sequences}")
-    seed = _typed(body, "seed", _is_int, "an integer", None)
-    if seed is not None and not 0 <= seed < 2 ** 64:
-        raise _bad("seed", f"'seed' must lie in [0, 2**64), got {seed}")
     logprobs = _typed(body, "logprobs", _is_int, "an integer", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise _bad("logprobs", f"'logprobs' must lie in [0, {MAX_LOGPROBS}], got {logprobs}")
     flags = {k: _typed(body, k, lambda v: isinstance(v, bool), "true or false", False)
-             for k in ("stream", "echo", "truncate", "ascii_only")}
+             for k in ("stream", "echo", "truncate")}
     options = _typed(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
-    ids = [_fit_context(p, max_tokens, context, flags["truncate"]) for p in ids]
-    params = SamplingParams(temperature=float(temperature), top_k=top_k if top_k > 0 else None,
-                            top_p=float(top_p) if top_p < 1 else None,
-                            ascii_only=flags["ascii_only"], seed=seed)
-    return CompletionSpec(ids, texts, max_tokens, params, n, _parse_stop(body), flags["stream"],
-                          flags["echo"], logprobs, bool(options.get("include_usage", False)))
+    fitted = [_fit_context(p, max_tokens, context, flags["truncate"]) for p in ids]
+    texts = [t if len(f) == len(p) else tokenizer.decode(f)  # echo what the model saw
+             for t, f, p in zip(texts, fitted, ids)]
+    ids = fitted
+    return CompletionSpec(ids, texts, max_tokens, _parse_sampling(body), n, _parse_stop(body),
+                          flags["stream"], flags["echo"], logprobs,
+                          bool(options.get("include_usage", False)))
 
 
 # ----------------------------------------------------------------------- body reading

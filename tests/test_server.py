@@ -180,6 +180,11 @@ def test_streaming_sends_one_chunk_per_token_then_done(served):
     tokens = [c for c in chunks if c.choices[0].finish_reason is None]
     assert len(tokens) == 12 and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].text for c in chunks) == offline(served, "Once upon", 12)
+    with_usage = list(served.client().completions.create(
+        model=NAME, prompt="Once upon", max_tokens=3, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 3
+    assert all(c.usage is None for c in with_usage[:-1])
     with served.http() as h:  # the raw wire format ends with [DONE]
         body = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "stream": True}).text
     events = [e for e in body.split("\n\n") if e]
@@ -268,9 +273,9 @@ def test_prompt_truncation_only_when_asked(served):
         _assert_openai_error(r, 400, param="prompt", code="context_length_exceeded")
         assert "300" in r.json()["error"]["message"] and "256" in r.json()["error"]["message"]
         ok = h.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4,
-                                             "temperature": 0, "truncate": True}).json()
+                                             "temperature": 0, "truncate": True, "echo": True}).json()
     assert ok["usage"]["prompt_tokens"] == 252
-    assert ok["choices"][0]["text"] == offline(served, "z" * 252, 4)
+    assert ok["choices"][0]["text"] == "z" * 252 + offline(served, "z" * 252, 4)
 
 
 def test_generation_reaching_the_context_ends_with_length(served):
