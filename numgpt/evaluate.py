@@ -1,0 +1,234 @@
+"""Evaluation: strided-window perplexity and LAMBADA-style last-word scoring.
+
+Perplexity (``perplexity``) follows the strided sliding-window protocol of the Hugging Face
+guide "Perplexity of fixed-length models": windows of ``L = block_size`` tokens start at
+0, ``stride``, ``2 stride``, ... (the last one is cut at the end of the text). The first
+window scores every token after its first; each later window scores only the tokens past
+the end of the previous window (``stride`` of them, fewer in the last). So every token
+from the second on is scored exactly once; a token scored in a later window sees between
+``L - stride`` and ``L - 1`` tokens of left context (in the first window, all tokens
+before it). ``stride = L - 1`` is the fastest (least overlap, least context); ``stride = 1`` gives
+every token the full ``L - 1`` context (slowest). Default ``L // 2``. ``stride = L`` is
+refused: the first token of each later window would have no context and go unscored
+(the guide's loop silently skips those tokens). The mean NLL is the sum of the per-token
+NLLs over the number of tokens scored, so windows that score different numbers of tokens
+weigh exactly by their token counts (the guide's code re-weights each window's mean loss
+by an approximate token count; numgpt sums the exact per-token values).
+
+LAMBADA (``lambada``): each example's text is split at its last space; the target is the
+final word *with* its leading space (e.g. ``" dog"``), the context is everything before.
+Context and target are tokenized separately, the model reads ``context + target`` (the
+context cut from the left if the pair exceeds ``block_size``) and scores each target token
+given everything before it. An example is correct when every target token is the argmax
+of its position; perplexity is ``exp`` of the mean NLL over all target tokens.
+
+Both run without building a graph, and compute the log-softmax in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .tensor import no_grad
+
+__all__ = ["Window", "windows", "token_nll", "perplexity", "split_last_word", "lambada",
+           "load_lambada_jsonl"]
+
+
+# -------------------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class Window:
+    """One forward pass of the strided protocol: tokens ``[begin, end)`` are read and the
+    tokens at positions ``[score_from, end)`` are scored (each given the ones before it,
+    back to ``begin``, as context)."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def windows(n_tokens: int, block_size: int, stride: int) -> list[Window]:
+    """The windows that score tokens 1..n_tokens-1 exactly once (the HF protocol).
+
+    Window w reads ``[w * stride, min(w * stride + block_size, n_tokens))`` and scores from
+    the previous window's end (the first scores from position 1); stops at the text's end.
+    """
+    if not 1 <= stride < block_size:
+        raise InputError(f"stride must lie in [1, block_size - 1 = {block_size - 1}], got {stride}; "
+                         f"a stride of a whole window would leave the first token of each later "
+                         f"window with no context and unscored")
+    if n_tokens < 2:
+        raise InputError(f"perplexity needs at least 2 tokens (one to predict from), got {n_tokens}")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + block_size, n_tokens)
+        out.append(Window(begin, end, max(prev_end, 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def _as_ids(ids, vocab_size: int, what: str) -> np.ndarray:
+    """Token ids as a 1-D int64 array inside the model's vocabulary, else InputError."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"{what} must be a flat sequence of integer token ids, got shape "
+                         f"{arr.shape} and dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    bad = np.nonzero((arr < 0) | (arr >= vocab_size))[0]
+    if bad.size:
+        raise InputError(f"{what}: token {int(arr[bad[0]])} at position {int(bad[0])} is outside "
+                         f"the model's vocabulary [0, {vocab_size}); was the text encoded with "
+                         f"another tokenizer?")
+    return arr
+
+
+def _last_logits(model, ids: np.ndarray, n_last: int) -> np.ndarray:
+    """Logits of the last ``n_last`` positions of one window: ids (T,) -> (n_last, V).
+
+    The full causal forward over the window (no graph), with the output head applied only
+    where scores are needed."""
+    with no_grad():
+        x = model.embed(ids[None], np.arange(len(ids)))  # (1, T, C)
+        for block in model.h:
+            x = block(x)
+        return model.head(x[:, len(ids) - n_last:]).data[0]  # (1, n_last, V) -> (n_last, V)
+
+
+def _nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position NLL (float64) of ``targets`` and whether each is the argmax.
+
+    logits (n, V), targets (n,) -> (n,), (n,) bool."""
+    z = logits.astype(np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(axis=-1))  # (n,)
+    nll = lse - shifted[np.arange(len(targets)), targets]
+    return nll, np.argmax(logits, axis=-1) == targets
+
+
+# ------------------------------------------------------------------------ perplexity
+
+
+def token_nll(model, ids, *, stride: int | None = None, progress: bool = False) -> np.ndarray:
+    """NLL of every token from the second on under the strided protocol: ids (N,) -> (N - 1,),
+    entry i is the NLL of token i + 1."""
+    ids = _as_ids(ids, model.config.vocab_size, "text")
+    L = model.config.block_size
+    stride = max(1, L // 2) if stride is None else int(stride)
+    plan = windows(len(ids), L, stride)
+    out = np.empty(len(ids) - 1)
+    for w in _progress(plan, progress, "perplexity", "window"):
+        n = w.end - w.score_from
+        logits = _last_logits(model, ids[w.begin:w.end - 1], n)  # position p predicts p + 1
+        out[w.score_from - 1:w.end - 1] = _nll_and_argmax(logits, ids[w.score_from:w.end])[0]
+    return out
+
+
+def perplexity(model, ids, *, stride: int | None = None, max_tokens: int | None = None,
+               progress: bool = True) -> dict:
+    """Strided sliding-window perplexity of a token sequence.
+
+    ids: the text's token ids (N,). stride: window advance (default block_size // 2).
+    max_tokens: use only the first max_tokens ids (so max_tokens - 1 are scored).
+    Returns ``{"tokens": tokens scored, "nll": mean NLL (nats), "perplexity": exp(nll)}``.
+    """
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise InputError(f"max_tokens must be >= 2 (one token is scored per token after "
+                             f"the first), got {max_tokens}")
+        ids = np.asarray(ids)[:max_tokens]
+    nll = token_nll(model, ids, stride=stride, progress=progress)
+    mean = float(nll.sum() / len(nll))
+    return {"tokens": int(len(nll)), "nll": mean, "perplexity": math.exp(mean)}
+
+
+# --------------------------------------------------------------------------- LAMBADA
+
+
+def split_last_word(text: str) -> tuple[str, str]:
+    """``"the cat sat on the mat"`` -> ``("the cat sat on the", " mat")``: split at the last
+    space (trailing whitespace ignored); the target keeps its leading space."""
+    text = text.rstrip()
+    i = text.rfind(" ")
+    if i <= 0 or i == len(text) - 1:
+        raise InputError(f"cannot split {text[-60:]!r} into context and a last word: it needs "
+                         f"some text, a space, then the word")
+    return text[:i], text[i:]
+
+
+def _score_example(model, tokenizer, text: str, where: str) -> tuple[np.ndarray, bool]:
+    """NLL of each target token and whether all are argmax, for one LAMBADA text."""
+    context, target = split_last_word(text)
+    V, L = model.config.vocab_size, model.config.block_size
+    ctx = _as_ids(tokenizer.encode(context), V, f"{where} context")
+    tgt = _as_ids(tokenizer.encode(target), V, f"{where} target")
+    if len(tgt) >= L:
+        raise InputError(f"{where}: the target {target!r} is {len(tgt)} tokens; it must be "
+                         f"shorter than block_size={L}")
+    ids = np.concatenate([ctx, tgt])[-L:]  # keep the most recent context
+    logits = _last_logits(model, ids[:-1], len(tgt))  # (len(tgt), V)
+    nll, hit = _nll_and_argmax(logits, tgt)
+    return nll, bool(hit.all())
+
+
+def lambada(model, examples: Sequence[str], tokenizer, *, progress: bool = False) -> dict:
+    """Last-word prediction over ``examples`` (texts); see the module docstring.
+
+    Returns ``{"examples", "tokens" (target tokens scored), "nll" (mean per target token),
+    "perplexity", "accuracy" (fraction of examples whose every target token is the argmax)}``.
+    """
+    if len(examples) == 0:
+        raise InputError("LAMBADA needs at least one example")
+    nlls, correct = [], 0
+    for i, text in enumerate(_progress(examples, progress, "lambada", "example")):
+        nll, ok = _score_example(model, tokenizer, text, f"example {i}")
+        nlls.append(nll)
+        correct += ok
+    allnll = np.concatenate(nlls)
+    mean = float(allnll.sum() / len(allnll))
+    return {"examples": len(examples), "tokens": int(len(allnll)), "nll": mean,
+            "perplexity": math.exp(mean), "accuracy": correct / len(examples)}
+
+
+def load_lambada_jsonl(path) -> list[str]:
+    """Texts of a LAMBADA JSONL file: one ``{"text": "..."}`` object per line (blank lines
+    skipped). InputError names the line of anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"LAMBADA file {str(path)!r} does not exist")
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be "
+                                 f'an object like {{"text": "..."}}') from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise InputError(f'{path}:{lineno}: expected an object with a string "text" '
+                                 f"field, got {line.strip()[:80]!r}")
+            texts.append(obj["text"])
+    if not texts:
+        raise InputError(f"{path}: no examples (the file is empty)")
+    return texts
+
+
+def _progress(items, enabled: bool, desc: str, unit: str) -> Iterator:
+    """``items`` wrapped in a tqdm bar when enabled (imported only then)."""
+    if not enabled:
+        return iter(items)
+    from tqdm import tqdm
+
+    return iter(tqdm(items, desc=desc, unit=unit, leave=False))
