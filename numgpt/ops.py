@@ -203,8 +203,17 @@ def gelu_tanh(x: np.ndarray):
     d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     """
     _check_float(x)
-    t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x)))
-    out = 0.5 * x * (1.0 + t)
+    # in place on two buffers (t, out) instead of eight temporaries; same operations in the
+    # same order as tanh(c * (x + 0.044715 * (x * x * x))) and 0.5 * x * (1 + t)
+    t = x * x
+    t *= x
+    t *= 0.044715
+    t += x
+    t *= _SQRT_2_OVER_PI
+    np.tanh(t, out=t)
+    out = t + 1.0
+    out *= x
+    out *= 0.5  # exact: 0.5 * (x * (1 + t)) == (0.5 * x) * (1 + t)
 
     def backward(dout):
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * (x * x))
@@ -552,12 +561,65 @@ def _visible_keys(Tq: int, Tk: int, key_lengths: np.ndarray | None) -> np.ndarra
     return np.arange(Tk).reshape(1, 1, 1, Tk) <= position  # (B, 1, Tq, Tk)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.ndarray | None = None):
+# Query rows per block of the blocked attention path: a (128, Tk) score slab stays in the
+# L2 cache, and with causal masking the blocks skip the keys no query of theirs can see.
+ATTENTION_BLOCK = 128
+
+
+def _attention_batched(q, k, v, s: float, key_lengths) -> np.ndarray:
+    """Reference path: every score at once, (.., Tq, Tk); one call per step, best for few queries."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    att = q @ np.swapaxes(k, -1, -2)  # (.., Tq, hs) @ (.., hs, Tk) -> (.., Tq, Tk)
+    att *= s
+    visible = _visible_keys(Tq, Tk, key_lengths)
+    if visible is not None:
+        np.copyto(att, -np.inf, where=~visible)
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)  # P, (.., Tq, Tk)
+    return att
+
+
+def _attention_blocked(q, k, v, s: float, key_lengths, block: int):
+    """Fast path: one (row, head) and ``block`` queries at a time -> (out, P).
+
+    Query i of row b sits at position ``off_b + i`` (``off_b = length_b - Tq``) and sees keys
+    ``j <= off_b + i``, so a block of queries [r0, r1) needs only keys [0, off_b + r1): the
+    scores above the diagonal are never computed (about half of them for a prompt), and
+    softmax works on a slab that stays in cache. The slab is written straight into P (zeros
+    where masked), which backward needs. Same math as ``_attention_batched``; only the
+    summation order inside the BLAS calls differs (round-off).
+    """
+    lead, (Tq, hs), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
+    p = np.zeros((*lead, Tq, Tk), dtype=q.dtype)  # (.., Tq, Tk); untouched pages stay unmapped
+    out = np.empty(q.shape, dtype=q.dtype)  # (.., Tq, hs)
+    qs = q * s  # scale the (Tq, hs) queries, not the (Tq, Tk) scores; exact when hs is a power of 4
+    above = np.triu(np.ones((block, block), dtype=bool), k=1)  # above[a, c]: key c is after query a
+    for ix in np.ndindex(*lead):
+        off = (Tk if key_lengths is None else int(key_lengths[ix[0]])) - Tq
+        for r0 in range(0, Tq, block):
+            r1 = min(r0 + block, Tq)
+            n, m = off + r1, r1 - r0  # keys visible to the block's last query; queries in block
+            slab = p[ix][r0:r1, :n]  # (m, n) view into P
+            np.matmul(qs[ix][r0:r1], k[ix][:n].T, out=slab)  # (m, hs) @ (hs, n) -> (m, n)
+            np.copyto(slab[:, n - m:], -np.inf, where=above[:m, :m])  # the diagonal block's future
+            slab -= slab.max(axis=-1, keepdims=True)
+            np.exp(slab, out=slab)
+            slab /= slab.sum(axis=-1, keepdims=True)
+            np.matmul(slab, v[ix][:n], out=out[ix][r0:r1])  # (m, n) @ (n, hs) -> (m, hs)
+    return out, p
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.ndarray | None = None,
+              block: int | None = None):
     """Fused causal scaled-dot-product attention: softmax(mask(Q K^T / sqrt hs)) V.
 
     q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs); Tq <= Tk, queries
     are the newest Tq positions. ``key_lengths`` (B,) gives, for a KV cache whose rows hold
     different numbers of tokens, how many keys of each row are real (the rest are masked).
+    ``block``: None picks the path (blocked with ``ATTENTION_BLOCK`` query rows when there
+    are at least that many queries, else batched); 0 forces the batched reference path; n > 0
+    forces the blocked path with n rows. Both give the same P up to round-off.
     Only P is saved for backward. With S the scaled scores:
         dV = P^T dY;  dP = dY V^T;  dS = P * (dP - rowsum(dP * P));
         dQ = dS K / sqrt(hs);  dK = dS^T Q / sqrt(hs).
@@ -573,17 +635,16 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.nd
         if np.any(key_lengths < Tq) or np.any(key_lengths > Tk):
             raise ShapeError(f"attention: key_lengths must lie in [Tq, Tk] = [{Tq}, {Tk}] so every "
                              f"query sees at least itself, got {np.asarray(key_lengths).tolist()}")
+    if block is None:
+        block = ATTENTION_BLOCK if Tq >= ATTENTION_BLOCK else 0
+    if not (isinstance(block, (int, np.integer)) and block >= 0):
+        raise ValueError(f"attention: block must be None or an int >= 0, got {block!r}")
     s = 1.0 / math.sqrt(q.shape[-1])
-    att = q @ np.swapaxes(k, -1, -2)  # (.., Tq, Tk)
-    att *= s
-    visible = _visible_keys(Tq, Tk, key_lengths)
-    if visible is not None:
-        np.copyto(att, -np.inf, where=~visible)
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)  # P, (.., Tq, Tk)
-    p = att
-    out = p @ v  # (.., Tq, Tk) @ (.., Tk, hs) -> (.., Tq, hs)
+    if block:
+        out, p = _attention_blocked(q, k, v, s, key_lengths, int(block))
+    else:
+        p = _attention_batched(q, k, v, s, key_lengths)
+        out = p @ v  # (.., Tq, Tk) @ (.., Tk, hs) -> (.., Tq, hs)
 
     def backward(dout):
         dv = np.swapaxes(p, -1, -2) @ dout  # (.., Tk, Tq) @ (.., Tq, hs)

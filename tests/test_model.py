@@ -331,3 +331,20 @@ def test_bad_rows_raise_input_error_and_change_nothing(rows, words):
         model.forward_cached(np.zeros((2, 1), dtype=np.int64), cache, rows=rows)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert cache.lengths.tolist() == [0, 0, 0]
+
+
+def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one(monkeypatch):
+    from numgpt import ops
+
+    model = tiny_model(block_size=ops.ATTENTION_BLOCK + 40)
+    seq = np.random.default_rng(6).integers(0, TINY["vocab_size"], (1, ops.ATTENTION_BLOCK + 24))
+    n = ops.ATTENTION_BLOCK + 20  # the prefill takes the blocked path (>= ATTENTION_BLOCK queries)
+    cache = model.new_cache(slots=1)
+    got = [model.forward_cached(seq[:, :n], cache, all_logits=True)[0]]  # (n, V)
+    got += [model.forward_cached(seq[:, t:t + 1], cache)[0] for t in range(n, seq.shape[1])]
+    monkeypatch.setattr(ops, "ATTENTION_BLOCK", 10**9)  # the reference: one batched softmax
+    with no_grad():
+        want = model(seq)[0].data[0]  # (T, V)
+    assert max_diff(got[0], want[:n]) < 1e-12
+    for i, logits in enumerate(got[1:]):
+        assert max_diff(logits, want[n + i]) < 1e-12
