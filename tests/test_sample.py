@@ -82,18 +82,30 @@ def gpt2_tok(gpt2_tokenizer_dir) -> GPT2Tokenizer:
 
 SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768),
           "medium": dict(n_layer=24, n_head=16, n_embd=1024)}
+SEEDS = {"124M": 1, "medium": 6}  # weights whose argmax margins stay well above float32 noise
 PROMPT = [15496, 13, 314, 1101]  # "Hello. I'm"
 N_NEW = 30
-INIT_SCALE = 0.05  # initializer_range: at GPT-2's 0.02 a random model repeats one token
+INIT_SCALE = 0.05  # weight std: at GPT-2's 0.02 a random model repeats one token
 _parity_rows: dict[str, str] = {}
 
 
 def hf_greedy(shape: dict, folder: Path, seed: int):
     """Save a random GPT2LMHeadModel to ``folder``; return its greedy tokens and min margin."""
-    config = transformers.GPT2Config(**shape, initializer_range=INIT_SCALE, bos_token_id=None,
-                                     eos_token_id=None)
-    torch.manual_seed(seed)  # HF's init draws from torch's global generator
-    hf = transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
+    with torch.device("meta"):  # no init pass: we fill the weights below (3x faster than HF's)
+        hf = transformers.GPT2LMHeadModel(config)
+    hf = hf.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # GPT-2's init, with a wider normal
+            if ".ln_" in name or "ln_f" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, INIT_SCALE, generator=gen)
+    hf.tie_weights()
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
     hf.save_pretrained(folder)
     with torch.no_grad():
         out = hf.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=N_NEW,
@@ -106,7 +118,7 @@ def hf_greedy(shape: dict, folder: Path, seed: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
-    expected, margin = hf_greedy(SHAPES[name], tmp_path, seed=len(name))
+    expected, margin = hf_greedy(SHAPES[name], tmp_path, seed=SEEDS[name])
     model = numgpt.load(tmp_path)  # float32, as saved
     got = generate(model, PROMPT, N_NEW, GREEDY)
     rows = [f"| {name} | float32 | {N_NEW} | {len(set(expected))} | {margin:.2e} | "
@@ -114,15 +126,15 @@ def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
     if name == "124M":  # negative control: a slightly perturbed model must not match
         p = model.parameters()["h.0.mlp.c_fc.weight"]
         p.data += np.random.default_rng(0).normal(0, INIT_SCALE, p.data.shape).astype(p.data.dtype)
-        bad = generate(model, PROMPT, N_NEW, GREEDY)
-        rows.append(f"| {name}, h.0.mlp.c_fc perturbed (control) | float32 | {N_NEW} | - | - | "
-                    f"{sum(a == b for a, b in zip(bad, expected))}/{N_NEW} | "
-                    f"{'FAIL as required' if bad != expected else 'PASSED: check is blind'} |")
-        assert bad != expected
+        bad = generate(model, PROMPT, 10, GREEDY)
+        rows.append(f"| {name}, h.0.mlp.c_fc perturbed (control) | float32 | 10 | - | - | "
+                    f"{sum(a == b for a, b in zip(bad, expected))}/10 | "
+                    f"{'FAIL as required' if bad != expected[:10] else 'PASSED: check is blind'} |")
+        assert bad != expected[:10]
     _parity_rows[name] = "\n".join(rows)
     write_atomic(RESULTS, "# Greedy generation vs transformers `generate(do_sample=False)`\n\n"
                  "Written by `tests/test_sample.py`. Random GPT-2 weights "
-                 f"(initializer_range={INIT_SCALE}) saved with `save_pretrained`, loaded with "
+                 f"(normal std {INIT_SCALE}, unit LayerNorm, zero biases) saved with `save_pretrained`, loaded with "
                  f"`numgpt.load`; prompt {PROMPT}; min top-2 margin is over HF's step logits.\n\n"
                  "| shape | dtype | new tokens | distinct tokens | min top-2 margin | equal | result |\n"
                  "|---|---|---|---|---|---|---|\n" + "\n".join(_parity_rows[k] for k in sorted(_parity_rows)) + "\n")
