@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 import numgpt  # noqa: E402
 from numgpt.cli import main  # noqa: E402
 from numgpt.errors import InputError  # noqa: E402
+from numgpt.model import GPT, GPTConfig  # noqa: E402
 from numgpt.evaluate import (lambada, load_lambada_jsonl, perplexity, split_last_word,  # noqa: E402
                              token_nll, windows)
 from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
@@ -252,8 +253,7 @@ def test_bad_perplexity_arguments_are_refused(bpe, text_ids, kwargs, words):
 
 
 def test_ids_outside_the_vocabulary_are_refused():
-    model = numgpt.model.GPT(numgpt.model.GPTConfig(vocab_size=256, block_size=16, n_layer=1,
-                                                    n_head=1, n_embd=8))
+    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(InputError, match="300 at position 2"):
         perplexity(model, [1, 2, 300], progress=False)
 
