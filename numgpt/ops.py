@@ -182,18 +182,67 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+# Numerical Recipes' Chebyshev fit (``erfcc``): erfc(z) = t exp(-z^2 + P(t)), t = 1/(1 + z/2),
+# z >= 0, relative error < 1.2e-7 everywhere, i.e. float32 rounding. Coefficients of P, t^0 first.
+_ERFC_FIT = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+             -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+
+
+def _normal_cdf_float32(x: np.ndarray) -> np.ndarray:
+    """Phi(x) for float32 x in ~34 in-place array passes (scipy's scalar erf is ~5x slower).
+
+    Phi(-|x|) = erfc(|x| / sqrt 2) / 2 from the fit above, then
+    Phi(x) = Phi(-|x|) + [x > 0] (1 - 2 Phi(-|x|)), which keeps the relative accuracy of
+    the left tail (no 1 + erf cancellation there).
+    """
+    z = np.abs(x)
+    z *= _SQRT_HALF  # z = |x| / sqrt 2
+    t = z * 0.5
+    t += 1.0
+    np.reciprocal(t, out=t)  # t = 1 / (1 + z / 2)
+    e = t * _ERFC_FIT[9]  # Horner: P(t)
+    for c in _ERFC_FIT[8:0:-1]:
+        e += c
+        e *= t
+    e += _ERFC_FIT[0]
+    np.multiply(z, z, out=z)
+    e -= z
+    np.exp(e, out=e)
+    e *= t
+    e *= 0.5  # Phi(-|x|)
+    z = e * -2.0
+    z += 1.0
+    np.multiply(z, x > 0, out=z)
+    e += z
+    return e
+
+
 def gelu(x: np.ndarray):
     """Exact GELU (nanoGPT): ``x * Phi(x)``, ``Phi(x) = (1 + erf(x / sqrt 2)) / 2``.
 
     d/dx = Phi(x) + x * phi(x), with phi the standard normal density e^(-x^2/2)/sqrt(2 pi).
+    float64 uses scipy's erf; float32 uses ``_normal_cdf_float32`` (relative error of Phi
+    < 1.2e-7, the size of float32 rounding, and about 5x faster).
     """
     _check_float(x)
-    cdf = 0.5 * (1.0 + erf(x * _SQRT_HALF))
+    if x.dtype == np.float32:
+        cdf = _normal_cdf_float32(x)
+    else:
+        cdf = x * _SQRT_HALF
+        erf(cdf, out=cdf)
+        cdf += 1.0
+        cdf *= 0.5
     out = x * cdf
 
     def backward(dout):
-        pdf = np.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        return (dout * (cdf + x * pdf),)
+        g = x * x  # in place on one buffer: dout * (cdf + x * pdf)
+        g *= -0.5
+        np.exp(g, out=g)
+        g *= x
+        g *= _INV_SQRT_2PI
+        g += cdf
+        g *= dout
+        return (g,)
     return out, backward
 
 
@@ -403,16 +452,20 @@ def cross_entropy(logits: np.ndarray, *, targets: np.ndarray, ignore_index: int 
                          f"got values in [{t[keep].min()}, {t[keep].max()}]")
     n = int(keep.sum())
     rows = np.nonzero(keep)[0]
-    shifted = z - z.max(axis=-1, keepdims=True)
-    sumexp = np.exp(shifted).sum(axis=-1)  # (N,)
-    nll = np.log(sumexp[rows]) - shifted[rows, t[rows]]
+    e = z - z.max(axis=-1, keepdims=True)  # shifted logits, (N, V)
+    picked = e[rows, t[rows]]  # (n,)
+    np.exp(e, out=e)  # kept: backward's softmax is e / sumexp, no second exp over (N, V)
+    sumexp = e.sum(axis=-1)  # (N,)
+    nll = np.log(sumexp[rows]) - picked
     out = np.asarray(nll.sum() / max(n, 1), dtype=logits.dtype)
 
     def backward(dout):
-        g = np.exp(shifted) / sumexp[:, None]  # softmax, (N, V)
-        g[rows, t[rows]] -= 1.0
-        g[~keep] = 0.0
-        g *= float(dout) / max(n, 1)
+        c = float(dout) / max(n, 1)
+        scale = c / sumexp  # (N,); 0 for ignored rows
+        if n < len(t):
+            scale[~keep] = 0.0
+        g = e * scale[:, None]  # c * softmax, one pass over (N, V)
+        g[rows, t[rows]] -= c
         return (g.reshape(logits.shape),)
     return out, backward
 
@@ -431,23 +484,34 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None, 
     if gamma.shape != (C,) or (beta is not None and beta.shape != (C,)):
         raise ShapeError(f"layernorm: input {x.shape} needs gamma/beta of shape ({C},), "
                          f"got {gamma.shape} and {None if beta is None else beta.shape}")
-    mu = x.mean(axis=-1, keepdims=True)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + float(eps))
-    xhat = xc * rstd
-    out = xhat * gamma
+    xhat = x - x.mean(axis=-1, keepdims=True)  # x - mu, normalised in place below
+    sq = xhat * xhat
+    rstd = sq.mean(axis=-1, keepdims=True)  # var, (..., 1)
+    rstd += float(eps)
+    np.sqrt(rstd, out=rstd)
+    np.reciprocal(rstd, out=rstd)  # 1 / sqrt(var + eps)
+    xhat *= rstd
+    out = np.multiply(xhat, gamma, out=sq)
     if beta is not None:
         out += beta
 
     def backward(dout):
-        g = dout * gamma
-        dx = rstd * (g - g.mean(axis=-1, keepdims=True)
-                     - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
-        rows = dout.reshape(-1, C)
-        dgamma = np.sum(rows * xhat.reshape(-1, C), axis=0)
+        rows = dout.reshape(-1, C)  # (N, C)
+        xh = xhat.reshape(-1, C)  # (N, C)
+        t = rows * xh  # dout * xhat
+        dgamma = t.sum(axis=0)
         dbeta = rows.sum(axis=0) if beta is not None else None
-        return dx, dgamma, dbeta
+        # row means of g = dout * gamma and of g * xhat, as (N, C) @ (C,) products
+        mean_g = rows @ gamma  # (N,)
+        mean_g *= 1.0 / C
+        mean_gx = t @ gamma  # (N,)
+        mean_gx *= 1.0 / C
+        dx = rows * gamma
+        dx -= mean_g[:, None]
+        np.multiply(xh, mean_gx[:, None], out=t)
+        dx -= t
+        dx *= rstd.reshape(-1, 1)
+        return dx.reshape(x.shape), dgamma, dbeta
     return out, backward
 
 
@@ -456,8 +520,8 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None, 
 def embedding(w: np.ndarray, *, ids: np.ndarray):
     """Row lookup ``W[ids]``: W (V, C), ids (...) int -> (..., C).
 
-    dW = scatter-add of dout rows into the looked-up rows. ``np.add.at`` accumulates
-    repeated ids; ``dW[ids] += dout`` would keep only the last write of each repeat.
+    dW = scatter-add of dout rows into the looked-up rows, summing repeated ids (a plain
+    ``dW[ids] += dout`` would keep only the last write of each repeat).
     """
     _check_float(w)
     ids = np.asarray(ids)
@@ -469,8 +533,16 @@ def embedding(w: np.ndarray, *, ids: np.ndarray):
     out = w[ids]
 
     def backward(dout):
+        # sort the ids so each distinct id's rows are one run, sum each run with reduceat
+        # (np.add.at does the same scatter-add one row at a time, many times slower)
+        flat = ids.reshape(-1)  # (N,)
+        order = np.argsort(flat, kind="stable")
+        sorted_ids = flat[order]
+        starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
         dw = np.zeros_like(w)
-        np.add.at(dw, ids.reshape(-1), dout.reshape(-1, w.shape[1]))
+        if flat.size:
+            rows = dout.reshape(-1, w.shape[1])[order]  # (N, C), grouped by id
+            dw[sorted_ids[starts]] = np.add.reduceat(rows, starts, axis=0)
         return (dw,)
     return out, backward
 

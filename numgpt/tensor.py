@@ -98,18 +98,33 @@ class Tensor:
             raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
         order = _topological_order(self)
         grads: dict[int, np.ndarray] = {id(self): grad}
+        # Sums this pass allocated (id -> array, held in ``grads`` too, so ids stay unique):
+        # only those may be added to in place or handed to a leaf without a copy. An op's
+        # gradient may alias another's (add passes one dout to both inputs), so others may not.
+        owned: dict[int, np.ndarray] = {}
         for node in order:  # outputs before inputs
             g = grads.pop(id(node), None)
             if g is None:
                 continue
+            mine = owned.pop(id(g), None) is not None
             if node._backward is None:  # a leaf
-                node.grad = g.copy() if node.grad is None else node.grad + g
+                if node.grad is None:
+                    node.grad = g if mine else g.copy()
+                else:
+                    node.grad = node.grad + g
                 continue
             for parent, pg in zip(node.parents, node._backward(g)):
                 if parent is None or pg is None or not parent.requires_grad:
                     continue
                 key = id(parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
+                if key not in grads:
+                    grads[key] = pg
+                elif id(grads[key]) in owned:
+                    grads[key] += pg
+                else:
+                    total = grads[key] + pg
+                    owned[id(total)] = total
+                    grads[key] = total
 
     # ------------------------------------------------------------ operator overloads
     def __add__(self, other): return apply(ops.add, self, _lift(other, self))
