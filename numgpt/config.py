@@ -132,8 +132,11 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived
     @property
     def decay_iters(self) -> int:
-        """Where the cosine reaches ``min_lr``: ``lr_decay_iters`` or ``max_iters``."""
-        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        """Where the cosine reaches ``min_lr``: ``lr_decay_iters``, else ``max_iters`` (at least
+        ``warmup_iters``, so a run shorter than its warmup simply stays in warmup)."""
+        if self.lr_decay_iters is not None:
+            return self.lr_decay_iters
+        return max(self.max_iters, self.warmup_iters)
 
     @property
     def tokens_per_step(self) -> int:

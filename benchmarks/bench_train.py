@@ -1,0 +1,345 @@
+"""Training speed: numgpt's training step against a PyTorch (eager) nanoGPT, side by side.
+
+Two measurements, both in this one process with the same thread count for numpy's BLAS and
+for torch, the two implementations interleaved in chunks so a noisy neighbour slows both
+alike:
+
+1. nanoGPT's CPU Shakespeare recipe (its README's "I only have a macbook" run), characters
+   as bytes: 4 layers, 4 heads, 128 wide, block 64, batch 12, no biases, exact GELU, tied
+   head, dropout 0, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices and
+   embeddings, clipping at 1.0), 100 warmup steps then cosine to 1e-4 at step 2000, on
+   ``../shared/data/tinyshakespeare.txt`` split 90/10 by ``numgpt.data.prepare``. Both
+   models start from the same weights and see the same batches; the numgpt side is the
+   real loop step (``numgpt.train.train_step``). Targets: numgpt's final validation loss
+   <= 1.89 and its time per iteration below PyTorch's.
+2. The same model with GPT-2's padded vocabulary (50304) on random token batches: one
+   training step (forward, backward, clip, AdamW). Target: at least 1.5x faster.
+
+The PyTorch side is a nanoGPT-style model written here (``TorchGPT``): ``nn.Linear``,
+``F.scaled_dot_product_attention(is_causal=True)``, ``F.gelu``, ``F.cross_entropy``,
+``torch.optim.AdamW`` with the same two groups and ``clip_grad_norm_``.
+
+    python benchmarks/bench_train.py [--quick] [--threads N] [--iters 2000]
+
+``--quick`` runs 200 recipe iterations and 5 big-vocab steps and writes nothing unless
+``--out`` is given; the full run writes ``docs/results/bench_train.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results" / "bench_train.md"
+SHAKESPEARE = Path(os.environ.get("NUMGPT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "tinyshakespeare.txt"
+VAL_TARGET = 1.89
+BIG_VOCAB_TARGET = 1.5
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="threads for numpy's BLAS and for torch (default: every core)")
+    p.add_argument("--iters", type=int, default=2000, help="recipe iterations (default 2000)")
+    p.add_argument("--chunk", type=int, default=25, help="steps per interleaved chunk")
+    p.add_argument("--big-steps", type=int, default=12, help="timed big-vocab steps per side")
+    p.add_argument("--eval-iters", type=int, default=200, help="val batches of the final loss")
+    p.add_argument("--quick", action="store_true", help="200 iterations, 5 big-vocab steps")
+    p.add_argument("--skip-recipe", action="store_true", help="only the big-vocab step")
+    p.add_argument("--skip-big", action="store_true", help="only the recipe")
+    p.add_argument("--out", default=None, help=f"markdown results (default {RESULTS.relative_to(ROOT)} "
+                                               "for a full run; --quick writes nothing unless given)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.big_steps, args.eval_iters = min(args.iters, 200), 5, 50
+    elif args.out is None:
+        args.out = str(RESULTS)
+    return args
+
+
+def _set_threads(n: int) -> None:
+    """Before numpy is imported: its BLAS reads these once."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+# ----------------------------------------------------------------------------- torch
+
+def _torch_model_class():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Attention(nn.Module):
+        def __init__(self, C, nh):
+            super().__init__()
+            self.c_attn = nn.Linear(C, 3 * C, bias=False)
+            self.c_proj = nn.Linear(C, C, bias=False)
+            self.nh = nh
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q = q.view(B, T, self.nh, C // self.nh).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, self.nh, C // self.nh).transpose(1, 2)
+            v = v.view(B, T, self.nh, C // self.nh).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    class MLP(nn.Module):
+        def __init__(self, C):
+            super().__init__()
+            self.c_fc = nn.Linear(C, 4 * C, bias=False)
+            self.c_proj = nn.Linear(4 * C, C, bias=False)
+
+        def forward(self, x):
+            return self.c_proj(F.gelu(self.c_fc(x)))
+
+    class Block(nn.Module):
+        def __init__(self, C, nh):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(C, bias=False)
+            self.attn = Attention(C, nh)
+            self.ln_2 = nn.LayerNorm(C, bias=False)
+            self.mlp = MLP(C)
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class TorchGPT(nn.Module):
+        """nanoGPT's GPT without biases; the head is tied to ``wte``."""
+
+        def __init__(self, V, T, L, nh, C):
+            super().__init__()
+            self.wte = nn.Embedding(V, C)
+            self.wpe = nn.Embedding(T, C)
+            self.h = nn.ModuleList([Block(C, nh) for _ in range(L)])
+            self.ln_f = nn.LayerNorm(C, bias=False)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.T  # (B, T, V)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    return TorchGPT
+
+
+def _torch_from(numgpt_model, threads: int):
+    """A TorchGPT holding exactly numgpt_model's weights (Linear (in, out) -> (out, in))."""
+    import torch
+
+    torch.set_num_threads(threads)
+    c = numgpt_model.config
+    m = _torch_model_class()(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd)
+    ours = numgpt_model.parameters()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            w = ours[name].data
+            p.copy_(torch.from_numpy(w.T.copy() if (name.endswith(".weight") and ".c_" in name) else w.copy()))
+    decay = [p for p in m.parameters() if p.dim() >= 2]
+    no_decay = [p for p in m.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99), foreach=True)
+    return m, opt
+
+
+def _torch_step(m, opt, x, y, lr: float) -> float:
+    import torch
+
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = m(torch.from_numpy(x), torch.from_numpy(y))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def _torch_eval(m, data, B, T, iters, seed) -> float:
+    import numpy as np
+    import torch
+
+    from numgpt.data import get_batch
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        return float(np.mean([float(m(*(torch.from_numpy(a) for a in get_batch(data, B, T, rng))))
+                              for _ in range(iters)]))
+
+
+# ----------------------------------------------------------------------------- numgpt
+
+def _numgpt_model(V: int, seed: int = 1337):
+    from numgpt.model import GPT, GPTConfig
+    from numgpt.optim import AdamW
+
+    m = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False,
+                      dropout=0.0, activation="gelu", dtype="float32"), seed=seed)
+    return m, AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+
+def _numgpt_step(m, opt, x, y, lr: float) -> float:
+    from numgpt.train import train_step
+
+    return train_step(m, opt, [(x, y)], lr=lr, grad_clip=1.0).loss
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _interleaved(sides: dict, n_steps: int, chunk: int, batch_for, lr_for, on_chunk=None) -> dict:
+    """Run ``n_steps`` steps of every side, ``chunk`` at a time in turn; per-step wall times."""
+    times = {name: [] for name in sides}
+    losses = {name: [] for name in sides}
+    for start in range(0, n_steps, chunk):
+        for name, (model, opt, step) in sides.items():
+            for it in range(start, min(start + chunk, n_steps)):
+                x, y = batch_for(it)
+                t0 = time.perf_counter()
+                losses[name].append(step(model, opt, x, y, lr_for(it)))
+                times[name].append(time.perf_counter() - t0)
+        if on_chunk:
+            on_chunk(min(start + chunk, n_steps), losses)
+    return {"times": times, "losses": losses}
+
+
+def run_recipe(args) -> dict:
+    import numpy as np
+
+    from numgpt.data import TokenDataset, get_batch, prepare
+    from numgpt.optim import get_lr
+    from numgpt.tokenizer import ByteTokenizer
+    from numgpt.train import estimate_loss
+
+    if not SHAKESPEARE.is_file():
+        sys.exit(f"{SHAKESPEARE} not found; set NUMGPT_SHARED_DATA to the folder holding tinyshakespeare.txt")
+    tmp = tempfile.mkdtemp(prefix="numgpt-bench-")
+    prepare([SHAKESPEARE], ByteTokenizer(), tmp, val_fraction=0.1, progress=False)
+    ds = TokenDataset(tmp)
+    B, T = 12, 64
+    ours, opt = _numgpt_model(256)
+    theirs, topt = _torch_from(ours, args.threads)
+    rng = np.random.default_rng(1337)
+    batches = [get_batch(ds.train, B, T, rng) for _ in range(args.iters)]  # the same for both
+    lr_for = lambda it: get_lr(it, learning_rate=1e-3, warmup_iters=100, lr_decay_iters=2000,  # noqa: E731
+                               min_lr=1e-4)
+
+    def report(done, losses):
+        tail = {k: statistics.fmean(v[-args.chunk:]) for k, v in losses.items()}
+        print(f"  iter {done:5d}: loss numgpt {tail['numgpt']:.4f}  torch {tail['torch']:.4f}", flush=True)
+
+    print(f"recipe: {args.iters} iterations, chunks of {args.chunk}, {args.threads} threads", flush=True)
+    t0 = time.perf_counter()
+    res = _interleaved({"numgpt": (ours, opt, _numgpt_step), "torch": (theirs, topt, _torch_step)},
+                       args.iters, args.chunk, lambda it: batches[it], lr_for,
+                       report if args.iters >= 100 else None)
+    res["wall"] = time.perf_counter() - t0
+    res["val"] = {"numgpt": estimate_loss(ours, ds.val, B, T, args.eval_iters, 0),
+                  "torch": _torch_eval(theirs, ds.val, B, T, args.eval_iters, 0)}
+    return res
+
+
+def run_big_vocab(args) -> dict:
+    import numpy as np
+
+    V, B, T = 50304, 12, 64
+    ours, opt = _numgpt_model(V)
+    theirs, topt = _torch_from(ours, args.threads)
+    rng = np.random.default_rng(0)
+    n = args.big_steps + 2  # the first two of each side are warm-up
+    batches = [(rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))) for _ in range(n)]
+    print(f"big vocab: {args.big_steps} timed steps per side (+2 warm-up), V={V}", flush=True)
+    res = _interleaved({"numgpt": (ours, opt, _numgpt_step), "torch": (theirs, topt, _torch_step)},
+                       n, 1, lambda it: batches[it], lambda it: 1e-3)
+    res["times"] = {k: v[2:] for k, v in res["times"].items()}
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+def _stats(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "mean": statistics.fmean(times), "min": min(times)}
+
+
+def _table(rows, header) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{os.cpu_count()} cores visible, load average {load:.1f} at the end "
+            f"(a load above the core count means other processes shared the CPUs)")
+
+
+def report(args, recipe: dict | None, big: dict | None) -> str:
+    import numpy as np
+    import torch
+
+    lines = ["# Training speed: numgpt vs PyTorch eager (nanoGPT-style), side by side", "",
+             f"Written by `benchmarks/bench_train.py` (numpy {np.__version__}, torch {torch.__version__}, "
+             f"{args.threads} threads each; {_machine()}). Times are wall-clock per training step "
+             f"(forward, backward, clip, AdamW), the two implementations interleaved in chunks.", ""]
+    if recipe:
+        n, t = _stats(recipe["times"]["numgpt"]), _stats(recipe["times"]["torch"])
+        ratio = t["median"] / n["median"]
+        val_ok = recipe["val"]["numgpt"] <= VAL_TARGET
+        lines += [f"## nanoGPT CPU Shakespeare recipe, {args.iters} iterations", "",
+                  *_table([["numgpt", f"{1e3 * n['median']:.1f}", f"{1e3 * n['mean']:.1f}", f"{1e3 * n['min']:.1f}",
+                            f"{recipe['losses']['numgpt'][-1]:.4f}", f"{recipe['val']['numgpt']:.4f}"],
+                           ["torch", f"{1e3 * t['median']:.1f}", f"{1e3 * t['mean']:.1f}", f"{1e3 * t['min']:.1f}",
+                            f"{recipe['losses']['torch'][-1]:.4f}", f"{recipe['val']['torch']:.4f}"]],
+                          ["implementation", "median ms/iter", "mean ms/iter", "min ms/iter", "last train loss",
+                           f"final val loss ({args.eval_iters} batches)"]), "",
+                  f"- speed: torch / numgpt = **{ratio:.2f}x** by median (target > 1.00x: "
+                  f"{'met' if ratio > 1 else 'NOT met'}); by mean {t['mean'] / n['mean']:.2f}x",
+                  f"- numgpt final val loss **{recipe['val']['numgpt']:.4f}** (target <= {VAL_TARGET}: "
+                  f"{'met' if val_ok else 'NOT met'}{'' if args.iters >= 2000 else '; a short run cannot reach it'})",
+                  f"- whole interleaved run: {recipe['wall']:.0f} s", ""]
+    if big:
+        n, t = _stats(big["times"]["numgpt"]), _stats(big["times"]["torch"])
+        ratio = t["median"] / n["median"]
+        lines += ["## One step with vocabulary 50304 (4 layers, 128 wide, block 64, batch 12)", "",
+                  *_table([["numgpt", f"{1e3 * n['median']:.0f}", f"{1e3 * n['mean']:.0f}", f"{1e3 * n['min']:.0f}"],
+                           ["torch", f"{1e3 * t['median']:.0f}", f"{1e3 * t['mean']:.0f}", f"{1e3 * t['min']:.0f}"]],
+                          ["implementation", "median ms/step", "mean ms/step", "min ms/step"]), "",
+                  f"- speed: torch / numgpt = **{ratio:.2f}x** by median (target >= {BIG_VOCAB_TARGET}x: "
+                  f"{'met' if ratio >= BIG_VOCAB_TARGET else 'NOT met'}); by min {t['min'] / n['min']:.2f}x", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    _set_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    from numgpt.train import keep_freed_memory
+
+    keep_freed_memory()  # what numgpt.train.train does; torch's CPU allocator is malloc too
+    recipe = None if args.skip_recipe else run_recipe(args)
+    big = None if args.skip_big else run_big_vocab(args)
+    text = report(args, recipe, big)
+    print()
+    print(text)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        print(f"\nwritten to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
