@@ -1,26 +1,28 @@
 """124M forward speed and inference memory: numgpt against Hugging Face ``transformers``.
 
-One process builds a ``transformers.GPT2LMHeadModel`` with random weights on the GPT-2
-small shape, saves it with ``save_pretrained`` to a temporary folder and loads that folder
-with numgpt's importer (``numgpt.load``), so both libraries hold identical weights (the
-script checks their logits agree before timing anything). Then, for float32 and float64
-(HF ``.double()``), it times a 1024-token forward (B=1):
+A subprocess builds a ``transformers.GPT2LMHeadModel`` with random weights on the GPT-2
+small shape and saves it with ``save_pretrained`` to a temporary folder; numgpt loads that
+folder with its importer (``numgpt.load``), so both libraries hold identical weights (the
+script checks their logits agree before timing anything). For float32 and float64 (HF
+``.double()``) it times one 1024-token forward (B=1) of:
 
 * numgpt ``model.forward`` under ``no_grad``: logits for all 1024 positions (what HF returns);
-* numgpt ``forward_cached`` prefill: the same work through the KV-cache path, but logits for
-  the last position only (what generation needs); reported separately, not compared;
+* numgpt ``forward_cached`` prefill: the same layers through the KV-cache path, but logits
+  for the last position only (what generation needs); shown separately, not in the ratios;
 * transformers under ``torch.no_grad()``, eager attention and sdpa attention (all logits).
 
 Every implementation gets one warm-up call, then the calls are interleaved round-robin so
-a noisy neighbour slows all of them alike; the table reports the median wall time (and the
-minimum and the median process CPU time, which a shared machine disturbs less). numpy's
-BLAS and torch run with the same thread count (``--threads``, default: every core).
+a noisy neighbour slows all of them alike. The table gives the median wall time, the
+minimum, and the median process CPU time (user + system of every thread), which other
+processes on a shared machine disturb less. numpy's OpenBLAS and torch run with the same
+thread count, set and read back at run time for each count in ``--threads``.
 
-Peak memory of a 124M float32 inference process is measured in fresh subprocesses that
-only import numgpt, load the saved ``model.safetensors`` with ``numgpt.load`` and run one
-1024-token forward: ``resource.getrusage(RUSAGE_SELF).ru_maxrss``.
+Peak memory of a 124M float32 inference process is measured in fresh subprocesses, started
+before this process imports anything heavy, that import numgpt only, load the saved
+``model.safetensors`` with ``numgpt.load`` and run one 1024-token forward:
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (and the kernel's VmHWM as a cross-check).
 
-    python benchmarks/bench_forward.py [--threads N] [--repeats 3] [--quick]
+    python benchmarks/bench_forward.py [--threads 1,2] [--repeats 3] [--quick]
 
 Prints the tables and writes them to ``docs/results/bench_forward.md``. Targets (issue 3):
 float32 at least 1.2x faster than transformers, float64 at least as fast, peak < 800 MB.
@@ -36,22 +38,28 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
                        "bench_forward.md")
 TARGETS = {"float32": 1.2, "float64": 1.0}  # transformers time / numgpt time, at least
 MEMORY_TARGET_MB = 800
+HF_ATTENTION = ("eager", "sdpa")
 
 
 def _parse(argv=None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="threads for numpy's BLAS and for torch (default: every core)")
+    p.add_argument("--threads", default=",".join(dict.fromkeys(["1", str(cores)])),
+                   help="comma-separated thread counts for numpy's BLAS and torch, each timed "
+                        f"(default: 1 and every core, here {cores})")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per implementation")
     p.add_argument("--tokens", type=int, default=1024, help="prompt length (<= 1024)")
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated dtypes to time")
     p.add_argument("--quick", action="store_true", help="1 repeat, 256 tokens (a smoke run)")
     p.add_argument("--out", default=None,
-                   help=f"where the markdown table goes (default {os.path.relpath(RESULTS)}; "
-                        "--quick writes nothing unless --out is given)")
+                   help=f"where the markdown goes (default {os.path.relpath(RESULTS)}; --quick "
+                        "writes nothing unless --out is given)")
     p.add_argument("--memory-child", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--save-child", metavar="FOLDER", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.threads = [int(n) for n in args.threads.split(",")]
+    if not 1 <= args.tokens <= 1024:
+        p.error(f"--tokens must be in [1, 1024] (GPT-2's context), got {args.tokens}")
     if args.quick:
         args.repeats, args.tokens = 1, 256
     elif args.out is None:
@@ -59,60 +67,7 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _set_threads(n: int) -> None:
-    """Must run before numpy is imported: OpenBLAS reads these once, at load time."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
-# --------------------------------------------------------------- memory (subprocess)
-
-def memory_child(folder: str, mode: str, tokens: int) -> None:
-    """Load the model with numgpt only, run one forward, print the peak RSS in MB.
-
-    mode "prefill": ``forward_cached`` (last position's logits, the generation path);
-    mode "forward": ``model.forward`` under no_grad (all logits, (1, T, V)).
-    """
-    import resource
-
-    import numpy as np
-
-    from numgpt.tensor import no_grad
-
-    def rss_mb() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-    def hwm_mb() -> float:  # the kernel's peak RSS of this address space, a cross-check
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
-
-    after_import = rss_mb()
-    model = load_numgpt(folder, "float32")
-    after_load = rss_mb()
-    idx = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, tokens))
-    if mode == "prefill":
-        logits = model.forward_cached(idx, model.new_cache(1, tokens))
-    else:
-        with no_grad():
-            logits = model(idx)[0].data
-    assert logits.dtype == np.float32 and np.all(np.isfinite(logits))
-    print(f"MEMORY {after_import:.1f} {after_load:.1f} {rss_mb():.1f} {hwm_mb():.1f}")
-
-
-def measure_memory(folder: str, mode: str, tokens: int, threads: int) -> tuple[float, ...]:
-    """Run ``memory_child`` in a fresh interpreter: (after import, after load, peak, VmHWM) MB.
-
-    Call it while this process is still small: Linux carries ``ru_maxrss`` across exec,
-    so a child started by a process holding two 124M models would report their size.
-    """
-    import subprocess
-
-    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
-           "--tokens", str(tokens), "--memory-child", folder, mode]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("MEMORY "))
-    return tuple(float(x) for x in line.split()[1:])
-
+# ------------------------------------------------------------------- subprocesses
 
 def save_child(folder: str) -> None:
     """Save a random-weight GPT-2 124M (HF format, safetensors) to ``folder``."""
@@ -123,41 +78,9 @@ def save_child(folder: str) -> None:
     transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(folder)
 
 
-# ------------------------------------------------------------------------- timing
-
-def _blas_threads() -> str:
-    """OpenBLAS's own thread count and config, read from the library numpy loaded."""
-    import ctypes
-
-    with open("/proc/self/maps") as f:
-        libs = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "/" in ln})
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
-                               ("openblas", "")):
-            try:
-                n = getattr(lib, f"{prefix}_get_num_threads{suffix}")
-                cfg = getattr(lib, f"{prefix}_get_config{suffix}")
-            except AttributeError:
-                continue
-            n.restype, cfg.restype = ctypes.c_int, ctypes.c_char_p
-            return f"{cfg().decode()} with {n()} threads ({os.path.basename(path)})"
-    return "unknown (no OpenBLAS library found in this process)"
-
-
-def _hf_model(folder: str, attn: str, dtype: str):
-    import torch
-    import transformers
-
-    model = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation=attn)
-    model = model.double() if dtype == "float64" else model.float()
-    assert model.config._attn_implementation == attn, model.config._attn_implementation
-    return model.eval().requires_grad_(False), torch
-
-
 def load_numgpt(folder: str, dtype: str):
     """``numgpt.load`` (the importer users run); if this checkout has none yet, copy the
-    safetensors weights in by name (HF's Conv1D weights are (in, out) like ours)."""
+    safetensors weights in by name (HF's Conv1D weights are (in, out) like numgpt's)."""
     import numgpt
 
     try:
@@ -169,27 +92,129 @@ def load_numgpt(folder: str, dtype: str):
 
         from numgpt.model import GPT, GPTConfig
 
-        hf = json.load(open(os.path.join(folder, "config.json")))
-        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], dtype=dtype,
-                           layer_norm_epsilon=hf["layer_norm_epsilon"])
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                           layer_norm_epsilon=hf["layer_norm_epsilon"], dtype=dtype)
         model = GPT(config, seed=None)
-        weights = {k.removeprefix("transformer."): v for k, v in
-                   load_file(os.path.join(folder, "model.safetensors")).items()}
+        weights = {k.removeprefix("transformer."): v
+                   for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
         for name, p in model.parameters().items():
             p.data[...] = weights.pop(name)
         return model
 
 
-def contestants(folder: str, dtype: str, idx):
-    """{label: (output description, zero-argument callable)} for one dtype."""
+def memory_child(folder: str, mode: str, tokens: int) -> None:
+    """Load the model with numgpt only, run one forward, print RSS figures in MB.
+
+    mode "prefill": ``forward_cached`` (last position's logits, the generation path);
+    mode "forward": ``model.forward`` under no_grad (all logits, (1, T, V)).
+    """
+    import resource
+
     import numpy as np
 
     from numgpt.tensor import no_grad
 
+    def maxrss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+    def vmhwm_mb() -> float:  # the kernel's peak RSS of this address space, a cross-check
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+
+    after_import = maxrss_mb()
+    model = load_numgpt(folder, "float32")
+    after_load = maxrss_mb()
+    idx = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, tokens))
+    if mode == "prefill":
+        logits = model.forward_cached(idx, model.new_cache(1, tokens))
+    else:
+        with no_grad():
+            logits = model(idx)[0].data
+    assert logits.dtype == np.float32 and np.all(np.isfinite(logits))
+    print(f"MEMORY {after_import:.1f} {after_load:.1f} {maxrss_mb():.1f} {vmhwm_mb():.1f}")
+
+
+def _run_self(*flags: str) -> str:
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def measure_memory(folder: str, mode: str, tokens: int) -> tuple[float, ...]:
+    """``memory_child`` in a fresh interpreter: (after import, after load, peak, VmHWM) MB.
+
+    Call it while this process is still small: Linux carries ``ru_maxrss`` across exec, so
+    a child started by a process that holds two 124M models would report their size.
+    """
+    out = _run_self("--tokens", str(tokens), "--memory-child", folder, mode)
+    line = next(ln for ln in out.splitlines() if ln.startswith("MEMORY "))
+    return tuple(float(x) for x in line.split()[1:])
+
+
+# ----------------------------------------------------------------------- threads
+
+def _openblas():
+    """(get_num_threads, set_num_threads, get_config) of the OpenBLAS numpy loaded, or None."""
+    import ctypes
+
+    import numpy  # noqa: F401 - loads the library whose symbols we look up
+
+    with open("/proc/self/maps") as f:
+        libs = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "/" in ln})
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                               ("openblas", "64_"), ("openblas", "")):
+            try:
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                cfg = getattr(lib, f"{prefix}_get_config{suffix}")
+            except AttributeError:
+                continue
+            get.restype, cfg.restype = ctypes.c_int, ctypes.c_char_p
+            return get, put, cfg
+    return None
+
+
+def set_threads(n: int) -> str:
+    """Give numpy's OpenBLAS and torch ``n`` threads; return what each reports back."""
+    import torch
+
+    torch.set_num_threads(n)
+    blas = _openblas()
+    if blas is None:
+        return f"numpy BLAS: not OpenBLAS, thread count not set; torch: {torch.get_num_threads()}"
+    get, put, cfg = blas
+    put(n)
+    if get() != n or torch.get_num_threads() != n:
+        raise SystemExit(f"asked for {n} threads, got OpenBLAS {get()} and torch {torch.get_num_threads()}")
+    return f"numpy BLAS: {cfg().decode().strip()}, {get()} threads; torch: {torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------------- timing
+
+def _hf_model(folder: str, attn: str, dtype: str):
+    import transformers
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation=attn)
+    model = model.double() if dtype == "float64" else model.float()
+    assert model.config._attn_implementation == attn, model.config._attn_implementation
+    return model.eval().requires_grad_(False)
+
+
+def contestants(folder: str, dtype: str, idx) -> dict:
+    """{label: (output description, zero-argument callable)} for one dtype."""
+    import numpy as np
+    import torch
+
+    from numgpt.tensor import no_grad
+
     model = load_numgpt(folder, dtype)
-    hf = {attn: _hf_model(folder, attn, dtype) for attn in ("eager", "sdpa")}
-    torch = hf["eager"][1]
+    hf = {attn: _hf_model(folder, attn, dtype) for attn in HF_ATTENTION}
     ids = torch.from_numpy(idx)
 
     def numgpt_forward():
@@ -205,24 +230,22 @@ def contestants(folder: str, dtype: str, idx):
                 return m(ids).logits  # (1, T, V)
         return run
 
-    # same weights, same logits: a benchmark of two different models would be meaningless
+    # same weights, same logits: timing two different models would be meaningless
     ours = numgpt_forward()
-    for attn, (m, _) in hf.items():
-        theirs = transformers_call(m)().numpy()
-        diff = float(np.max(np.abs(ours - theirs)))
-        limit = 1e-3 if dtype == "float32" else 1e-8
+    limit = 1e-3 if dtype == "float32" else 1e-8
+    for attn, m in hf.items():
+        diff = float(np.max(np.abs(ours - transformers_call(m)().numpy())))
         if not diff < limit:
             raise SystemExit(f"{dtype} logits of numgpt and transformers ({attn}) differ by {diff:.3g} "
-                             f"(> {limit:g}): the two models are not the same; not timing them")
-        print(f"  {dtype} logits max |numgpt - transformers {attn}| = {diff:.2e}")
-    last = numgpt_prefill()
-    assert np.max(np.abs(last - ours[:, -1])) < (1e-4 if dtype == "float32" else 1e-10)
-    return {
-        "numgpt forward": ("all logits (1, T, V)", numgpt_forward),
-        "numgpt forward_cached prefill": ("last position only (1, V)", numgpt_prefill),
-        "transformers eager": ("all logits (1, T, V)", transformers_call(hf["eager"][0])),
-        "transformers sdpa": ("all logits (1, T, V)", transformers_call(hf["sdpa"][0])),
-    }
+                             f"(> {limit:g}): not the same model; not timing them")
+        print(f"  {dtype}: logits max |numgpt - transformers {attn}| = {diff:.2e}")
+    diff = float(np.max(np.abs(numgpt_prefill() - ours[:, -1])))
+    assert diff < limit, f"prefill logits differ from the full forward by {diff:.3g}"
+    calls = {"numgpt forward": ("all logits (1, T, V)", numgpt_forward),
+             "numgpt forward_cached prefill": ("last position only (1, V)", numgpt_prefill)}
+    for attn, m in hf.items():
+        calls[f"transformers {attn}"] = ("all logits (1, T, V)", transformers_call(m))
+    return calls
 
 
 def time_interleaved(calls: dict, repeats: int) -> dict[str, dict[str, float]]:
@@ -247,6 +270,29 @@ def time_interleaved(calls: dict, repeats: int) -> dict[str, dict[str, float]]:
                    "cpu": statistics.median(cpu[name])} for name in calls}
 
 
+def run_timings(args, folder: str) -> tuple[dict, list[str]]:
+    """{(dtype, threads): {"times": ..., "outputs": ...}} and the thread report lines."""
+    import numpy as np
+
+    idx = np.random.default_rng(0).integers(0, 50257, (1, args.tokens))  # (1, T)
+    timings, thread_lines = {}, []
+    for dtype in args.dtypes.split(","):
+        print(f"{dtype}: loading both models")
+        calls = contestants(folder, dtype, idx)
+        for n in args.threads:
+            line = set_threads(n)
+            print(f"  {line}")
+            if line not in thread_lines:
+                thread_lines.append(line)
+            times = time_interleaved(calls, args.repeats)
+            timings[dtype, n] = {"times": times, "outputs": {k: c[0] for k, c in calls.items()}}
+            for name, s in times.items():
+                print(f"  {dtype} {n} thread(s) {name:30s} median {s['median']:.3f} s  "
+                      f"min {s['min']:.3f} s  cpu {s['cpu']:.3f} s")
+        del calls
+    return timings, thread_lines
+
+
 # -------------------------------------------------------------------------- report
 
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
@@ -254,45 +300,56 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
             + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def report(args, env: dict, timings: dict, memory: dict) -> str:
+def _time_rows(timings: dict) -> list[list[str]]:
+    return [[dtype, str(n), name, t["outputs"][name], f"{s['median']:.3f}", f"{s['min']:.3f}",
+             f"{s['cpu']:.3f}"]
+            for (dtype, n), t in timings.items() for name, s in t["times"].items()]
+
+
+def _ratio_rows(timings: dict) -> list[list[str]]:
+    rows = []
+    for (dtype, n), t in timings.items():
+        ours = t["times"]["numgpt forward"]
+        for attn in HF_ATTENTION:
+            theirs = t["times"][f"transformers {attn}"]
+            wall, cpu = theirs["median"] / ours["median"], theirs["cpu"] / ours["cpu"]
+            target = TARGETS.get(dtype, 1.0)
+            rows.append([dtype, str(n), f"transformers {attn} / numgpt forward", f"{wall:.2f}x",
+                         f"{cpu:.2f}x", f">= {target:g}x", "yes" if wall >= target else "NO",
+                         "yes" if cpu >= target else "NO"])
+    return rows
+
+
+def report(args, env: dict, thread_lines: list[str], timings: dict, memory: dict) -> str:
     lines = ["# 124M forward: numgpt vs transformers", "",
              "Generated by `benchmarks/bench_forward.py`; do not edit by hand. GPT-2 small shape "
              "(12 layers, 12 heads, 768 wide, vocab 50257), random weights saved by "
              "`save_pretrained` and loaded by `numgpt.load` (logits checked equal first). "
              f"One forward of B=1, T={args.tokens} tokens; one warm-up, then {args.repeats} "
-             "interleaved calls per implementation; times in seconds.", ""]
-    lines += [f"- machine: {env['cpu']}, {env['cores']} cores; load average before/after: "
-              f"{env['load_before']} / {env['load_after']}",
-              f"- threads: numpy BLAS {env['blas']}; torch {env['torch_threads']} threads "
-              f"(torch {env['torch']}, transformers {env['transformers']}, numpy {env['numpy']})", ""]
-    rows, ratios = [], []
-    for dtype, t in timings.items():
-        for name, stats in t["times"].items():
-            rows.append([dtype, name, t["outputs"][name], f"{stats['median']:.3f}", f"{stats['min']:.3f}",
-                         f"{stats['cpu']:.3f}"])
-        ours = t["times"]["numgpt forward"]
-        for hf in ("transformers eager", "transformers sdpa"):
-            r_wall = t["times"][hf]["median"] / ours["median"]
-            r_cpu = t["times"][hf]["cpu"] / ours["cpu"]
-            target = TARGETS[dtype]
-            ratios.append([dtype, f"{hf} / numgpt forward", f"{r_wall:.2f}x", f"{r_cpu:.2f}x",
-                           f">= {target:g}x", "yes" if r_wall >= target else "NO"])
-    lines += ["## Time per forward", ""]
-    lines += _table(rows, ["dtype", "implementation", "output", "median wall", "min wall", "median CPU"])
-    lines += ["", "The prefill row runs the same layers through the KV-cache path but computes logits "
-              "for the last position only (no 1024 x 50257 head); it is shown for generation and is "
-              "not part of the ratios.", "", "## Ratio (transformers time / numgpt time; > 1 means numgpt "
-              "is faster)", ""]
-    lines += _table(ratios, ["dtype", "ratio", "by median wall", "by median CPU", "target", "met (wall)"])
-    if memory:
-        lines += ["", "## Peak memory of a 124M float32 inference process", "",
-                  "A fresh subprocess imports numgpt (no torch), loads the saved `model.safetensors` "
-                  f"with `numgpt.load`, runs one {args.tokens}-token forward; `ru_maxrss` in MB.", ""]
-        mem_rows = [[mode, f"{m[0]:.0f}", f"{m[1]:.0f}", f"{m[2]:.0f}", f"{m[3]:.0f}",
-                     f"< {MEMORY_TARGET_MB}", "yes" if m[2] < MEMORY_TARGET_MB else "NO"]
-                    for mode, m in memory.items()]
-        lines += _table(mem_rows, ["forward", "ru_maxrss after import", "after load", "peak ru_maxrss",
-                                   "peak VmHWM", "target", "met"])
+             "interleaved calls per implementation; times in seconds. CPU is the process's "
+             "user + system time over all threads, which neighbours on a shared machine disturb "
+             "less than wall time.", "",
+             f"- machine: {env['cpu']}, {env['cores']} cores; load average (1, 5, 15 min) before: "
+             f"{env['load_before']}, after: {env['load_after']}",
+             f"- torch {env['torch']}, transformers {env['transformers']}, numpy {env['numpy']}"]
+    lines += [f"- {ln}" for ln in thread_lines]
+    lines += ["", "## Time per forward", ""]
+    lines += _table(_time_rows(timings), ["dtype", "threads", "implementation", "output",
+                                          "median wall", "min wall", "median CPU"])
+    lines += ["", "The prefill row runs the same layers through the KV-cache path but computes "
+              "logits for the last position only (no T x 50257 head); it is what generation "
+              "uses, and it is not part of the ratios.", "",
+              "## Ratio: transformers time / numgpt forward time (> 1: numgpt is faster)", ""]
+    lines += _table(_ratio_rows(timings), ["dtype", "threads", "ratio", "by median wall",
+                                           "by median CPU", "target", "met (wall)", "met (CPU)"])
+    lines += ["", "## Peak memory of a 124M float32 inference process", "",
+              "A fresh subprocess imports numgpt (no torch), loads the saved `model.safetensors` "
+              f"with `numgpt.load` and runs one {args.tokens}-token forward; MB.", ""]
+    lines += _table([[mode, f"{m[0]:.0f}", f"{m[1]:.0f}", f"{m[2]:.0f}", f"{m[3]:.0f}",
+                      f"< {MEMORY_TARGET_MB}", "yes" if m[2] < MEMORY_TARGET_MB else "NO"]
+                     for mode, m in memory.items()],
+                    ["forward", "ru_maxrss after import", "after load", "peak ru_maxrss",
+                     "peak VmHWM", "target", "met"])
     return "\n".join(lines) + "\n"
 
 
@@ -307,73 +364,55 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _environment(threads: int) -> dict:
+def _environment() -> dict:
     import platform
 
     import numpy
     import torch
     import transformers
 
-    torch.set_num_threads(threads)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "blas": _blas_threads(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": numpy.__version__,
-            "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__}
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    _set_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, args.tokens)
         return 0
     if args.save_child:
         save_child(args.save_child)
         return 0
-    import subprocess
     import tempfile
 
     memory = {}
+    load_before = _load()
     with tempfile.TemporaryDirectory() as folder:
-        # this process imports nothing heavy until the memory children have run
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--save-child", folder], check=True)
+        # nothing heavy is imported here until the memory children have run (see measure_memory)
+        _run_self("--save-child", folder)
         print(f"saved a random-weight GPT-2 124M to {folder}: {sorted(os.listdir(folder))}")
         for mode, label in (("prefill", "forward_cached prefill (last logits)"),
                             ("forward", "forward under no_grad (all logits)")):
-            memory[label] = measure_memory(folder, mode, args.tokens, args.threads)
+            memory[label] = measure_memory(folder, mode, args.tokens)
             print(f"  peak memory, {label}: {memory[label][2]:.0f} MB")
-        timings, env = run_timings(args, folder)
-    text = report(args, env, timings, memory)
+        timings, thread_lines = run_timings(args, folder)
+    env = {**_environment(), "load_before": load_before, "load_after": _load()}
+    text = report(args, env, thread_lines, timings, memory)
     print(text)
     if args.out:
         _write(args.out, text)
         print(f"wrote {os.path.normpath(args.out)}")
     return 0
-
-
-def run_timings(args, folder: str) -> tuple[dict, dict]:
-    import numpy as np
-
-    env = _environment(args.threads)
-    print(f"numpy BLAS: {env['blas']}; torch threads: {env['torch_threads']}")
-    idx = np.random.default_rng(0).integers(0, 50257, (1, args.tokens))
-    timings = {}
-    for dtype in args.dtypes.split(","):
-        print(f"{dtype}: building both models")
-        calls = contestants(folder, dtype, idx)
-        times = time_interleaved(calls, args.repeats)
-        timings[dtype] = {"times": times, "outputs": {n: c[0] for n, c in calls.items()}}
-        for name, s in times.items():
-            print(f"  {name:32s} median {s['median']:.3f} s  min {s['min']:.3f} s  cpu {s['cpu']:.3f} s")
-        del calls
-    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return timings, env
 
 
 if __name__ == "__main__":

@@ -305,7 +305,8 @@ class GPT(Module):
         if probe is not None:
             _report(probe, layer, q=q, k=k, v=v, cache_k=keys, cache_v=values)
         same = bool(np.all(lengths == Tk))
-        y, _ = ops.attention(q, keys, values, key_lengths=None if same else lengths)  # (A, nh, Tn, hs)
+        y = ops.attention_inference(q, keys, values,
+                                    key_lengths=None if same else lengths)  # (A, nh, Tn, hs)
         return Tensor(y.transpose(0, 2, 1, 3).reshape(A, Tn, -1))  # merge heads -> (A, Tn, C)
 
     def new_cache(self, slots: int = 1, max_len: int | None = None) -> KVCache:

@@ -17,10 +17,10 @@ import numpy as np
 
 from . import ops
 from .errors import ConfigError
-from .tensor import Tensor, apply
+from .tensor import Tensor, apply, is_grad_enabled
 
 __all__ = ["Parameter", "Module", "Linear", "LayerNorm", "Embedding", "MLP",
-           "CausalSelfAttention", "Block", "dropout"]
+           "CausalSelfAttention", "Block", "attend", "dropout"]
 
 
 class Parameter(Tensor):
@@ -127,6 +127,18 @@ class MLP(Module):
         return dropout(self.c_proj(h), self.dropout, rng)  # (B, T, C)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of (B, nh, T, hs) tensors -> (B, nh, T, hs).
+
+    When a graph is being built, the differentiable ``ops.attention`` (it keeps P for
+    backward); otherwise ``ops.attention_inference``, the same output up to round-off
+    without holding the (B, nh, T, T) probabilities.
+    """
+    if is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return apply(ops.attention, q, k, v)
+    return Tensor(ops.attention_inference(q.data, k.data, v.data))
+
+
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with one fused QKV projection; heads batched, no loop."""
 
@@ -149,7 +161,7 @@ class CausalSelfAttention(Module):
     def forward(self, x: Tensor, rng: np.random.Generator | None = None) -> Tensor:  # (B, T, C)
         B, T, C = x.shape
         q, k, v = self.split_heads(self.c_attn(x))  # each (B, nh, T, hs)
-        y = apply(ops.attention, q, k, v)  # (B, nh, T, hs)
+        y = attend(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads -> (B, T, C)
         return dropout(self.c_proj(y), self.dropout, rng)
 

@@ -652,34 +652,69 @@ def _attention_batched(q, k, v, s: float, key_lengths) -> np.ndarray:
     return att
 
 
-def _attention_blocked(q, k, v, s: float, key_lengths, block: int):
-    """Fast path: one (row, head) and ``block`` queries at a time -> (out, P).
+def _attention_blocked(q, k, v, s: float, key_lengths, block: int, keep_p: bool = True):
+    """Fast path: one (row, head) and ``block`` queries at a time -> (out, P or None).
 
     Query i of row b sits at position ``off_b + i`` (``off_b = length_b - Tq``) and sees keys
     ``j <= off_b + i``, so a block of queries [r0, r1) needs only keys [0, off_b + r1): the
     scores above the diagonal are never computed (about half of them for a prompt), and
-    softmax works on a slab that stays in cache. The slab is written straight into P (zeros
-    where masked), which backward needs. Same math as ``_attention_batched``; only the
-    summation order inside the BLAS calls differs (round-off).
+    softmax works on a slab that stays in cache. With ``keep_p`` the slab is normalised and
+    written straight into P (zeros where masked), which backward needs. Without, one
+    (block, Tk) buffer is reused and the normalisation moves after the product:
+    ``softmax(S) V = (E V) / rowsum(E)`` with ``E = exp(S - max)``; a column of ones after V
+    makes that one BLAS call return both ``E V`` and ``rowsum(E)``, so the slab is swept
+    three times (max, subtract, exp) instead of five. Same math as ``_attention_batched``;
+    the summation order differs (round-off).
     """
     lead, (Tq, hs), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
-    p = np.zeros((*lead, Tq, Tk), dtype=q.dtype)  # (.., Tq, Tk); untouched pages stay unmapped
     out = np.empty(q.shape, dtype=q.dtype)  # (.., Tq, hs)
+    if keep_p:
+        p = np.zeros((*lead, Tq, Tk), dtype=q.dtype)  # (.., Tq, Tk); untouched pages stay unmapped
+    else:
+        p, scratch = None, np.empty((min(block, Tq), Tk), dtype=q.dtype)  # (block, Tk)
+        v1 = np.ones((Tk, hs + 1), dtype=q.dtype)  # [V | 1] of one (row, head), (Tk, hs + 1)
+        ev1 = np.empty((min(block, Tq), hs + 1), dtype=q.dtype)  # [E V | rowsum E], (block, hs + 1)
     qs = q * s  # scale the (Tq, hs) queries, not the (Tq, Tk) scores; exact when hs is a power of 4
     above = np.triu(np.ones((block, block), dtype=bool), k=1)  # above[a, c]: key c is after query a
     for ix in np.ndindex(*lead):
         off = (Tk if key_lengths is None else int(key_lengths[ix[0]])) - Tq
+        if not keep_p:
+            v1[:, :hs] = v[ix]
         for r0 in range(0, Tq, block):
             r1 = min(r0 + block, Tq)
             n, m = off + r1, r1 - r0  # keys visible to the block's last query; queries in block
-            slab = p[ix][r0:r1, :n]  # (m, n) view into P
+            slab = p[ix][r0:r1, :n] if keep_p else scratch[:m, :n]  # (m, n)
             np.matmul(qs[ix][r0:r1], k[ix][:n].T, out=slab)  # (m, hs) @ (hs, n) -> (m, n)
             np.copyto(slab[:, n - m:], -np.inf, where=above[:m, :m])  # the diagonal block's future
             slab -= slab.max(axis=-1, keepdims=True)
-            np.exp(slab, out=slab)
-            slab /= slab.sum(axis=-1, keepdims=True)
-            np.matmul(slab, v[ix][:n], out=out[ix][r0:r1])  # (m, n) @ (n, hs) -> (m, hs)
+            np.exp(slab, out=slab)  # E
+            if keep_p:
+                slab /= slab.sum(axis=-1, keepdims=True)  # P
+                np.matmul(slab, v[ix][:n], out=out[ix][r0:r1])  # (m, n) @ (n, hs) -> (m, hs)
+            else:
+                np.matmul(slab, v1[:n], out=ev1[:m])  # (m, n) @ (n, hs + 1) -> (m, hs + 1)
+                np.divide(ev1[:m, :hs], ev1[:m, hs:], out=out[ix][r0:r1])  # (E V) / rowsum(E)
     return out, p
+
+
+def _attention_setup(q, k, v, key_lengths, block) -> tuple[float, int]:
+    """Check the shapes of an attention call; return the score scale and the block size."""
+    _check_float(q, k, v)
+    _check_qkv(q, k, v)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq > Tk:
+        raise ShapeError(f"attention: more queries ({Tq}) than keys ({Tk})")
+    if key_lengths is not None:
+        if np.shape(key_lengths) != (q.shape[0],):
+            raise ShapeError(f"attention: key_lengths {np.shape(key_lengths)} must be ({q.shape[0]},)")
+        if np.any(key_lengths < Tq) or np.any(key_lengths > Tk):
+            raise ShapeError(f"attention: key_lengths must lie in [Tq, Tk] = [{Tq}, {Tk}] so every "
+                             f"query sees at least itself, got {np.asarray(key_lengths).tolist()}")
+    if block is None:
+        block = ATTENTION_BLOCK if Tq >= ATTENTION_BLOCK else 0
+    if not (isinstance(block, (int, np.integer)) and block >= 0):
+        raise ValueError(f"attention: block must be None or an int >= 0, got {block!r}")
+    return 1.0 / math.sqrt(q.shape[-1]), int(block)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.ndarray | None = None,
@@ -696,24 +731,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.nd
         dV = P^T dY;  dP = dY V^T;  dS = P * (dP - rowsum(dP * P));
         dQ = dS K / sqrt(hs);  dK = dS^T Q / sqrt(hs).
     """
-    _check_float(q, k, v)
-    _check_qkv(q, k, v)
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    if Tq > Tk:
-        raise ShapeError(f"attention: more queries ({Tq}) than keys ({Tk})")
-    if key_lengths is not None:
-        if np.shape(key_lengths) != (q.shape[0],):
-            raise ShapeError(f"attention: key_lengths {np.shape(key_lengths)} must be ({q.shape[0]},)")
-        if np.any(key_lengths < Tq) or np.any(key_lengths > Tk):
-            raise ShapeError(f"attention: key_lengths must lie in [Tq, Tk] = [{Tq}, {Tk}] so every "
-                             f"query sees at least itself, got {np.asarray(key_lengths).tolist()}")
-    if block is None:
-        block = ATTENTION_BLOCK if Tq >= ATTENTION_BLOCK else 0
-    if not (isinstance(block, (int, np.integer)) and block >= 0):
-        raise ValueError(f"attention: block must be None or an int >= 0, got {block!r}")
-    s = 1.0 / math.sqrt(q.shape[-1])
+    s, block = _attention_setup(q, k, v, key_lengths, block)
     if block:
-        out, p = _attention_blocked(q, k, v, s, key_lengths, int(block))
+        out, p = _attention_blocked(q, k, v, s, key_lengths, block)
     else:
         p = _attention_batched(q, k, v, s, key_lengths)
         out = p @ v  # (.., Tq, Tk) @ (.., Tk, hs) -> (.., Tq, hs)
@@ -727,6 +747,21 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.nd
         dk = np.swapaxes(ds, -1, -2) @ q  # (.., Tk, Tq) @ (.., Tq, hs)
         return dq, dk, dv
     return out, backward
+
+
+# Not in __all__ (which lists the differentiable ops the gradient gate enumerates): this is
+# ``attention`` for inference, with no backward.
+def attention_inference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
+                        key_lengths: np.ndarray | None = None, block: int | None = None) -> np.ndarray:
+    """``attention(...)[0]`` without keeping P for a backward pass: the blocked path reuses one
+    (block, Tk) slab instead of filling a (.., Tq, Tk) array (no O(T^2) memory, no page
+    faults) and normalises after the product (see ``_attention_blocked``). Same arguments;
+    equal to ``attention`` up to round-off (identical on the batched path, small Tq).
+    """
+    s, block = _attention_setup(q, k, v, key_lengths, block)
+    if block:
+        return _attention_blocked(q, k, v, s, key_lengths, block, keep_p=False)[0]
+    return _attention_batched(q, k, v, s, key_lengths) @ v  # (.., Tq, Tk) @ (.., Tk, hs)
 
 
 # ------------------------------------------------------------------------- dropout

@@ -348,3 +348,15 @@ def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one(m
     assert max_diff(got[0], want[:n]) < 1e-12
     for i, logits in enumerate(got[1:]):
         assert max_diff(logits, want[n + i]) < 1e-12
+
+
+@pytest.mark.parametrize("T", [9, 150])  # the batched and the blocked attention path
+def test_no_grad_forward_equals_the_graph_building_one(T):
+    # under no_grad attention skips storing P (ops.attention_inference): round-off only
+    model = tiny_model(block_size=160)
+    idx = np.random.default_rng(T).integers(0, TINY["vocab_size"], (2, T))
+    with no_grad():
+        inference = model(idx)[0].data
+    training = model(idx)[0]
+    assert training.requires_grad
+    assert max_diff(inference, training.data) < 1e-12

@@ -357,10 +357,41 @@ def test_blocked_attention_matches_torch_with_any_block_size(block, key_lengths)
     assert fwd < 1e-12 and rel < 1e-12, (fwd, rel)
 
 
+@pytest.mark.parametrize("block", [0, 1, 5, 16, 64])
+@pytest.mark.parametrize("key_lengths", [None, [45, 37, 40]], ids=["cache full", "rows at 45/37/40 keys"])
+def test_inference_attention_matches_torch_with_any_block_size(block, key_lengths):
+    lengths = np.array([45, 45, 45]) if key_lengths is None else np.array(key_lengths)
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((3, 2, T_, 8)) for T_ in (37, 45, 45))  # (B, nh, T, hs)
+    out = ops.attention_inference(q, k, v, key_lengths=None if key_lengths is None else lengths, block=block)
+    with torch.no_grad():
+        ref = _torch_masked_attention(*(torch.from_numpy(a) for a in (q, k, v)), lengths).numpy()
+    assert _diff(out, ref)[0] < 1e-12
+    off_by_one = np.where(lengths > 37, lengths - 1, lengths + 1)  # the negative control
+    shifted = ops.attention_inference(q, k, v, key_lengths=off_by_one, block=block)
+    assert _diff(shifted, ref)[0] > FORWARD_TOL
+
+
 def test_negative_control_blocked_attention_one_key_off_fails():
     # the same comparison with the mask one position off (each row sees one key fewer)
     fwd, rel = _attention_vs_torch(16, np.array([44, 37, 40]), np.array([45, 38, 41]))
     assert fwd > FORWARD_TOL and rel > GRAD_TOL, (fwd, rel)
+
+
+@pytest.mark.parametrize("T", [5, ops.ATTENTION_BLOCK + 7])
+def test_attend_without_a_graph_uses_the_inference_kernel(T):
+    from numgpt.nn import attend
+    from numgpt.tensor import no_grad
+
+    rng = np.random.default_rng(T)
+    q, k, v = (Tensor(rng.standard_normal((2, 3, T, 8)), requires_grad=True) for _ in range(3))
+    graph = attend(q, k, v)
+    assert graph.requires_grad and graph.parents == (q, k, v)
+    with no_grad():
+        plain = attend(q, k, v)
+    assert not plain.requires_grad and plain.parents == ()
+    np.testing.assert_array_equal(plain.data, ops.attention_inference(q.data, k.data, v.data))
+    assert np.max(np.abs(plain.data - graph.data)) < 1e-14  # normalised after P V: round-off only
 
 
 def test_attention_picks_the_blocked_path_for_long_prompts(monkeypatch):
