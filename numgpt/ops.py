@@ -183,7 +183,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 # Numerical Recipes' Chebyshev fit (``erfcc``): erfc(z) = t exp(-z^2 + P(t)), t = 1/(1 + z/2),
-# z >= 0, relative error < 1.2e-7 everywhere, i.e. float32 rounding. Coefficients of P, t^0 first.
+# z >= 0, relative error < 1.2e-7 everywhere. Coefficients of P, t^0 first.
 _ERFC_FIT = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
              -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 
@@ -192,8 +192,10 @@ def _normal_cdf_float32(x: np.ndarray) -> np.ndarray:
     """Phi(x) for float32 x in ~34 in-place array passes (scipy's scalar erf is ~5x slower).
 
     Phi(-|x|) = erfc(|x| / sqrt 2) / 2 from the fit above, then
-    Phi(x) = Phi(-|x|) + [x > 0] (1 - 2 Phi(-|x|)), which keeps the relative accuracy of
-    the left tail (no 1 + erf cancellation there).
+    Phi(x) = Phi(-|x|) + [x > 0] (1 - 2 Phi(-|x|)), which keeps the left tail (the textbook
+    0.5 (1 + erf) cancels to 0 there in float32). Error against float64: < 3e-7 absolute;
+    relative < 1e-6 for |x| < 2, growing like 3e-8 x^2 (float32 rounding of the exp
+    argument) to 1e-5 at |x| = 9.
     """
     z = np.abs(x)
     z *= _SQRT_HALF  # z = |x| / sqrt 2
@@ -221,8 +223,8 @@ def gelu(x: np.ndarray):
     """Exact GELU (nanoGPT): ``x * Phi(x)``, ``Phi(x) = (1 + erf(x / sqrt 2)) / 2``.
 
     d/dx = Phi(x) + x * phi(x), with phi the standard normal density e^(-x^2/2)/sqrt(2 pi).
-    float64 uses scipy's erf; float32 uses ``_normal_cdf_float32`` (relative error of Phi
-    < 1.2e-7, the size of float32 rounding, and about 5x faster).
+    float64 uses scipy's erf; float32 uses ``_normal_cdf_float32`` (error of Phi < 3e-7,
+    float32 rounding, and about 5x faster).
     """
     _check_float(x)
     if x.dtype == np.float32:

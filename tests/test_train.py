@@ -1,0 +1,348 @@
+"""The training loop (``numgpt.train``), its config, checkpoints, log, plots and commands.
+
+Behaviour proven here, each against an independent reference (a second run, a fresh
+computation, the file on disk):
+* resume is exact: 20 steps straight == 10 + resume + 10 (losses, weights, moments), with
+  dropout, gradient accumulation and evaluations in between; Ctrl-C (KeyboardInterrupt
+  or a real SIGINT) saves a checkpoint a resume continues exactly from;
+* a NaN loss stops training with TrainingDiverged and leaves the last checkpoint intact;
+* unknown keys and wrong types are refused with the key named (dict, TOML, flags);
+* log.jsonl has the documented records; its lr column equals ``optim.get_lr``;
+* plots are written; the commands prepare/train/plot/sanity run end to end;
+* fine-tuning from --init keeps the checkpoint's tokenizer and refuses mismatched data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numgpt import checkpoint
+from numgpt.cli import main
+from numgpt.config import TrainConfig, load_toml
+from numgpt.data import prepare
+from numgpt.errors import CheckpointError, ConfigError, InputError
+from numgpt.model import GPT, GPTConfig
+from numgpt.optim import get_lr
+from numgpt.plots import PLOT_FILES
+from numgpt.tokenizer import ByteTokenizer
+from numgpt.train import GROUPS, TrainingDiverged, default_corpus, position_losses, train
+
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2,
+            sample_tokens=0, plot=False, warmup_iters=3, learning_rate=3e-3, min_lr=3e-4,
+            log_interval=2)
+
+
+def _text() -> str:
+    topics = importlib.import_module("pydoc_data.topics").topics
+    return "\n\n".join(topics[k] for k in sorted(topics))[:40_000]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "input.txt").write_text(_text(), encoding="utf-8")
+    prepare([folder / "input.txt"], ByteTokenizer(), folder, val_fraction=0.1, progress=False)
+    return folder
+
+
+def cfg(data_dir, out, **overrides) -> dict:
+    return {**TINY, "data": str(data_dir), "out": str(out), **overrides}
+
+
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def step_losses(out) -> list[float]:
+    return [r["loss"] for r in read_log(out) if r["kind"] == "step"]
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    return {n: p.data.copy() for n, p in model.parameters().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), f"{name} differs"
+
+
+# ----------------------------------------------------------------------- resume
+
+RESUME = dict(max_iters=20, lr_decay_iters=20, dropout=0.1, gradient_accumulation_steps=2,
+              eval_interval=4, checkpoint_interval=5)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("straight")
+    result = train(cfg(data_dir, out, **RESUME), progress=False)
+    _, _, arrays = checkpoint.load_checkpoint(out / "latest")
+    return {"out": out, "result": result, "weights": weights(result.model), "moments": arrays}
+
+
+def test_resume_continues_exactly_like_a_straight_run(data_dir, tmp_path, straight):
+    first = train(cfg(data_dir, tmp_path, **{**RESUME, "max_iters": 10}), progress=False)
+    assert first.step == 10
+    second = train(cfg(data_dir, tmp_path, **RESUME, resume=True), progress=False)
+    assert second.step == 20 and len(second.losses) == 10
+    assert step_losses(tmp_path) == step_losses(straight["out"])  # all 20, bit for bit
+    assert_same_weights(weights(second.model), straight["weights"])
+    _, _, moments = checkpoint.load_checkpoint(tmp_path / "latest")
+    assert_same_weights(moments, straight["moments"])
+
+
+def test_resume_without_the_saved_rng_state_differs(data_dir, tmp_path, straight):
+    """Negative control: the exactness check sees a resume that re-seeds the sampler."""
+    train(cfg(data_dir, tmp_path, **{**RESUME, "max_iters": 10}), progress=False)
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    fresh = np.random.default_rng(12345).bit_generator.state
+    doc["meta"]["rng"]["data"] = fresh
+    (tmp_path / "latest.json").write_text(json.dumps(doc))
+    second = train(cfg(data_dir, tmp_path, **RESUME, resume=True), progress=False)
+    assert step_losses(tmp_path)[10:] != step_losses(straight["out"])[10:]
+    assert not np.array_equal(second.model.wte.weight.data, straight["weights"]["wte.weight"])
+
+
+def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tmp_path, straight):
+    def stop_at_7(record):
+        if record["step"] == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(data_dir, tmp_path, **RESUME), progress=False, on_step=stop_at_7)
+    _, meta, _ = checkpoint.load_checkpoint(tmp_path / "latest")
+    assert meta["step"] == 7
+    result = train(cfg(data_dir, tmp_path, **RESUME, resume=True), progress=False)
+    assert step_losses(tmp_path) == step_losses(straight["out"])
+    assert_same_weights(weights(result.model), straight["weights"])
+
+
+def test_sigint_stops_after_the_step_and_saves(data_dir, tmp_path):
+    def ctrl_c_at_3(record):
+        if record["step"] == 3:
+            signal.raise_signal(signal.SIGINT)  # the deferred handler only sets a flag
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(data_dir, tmp_path, max_iters=10, eval_interval=0, checkpoint_interval=0),
+              progress=False, on_step=ctrl_c_at_3)
+    _, meta, _ = checkpoint.load_checkpoint(tmp_path / "latest")
+    assert meta["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_resume_refuses_a_changed_model_shape_and_a_missing_checkpoint(data_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="latest.json"):
+        train(cfg(data_dir, tmp_path, max_iters=2, resume=True), progress=False)
+    train(cfg(data_dir, tmp_path, max_iters=2, eval_interval=0), progress=False)
+    with pytest.raises(ConfigError, match="'n_embd'"):
+        train(cfg(data_dir, tmp_path, max_iters=4, resume=True, n_embd=64), progress=False)
+    with pytest.raises(ConfigError, match="--resume"):  # a fresh run must not clobber it
+        train(cfg(data_dir, tmp_path, max_iters=2), progress=False)
+
+
+# ----------------------------------------------------------------------- divergence
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    holder = {}
+
+    def poison_after_6(record):
+        if record["step"] == 6:  # the step-5 checkpoint is on disk; break the weights
+            holder["model"].h[0].mlp.c_fc.weight.data[0, 0] = np.nan
+
+    import numgpt.train as training
+    real_build = training._Run._build_model
+
+    def build_and_keep(self):
+        holder["model"] = real_build(self)
+        return holder["model"]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(training._Run, "_build_model", build_and_keep)
+    try:
+        with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7.*--resume"):
+            train(cfg(data_dir, tmp_path, max_iters=20, eval_interval=0, checkpoint_interval=5),
+                  progress=False, on_step=poison_after_6)
+    finally:
+        mp.undo()
+    model, meta, _ = checkpoint.load_checkpoint(tmp_path / "latest")
+    assert meta["step"] == 5
+    assert all(np.isfinite(p.data).all() for p in model.parameters().values())
+    assert max(r["step"] for r in read_log(tmp_path)) == 6  # nothing logged for step 7
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_huge_learning_rate_is_stopped_with_a_clear_message(data_dir, tmp_path):
+    with pytest.raises(TrainingDiverged, match="Lower learning_rate"):
+        train(cfg(data_dir, tmp_path, max_iters=50, learning_rate=1e30, min_lr=0.0, warmup_iters=0,
+                  grad_clip=0.0, eval_interval=0, checkpoint_interval=0), progress=False)
+
+
+# ----------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("values, key", [
+    ({"n_layr": 2}, "n_layr"), ({"n_layer": "2"}, "n_layer"), ({"n_layer": 2.0}, "n_layer"),
+    ({"learning_rate": True}, "learning_rate"), ({"bias": 1}, "bias"), ({"data": 3}, "data"),
+    ({"min_lr": 1.0}, "min_lr"), ({"n_embd": 30, "n_head": 4}, "n_embd"),
+])
+def test_config_refuses_unknown_keys_and_wrong_types_naming_the_key(values, key):
+    with pytest.raises(ConfigError, match=repr(key)):
+        TrainConfig.from_dict(values)
+
+
+def test_config_from_toml_and_flags_later_wins(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('n_layer = 6\nlearning_rate = 6e-4\ndata = "d"\nbias = true\n')
+    c = TrainConfig.from_sources(toml, {"n_layer": 2})
+    assert (c.n_layer, c.learning_rate, c.data, c.bias) == (2, 6e-4, "d", True)
+    assert c.decay_iters == c.max_iters
+    bad = tmp_path / "bad.toml"
+    bad.write_text('n_layer = "six"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml.*'n_layer'"):
+        TrainConfig.from_sources(bad)
+    bad.write_text("[model]\nn_layer = 6\n")
+    with pytest.raises(ConfigError, match="table"):
+        load_toml(bad)
+    bad.write_text("n_layer = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)
+
+
+# ----------------------------------------------------------------------- log and plots
+
+@pytest.fixture(scope="module")
+def logged_run(data_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("logged")
+    result = train(cfg(data_dir, out, max_iters=12, eval_interval=4, plot=True, sample_tokens=20),
+                   progress=False)
+    return {"out": out, "result": result, "log": read_log(out)}
+
+
+def test_log_has_a_record_per_step_and_per_evaluation(logged_run):
+    log = logged_run["log"]
+    steps = [r for r in log if r["kind"] == "step"]
+    evals = [r for r in log if r["kind"] == "eval"]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    for r in steps:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
+        assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and np.isfinite(r["loss"])
+        assert r["lr"] == pytest.approx(get_lr(r["step"] - 1, learning_rate=3e-3, warmup_iters=3,
+                                               lr_decay_iters=12, min_lr=3e-4), rel=1e-12)
+    grouped = [r for r in steps if "grad_mean_abs" in r]
+    assert [r["step"] for r in grouped] == [1, 3, 5, 7, 9, 11]
+    assert set(grouped[0]["grad_mean_abs"]) == set(GROUPS)
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert all({"train_loss", "val_loss"} <= r.keys() for r in evals)
+    final = [r for r in log if r["kind"] == "final"]
+    assert len(final) == 1 and len(final[0]["val_loss_by_position"]) == TINY["block_size"]
+
+
+def test_best_checkpoint_holds_the_lowest_validation_loss(logged_run):
+    evals = [r for r in logged_run["log"] if r["kind"] == "eval"]
+    _, meta, arrays = checkpoint.load_checkpoint(logged_run["out"] / "best")
+    assert meta["best_val_loss"] == min(r["val_loss"] for r in evals)
+    assert arrays == {}  # best holds weights only; latest holds the moments
+    _, latest, moments = checkpoint.load_checkpoint(logged_run["out"] / "latest")
+    assert latest["step"] == 12 and len(moments) == 2 * len(logged_run["result"].model.parameters())
+
+
+def test_position_losses_equal_a_direct_per_position_cross_entropy(logged_run, data_dir):
+    model = logged_run["result"].model
+    from numgpt.data import TokenDataset, get_batch
+
+    val = TokenDataset(data_dir).val
+    got = position_losses(model, val, 4, 16, 2, seed=7)
+    rng, rows = np.random.default_rng(7), []
+    for _ in range(2):
+        x, y = get_batch(val, 4, 16, rng)
+        logits = model(x)[0].data.astype(np.float64)  # (B, T, V)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        rows.append(-np.take_along_axis(logp, y[..., None], -1)[..., 0])  # (B, T)
+    assert np.allclose(got, np.concatenate(rows).mean(axis=0), atol=1e-9)
+
+
+def test_plots_are_written_as_png(logged_run):
+    out = logged_run["out"]
+    assert sorted(p.name for p in logged_run["result"].plots) == sorted(PLOT_FILES)
+    for name in PLOT_FILES:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert logged_run["result"].sample and logged_run["result"].sample.startswith("The ")
+
+
+def test_plot_command_redraws_from_the_log(logged_run, tmp_path, capsys):
+    assert main(["plot", str(logged_run["out"]), "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(PLOT_FILES)
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "log.jsonl" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- fine-tuning
+
+def test_fine_tune_from_init_keeps_its_tokenizer_and_starts_from_its_weights(data_dir, tmp_path):
+    base = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=True,
+                         activation="gelu_tanh"), seed=5)
+    base.tokenizer = ByteTokenizer()
+    checkpoint.save(base, tmp_path / "base")
+    before = weights(base)
+    result = train(cfg(data_dir, tmp_path / "run", init=str(tmp_path / "base"), max_iters=2,
+                       eval_interval=0), progress=False)
+    assert result.model.config.n_layer == 1 and result.model.config.bias  # the checkpoint's shape
+    assert isinstance(result.tokenizer, ByteTokenizer)
+    moved = max(float(np.abs(result.model.wte.weight.data - before["wte.weight"]).max()), 0)
+    assert 0 < moved < 0.1  # trained a little from the base, not from a fresh init
+
+
+def test_fine_tune_refuses_data_from_another_tokenizer(data_dir, tmp_path):
+    small = GPT(GPTConfig(vocab_size=128, block_size=16, n_layer=1, n_head=2, n_embd=32), seed=0)
+    small.tokenizer = ByteTokenizer()  # 256 ids, but only 128 rows in the embedding
+    checkpoint.save(small, tmp_path / "small")
+    with pytest.raises(InputError, match="re-run `numgpt prepare --tokenizer`"):
+        train(cfg(data_dir, tmp_path / "run", init=str(tmp_path / "small"), max_iters=1), progress=False)
+
+
+# ----------------------------------------------------------------------- default corpus and CLI
+
+def test_default_corpus_is_the_python_docs_prepared_as_bytes(tmp_path):
+    folder = default_corpus(tmp_path / "data")
+    meta = json.loads((folder / "meta.json").read_text())
+    total = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert meta["tokenizer"] == {"type": "bytes"} and total > 300_000
+    text = (folder / "pydoc_topics.txt").read_text(encoding="utf-8")
+    assert "The \"assert\" statement" in text and total == len(text.encode("utf-8"))
+
+
+def test_commands_prepare_train_plot_and_sanity_end_to_end(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(_text(), encoding="utf-8")
+    assert main(["prepare", "--input", str(tmp_path / "in.txt"), "--tokenizer", "bytes",
+                 "--out", str(tmp_path / "d")]) == 0
+    n = len(_text().encode("utf-8"))
+    assert f"train {n - round(n * 0.1):,} tokens" in capsys.readouterr().out
+    args = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--quiet",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+            "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1",
+            "--sample-tokens", "8", "--no-plot"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "trained 4 steps" in out and "--- sample ---" in out
+    assert main(args[:5] + ["--quiet", "--resume", "--max-iters", "6", "--sample-tokens", "0"]) == 0
+    assert "trained 6 steps" in capsys.readouterr().out
+    assert main(args) == 2  # a second fresh run into the same folder is refused
+    assert "--resume to continue" in capsys.readouterr().err
+    assert main(["sanity", "--model", str(tmp_path / "run" / "best"), "--data", str(tmp_path / "in.txt"),
+                 "--next-from-data", "3", "--top", "2", "--ctx", "8"]) == 0
+    assert "accuracy:" in capsys.readouterr().out
+    assert main(["sanity", "--model", str(tmp_path / "run" / "best"), "--data", str(tmp_path / "d" / "val.bin"),
+                 "--offset", "20", "--preview", "5"]) == 0
+    assert "offset 20" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--n-layr", "2"])
+    with pytest.raises(SystemExit):
+        main(["train", "--n-layer", "two"])
+    assert "invalid int value" in capsys.readouterr().err
