@@ -254,6 +254,9 @@ def _add_model_flags(p) -> None:
                    help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="compute dtype (default: the stored one)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="BLAS threads (default: the BLAS library's choice); 1 is fastest on a "
+                        "machine whose cores are busy with other work")
 
 
 def _add_generate(sub) -> None:
@@ -284,6 +287,8 @@ def _run_generate(args) -> int:
     import json
     import warnings
 
+    if args.threads is not None:
+        _set_blas_threads(args.threads)
     from . import sample
 
     if args.num_samples < 1:
@@ -344,6 +349,8 @@ def _read_text_file(path: str) -> str:
 def _run_eval(args) -> int:
     import json
 
+    if args.threads is not None:
+        _set_blas_threads(args.threads)
     from . import evaluate
 
     if args.text is None and args.lambada is None:

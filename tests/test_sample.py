@@ -575,3 +575,16 @@ def test_cli_generate_reports_bad_input_in_one_line(hf_folder, capsys, extra, wo
     assert main(["generate", "--model", str(hf_folder), "-n", "3", *extra]) == 2
     err = capsys.readouterr().err
     assert "numgpt: error:" in err and words in err and "Traceback" not in err
+
+
+def test_cli_generate_threads_flag_in_a_fresh_process_gives_the_same_tokens(hf_folder):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "numgpt", "generate", "--model", str(hf_folder),
+                          "--prompt", "Hello.", "-n", "6", "--temperature", "0", "--json",
+                          "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "no effect" not in out.stderr  # NumPy was not loaded before the flag took effect
+    got = json.loads(out.stdout)["generated_ids"]
+    assert got == generate(numgpt.load(hf_folder), [15496, 13], 6, GREEDY)
