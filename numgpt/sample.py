@@ -143,7 +143,9 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     Exactly ``transformers.TopPLogitsWarper`` (min_tokens_to_keep=1): sort ascending with a
     stable sort (tied logits: the lower id comes first), take the cumulative softmax, and
     remove every token whose cumulative probability is <= 1 - p, except the last (largest).
-    Among tied logits at the boundary the higher ids are kept.
+    Among tied logits at the boundary the higher ids are kept. (transformers uses torch's
+    default, unstable sort, so which of several tied boundary tokens it keeps is
+    arbitrary; how many it keeps, and their values, are the same as here.)
     """
     if not 0.0 < p <= 1.0:
         raise InputError(f"top_p must lie in (0, 1], got {p}")
