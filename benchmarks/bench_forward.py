@@ -249,25 +249,28 @@ def contestants(folder: str, dtype: str, idx) -> dict:
 
 
 def time_interleaved(calls: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """One warm-up each, then ``repeats`` round-robin rounds; wall and CPU seconds per call."""
+    """One warm-up each, then ``repeats`` round-robin rounds; wall, user and system CPU seconds
+    per call (CPU summed over all threads of the process)."""
     import gc
+    import resource
     import statistics
     import time
 
     for _, fn in calls.values():
         fn()
-    wall = {name: [] for name in calls}
-    cpu = {name: [] for name in calls}
+    runs = {name: [] for name in calls}  # (wall, user, sys) seconds per call
     for _ in range(repeats):
         for name, (_, fn) in calls.items():
             gc.collect()
-            w, c = time.perf_counter(), time.process_time()
+            r0, w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             out = fn()
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
+            w, r1 = time.perf_counter() - w, resource.getrusage(resource.RUSAGE_SELF)
+            runs[name].append((w, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
             del out
-    return {name: {"median": statistics.median(wall[name]), "min": min(wall[name]),
-                   "cpu": statistics.median(cpu[name])} for name in calls}
+    med = statistics.median
+    return {name: {"median": med(r[0] for r in rs), "min": min(r[0] for r in rs),
+                   "user": med(r[1] for r in rs), "sys": med(r[2] for r in rs)}
+            for name, rs in runs.items()}
 
 
 def run_timings(args, folder: str) -> tuple[dict, list[str]]:
@@ -288,7 +291,7 @@ def run_timings(args, folder: str) -> tuple[dict, list[str]]:
             timings[dtype, n] = {"times": times, "outputs": {k: c[0] for k, c in calls.items()}}
             for name, s in times.items():
                 print(f"  {dtype} {n} thread(s) {name:30s} median {s['median']:.3f} s  "
-                      f"min {s['min']:.3f} s  cpu {s['cpu']:.3f} s")
+                      f"min {s['min']:.3f} s  user {s['user']:.3f} s  sys {s['sys']:.3f} s")
         del calls
     return timings, thread_lines
 
@@ -302,7 +305,7 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
 
 def _time_rows(timings: dict) -> list[list[str]]:
     return [[dtype, str(n), name, t["outputs"][name], f"{s['median']:.3f}", f"{s['min']:.3f}",
-             f"{s['cpu']:.3f}"]
+             f"{s['user']:.3f}", f"{s['sys']:.3f}"]
             for (dtype, n), t in timings.items() for name, s in t["times"].items()]
 
 
@@ -312,11 +315,11 @@ def _ratio_rows(timings: dict) -> list[list[str]]:
         ours = t["times"]["numgpt forward"]
         for attn in HF_ATTENTION:
             theirs = t["times"][f"transformers {attn}"]
-            wall, cpu = theirs["median"] / ours["median"], theirs["cpu"] / ours["cpu"]
+            wall, user = theirs["median"] / ours["median"], theirs["user"] / ours["user"]
             target = TARGETS.get(dtype, 1.0)
             rows.append([dtype, str(n), f"transformers {attn} / numgpt forward", f"{wall:.2f}x",
-                         f"{cpu:.2f}x", f">= {target:g}x", "yes" if wall >= target else "NO",
-                         "yes" if cpu >= target else "NO"])
+                         f"{user:.2f}x", f">= {target:g}x", "yes" if wall >= target else "NO",
+                         "yes" if user >= target else "NO"])
     return rows
 
 
@@ -326,22 +329,25 @@ def report(args, env: dict, thread_lines: list[str], timings: dict, memory: dict
              "(12 layers, 12 heads, 768 wide, vocab 50257), random weights saved by "
              "`save_pretrained` and loaded by `numgpt.load` (logits checked equal first). "
              f"One forward of B=1, T={args.tokens} tokens; one warm-up, then {args.repeats} "
-             "interleaved calls per implementation; times in seconds. CPU is the process's "
-             "user + system time over all threads, which neighbours on a shared machine disturb "
-             "less than wall time.", "",
+             "interleaved calls per implementation; times in seconds. User and sys CPU are the "
+             "process's times summed over its threads: user CPU is the computation, which other "
+             "processes on a shared machine disturb less than wall time; sys CPU is mostly the "
+             "kernel mapping fresh memory (page faults), e.g. for the (1, T, 50257) logits.", "",
              f"- machine: {env['cpu']}, {env['cores']} cores; load average (1, 5, 15 min) before: "
              f"{env['load_before']}, after: {env['load_after']}",
              f"- torch {env['torch']}, transformers {env['transformers']}, numpy {env['numpy']}"]
     lines += [f"- {ln}" for ln in thread_lines]
     lines += ["", "## Time per forward", ""]
     lines += _table(_time_rows(timings), ["dtype", "threads", "implementation", "output",
-                                          "median wall", "min wall", "median CPU"])
+                                          "median wall", "min wall", "median user CPU",
+                                          "median sys CPU"])
     lines += ["", "The prefill row runs the same layers through the KV-cache path but computes "
               "logits for the last position only (no T x 50257 head); it is what generation "
               "uses, and it is not part of the ratios.", "",
               "## Ratio: transformers time / numgpt forward time (> 1: numgpt is faster)", ""]
     lines += _table(_ratio_rows(timings), ["dtype", "threads", "ratio", "by median wall",
-                                           "by median CPU", "target", "met (wall)", "met (CPU)"])
+                                           "by median user CPU", "target", "met (wall)",
+                                           "met (user CPU)"])
     lines += ["", "## Peak memory of a 124M float32 inference process", "",
               "A fresh subprocess imports numgpt (no torch), loads the saved `model.safetensors` "
               f"with `numgpt.load` and runs one {args.tokens}-token forward; MB.", ""]

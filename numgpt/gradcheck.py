@@ -185,6 +185,8 @@ def op_cases(rng: np.random.Generator) -> list[tuple]:
         ("attention (fused, per-row cache lengths 3 and 5)", ops.attention,
          [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {"key_lengths": np.array([3, 5])},
          ["q", "k", "v"]),
+        ("self_attention (fused split, heads merged)", ops.self_attention, [r(B, T, 3 * nh * hs)],
+         {"n_head": nh}, ["qkv"]),
         ("dropout (p=0.3, fixed mask)", ops.dropout, [r(3, 4)],
          {"p": 0.3, "rng": _FixedGenerator(np.random.default_rng(7))}, ["x"]),
     ]

@@ -130,11 +130,14 @@ class MLP(Module):
 def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention of (B, nh, T, hs) tensors -> (B, nh, T, hs).
 
-    When a graph is being built, the differentiable ``ops.attention`` (it keeps P for
-    backward); otherwise ``ops.attention_inference``, the same output up to round-off
-    without holding the (B, nh, T, T) probabilities.
+    ``ops.attention`` (differentiable, keeps P for backward), except when no graph is being
+    built and the sequence is long enough for the blocked kernel (T >= ``ATTENTION_BLOCK``):
+    then ``ops.attention_inference``, equal up to round-off without holding the
+    (B, nh, T, T) probabilities. Shorter sequences keep the one entry point (their P is
+    small, and tests that swap ``ops.attention`` for a broken one rely on it).
     """
-    if is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    building = is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if building or q.shape[-2] < ops.ATTENTION_BLOCK:
         return apply(ops.attention, q, k, v)
     return Tensor(ops.attention_inference(q.data, k.data, v.data))
 

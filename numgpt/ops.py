@@ -36,7 +36,7 @@ __all__ = [
     "gelu", "gelu_tanh", "matmul", "linear", "sum", "mean", "reshape", "transpose",
     "slice", "softmax", "log_softmax", "cross_entropy", "layernorm", "embedding",
     "tied_head", "attention_scores", "causal_mask", "attention_output", "attention",
-    "dropout", "unbroadcast",
+    "self_attention", "dropout", "unbroadcast",
 ]
 
 Backward = Callable[[np.ndarray], tuple]
@@ -748,6 +748,35 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.nd
         dq = ds @ k  # (.., Tq, Tk) @ (.., Tk, hs)
         dk = np.swapaxes(ds, -1, -2) @ q  # (.., Tk, Tq) @ (.., Tq, hs)
         return dq, dk, dv
+    return out, backward
+
+
+def self_attention(qkv: np.ndarray, *, n_head: int):
+    """Causal multi-head self-attention straight from the fused projection, heads merged:
+    qkv (B, T, 3C) -> (B, T, C).
+
+    Equal to splitting qkv into q, k, v (each (B, nh, T, hs)), ``attention`` and merging the
+    heads back, but one graph node instead of eight: the split is a view, and backward writes
+    dq, dk, dv straight into one (B, T, 3C) gradient instead of three zero-filled slice
+    gradients that the engine then adds. Backward is ``attention``'s, moved through the
+    same (inverse) reshapes.
+    """
+    _check_float(qkv)
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
+        raise ShapeError(f"self_attention: qkv {qkv.shape} must be (B, T, 3C) with C divisible "
+                         f"by n_head={n_head}")
+    B, T, C3 = qkv.shape
+    C, hs = C3 // 3, C3 // (3 * n_head)
+    heads = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, nh, T, hs) view
+    y, attention_backward = attention(heads[0], heads[1], heads[2])  # (B, nh, T, hs)
+    out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads -> (B, T, C)
+
+    def backward(dout):
+        dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
+        dqkv = np.empty((B, T, 3, n_head, hs), dtype=qkv.dtype)
+        for i, d in enumerate(attention_backward(dy)):  # dq, dk, dv: (B, nh, T, hs)
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)  # (B, T, nh, hs)
+        return (dqkv.reshape(B, T, C3),)
     return out, backward
 
 

@@ -52,6 +52,14 @@ def _masked(s: torch.Tensor) -> torch.Tensor:
     return s.masked_fill(~_visible(*s.shape[-2:]), float("-inf"))
 
 
+def _self_attention(qkv: torch.Tensor, nh: int) -> torch.Tensor:
+    """nanoGPT's split, causal SDPA and head merge: (B, T, 3C) -> (B, T, C)."""
+    B, T, C3 = qkv.shape
+    q, k, v = (t.reshape(B, T, nh, C3 // (3 * nh)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, C3 // 3)
+
+
 def _cases() -> list[Case]:
     rng = np.random.default_rng(1234)
     r = lambda *s: rng.standard_normal(s)  # noqa: E731
@@ -141,6 +149,8 @@ def _cases() -> list[Case]:
         Case("attention fused per-row cache lengths 3 and 5", ops.attention,
              [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {"key_lengths": np.array([3, 5])},
              lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_row_visible([3, 5], 2, 5))),
+        Case("self_attention (split, attend, merge)", ops.self_attention, [r(B, T, 3 * nh * hs)],
+             {"n_head": nh}, lambda qkv: _self_attention(qkv, nh)),
         # dropout is compared with torch in its own test (same mask); here for the dtype tests
         Case("dropout", ops.dropout, [r(3, 4)], {"p": 0.3, "rng": np.random.default_rng(0)}, None),
     ]
