@@ -74,7 +74,7 @@ class TrainConfig:
     batch_size: int = _f(12, "sequences per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (each loss "
                                              "scaled by 1/steps)")
-    max_iters: int = _f(1500, "optimizer steps to train in total")
+    max_iters: int = _f(2000, "optimizer steps to train in total")
     learning_rate: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-4, "floor of the cosine decay")
     decay_lr: bool = _f(True, "warmup + cosine decay (false: constant learning_rate)")

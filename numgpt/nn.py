@@ -163,9 +163,13 @@ class CausalSelfAttention(Module):
 
     def forward(self, x: Tensor, rng: np.random.Generator | None = None) -> Tensor:  # (B, T, C)
         B, T, C = x.shape
-        q, k, v = self.split_heads(self.c_attn(x))  # each (B, nh, T, hs)
-        y = attend(q, k, v)  # (B, nh, T, hs)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads -> (B, T, C)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if is_grad_enabled() and qkv.requires_grad:  # training: one fused node, see ops
+            y = apply(ops.self_attention, qkv, n_head=self.n_head)  # (B, T, C)
+        else:
+            q, k, v = self.split_heads(qkv)  # each (B, nh, T, hs)
+            y = attend(q, k, v)  # (B, nh, T, hs), without keeping P
+            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads -> (B, T, C)
         return dropout(self.c_proj(y), self.dropout, rng)
 
 

@@ -366,8 +366,9 @@ class _Run:
         if model.config.vocab_size != self.model.config.vocab_size:
             raise CheckpointError(f"{prefix} has vocab {model.config.vocab_size}, the data has "
                                   f"{self.model.config.vocab_size}")
+        saved_params = model.parameters()
         for name, p in self.model.parameters().items():
-            np.copyto(p.data, model.parameters()[name].data)
+            np.copyto(p.data, saved_params[name].data)
         self.optimizer.load_state_dict({"meta": meta["optimizer"], "arrays": arrays})
         # the config, not the checkpoint, decides hyper-parameters a user may change
         self.optimizer.betas = (self.cfg.beta1, self.cfg.beta2)
@@ -381,11 +382,11 @@ class _Run:
         (written after it by the interrupted run), so the log reads as one clean run."""
         path = self.out / _LOG
         if self.cfg.resume and path.exists():
-            keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step
-                    and json.loads(line).get("kind") != "final"]
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                       if line.strip()]
+            keep = [r for r in records if r.get("step", 0) <= self.step and r.get("kind") != "final"]
             tmp = path.with_name(f".{_LOG}.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
             os.replace(tmp, path)
         self.log_file = open(path, "a", encoding="utf-8")
 
