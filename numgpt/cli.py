@@ -507,6 +507,9 @@ def _add_train(sub) -> None:
                                    "once and flags override it.")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="flat TOML file of config keys")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="BLAS threads (default: the BLAS library's choice); 1 is fastest on a "
+                        "machine whose cores are busy with other work")
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         shown = "unset" if f.default is None else f.default
@@ -519,11 +522,14 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from . import train as training
     from .config import TrainConfig, config_fields
 
+    if args.threads is not None:
+        _set_blas_threads(args.threads)
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
+    from . import train as training  # loads NumPy: after the thread count is set
+
     if cfg.resume:  # the run's saved config, then the file, then the flags
         cfg = training.resume_config(cfg.out, flags, args.config)
     if cfg.data is None and not cfg.resume and not args.quiet:
@@ -571,6 +577,8 @@ def _add_sanity(sub) -> None:
 
 
 def _run_sanity(args) -> int:
+    if args.threads is not None:
+        _set_blas_threads(args.threads)
     from . import sanity
 
     model = _load_for_use(args.model, args.dtype, args.tokenizer)
