@@ -19,7 +19,7 @@ The PyTorch side is a nanoGPT-style model written here (``TorchGPT``): ``nn.Line
 ``F.scaled_dot_product_attention(is_causal=True)``, ``F.gelu``, ``F.cross_entropy``,
 ``torch.optim.AdamW`` with the same two groups and ``clip_grad_norm_``.
 
-    python benchmarks/bench_train.py [--quick] [--threads N] [--iters 2000]
+    python benchmarks/bench_train.py [--quick] [--threads N] [--workers W] [--iters 2000]
 
 ``--quick`` runs 200 recipe iterations and 5 big-vocab steps and writes nothing unless
 ``--out`` is given; the full run writes ``docs/results/bench_train.md``.
@@ -46,7 +46,11 @@ BIG_VOCAB_TARGET = 1.5
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="threads for numpy's BLAS and for torch (default: every core)")
+                   help="cores for each side: torch's intra-op threads, and numgpt's workers x BLAS "
+                        "threads (default: every core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="numgpt data-parallel workers (numgpt.train.DataParallel); numpy's BLAS gets "
+                        "threads // workers threads (default: 1 worker, all threads to BLAS)")
     p.add_argument("--iters", type=int, default=2000, help="recipe iterations (default 2000)")
     p.add_argument("--chunk", type=int, default=25, help="steps per interleaved chunk")
     p.add_argument("--big-steps", type=int, default=12, help="timed big-vocab steps per side")
@@ -57,6 +61,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help=f"markdown results (default {RESULTS.relative_to(ROOT)} "
                                                "for a full run; --quick writes nothing unless given)")
     args = p.parse_args(argv)
+    args.workers = args.workers or 1
+    if not 1 <= args.workers <= args.threads:
+        p.error(f"--workers must be in [1, --threads={args.threads}]")
     if args.quick:
         args.iters, args.big_steps, args.eval_iters = min(args.iters, 200), 5, 50
     elif args.out is None:
@@ -64,10 +71,11 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _set_threads(n: int) -> None:
-    """Before numpy is imported: its BLAS reads these once."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
+def _set_threads(blas: int, torch_threads: int) -> None:
+    """Before numpy is imported: its BLAS reads these once (torch is set explicitly later)."""
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(blas)
+    os.environ["OMP_NUM_THREADS"] = str(torch_threads)
 
 
 # ----------------------------------------------------------------------------- torch
@@ -190,10 +198,13 @@ def _numgpt_model(V: int, seed: int = 1337):
     return m, AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
 
+_PARALLEL = None  # numgpt.train.DataParallel when --workers > 1 (set in main)
+
+
 def _numgpt_step(m, opt, x, y, lr: float) -> float:
     from numgpt.train import train_step
 
-    return train_step(m, opt, [(x, y)], lr=lr, grad_clip=1.0).loss
+    return train_step(m, opt, [(x, y)], lr=lr, grad_clip=1.0, parallel=_PARALLEL).loss
 
 
 # ----------------------------------------------------------------------------- runs
@@ -289,7 +300,9 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
 
     lines = ["# Training speed: numgpt vs PyTorch eager (nanoGPT-style), side by side", "",
              f"Written by `benchmarks/bench_train.py` (numpy {np.__version__}, torch {torch.__version__}, "
-             f"{args.threads} threads each; {_machine()}). Times are wall-clock per training step "
+             f"{args.threads} cores each: torch {args.threads} intra-op threads, numgpt "
+             f"{args.workers} worker(s) x {max(1, args.threads // args.workers)} BLAS thread(s); "
+             f"{_machine()}). Times are wall-clock per training step "
              f"(forward, backward, clip, AdamW), the two implementations interleaved in chunks.", ""]
     if recipe:
         n, t = _stats(recipe["times"]["numgpt"]), _stats(recipe["times"]["torch"])
@@ -320,12 +333,14 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
 
 
 def main(argv=None) -> int:
+    global _PARALLEL
     args = _parse(argv)
-    _set_threads(args.threads)
+    _set_threads(max(1, args.threads // args.workers), args.threads)
     sys.path.insert(0, str(ROOT))
-    from numgpt.train import keep_freed_memory
+    from numgpt.train import DataParallel, keep_freed_memory
 
     keep_freed_memory()  # what numgpt.train.train does; torch's CPU allocator is malloc too
+    _PARALLEL = DataParallel(args.workers) if args.workers > 1 else None
     recipe = None if args.skip_recipe else run_recipe(args)
     big = None if args.skip_big else run_big_vocab(args)
     text = report(args, recipe, big)

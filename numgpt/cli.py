@@ -522,16 +522,16 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from .config import TrainConfig, config_fields
+    from .config import TrainConfig, config_fields, resume_config
 
-    if args.threads is not None:
-        _set_blas_threads(args.threads)
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
+    if cfg.resume:  # the run's saved config, then the file, then the flags
+        cfg = resume_config(cfg.out, flags, args.config)
+    if args.threads is not None or cfg.workers > 1:  # data-parallel workers: 1 BLAS thread each
+        _set_blas_threads(args.threads if args.threads is not None else 1)
     from . import train as training  # loads NumPy: after the thread count is set
 
-    if cfg.resume:  # the run's saved config, then the file, then the flags
-        cfg = training.resume_config(cfg.out, flags, args.config)
     if cfg.data is None and not cfg.resume and not args.quiet:
         print("numgpt: no --data given: training a byte-level model on the Python docs (pydoc_data)",
               file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import numbers
 import sys
@@ -27,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "load_toml", "config_fields", "FieldInfo", "ARCH_KEYS"]
+__all__ = ["TrainConfig", "load_toml", "config_fields", "FieldInfo", "ARCH_KEYS", "resume_config"]
 
 # Keys that fix the shape or numerics of the model: a resumed run must keep them.
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "dtype", "init")
@@ -74,6 +75,8 @@ class TrainConfig:
     batch_size: int = _f(12, "sequences per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (each loss "
                                              "scaled by 1/steps)")
+    workers: int = _f(1, "threads that each take a slice of every batch (data parallel; "
+                         "best with --threads 1)")
     max_iters: int = _f(2000, "optimizer steps to train in total")
     learning_rate: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-4, "floor of the cosine decay")
@@ -104,11 +107,13 @@ class TrainConfig:
     # ------------------------------------------------------------------ checks
     def _check_values(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                     "gradient_accumulation_steps", "eval_iters", "log_interval"):
+                     "gradient_accumulation_steps", "eval_iters", "log_interval", "workers"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("max_iters", "warmup_iters", "eval_interval", "checkpoint_interval",
                      "sample_tokens", "seed"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(self.workers <= self.batch_size, "workers",
+                 f"({self.workers}) must be <= batch_size ({self.batch_size}): each takes rows")
         _require(self.n_embd % self.n_head == 0, "n_embd",
                  f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
         _require(self.activation in ("gelu", "gelu_tanh"), "activation", "must be 'gelu' or 'gelu_tanh'")
@@ -263,3 +268,22 @@ def config_fields() -> list[FieldInfo]:
         base = next((a for a in args if a is not type(None)), tp)
         out.append(FieldInfo(f.name, base, f.default, f.metadata.get("help", ""), bool(args)))
     return out
+
+
+# ---------------------------------------------------------------------- resume
+
+def resume_config(out, overrides: dict | None = None, toml_path=None) -> TrainConfig:
+    """The config of the run in ``out`` (from ``out/latest.json``) with ``overrides`` (and a
+    TOML file) applied on top and ``resume`` set: what ``numgpt train --resume`` trains with."""
+    path = Path(out) / "latest.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        saved = doc["meta"]["train_config"]
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot resume: {str(path)!r} does not exist; train without "
+                              f"--resume first, or point --out at the run") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from {str(path)!r}: not a readable training "
+                              f"checkpoint ({e})") from None
+    saved = {**saved, "out": str(out), "resume": True, "overwrite": False}
+    return TrainConfig.from_sources(toml_path, {**(overrides or {}), "resume": True}, base=saved)

@@ -86,8 +86,14 @@ class Tensor:
         return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag})"
 
     # ------------------------------------------------------------------- backward
-    def backward(self, grad: np.ndarray | None = None) -> None:
-        """Back-propagate from this tensor; a scalar is seeded with 1."""
+    def backward(self, grad: np.ndarray | None = None, *, into: dict | None = None) -> None:
+        """Back-propagate from this tensor; a scalar is seeded with 1.
+
+        ``into``: instead of adding each leaf's gradient to ``leaf.grad``, add it to
+        ``into[leaf]`` (a dict keyed by the leaf tensor). Several threads can then run
+        backward passes over the same parameters at once, each into its own dict, and sum
+        the dicts in a fixed order afterwards (the data-parallel training step does this).
+        """
         if grad is None:
             if self.data.size != 1:
                 raise ValueError(f"backward() without a gradient needs a scalar; this tensor has "
@@ -108,10 +114,12 @@ class Tensor:
                 continue
             mine = owned.pop(id(g), None) is not None
             if node._backward is None:  # a leaf
-                if node.grad is None:
-                    node.grad = g if mine else g.copy()
+                before = node.grad if into is None else into.get(node)
+                total = (g if mine else g.copy()) if before is None else before + g
+                if into is None:
+                    node.grad = total
                 else:
-                    node.grad = node.grad + g
+                    into[node] = total
                 continue
             for parent, pg in zip(node.parents, node._backward(g)):
                 if parent is None or pg is None or not parent.requires_grad:

@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import checkpoint, ops
-from .config import ARCH_KEYS, TrainConfig
+from .config import ARCH_KEYS, TrainConfig, resume_config
 from .data import SPLITS, TokenDataset, get_batch, prepare
 from .errors import CheckpointError, ConfigError, InputError, NumGPTError
 from .model import GPT, GPTConfig
@@ -54,7 +54,7 @@ from .optim import AdamW, clip_grad_norm, lr_schedule
 from .tensor import apply, no_grad
 from .tokenizer import ByteTokenizer, tokenizer_from_config
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats",
+__all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats", "DataParallel",
            "estimate_loss", "position_losses", "param_group", "grad_group_means",
            "global_grad_norm", "default_corpus", "resume_config", "keep_freed_memory", "GROUPS",
            "CHECKPOINT_KIND"]
@@ -151,31 +151,113 @@ def _check_finite(what: str, value: float, step: int, lr: float) -> None:
             f"grad_clip, then continue from the last good checkpoint with --resume")
 
 
+class DataParallel:
+    """``workers`` threads that each run forward and backward on one slice of the rows of
+    every micro-batch, at the same time (NumPy releases the GIL inside its array loops, so
+    the threads use separate cores). Each thread adds its gradients into its own dict
+    (``Tensor.backward(into=...)``); the step sums the dicts in worker order, so a run is
+    deterministic for a given worker count. Use with single-threaded BLAS (``--threads 1``):
+    the parallelism is here instead of inside each matrix product, and it also covers the
+    element-wise work that BLAS threads leave on one core.
+    """
+
+    def __init__(self, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not (isinstance(workers, int) and workers >= 1):
+            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="numgpt-train")
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def __enter__(self) -> "DataParallel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _backward_slices(model: GPT, slices: list, rngs: list, step: int, lr: float) -> tuple[float, dict]:
+    """One worker's share: forward/backward of its (x, y, scale) slices, in order, gradients
+    added into a fresh dict; returns (sum of scaled losses, {param: grad})."""
+    into: dict = {}
+    total = 0.0
+    for (x, y, scale), rng in zip(slices, rngs):
+        _, loss = model(x, y, rng=rng)
+        value = float(loss.data)
+        _check_finite("loss", value, step, lr)
+        total += value * scale
+        (loss if scale == 1.0 else apply(ops.scale, loss, c=scale)).backward(into=into)
+    return total, into
+
+
+def _split(batches, workers: int) -> list[list[tuple]]:
+    """Worker w's slices: the w-th contiguous chunk of rows of every micro-batch, each with
+    its loss scale (rows in the chunk / rows in the batch) / number of micro-batches."""
+    out: list[list[tuple]] = [[] for _ in range(workers)]
+    for x, y in batches:
+        for w, rows in enumerate(np.array_split(np.arange(len(x)), workers)):
+            out[w].append((x[rows], y[rows], len(rows) / len(x) / len(batches)))
+    return out
+
+
 def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.ndarray]], *,
                lr: float, grad_clip: float, rng: np.random.Generator | None = None,
-               group_stats: bool = False, step: int = 0) -> StepStats:
+               group_stats: bool = False, step: int = 0,
+               parallel: DataParallel | None = None) -> StepStats:
     """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
     Each micro-batch ``(x, y)`` is ``(B, T)`` int; its mean cross-entropy is scaled by
     ``1 / len(batches)`` before backward, so the accumulated gradient is that of the mean
     loss over all micro-batches. ``rng`` drives dropout (None: no dropout). Clipping uses
-    ``grad_clip`` (0: off). Raises ``TrainingDiverged`` (weights untouched) on a NaN/inf
-    loss or gradient norm; ``step`` only labels that message.
+    ``grad_clip`` (0: off). With ``parallel``, each micro-batch's rows are split over the
+    worker threads (each slice's loss scaled by its share of the rows); the result equals
+    the serial step up to float rounding. Raises ``TrainingDiverged`` (weights untouched)
+    on a NaN/inf loss or gradient norm; ``step`` only labels that message.
     """
     optimizer.zero_grad()
-    n, total = len(batches), 0.0
-    for x, y in batches:
-        _, loss = model(x, y, rng=rng)
-        value = float(loss.data)
-        _check_finite("loss", value, step, lr)
-        total += value
-        (loss if n == 1 else apply(ops.scale, loss, c=1.0 / n)).backward()
     params = optimizer.params
+    if parallel is None or parallel.workers == 1:
+        n, total = len(batches), 0.0
+        for x, y in batches:
+            _, loss = model(x, y, rng=rng)
+            value = float(loss.data)
+            _check_finite("loss", value, step, lr)
+            total += value / n
+            (loss if n == 1 else apply(ops.scale, loss, c=1.0 / n)).backward()
+    else:
+        total = _parallel_backward(model, params, batches, rng, parallel, step, lr)
     means = grad_group_means(params) if group_stats else None
     norm = clip_grad_norm(params, grad_clip) if grad_clip > 0 else global_grad_norm(params)
     _check_finite("gradient norm", norm, step, lr)
     optimizer.step(lr=lr)
-    return StepStats(total / n, norm, lr, means)
+    return StepStats(total, norm, lr, means)
+
+
+def _parallel_backward(model, params: dict, batches, rng, parallel: DataParallel, step: int,
+                       lr: float) -> float:
+    """Run every worker's slices at once; sum their gradient dicts into ``.grad`` in worker
+    order. Dropout: one generator per (worker, slice), seeded from ``rng`` in a fixed order,
+    so the masks do not depend on thread timing."""
+    shares = _split(batches, parallel.workers)
+    if rng is None:
+        rngs = [[None] * len(s) for s in shares]
+    else:
+        seeds = rng.integers(0, 2**63, size=(parallel.workers, len(batches)))
+        rngs = [[np.random.default_rng(int(v)) for v in row] for row in seeds]
+    futures = [parallel.pool.submit(_backward_slices, model, s, r, step, lr)
+               for s, r in zip(shares, rngs)]
+    results = [f.result() for f in futures]
+    for p in params.values():
+        grads = [into[p] for _, into in results if p in into]
+        if grads:
+            total = grads[0]
+            for g in grads[1:]:
+                total = total + g
+            p.grad = total
+    return sum(loss for loss, _ in results)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -296,6 +378,7 @@ class _Run:
                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         if cfg.resume:
             self._restore()
+        self.parallel = DataParallel(cfg.workers) if cfg.workers > 1 else None
         self.schedule = lr_schedule("cosine" if cfg.decay_lr else "constant",
                                     learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
                                     lr_decay_iters=cfg.decay_iters, min_lr=cfg.min_lr)
@@ -427,6 +510,8 @@ class _Run:
 
     def close(self) -> None:
         self.log_file.close()
+        if self.parallel is not None:
+            self.parallel.close()
 
 
 def _set_dropout(model: GPT, p: float) -> None:
@@ -460,23 +545,6 @@ def _deferred_sigint() -> Iterator[dict]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def resume_config(out, overrides: dict | None = None, toml_path=None) -> TrainConfig:
-    """The config of the run in ``out`` (from ``out/latest.json``) with ``overrides`` (and a
-    TOML file) applied on top and ``resume`` set: what ``numgpt train --resume`` trains with."""
-    path = Path(out) / "latest.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        saved = doc["meta"]["train_config"]
-    except FileNotFoundError:
-        raise CheckpointError(f"cannot resume: {str(path)!r} does not exist; train without "
-                              f"--resume first, or point --out at the run") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot resume from {str(path)!r}: not a readable training "
-                              f"checkpoint ({e})") from None
-    saved = {**saved, "out": str(out), "resume": True, "overwrite": False}
-    return TrainConfig.from_sources(toml_path, {**(overrides or {}), "resume": True}, base=saved)
 
 
 # ------------------------------------------------------------------------- the loop
@@ -543,7 +611,7 @@ def _one_step(run: _Run) -> dict:
     t0 = time.perf_counter()
     stats = train_step(run.model, run.optimizer, run.batches(), lr=lr, grad_clip=cfg.grad_clip,
                        rng=run.dropout_rng if cfg.dropout > 0 else None,
-                       group_stats=group_stats, step=run.step + 1)
+                       group_stats=group_stats, step=run.step + 1, parallel=run.parallel)
     dt = time.perf_counter() - t0
     run.step += 1
     record = {"kind": "step", "step": run.step, "loss": stats.loss, "lr": lr,

@@ -346,3 +346,59 @@ def test_commands_prepare_train_plot_and_sanity_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--n-layer", "two"])
     assert "invalid int value" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- data-parallel workers
+
+def _step_pair(workers: int, break_split=None):
+    """One float64 step, serial and with ``workers`` threads, from the same weights on two
+    micro-batches of 5 rows (uneven slices); returns both (stats, weights). ``break_split``
+    wraps ``train._split`` for the negative control."""
+    import numgpt.train as training
+    from numgpt.optim import AdamW
+
+    out = []
+    for parallel in (None, training.DataParallel(workers)):
+        model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                              dtype="float64"), seed=3)
+        opt = AdamW(model.parameters(), lr=1e-2)
+        rng = np.random.default_rng(4)
+        batches = [(rng.integers(0, 50, (5, 8)), rng.integers(0, 50, (5, 8))) for _ in range(2)]
+        mp = pytest.MonkeyPatch()
+        if break_split is not None and parallel is not None:
+            mp.setattr(training, "_split", break_split(training._split))
+        try:
+            stats = training.train_step(model, opt, batches, lr=1e-2, grad_clip=1.0, parallel=parallel)
+        finally:
+            mp.undo()
+            if parallel is not None:
+                parallel.close()
+        out.append((stats, weights(model)))
+    return out
+
+
+def test_data_parallel_step_equals_the_serial_step():
+    (serial, a), (par, b) = _step_pair(workers=2)
+    assert par.loss == pytest.approx(serial.loss, abs=1e-12)
+    assert par.grad_norm == pytest.approx(serial.grad_norm, rel=1e-12)
+    assert max(float(np.abs(a[n] - b[n]).max()) for n in a) < 1e-12
+
+
+def test_data_parallel_check_fails_when_slices_are_not_weighted_by_their_rows():
+    def unweighted(split):  # every slice weighted as if it were a whole micro-batch
+        return lambda batches, workers: [[(x, y, 1.0 / len(batches)) for x, y, _ in share]
+                                         for share in split(batches, workers)]
+
+    (serial, a), (par, b) = _step_pair(workers=2, break_split=unweighted)
+    assert abs(par.loss - serial.loss) > 1e-3
+    assert max(float(np.abs(a[n] - b[n]).max()) for n in a) > 1e-6
+
+
+def test_data_parallel_runs_are_deterministic_and_resume_exactly(data_dir, tmp_path):
+    run = dict(max_iters=8, lr_decay_iters=8, dropout=0.1, workers=2, gradient_accumulation_steps=2,
+               eval_interval=0, checkpoint_interval=0)
+    straight = train(cfg(data_dir, tmp_path / "a", **run), progress=False)
+    train(cfg(data_dir, tmp_path / "b", **{**run, "max_iters": 4}), progress=False)
+    resumed = train(cfg(data_dir, tmp_path / "b", **run, resume=True), progress=False)
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    assert_same_weights(weights(resumed.model), weights(straight.model))
