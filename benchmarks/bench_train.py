@@ -60,6 +60,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-big", action="store_true", help="only the recipe")
     p.add_argument("--out", default=None, help=f"markdown results (default {RESULTS.relative_to(ROOT)} "
                                                "for a full run; --quick writes nothing unless given)")
+    p.add_argument("--append", action="store_true",
+                   help="add this run's section to --out instead of replacing the file (to keep "
+                        "runs with other --threads/--workers side by side)")
     args = p.parse_args(argv)
     args.workers = args.workers or 1
     if not 1 <= args.workers <= args.threads:
@@ -304,11 +307,13 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
              f"{args.workers} worker(s) x {max(1, args.threads // args.workers)} BLAS thread(s); "
              f"{_machine()}). Times are wall-clock per training step "
              f"(forward, backward, clip, AdamW), the two implementations interleaved in chunks.", ""]
+    tag = (f"{args.threads} core(s): torch {args.threads} thread(s), numgpt {args.workers} worker(s) x "
+           f"{max(1, args.threads // args.workers)} BLAS thread(s)")
     if recipe:
         n, t = _stats(recipe["times"]["numgpt"]), _stats(recipe["times"]["torch"])
         ratio = t["median"] / n["median"]
         val_ok = recipe["val"]["numgpt"] <= VAL_TARGET
-        lines += [f"## nanoGPT CPU Shakespeare recipe, {args.iters} iterations", "",
+        lines += [f"## nanoGPT CPU Shakespeare recipe, {args.iters} iterations; {tag}", "",
                   *_table([["numgpt", f"{1e3 * n['median']:.1f}", f"{1e3 * n['mean']:.1f}", f"{1e3 * n['min']:.1f}",
                             f"{recipe['losses']['numgpt'][-1]:.4f}", f"{recipe['val']['numgpt']:.4f}"],
                            ["torch", f"{1e3 * t['median']:.1f}", f"{1e3 * t['mean']:.1f}", f"{1e3 * t['min']:.1f}",
@@ -323,7 +328,7 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
     if big:
         n, t = _stats(big["times"]["numgpt"]), _stats(big["times"]["torch"])
         ratio = t["median"] / n["median"]
-        lines += ["## One step with vocabulary 50304 (4 layers, 128 wide, block 64, batch 12)", "",
+        lines += [f"## One step with vocabulary 50304 (4 layers, 128 wide, block 64, batch 12); {tag}", "",
                   *_table([["numgpt", f"{1e3 * n['median']:.0f}", f"{1e3 * n['mean']:.0f}", f"{1e3 * n['min']:.0f}"],
                            ["torch", f"{1e3 * t['median']:.0f}", f"{1e3 * t['mean']:.0f}", f"{1e3 * t['min']:.0f}"]],
                           ["implementation", "median ms/step", "mean ms/step", "min ms/step"]), "",
@@ -350,6 +355,8 @@ def main(argv=None) -> int:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
+        if args.append and path.is_file():  # keep the title once, add this run's sections
+            text = path.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + text.split("\n", 2)[2]
         tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, path)
         print(f"\nwritten to {path}")

@@ -513,7 +513,10 @@ def _add_train(sub) -> None:
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         shown = "unset" if f.default is None else f.default
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.help} (default: {shown})")
+        text = f.help if "default" in f.help else f"{f.help} (default: {shown})"
+        if f.name == "workers":
+            text = f"{f.help} (default: one per core, at most 4, with 1 BLAS thread each; 1 with --threads)"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -521,13 +524,26 @@ def _add_train(sub) -> None:
     p.set_defaults(run=_run_train)
 
 
+def _default_workers(batch_size: int) -> int:
+    """Data-parallel workers when neither --workers nor --threads is given: one per core this
+    process may use, at most 4 (past that the threads wait on each other for Python's GIL)
+    and at most batch_size. With 1 BLAS thread each this beat multi-threaded BLAS on 2 cores,
+    quiet (41 vs 49 ms per step) and busy alike."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4, batch_size))
+
+
 def _run_train(args) -> int:
-    from .config import TrainConfig, config_fields, resume_config
+    from .config import TrainConfig, config_fields, load_toml, resume_config
 
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
     if cfg.resume:  # the run's saved config, then the file, then the flags
         cfg = resume_config(cfg.out, flags, args.config)
+    elif args.threads is None and "workers" not in {*flags, *(load_toml(args.config) if args.config else {})}:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "workers": _default_workers(cfg.batch_size)})
     if args.threads is not None or cfg.workers > 1:  # data-parallel workers: 1 BLAS thread each
         _set_blas_threads(args.threads if args.threads is not None else 1)
     from . import train as training  # loads NumPy: after the thread count is set

@@ -331,6 +331,9 @@ def test_commands_prepare_train_plot_and_sanity_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "trained 4 steps" in out and "--- sample ---" in out
+    import os  # no --workers/--threads: one data-parallel worker per core (<= 4, <= batch 4)
+    saved = json.loads((tmp_path / "run" / "latest.json").read_text())["meta"]["train_config"]
+    assert saved["workers"] == min(len(os.sched_getaffinity(0)), 4, 4)
     assert main(args[:5] + ["--quiet", "--resume", "--max-iters", "6", "--sample-tokens", "0"]) == 0
     assert "trained 6 steps" in capsys.readouterr().out
     assert main(args) == 2  # a second fresh run into the same folder is refused
@@ -402,3 +405,19 @@ def test_data_parallel_runs_are_deterministic_and_resume_exactly(data_dir, tmp_p
     resumed = train(cfg(data_dir, tmp_path / "b", **run, resume=True), progress=False)
     assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
     assert_same_weights(weights(resumed.model), weights(straight.model))
+
+
+def test_backward_into_a_dict_leaves_grad_alone_and_equals_it():
+    from numgpt.tensor import Tensor
+
+    rng = np.random.default_rng(0)
+    w = Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    x = Tensor(rng.standard_normal((2, 3)))
+    loss = ((x @ w) * (x @ w)).sum()  # w used twice: the engine sums inside the pass
+    into: dict = {}
+    loss.backward(into=into)
+    assert w.grad is None and set(into) == {w}
+    loss.backward()
+    assert np.array_equal(into[w], w.grad)
+    loss.backward(into=into)  # a second pass adds, as .grad does
+    assert np.allclose(into[w], 2 * w.grad)
