@@ -5,7 +5,10 @@ One optimizer step (``train_step``) is: zero the gradients; for each of
 backward (gradients add up in ``.grad``); measure the per-group gradient magnitudes
 (every ``log_interval`` steps); clip the global norm; one AdamW update at the scheduled
 learning rate. ``train`` wraps it with data sampling, evaluation, checkpoints, a log, a
-progress bar and plots.
+progress bar and plots. With ``workers > 1`` (``DataParallel``) the rows of every
+micro-batch are split over threads that run forward and backward at the same time, each
+with single-threaded BLAS; their gradients are summed in worker order, so runs stay
+deterministic (the result equals the serial step up to float rounding).
 
 Randomness is explicit. ``SeedSequence(seed)`` spawns independent streams for the batch
 sampler, dropout and the evaluation batches; the model init uses ``seed`` itself. The
