@@ -13,9 +13,11 @@ script checks their logits agree before timing anything). For float32 and float6
 
 Every implementation gets one warm-up call, then the calls are interleaved round-robin so
 a noisy neighbour slows all of them alike. The table gives the median wall time, the
-minimum, and the median process CPU time (user + system of every thread), which other
-processes on a shared machine disturb less. numpy's OpenBLAS and torch run with the same
-thread count, set and read back at run time for each count in ``--threads``.
+minimum, and the median user and system CPU time of the process (summed over its
+threads): user CPU is the computation, which other processes on a shared machine disturb
+less; system CPU is mostly the kernel mapping fresh memory (the (1, T, 50257) logits).
+numpy's OpenBLAS and torch run with the same thread count, set and read back at run time
+for each count in ``--threads`` (default: 1, then every core).
 
 Peak memory of a 124M float32 inference process is measured in fresh subprocesses, started
 before this process imports anything heavy, that import numgpt only, load the saved
