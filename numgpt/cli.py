@@ -615,7 +615,9 @@ _COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="numgpt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="numgpt", description="GPT-2 from first principles on NumPy: train, load, generate, "
+                                   "evaluate, trace, serve. `numgpt COMMAND --help` explains each command.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"numgpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
