@@ -434,9 +434,7 @@ async def _collect(comp: _Completion) -> dict:
     choices = []
     for c in comp.choices:
         lp = c.logprobs if c.logprobs is not None else comp.echo_logprobs(c)
-        choices.append({"text": "".join(c.text), "index": c.index,
-                        "logprobs": lp.to_json() if lp is not None else None,
-                        "finish_reason": c.finish.reason})
+        choices.append(_choice_json("".join(c.text), c.index, lp, c.finish.reason))
     return {"id": comp.id, "object": "text_completion", "created": comp.created,
             "model": comp.model_name, "choices": choices, "usage": comp.usage()}
 
@@ -452,9 +450,7 @@ async def _stream(comp: _Completion) -> AsyncIterator[str]:
             return []
         echoed.add(c.index)
         lp = comp.echo_logprobs(c)
-        return [comp.chunk([{"text": comp.echo_text(c), "index": c.index,
-                             "logprobs": lp.to_json() if lp is not None else None,
-                             "finish_reason": None}])]
+        return [comp.chunk([_choice_json(comp.echo_text(c), c.index, lp, None)])]
 
     if comp.spec.logprobs is None:
         for c in comp.choices:
@@ -474,8 +470,7 @@ async def _stream(comp: _Completion) -> AsyncIterator[str]:
         for s in echo(c):
             yield s
         if isinstance(ev, TokenEvent):
-            yield comp.chunk([{"text": ev.text, "index": i, "logprobs": _token_logprobs(comp, c, ev),
-                               "finish_reason": None}])
+            yield comp.chunk([_choice_json(ev.text, i, _token_logprobs(comp, c, ev), None)])
             continue
         c.finish, remaining = ev, remaining - 1
         if ev.reason in ("error", "cancelled"):
@@ -483,11 +478,18 @@ async def _stream(comp: _Completion) -> AsyncIterator[str]:
                               "generation_failed")
             yield f"data: {json.dumps(err)}\n\n"
             return
-        yield comp.chunk([{"text": ev.text, "index": i, "logprobs": None,
-                           "finish_reason": ev.reason}])
+        yield comp.chunk([_choice_json(ev.text, i, None, ev.reason)])
     if comp.spec.include_usage:
         yield comp.chunk([], usage=comp.usage())
     yield "data: [DONE]\n\n"
+
+
+def _choice_json(text: str, index: int, logprobs: "_Logprobs | dict | None",
+                 finish_reason: str | None) -> dict:
+    """One entry of a response's (or a stream chunk's) ``choices``."""
+    if isinstance(logprobs, _Logprobs):
+        logprobs = logprobs.to_json()
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _token_logprobs(comp: _Completion, c: _Choice, ev: TokenEvent) -> dict | None:
