@@ -289,7 +289,7 @@ class GPT(Module):
                           start: np.ndarray, probe: Probe | None = None) -> Tensor:
         """Write the new keys/values at each row's position, attend over the row's cache."""
         A, Tn, _ = qkv.shape
-        q, k, v = (t.data for t in self.h[layer].attn.split_heads(qkv))  # (A, nh, Tn, hs)
+        q, k, v = ops.split_heads(qkv.data, self.config.n_head)  # views, (A, nh, Tn, hs)
         index = _as_index(rows)
         if Tn == 1:  # one token per row, rows may sit at different positions
             cache.k[layer, rows, :, start] = k[:, :, 0]  # (A, nh, hs)
@@ -307,7 +307,7 @@ class GPT(Module):
         same = bool(np.all(lengths == Tk))
         y = ops.attention_inference(q, keys, values,
                                     key_lengths=None if same else lengths)  # (A, nh, Tn, hs)
-        return Tensor(y.transpose(0, 2, 1, 3).reshape(A, Tn, -1))  # merge heads -> (A, Tn, C)
+        return Tensor(ops.merge_heads(y))  # (A, Tn, C)
 
     def new_cache(self, slots: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache.allocate(self.config, slots, max_len)

@@ -155,7 +155,8 @@ class CausalSelfAttention(Module):
         self.dropout = dropout
 
     def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, 3C) -> q, k, v each (B, nh, T, hs)."""
+        """(B, T, 3C) -> q, k, v each (B, nh, T, hs), as graph nodes (``ops.split_heads`` is
+        the same move on plain arrays)."""
         B, T, C3 = qkv.shape
         nh, hs = self.n_head, C3 // (3 * self.n_head)
         heads = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)

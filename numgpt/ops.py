@@ -602,7 +602,8 @@ def causal_mask(scores: np.ndarray, *, fill: float = -np.inf):
     """
     _check_float(scores)
     Tq, Tk = scores.shape[-2:]
-    future = np.triu(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)  # (Tq, Tk)
+    visible = _visible_keys(Tq, Tk, None)
+    future = np.zeros((Tq, Tk), dtype=bool) if visible is None else ~visible  # (Tq, Tk)
     out = np.where(future, scores.dtype.type(fill), scores)
 
     def backward(dout):
@@ -751,6 +752,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.nd
     return out, backward
 
 
+def split_heads(qkv: np.ndarray, n_head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views q, k, v, each (B, nh, T, hs), of the fused projection qkv (B, T, 3C)."""
+    B, T, C3 = qkv.shape
+    heads = qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+    return heads[0], heads[1], heads[2]
+
+
+def merge_heads(y: np.ndarray) -> np.ndarray:
+    """Heads side by side again: y (B, nh, T, hs) -> (B, T, nh * hs)."""
+    B, nh, T, hs = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)  # (B, T, nh, hs) -> (B, T, C)
+
+
 def self_attention(qkv: np.ndarray, *, n_head: int):
     """Causal multi-head self-attention straight from the fused projection, heads merged:
     qkv (B, T, 3C) -> (B, T, C).
@@ -767,9 +781,8 @@ def self_attention(qkv: np.ndarray, *, n_head: int):
                          f"by n_head={n_head}")
     B, T, C3 = qkv.shape
     C, hs = C3 // 3, C3 // (3 * n_head)
-    heads = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, nh, T, hs) view
-    y, attention_backward = attention(heads[0], heads[1], heads[2])  # (B, nh, T, hs)
-    out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads -> (B, T, C)
+    y, attention_backward = attention(*split_heads(qkv, n_head))  # (B, nh, T, hs)
+    out = merge_heads(y)  # (B, T, C)
 
     def backward(dout):
         dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
