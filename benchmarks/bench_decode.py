@@ -73,7 +73,7 @@ def _set_threads(n: int) -> None:
 
 def numgpt_decode(model, prompt, n: int) -> float:
     """Tokens/s of numgpt's generator between its first and last yielded token."""
-    from numgpt.sample import SamplingParams, stream
+    from numgpt.infer.sample import SamplingParams, stream
 
     stamps = [time.perf_counter() for _ in stream(model, prompt, n, SamplingParams(temperature=0))]
     return (n - 1) / (stamps[-1] - stamps[0])
@@ -166,7 +166,7 @@ def build(shape: dict, folder: str):
 def check_same_tokens(hf, model, prompt) -> None:
     import torch
 
-    from numgpt.sample import SamplingParams, generate
+    from numgpt.infer.sample import SamplingParams, generate
 
     ours = generate(model, prompt, 8, SamplingParams(temperature=0))
     with torch.no_grad():

@@ -92,7 +92,7 @@ def load_numgpt(folder: str, dtype: str):
 
         from safetensors.numpy import load_file
 
-        from numgpt.model import GPT, GPTConfig
+        from numgpt.core.model import GPT, GPTConfig
 
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
@@ -117,7 +117,7 @@ def memory_child(folder: str, mode: str, tokens: int) -> None:
 
     import numpy as np
 
-    from numgpt.tensor import no_grad
+    from numgpt.core.tensor import no_grad
 
     def maxrss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -213,7 +213,7 @@ def contestants(folder: str, dtype: str, idx) -> dict:
     import numpy as np
     import torch
 
-    from numgpt.tensor import no_grad
+    from numgpt.core.tensor import no_grad
 
     model = load_numgpt(folder, dtype)
     hf = {attn: _hf_model(folder, attn, dtype) for attn in HF_ATTENTION}

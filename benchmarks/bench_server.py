@@ -35,9 +35,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from numgpt.checkpoint import save  # noqa: E402
-from numgpt.model import GPT, GPTConfig  # noqa: E402
-from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+from numgpt.io.checkpoint import save  # noqa: E402
+from numgpt.core.model import GPT, GPTConfig  # noqa: E402
+from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 CLIENTS = (1, 4, 16)
 

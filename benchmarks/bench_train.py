@@ -8,9 +8,9 @@ alike:
    as bytes: 4 layers, 4 heads, 128 wide, block 64, batch 12, no biases, exact GELU, tied
    head, dropout 0, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices and
    embeddings, clipping at 1.0), 100 warmup steps then cosine to 1e-4 at step 2000, on
-   ``../shared/data/tinyshakespeare.txt`` split 90/10 by ``numgpt.data.prepare``. Both
+   ``../shared/data/tinyshakespeare.txt`` split 90/10 by ``numgpt.io.data.prepare``. Both
    models start from the same weights and see the same batches; the numgpt side is the
-   real loop step (``numgpt.train.train_step``). Targets: numgpt's final validation loss
+   real loop step (``numgpt.train.loop.train_step``). Targets: numgpt's final validation loss
    <= 1.89 and its time per iteration below PyTorch's.
 2. The same model with GPT-2's padded vocabulary (50304) on random token batches: one
    training step (forward, backward, clip, AdamW). Target: at least 1.5x faster.
@@ -49,7 +49,7 @@ def _parse(argv=None) -> argparse.Namespace:
                    help="cores for each side: torch's intra-op threads, and numgpt's workers x BLAS "
                         "threads (default: every core)")
     p.add_argument("--workers", type=int, default=None,
-                   help="numgpt data-parallel workers (numgpt.train.DataParallel); numpy's BLAS gets "
+                   help="numgpt data-parallel workers (numgpt.train.loop.DataParallel); numpy's BLAS gets "
                         "threads // workers threads (default: 1 worker, all threads to BLAS)")
     p.add_argument("--iters", type=int, default=2000, help="recipe iterations (default 2000)")
     p.add_argument("--chunk", type=int, default=25, help="steps per interleaved chunk")
@@ -182,7 +182,7 @@ def _torch_eval(m, data, B, T, iters, seed) -> float:
     import numpy as np
     import torch
 
-    from numgpt.data import get_batch
+    from numgpt.io.data import get_batch
 
     rng = np.random.default_rng(seed)
     with torch.no_grad():
@@ -193,19 +193,19 @@ def _torch_eval(m, data, B, T, iters, seed) -> float:
 # ----------------------------------------------------------------------------- numgpt
 
 def _numgpt_model(V: int, seed: int = 1337):
-    from numgpt.model import GPT, GPTConfig
-    from numgpt.optim import AdamW
+    from numgpt.core.model import GPT, GPTConfig
+    from numgpt.train.optim import AdamW
 
     m = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False,
                       dropout=0.0, activation="gelu", dtype="float32"), seed=seed)
     return m, AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
 
-_PARALLEL = None  # numgpt.train.DataParallel when --workers > 1 (set in main)
+_PARALLEL = None  # numgpt.train.loop.DataParallel when --workers > 1 (set in main)
 
 
 def _numgpt_step(m, opt, x, y, lr: float) -> float:
-    from numgpt.train import train_step
+    from numgpt.train.loop import train_step
 
     return train_step(m, opt, [(x, y)], lr=lr, grad_clip=1.0, parallel=_PARALLEL).loss
 
@@ -231,10 +231,10 @@ def _interleaved(sides: dict, n_steps: int, chunk: int, batch_for, lr_for, on_ch
 def run_recipe(args) -> dict:
     import numpy as np
 
-    from numgpt.data import TokenDataset, get_batch, prepare
-    from numgpt.optim import get_lr
-    from numgpt.tokenizer import ByteTokenizer
-    from numgpt.train import estimate_loss
+    from numgpt.io.data import TokenDataset, get_batch, prepare
+    from numgpt.train.optim import get_lr
+    from numgpt.io.tokenizer import ByteTokenizer
+    from numgpt.train.loop import estimate_loss
 
     if not SHAKESPEARE.is_file():
         sys.exit(f"{SHAKESPEARE} not found; set NUMGPT_SHARED_DATA to the folder holding tinyshakespeare.txt")
@@ -342,9 +342,9 @@ def main(argv=None) -> int:
     args = _parse(argv)
     _set_threads(max(1, args.threads // args.workers), args.threads)
     sys.path.insert(0, str(ROOT))
-    from numgpt.train import DataParallel, keep_freed_memory
+    from numgpt.train.loop import DataParallel, keep_freed_memory
 
-    keep_freed_memory()  # what numgpt.train.train does; torch's CPU allocator is malloc too
+    keep_freed_memory()  # what numgpt.train.loop.train does; torch's CPU allocator is malloc too
     _PARALLEL = DataParallel(args.workers) if args.workers > 1 else None
     recipe = None if args.skip_recipe else run_recipe(args)
     big = None if args.skip_big else run_big_vocab(args)

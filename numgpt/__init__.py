@@ -1,15 +1,34 @@
-"""numgpt: GPT-2 from first principles on NumPy."""
+"""numgpt: GPT-2 from first principles on NumPy.
+
+The short public entry points, each imported on first use so that ``import numgpt.core.ops``
+stays light and does not pull in the checkpoint or training code:
+
+    numgpt.load(path)               numgpt.io.checkpoint.load
+    numgpt.generate(model, ...)     numgpt.infer.sample.generate
+    numgpt.perplexity(model, ids)   numgpt.infer.evaluate.perplexity
+    numgpt.train(config)            numgpt.train.loop.train (``numgpt.train`` is also the package)
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "__version__"]
+__all__ = ["load", "generate", "perplexity", "train", "__version__"]
 
 
 def __getattr__(name: str):
-    """``numgpt.load`` is imported on first use, so ``import numgpt.ops`` stays light and
-    does not depend on the checkpoint code."""
     if name == "load":
-        from .checkpoint import load
+        from .io.checkpoint import load
 
         return load
+    if name == "generate":
+        from .infer.sample import generate
+
+        return generate
+    if name == "perplexity":
+        from .infer.evaluate import perplexity
+
+        return perplexity
+    if name == "train":
+        from . import train  # a callable package: numgpt.train(config) runs training
+
+        return train
     raise AttributeError(f"module 'numgpt' has no attribute {name!r}")

@@ -27,7 +27,7 @@ def _add_gradcheck(sub) -> None:
 
 
 def _run_gradcheck(args) -> int:
-    from . import gradcheck
+    from .verify import gradcheck
 
     results = gradcheck.run_gate(seed=args.seed)
     print(gradcheck.format_table(results))
@@ -64,7 +64,7 @@ def _add_convert(sub) -> None:
 
 
 def _run_convert(args) -> int:
-    from . import checkpoint
+    from .io import checkpoint
 
     fmt = args.format or ("hf" if args.dst.endswith(("/", "\\")) or Path(args.dst).is_dir() else "numgpt")
     if fmt == "numgpt" and Path(args.dst).is_dir():
@@ -93,7 +93,7 @@ def _add_info(sub) -> None:
 def _run_info(args) -> int:
     import json
 
-    from . import checkpoint
+    from .io import checkpoint
 
     d = checkpoint.describe(checkpoint.load(args.model))
     if args.json:
@@ -154,7 +154,8 @@ def _parse_ids(text: str) -> list[int]:
 def _run_tokenize(args) -> int:
     import json
 
-    from . import checkpoint, tokenizer
+    from .io import checkpoint
+    from .io import tokenizer
 
     if args.model is not None:
         tok, notes = checkpoint.find_tokenizer(args.model)
@@ -219,8 +220,8 @@ def _run_serve(args) -> int:
 
     if args.threads is not None:
         _set_blas_threads(args.threads)
-    from . import server
-    from .checkpoint import detect_format
+    from .serve import server
+    from .io.checkpoint import detect_format
 
     detect_format(args.model)  # a missing or unrecognised path fails now, not after startup
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
@@ -236,7 +237,8 @@ def _run_serve(args) -> int:
 
 def _load_for_use(path: str, dtype: str | None, tokenizer_spec: str | None):
     """The model at ``path`` with a usable tokenizer (``--tokenizer`` overrides the stored one)."""
-    from . import checkpoint, tokenizer
+    from .io import checkpoint
+    from .io import tokenizer
 
     model = checkpoint.load(path, dtype=dtype)
     if tokenizer_spec is not None:
@@ -289,7 +291,7 @@ def _run_generate(args) -> int:
 
     if args.threads is not None:
         _set_blas_threads(args.threads)
-    from . import sample
+    from .infer import sample
 
     if args.num_samples < 1:
         raise InputError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -351,7 +353,7 @@ def _run_eval(args) -> int:
 
     if args.threads is not None:
         _set_blas_threads(args.threads)
-    from . import evaluate
+    from .infer import evaluate
 
     if args.text is None and args.lambada is None:
         raise InputError("nothing to evaluate: pass --text FILE and/or --lambada FILE")
@@ -405,7 +407,8 @@ def _add_trace(sub) -> None:
 
 def _trace_tokenizer(args):
     """--tokenizer, else the one stored with the model (None when it has none)."""
-    from . import checkpoint, tokenizer
+    from .io import checkpoint
+    from .io import tokenizer
 
     if args.tokenizer is not None:
         return tokenizer.load_tokenizer(args.tokenizer)
@@ -413,7 +416,8 @@ def _trace_tokenizer(args):
 
 
 def _run_trace(args) -> int:
-    from . import checkpoint, trace
+    from .io import checkpoint
+    from .verify import trace
 
     tok = _trace_tokenizer(args)
     if args.ids is not None:
@@ -424,7 +428,7 @@ def _run_trace(args) -> int:
     else:
         ids = tok.encode(args.prompt)
     if args.reference_hf is not None:
-        from . import reference
+        from .verify import reference
 
         hf = reference.load_hf(args.reference_hf, args.dtype)
         recording = reference.record_transformers(hf, ids, args.n_steps, tok)
@@ -445,7 +449,7 @@ def _add_trace_compare(sub) -> None:
 
 
 def _run_trace_compare(args) -> int:
-    from . import trace
+    from .verify import trace
 
     a, b = trace.load_trace(args.a), trace.load_trace(args.b)
     rows = trace.compare(a, b)
@@ -472,7 +476,8 @@ def _add_prepare(sub) -> None:
 
 def _prepare_tokenizer(spec: str):
     """'bytes', a BPE folder, or any model path whose tokenizer ``find_tokenizer`` can read."""
-    from . import checkpoint, tokenizer
+    from .io import checkpoint
+    from .io import tokenizer
 
     try:
         return tokenizer.load_tokenizer(spec)
@@ -488,7 +493,7 @@ def _prepare_tokenizer(spec: str):
 
 
 def _run_prepare(args) -> int:
-    from . import data
+    from .io import data
 
     meta = data.prepare(args.input, _prepare_tokenizer(args.tokenizer), args.out, args.val_fraction,
                         block_size=args.block_size)
@@ -499,7 +504,7 @@ def _run_prepare(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from .config import config_fields
+    from .train.config import config_fields
 
     p = sub.add_parser("train", help="train a GPT (no flags: a byte-level model on the Python docs, a few minutes)",
                        description="Train from scratch, fine-tune (--init) or continue (--resume). Every key "
@@ -536,7 +541,7 @@ def _default_workers(batch_size: int) -> int:
 
 
 def _run_train(args) -> int:
-    from .config import TrainConfig, config_fields, load_toml, resume_config
+    from .train.config import TrainConfig, config_fields, load_toml, resume_config
 
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
@@ -546,7 +551,7 @@ def _run_train(args) -> int:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "workers": _default_workers(cfg.batch_size)})
     if args.threads is not None or cfg.workers > 1:  # data-parallel workers: 1 BLAS thread each
         _set_blas_threads(args.threads if args.threads is not None else 1)
-    from . import train as training  # loads NumPy: after the thread count is set
+    from .train import loop as training  # loads NumPy: after the thread count is set
 
     if cfg.data is None and not cfg.resume and not args.quiet:
         print("numgpt: no --data given: training a byte-level model on the Python docs (pydoc_data)",
@@ -569,7 +574,7 @@ def _add_plot(sub) -> None:
 
 
 def _run_plot(args) -> int:
-    from .plots import plot_run
+    from .train.plots import plot_run
 
     for path in plot_run(args.run_dir, args.out):
         print(path)
@@ -595,7 +600,7 @@ def _add_sanity(sub) -> None:
 def _run_sanity(args) -> int:
     if args.threads is not None:
         _set_blas_threads(args.threads)
-    from . import sanity
+    from .infer import sanity
 
     model = _load_for_use(args.model, args.dtype, args.tokenizer)
     tokens = sanity.load_tokens(args.data, model.tokenizer)

@@ -23,12 +23,12 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import numgpt  # noqa: E402
-from numgpt import checkpoint  # noqa: E402
+from numgpt.io import checkpoint# noqa: E402
 from numgpt.cli import main  # noqa: E402
 from numgpt.errors import CheckpointError, ConfigError  # noqa: E402
-from numgpt.model import GPT, GPTConfig  # noqa: E402
-from numgpt.tensor import no_grad  # noqa: E402
-from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+from numgpt.core.model import GPT, GPTConfig  # noqa: E402
+from numgpt.core.tensor import no_grad  # noqa: E402
+from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 TINY = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 LINEAR = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import regex
 
-from numgpt.data import TokenDataset, get_batch, load_split, prepare
+from numgpt.io.data import TokenDataset, get_batch, load_split, prepare
 from numgpt.errors import InputError
-from numgpt.tokenizer import GPT2_PATTERN, ByteTokenizer, GPT2Tokenizer
+from numgpt.io.tokenizer import GPT2_PATTERN, ByteTokenizer, GPT2Tokenizer
 
 GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
 SHAKESPEARE = GPT2_DIR.parent / "tinyshakespeare.txt"
@@ -234,7 +234,7 @@ def test_folder_as_input_is_named(tmp_path):
 
 
 def test_unreadable_file_is_named(tmp_path, monkeypatch):
-    import numgpt.data as data_module
+    import numgpt.io.data as data_module
 
     src = write(tmp_path, "secret.txt", "text")
 

@@ -1,6 +1,6 @@
 """The continuous-batching engine without HTTP.
 
-The reference is offline generation (``numgpt.sample.generate``), which runs each prompt
+The reference is offline generation (``numgpt.infer.sample.generate``), which runs each prompt
 alone through its own loop and its own single-slot cache: a sequence decoded inside a
 batch, joining late, reusing a slot or sharing a prefill must give the very same tokens.
 Models are float64 so batched and single-row arithmetic cannot flip an argmax.
@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from numgpt.engine import (Engine, FinishEvent, PromptEvent, QueueFull, Request, TokenEvent)
+from numgpt.serve.engine import (Engine, FinishEvent, PromptEvent, QueueFull, Request, TokenEvent)
 from numgpt.errors import InputError
-from numgpt.model import GPT, GPTConfig
-from numgpt.sample import SamplingParams, generate, sample_rng
-from numgpt.tokenizer import ByteTokenizer
+from numgpt.core.model import GPT, GPTConfig
+from numgpt.infer.sample import SamplingParams, generate, sample_rng
+from numgpt.io.tokenizer import ByteTokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -28,10 +28,10 @@ transformers = pytest.importorskip("transformers")
 import numgpt  # noqa: E402
 from numgpt.cli import main  # noqa: E402
 from numgpt.errors import InputError  # noqa: E402
-from numgpt.model import GPT, GPTConfig  # noqa: E402
-from numgpt.evaluate import (lambada, load_lambada_jsonl, perplexity, split_last_word,  # noqa: E402
+from numgpt.core.model import GPT, GPTConfig  # noqa: E402
+from numgpt.infer.evaluate import (lambada, load_lambada_jsonl, perplexity, split_last_word,  # noqa: E402
                              token_nll, windows)
-from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "eval_parity.md"
 REL_TOL = 1e-6
@@ -229,7 +229,7 @@ def test_every_token_from_the_second_is_scored_exactly_once_with_the_stated_cont
 
 
 def test_negative_control_coverage_check_catches_a_wrong_plan():
-    from numgpt.evaluate import Window
+    from numgpt.infer.evaluate import Window
 
     plan = windows(100, 16, 8)
     every_window_from_its_start = [Window(w.begin, w.end, w.begin + 1) for w in plan]

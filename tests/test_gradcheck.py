@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numgpt import gradcheck, ops
+from numgpt.verify import gradcheck
+
+from numgpt.core import ops
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "gradcheck.md"
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from numgpt.errors import ConfigError, InputError, NumGPTError
-from numgpt.model import GPT, PRESETS, GPTConfig, KVCache
-from numgpt.tensor import no_grad
+from numgpt.core.model import GPT, PRESETS, GPTConfig, KVCache
+from numgpt.core.tensor import no_grad
 
 CACHE_TOL = {"float64": 1e-12, "float32": 1e-5}
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -334,7 +334,7 @@ def test_bad_rows_raise_input_error_and_change_nothing(rows, words):
 
 
 def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one(monkeypatch):
-    from numgpt import ops
+    from numgpt.core import ops
 
     model = tiny_model(block_size=ops.ATTENTION_BLOCK + 40)
     seq = np.random.default_rng(6).integers(0, TINY["vocab_size"], (1, ops.ATTENTION_BLOCK + 24))

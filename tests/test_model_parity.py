@@ -29,8 +29,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import numgpt  # noqa: E402
-from numgpt import ops  # noqa: E402
-from numgpt.tensor import Tensor, apply, no_grad  # noqa: E402
+from numgpt.core import ops# noqa: E402
+from numgpt.core.tensor import Tensor, apply, no_grad  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "model_parity.md"
 

@@ -25,10 +25,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from numgpt import ops
-from numgpt.model import GPT, GPTConfig
-from numgpt.nn import MLP, Block, CausalSelfAttention, Embedding, LayerNorm, Linear, Module
-from numgpt.tensor import Tensor, apply
+from numgpt.core import ops
+from numgpt.core.model import GPT, GPTConfig
+from numgpt.core.nn import MLP, Block, CausalSelfAttention, Embedding, LayerNorm, Linear, Module
+from numgpt.core.tensor import Tensor, apply
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -380,8 +380,8 @@ def test_negative_control_blocked_attention_one_key_off_fails():
 
 @pytest.mark.parametrize("T", [5, ops.ATTENTION_BLOCK + 7])
 def test_attend_without_a_graph_skips_p_only_for_long_sequences(T, monkeypatch):
-    from numgpt.nn import attend
-    from numgpt.tensor import no_grad
+    from numgpt.core.nn import attend
+    from numgpt.core.tensor import no_grad
 
     rng = np.random.default_rng(T)
     q, k, v = (Tensor(rng.standard_normal((2, 3, T, 8)), requires_grad=True) for _ in range(3))

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from numgpt import ops
+from numgpt.core import ops
 from numgpt.errors import NumGPTError, ShapeError
 
 TOL = dict(rtol=1e-10, atol=1e-10)

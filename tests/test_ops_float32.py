@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from numgpt import ops
+from numgpt.core import ops
 
 
 def _grid() -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from numgpt.errors import CheckpointError, ConfigError
-from numgpt.optim import AdamW, clip_grad_norm, get_lr, lr_schedule
+from numgpt.train.optim import AdamW, clip_grad_norm, get_lr, lr_schedule
 
 torch = pytest.importorskip("torch")
 

@@ -32,12 +32,12 @@ from transformers.generation.logits_process import (  # noqa: E402
 import numgpt  # noqa: E402
 from numgpt.cli import main  # noqa: E402
 from numgpt.errors import InputError  # noqa: E402
-from numgpt.model import GPT, GPTConfig  # noqa: E402
-from numgpt.sample import (ContextSlideWarning, SamplingParams, StopMatcher,  # noqa: E402
+from numgpt.core.model import GPT, GPTConfig  # noqa: E402
+from numgpt.infer.sample import (ContextSlideWarning, SamplingParams, StopMatcher,  # noqa: E402
                            apply_temperature, ascii_mask, check_prompt, filter_logits,
                            generate, generate_batch, sample_rng, select_next, stream,
                            token_logprobs, top_k_filter, top_p_filter)
-from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "generate_parity.md"
 GREEDY = SamplingParams(temperature=0)

@@ -1,7 +1,7 @@
 """``numgpt serve`` end to end: the real server in a subprocess on a free loopback port,
 driven by the official ``openai`` client and by raw HTTP (httpx).
 
-The reference for every completion is offline generation (``numgpt.sample.generate``) on
+The reference for every completion is offline generation (``numgpt.infer.sample.generate``) on
 the same checkpoint loaded in the test process. The model is a tiny random-weight
 byte-level GPT in float64 (batched and single-row arithmetic then cannot flip an argmax),
 saved as a numgpt checkpoint into a temporary folder. In-process tests (Starlette's
@@ -27,10 +27,10 @@ import openai
 import pytest
 
 import numgpt
-from numgpt.checkpoint import save
-from numgpt.model import GPT, GPTConfig
-from numgpt.sample import SamplingParams, generate, sample_rng
-from numgpt.tokenizer import ByteTokenizer
+from numgpt.io.checkpoint import save
+from numgpt.core.model import GPT, GPTConfig
+from numgpt.infer.sample import SamplingParams, generate, sample_rng
+from numgpt.io.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123"
@@ -491,7 +491,7 @@ def test_server_keeps_serving_after_bad_input(served):
 def app_client():
     from starlette.testclient import TestClient
 
-    from numgpt import server
+    from numgpt.serve import server
 
     made = []
 
@@ -515,7 +515,8 @@ def _wait(predicate, seconds=10.0):
 
 
 def test_health_is_503_until_the_model_is_loaded(app_client, monkeypatch, tmp_path):
-    from numgpt import checkpoint, server
+    from numgpt.io import checkpoint
+    from numgpt.serve import server
 
     release = threading.Event()
     real = checkpoint.load
@@ -538,7 +539,7 @@ def test_health_is_503_until_the_model_is_loaded(app_client, monkeypatch, tmp_pa
 
 
 def test_a_model_that_fails_to_load_is_reported(app_client, tmp_path):
-    from numgpt import server
+    from numgpt.serve import server
 
     client, state = app_client(server.ServerConfig(model_path=str(tmp_path / "missing")))
     _wait(lambda: state.load_error is not None)
@@ -548,7 +549,7 @@ def test_a_model_that_fails_to_load_is_reported(app_client, tmp_path):
 
 
 def test_unexpected_errors_become_a_generic_500(app_client, monkeypatch):
-    from numgpt import server
+    from numgpt.serve import server
 
     def boom(*a, **kw):
         raise ZeroDivisionError("secret internals")
@@ -563,7 +564,8 @@ def test_unexpected_errors_become_a_generic_500(app_client, monkeypatch):
 
 
 def test_full_queue_answers_503_with_retry_after(app_client):
-    from numgpt import engine, server
+    from numgpt.serve import engine
+    from numgpt.serve import server
 
     client, state = app_client(server.ServerConfig(model_name=NAME, max_batch=1, max_queue=2),
                                model=_tiny_model(64))
@@ -578,8 +580,8 @@ def test_full_queue_answers_503_with_retry_after(app_client):
 def test_gpt2_tokenizer_end_of_text_and_byte_tokens(app_client, gpt2_tokenizer_dir, tmp_path):
     """With GPT-2's BPE: end-of-text ends a choice with "stop", and tokens that are not
     whole UTF-8 show as ``bytes:\\xNN`` in logprobs, as OpenAI shows them."""
-    from numgpt import server
-    from numgpt.tokenizer import GPT2Tokenizer
+    from numgpt.serve import server
+    from numgpt.io.tokenizer import GPT2Tokenizer
 
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(gpt2_tokenizer_dir / name, tmp_path / name)

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from numgpt import gradcheck, ops
-from numgpt.tensor import Tensor, apply, is_grad_enabled, no_grad, zero_grad
+from numgpt.verify import gradcheck
+
+from numgpt.core import ops
+from numgpt.core.tensor import Tensor, apply, is_grad_enabled, no_grad, zero_grad
 
 # every op of the library with inputs that hit its real paths (shared with the gradient gate)
 OP_CASES = gradcheck.op_cases(np.random.default_rng(0))

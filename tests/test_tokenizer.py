@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from numgpt.errors import CheckpointError, ConfigError, InputError
-from numgpt.tokenizer import (
+from numgpt.io.tokenizer import (
     ByteTokenizer,
     GPT2Tokenizer,
     describe_token,

@@ -32,10 +32,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import numgpt  # noqa: E402
-from numgpt import cli, trace  # noqa: E402
+from numgpt import cli
+from numgpt.verify import trace# noqa: E402
 from numgpt.errors import InputError  # noqa: E402
-from numgpt.reference import record_transformers  # noqa: E402
-from numgpt.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+from numgpt.verify.reference import record_transformers  # noqa: E402
+from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results" / "trace_compare.md"
@@ -370,7 +371,7 @@ def test_probe_sees_every_layer_and_changes_nothing(tiny):
     probed = model.forward_cached(idx, model.new_cache(1, 8), all_logits=True,
                                   probe=lambda name, layer, a: seen.append((name, layer, a.shape)))
     assert np.array_equal(plain, probed)
-    from numgpt.model import PROBE_POINTS
+    from numgpt.core.model import PROBE_POINTS
     assert {(n, layer) for n, layer, _ in seen} == {(n, layer) for n in PROBE_POINTS for layer in range(2)}
     assert ("cache_k", 1, (1, 4, 3, 16)) in seen
 
@@ -402,7 +403,7 @@ def test_trace_cli_errors_are_one_line(tiny, tmp_path, capsys):
 
 
 def test_numgpt_does_not_import_torch():
-    code = ("import sys, numgpt.trace, numgpt.reference, numgpt.cli; "
+    code = ("import sys, numgpt.verify.trace, numgpt.verify.reference, numgpt.cli; "
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 

@@ -1,4 +1,4 @@
-"""The training loop (``numgpt.train``), its config, checkpoints, log, plots and commands.
+"""The training loop (``numgpt.train.loop``), its config, checkpoints, log, plots and commands.
 
 Behaviour proven here, each against an independent reference (a second run, a fresh
 computation, the file on disk):
@@ -22,16 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numgpt import checkpoint
+from numgpt.io import checkpoint
 from numgpt.cli import main
-from numgpt.config import TrainConfig, load_toml
-from numgpt.data import prepare
+from numgpt.train.config import TrainConfig, load_toml
+from numgpt.io.data import prepare
 from numgpt.errors import CheckpointError, ConfigError, InputError
-from numgpt.model import GPT, GPTConfig
-from numgpt.optim import get_lr
-from numgpt.plots import PLOT_FILES
-from numgpt.tokenizer import ByteTokenizer
-from numgpt.train import GROUPS, TrainingDiverged, default_corpus, position_losses, train
+from numgpt.core.model import GPT, GPTConfig
+from numgpt.train.optim import get_lr
+from numgpt.train.plots import PLOT_FILES
+from numgpt.io.tokenizer import ByteTokenizer
+from numgpt.train.loop import GROUPS, TrainingDiverged, default_corpus, position_losses, train
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2,
             sample_tokens=0, plot=False, warmup_iters=3, learning_rate=3e-3, min_lr=3e-4,
@@ -156,7 +156,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tm
         if record["step"] == 6:  # the step-5 checkpoint is on disk; break the weights
             holder["model"].h[0].mlp.c_fc.weight.data[0, 0] = np.nan
 
-    import numgpt.train as training
+    import numgpt.train.loop as training
     real_build = training._Run._build_model
 
     def build_and_keep(self):
@@ -254,7 +254,7 @@ def test_best_checkpoint_holds_the_lowest_validation_loss(logged_run):
 
 def test_position_losses_equal_a_direct_per_position_cross_entropy(logged_run, data_dir):
     model = logged_run["result"].model
-    from numgpt.data import TokenDataset, get_batch
+    from numgpt.io.data import TokenDataset, get_batch
 
     val = TokenDataset(data_dir).val
     got = position_losses(model, val, 4, 16, 2, seed=7)
@@ -357,8 +357,8 @@ def _step_pair(workers: int, break_split=None):
     """One float64 step, serial and with ``workers`` threads, from the same weights on two
     micro-batches of 5 rows (uneven slices); returns both (stats, weights). ``break_split``
     wraps ``train._split`` for the negative control."""
-    import numgpt.train as training
-    from numgpt.optim import AdamW
+    import numgpt.train.loop as training
+    from numgpt.train.optim import AdamW
 
     out = []
     for parallel in (None, training.DataParallel(workers)):
@@ -408,7 +408,7 @@ def test_data_parallel_runs_are_deterministic_and_resume_exactly(data_dir, tmp_p
 
 
 def test_backward_into_a_dict_leaves_grad_alone_and_equals_it():
-    from numgpt.tensor import Tensor
+    from numgpt.core.tensor import Tensor
 
     rng = np.random.default_rng(0)
     w = Tensor(rng.standard_normal((3, 4)), requires_grad=True)

@@ -4,7 +4,7 @@ The reference is ``transformers.GPT2LMHeadModel`` (an independent GPT-2 implemen
 holding numgpt's exact weights, trained with ``torch.optim.AdamW`` (two groups: decay for
 parameters with ndim >= 2, none for biases and LayerNorm), ``clip_grad_norm_`` and the same
 learning-rate schedule, on the same batches. numgpt's side is the real loop step,
-``numgpt.train.train_step``.
+``numgpt.train.loop.train_step``.
 
 Gates (each writes its table under ``docs/results/``):
 * one full step, float64: every parameter within 1e-5 of PyTorch's afterwards; the table
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numgpt.data import get_batch
-from numgpt.model import GPT, GPTConfig
-from numgpt.optim import AdamW, get_lr
-from numgpt.tokenizer import ByteTokenizer
-from numgpt.train import train_step
+from numgpt.io.data import get_batch
+from numgpt.core.model import GPT, GPTConfig
+from numgpt.train.optim import AdamW, get_lr
+from numgpt.io.tokenizer import ByteTokenizer
+from numgpt.train.loop import train_step
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -35,8 +35,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .tensor import no_grad
+from ..errors import InputError
+from ..core.tensor import no_grad
 
 __all__ = ["Window", "windows", "token_nll", "perplexity", "split_last_word", "lambada",
            "load_lambada_jsonl"]

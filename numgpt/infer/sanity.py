@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .tokenizer import describe_token
+from ..errors import InputError
+from ..io.tokenizer import describe_token
 
 __all__ = ["SanityRow", "SanityReport", "load_tokens", "next_token_checks", "check_offset",
            "format_report", "format_row"]

@@ -1,6 +1,6 @@
 """Continuous batching: one model, one KV cache with ``max_batch`` slots, one worker thread.
 
-The HTTP server (``numgpt.server``) turns each completion request into one ``Request`` per
+The HTTP server (``numgpt.serve.server``) turns each completion request into one ``Request`` per
 sequence (``n`` choices x prompts) and submits them here; this module knows nothing about
 HTTP and is tested without it.
 
@@ -15,7 +15,7 @@ One scheduler iteration (``Engine.step``)::
 
 so a request that arrives while others decode joins the running batch at the next step,
 and a finished one leaves it (its slot is free for the next admission). Token choice goes
-through ``numgpt.sample.select_next`` with generator ``sample_rng(seed, index)`` and stop
+through ``numgpt.infer.sample.select_next`` with generator ``sample_rng(seed, index)`` and stop
 strings through ``sample.StopMatcher``, exactly as offline ``sample.generate`` does, so a
 greedy or seeded request gets the tokens offline generation gives. The one difference:
 offline generation slides its context window past ``block_size``; the server ends the
@@ -40,15 +40,15 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError, NumGPTError
+from ..errors import InputError, NumGPTError
 from .metrics import Counter, Gauge, Histogram, Registry
-from .sample import (SamplingParams, StopMatcher, _allowed_tokens, sample_rng, select_next,
+from ..infer.sample import (SamplingParams, StopMatcher, _allowed_tokens, sample_rng, select_next,
                      token_logprobs)
 
 __all__ = ["Engine", "EngineMetrics", "Request", "TokenEvent", "PromptEvent", "FinishEvent",
            "QueueFull", "MAX_LOGPROBS"]
 
-log = logging.getLogger("numgpt.engine")
+log = logging.getLogger("numgpt.serve.engine")
 
 MAX_LOGPROBS = 5  # OpenAI's limit on top alternatives per token
 

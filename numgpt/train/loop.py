@@ -21,7 +21,7 @@ Files in the run folder ``out``:
     latest.json/.safetensors  weights, optimizer moments, config, step, RNG states
     best.json/.safetensors    the weights with the lowest validation loss so far
     log.jsonl                 one JSON object per step, per evaluation, and at the end
-    *.png                     plots (``numgpt.plots``)
+    *.png                     plots (``numgpt.train.plots``)
     data/                     the prepared default corpus, when no ``data`` is given
 
 Ctrl-C stops after the current step, saves ``latest`` and raises ``KeyboardInterrupt``
@@ -48,14 +48,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import checkpoint, ops
+from ..io import checkpoint
+from ..core import ops
 from .config import ARCH_KEYS, TrainConfig, resume_config
-from .data import SPLITS, TokenDataset, get_batch, prepare
-from .errors import CheckpointError, ConfigError, InputError, NumGPTError
-from .model import GPT, GPTConfig
+from ..io.data import SPLITS, TokenDataset, get_batch, prepare
+from ..errors import CheckpointError, ConfigError, InputError, NumGPTError
+from ..core.model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm, lr_schedule
-from .tensor import apply, no_grad
-from .tokenizer import ByteTokenizer, tokenizer_from_config
+from ..core.tensor import apply, no_grad
+from ..io.tokenizer import ByteTokenizer, tokenizer_from_config
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats", "DataParallel",
            "estimate_loss", "position_losses", "param_group", "grad_group_means",
@@ -665,7 +666,7 @@ def _sample(run: _Run) -> str:
     """``sample_tokens`` tokens after ``sample_prompt`` from the trained model (seeded)."""
     import warnings
 
-    from .sample import ContextSlideWarning, SamplingParams, generate
+    from ..infer.sample import ContextSlideWarning, SamplingParams, generate
 
     cfg, tok = run.cfg, run.model.tokenizer
     prompt = tok.encode(cfg.sample_prompt) or [0]

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from . import ops
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 from .nn import Block, Embedding, LayerNorm, Module, dropout
 from .tensor import Tensor, apply, no_grad
 
@@ -256,7 +256,7 @@ class GPT(Module):
         ``probe``, when given, is called as ``probe(name, layer, array)`` with the
         intermediates of every layer as this same code computes them (see ``PROBE_POINTS``);
         the arrays may be views into the cache, so a probe that keeps them must copy.
-        ``numgpt.trace`` records validation checkpoints this way. None (the default) costs
+        ``numgpt.verify.trace`` records validation checkpoints this way. None (the default) costs
         one ``is None`` test per layer.
         """
         idx = self._check_ids(idx)  # shape and ids first, so a 1-D idx is not read as rows

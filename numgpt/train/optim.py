@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, ShapeError
+from ..errors import CheckpointError, ConfigError, ShapeError
 
 __all__ = ["AdamW", "clip_grad_norm", "get_lr", "lr_schedule"]
 

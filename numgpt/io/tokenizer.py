@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 
 __all__ = [
     "Tokenizer",

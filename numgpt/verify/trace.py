@@ -5,7 +5,7 @@ Someone implementing GPT-2 in another engine (or changing this one) needs to kno
 through the KV-cache path (the prompt pass, then one decode pass per new token) and keeps
 twelve named checkpoints of every pass; ``compare`` lines two recordings up checkpoint by
 checkpoint with a tolerance each, and ``first_failure`` names the earliest disagreement,
-which is where the bug is. ``numgpt.reference.record_transformers`` writes the same format
+which is where the bug is. ``numgpt.verify.reference.record_transformers`` writes the same format
 from a Hugging Face ``transformers`` model, so numgpt can be checked against the reference
 engine (and any other engine against either).
 
@@ -75,8 +75,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import __version__, ops
-from .errors import InputError
+from .. import __version__
+from ..core import ops
+from ..errors import InputError
 
 __all__ = ["FORMAT", "Checkpoint", "CHECKPOINTS", "Row", "record", "save_trace", "load_trace",
            "compare", "first_failure", "passed", "summary", "format_table", "write_report",
@@ -229,7 +230,7 @@ def save_trace(path: str | os.PathLike, trace: Mapping[str, np.ndarray]) -> Path
     path = Path(path)
     if trace.get("meta/format") is None or str(trace["meta/format"]) != FORMAT:
         raise InputError(f"not a numgpt trace (no meta/format = {FORMAT!r}); record one with "
-                         f"numgpt.trace.record or numgpt.reference.record_transformers")
+                         f"numgpt.verify.trace.record or numgpt.verify.reference.record_transformers")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 from scipy.special import erf
 
-from .errors import ShapeError
+from ..errors import ShapeError
 
 __all__ = [
     "add", "sub", "mul", "scale", "neg", "relu", "tanh", "exp", "log",

@@ -8,7 +8,7 @@ Routes::
     GET  /metrics          Prometheus text format
 
 The event loop only parses, validates and formats: all model code runs on the engine's
-worker thread (``numgpt.engine``), which decodes every active sequence in one batched step
+worker thread (``numgpt.serve.engine``), which decodes every active sequence in one batched step
 and hands tokens back through ``loop.call_soon_threadsafe``. The model is loaded on a
 background thread at startup, so ``/health`` answers 503 meanwhile.
 
@@ -44,14 +44,14 @@ from starlette.routing import Route
 
 from .engine import (MAX_LOGPROBS, Engine, EngineMetrics, FinishEvent, PromptEvent, QueueFull,
                      Request, TokenEvent)
-from .errors import InputError, NumGPTError
+from ..errors import InputError, NumGPTError
 from .metrics import CONTENT_TYPE, Counter, Registry
-from .sample import SamplingParams
+from ..infer.sample import SamplingParams
 
 __all__ = ["ServerConfig", "APIError", "CompletionSpec", "parse_completion", "create_app",
            "serve", "MAX_STOP"]
 
-log = logging.getLogger("numgpt.server")
+log = logging.getLogger("numgpt.serve.server")
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 
@@ -557,7 +557,7 @@ class _State:
 
     def _load(self) -> None:
         try:
-            from .checkpoint import load
+            from ..io.checkpoint import load
 
             t0 = time.perf_counter()
             model = load(self.config.model_path)

@@ -5,7 +5,7 @@ transformers). torch and transformers are imported inside the functions only, an
 nothing in numgpt imports this module at top level, so numgpt runs without them.
 
 ``record_transformers(hf_model, prompt_ids, n_steps)`` writes the same keys, shapes and
-step numbering as ``numgpt.trace.record`` (see that module's docstring), read from the
+step numbering as ``numgpt.verify.trace.record`` (see that module's docstring), read from the
 reference engine with forward hooks on block 0 and from its cache:
 
 ==  =========================================================================
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, NumGPTError
+from ..errors import CheckpointError, NumGPTError
 from .trace import check_prompt, generated, meta, step_key
 
 __all__ = ["record_transformers", "load_hf"]
@@ -155,7 +155,7 @@ def _step(torch, hooks: _Hooks, out) -> dict[str, np.ndarray]:
 
 def record_transformers(hf_model, prompt_ids, n_steps: int, tokenizer=None) -> dict[str, np.ndarray]:
     """Greedy-generate ``n_steps`` tokens with a ``transformers`` GPT-2 and its cache, recording
-    the same checkpoints as ``numgpt.trace.record``. ``tokenizer`` (anything with
+    the same checkpoints as ``numgpt.verify.trace.record``. ``tokenizer`` (anything with
     ``decode(ids)``) only decodes checkpoint 12's text."""
     torch, transformers = _imports()
     cfg = hf_model.config

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import ops
-from .errors import ConfigError
+from ..errors import ConfigError
 from .tensor import Tensor, apply, is_grad_enabled
 
 __all__ = ["Parameter", "Module", "Linear", "LayerNorm", "Embedding", "MLP",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype",
            "META_FORMAT", "META_VERSION", "SPLITS"]
@@ -305,7 +305,7 @@ def _publish(out: Path, train_tmp: Path, val_tmp: Path, meta: dict) -> None:
 def _read_meta(folder: Path) -> dict:
     """meta.json of a ``prepare`` output, or InputError saying what the folder lacks."""
     path = folder / "meta.json"
-    hint = "run `numgpt prepare` (numgpt.data.prepare) to create it"
+    hint = "run `numgpt prepare` (numgpt.io.data.prepare) to create it"
     if not path.is_file():
         raise InputError(f"{str(folder)!r} is not a prepared data folder: no meta.json; {hint}")
     try:

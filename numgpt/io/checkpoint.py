@@ -36,8 +36,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, NumGPTError
-from .model import GPT, GPTConfig
+from ..errors import CheckpointError, ConfigError, NumGPTError
+from ..core.model import GPT, GPTConfig
 from .tokenizer import (BPE_FILE_NAMES, ByteTokenizer, GPT2Tokenizer, load_tokenizer, save_files,
                         tokenizer_from_config)
 

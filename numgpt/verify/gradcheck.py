@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import ops
+from ..core import ops
 
 __all__ = ["CheckResult", "check_function", "check_op", "op_cases", "run_gate", "write_table",
            "wrong_embedding", "ABS_TOL", "REL_TOL", "EPS"]
@@ -207,7 +207,7 @@ class _FixedGenerator:
 def _module_checks(name: str, module, forward: Callable[[], "object"],
                    rng: np.random.Generator) -> list[CheckResult]:
     """Gradient-check every parameter of ``module`` for the scalar sum(g * forward())."""
-    from .tensor import no_grad
+    from ..core.tensor import no_grad
     module.zero_grad()
     out = forward()
     upstream = rng.standard_normal(out.shape)
@@ -225,9 +225,9 @@ def _module_checks(name: str, module, forward: Callable[[], "object"],
 def composite_checks(rng: np.random.Generator) -> list[CheckResult]:
     """Whole modules through the Tensor engine: multi-head attention, a pre-LN block with
     both residuals, and a tiny weight-tied GPT with its cross-entropy loss."""
-    from .model import GPT, GPTConfig
-    from .nn import Block, CausalSelfAttention
-    from .tensor import Tensor
+    from ..core.model import GPT, GPTConfig
+    from ..core.nn import Block, CausalSelfAttention
+    from ..core.tensor import Tensor
 
     def randomize(module) -> None:
         for p in module.parameters().values():

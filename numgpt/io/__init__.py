@@ -1,0 +1,2 @@
+"""Every file format in and out: checkpoints (``checkpoint``), tokenizers (``tokenizer``),
+token data files (``data``)."""

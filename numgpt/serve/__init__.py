@@ -1,0 +1,2 @@
+"""The HTTP service: the continuous-batching engine (``engine``), the OpenAI-compatible server
+(``server``), Prometheus metrics (``metrics``)."""

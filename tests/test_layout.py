@@ -1,0 +1,117 @@
+"""The package's house plan: layer folders, and imports that only go downwards.
+
+The layers, top (lowest) to bottom (highest)::
+
+    core -> io -> infer -> train -> verify -> serve -> cli
+
+``errors`` (the exception family) may be imported by every layer; ``cli`` and the package's
+``__init__`` may import any layer. A module may import its own layer and the layers above it
+in this list, never one below. The test walks every ``import`` statement of every module
+(top level and inside functions) with ``ast``, so a lazy import cannot hide an upward edge.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "numgpt"
+LAYERS = ["core", "io", "infer", "train", "verify", "serve"]
+ANYWHERE = {"errors"}  # importable from every layer
+TOP_LEVEL = {"cli", "__init__", "__main__", "errors"}
+
+
+def _layer_of(dotted: str) -> str:
+    """'numgpt.core.ops' -> 'core'; 'numgpt.errors' -> 'errors'; 'numgpt' -> '__init__'."""
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def imported_numgpt_modules(path: Path) -> list[tuple[int, str]]:
+    """Every numgpt module ``path`` imports, as (line, absolute dotted name)."""
+    me = _module_name(path).split(".")
+    package = me if path.name == "__init__.py" else me[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "numgpt"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "numgpt":
+                continue
+            if node.module is None or target == "numgpt" or target.count(".") == 1 and \
+                    target.split(".")[1] in LAYERS:
+                # `from . import x` / `from ..core import ops`: each name may be a module
+                found += [(node.lineno, f"{target}.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, target))
+    return found
+
+
+def upward_imports(path: Path) -> list[str]:
+    here = _layer_of(_module_name(path))
+    if here in TOP_LEVEL and here != "errors":
+        return []
+    bad = []
+    for line, target in imported_numgpt_modules(path):
+        there = _layer_of(target)
+        if there in ANYWHERE or there == "__version__":
+            continue
+        if here == "errors" or there not in LAYERS or LAYERS.index(there) > LAYERS.index(here):
+            bad.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target} "
+                       f"({here} may not import {there})")
+    return bad
+
+
+def test_every_module_lives_in_a_layer_folder():
+    loose = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in TOP_LEVEL)
+    assert loose == [], f"modules outside the layer folders: {loose}"
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"
+                  and (p / "__init__.py").exists()) == sorted(LAYERS)
+
+
+def test_imports_only_go_downwards():
+    bad = [b for p in sorted(PACKAGE.rglob("*.py")) for b in upward_imports(p)]
+    assert bad == [], "upward imports:\n" + "\n".join(bad)
+
+
+def test_the_checker_catches_an_upward_import(tmp_path, monkeypatch):
+    """Negative control: a core module that imports the server (lazily, inside a function)
+    and one that imports the training loop must both be reported."""
+    fake = tmp_path / "numgpt"
+    (fake / "core").mkdir(parents=True)
+    (fake / "core" / "__init__.py").write_text("")
+    planted = fake / "core" / "bad.py"
+    planted.write_text("from ..errors import NumGPTError\n"
+                       "def f():\n    from ..serve import engine\n"
+                       "import numgpt.train.loop\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    found = upward_imports(planted)
+    assert len(found) == 2, found
+    assert any("imports numgpt.serve.engine" in f for f in found), found
+    assert any("imports numgpt.train.loop" in f for f in found), found
+
+
+@pytest.mark.parametrize("name", ["load", "generate", "train", "perplexity"])
+def test_public_entry_points_are_reexported(name):
+    import numgpt
+
+    assert callable(getattr(numgpt, name))
+
+
+def test_train_is_a_package_and_a_function():
+    import numgpt
+    import numgpt.train.loop as loop
+
+    assert numgpt.train.loop is loop
+    assert callable(numgpt.train)
