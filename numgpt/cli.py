@@ -220,17 +220,17 @@ def _run_serve(args) -> int:
 
     if args.threads is not None:
         _set_blas_threads(args.threads)
-    from .serve import server
+    from .serve import app
     from .io.checkpoint import detect_format
 
     detect_format(args.model)  # a missing or unrecognised path fails now, not after startup
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    config = server.ServerConfig(
+    config = app.ServerConfig(
         model_path=args.model, model_name=args.model_name,
         api_key=args.api_key or os.environ.get("NUMGPT_API_KEY") or None,
         max_batch=args.max_batch, max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
-    return server.serve(config, host=args.host, port=args.port, log_level=args.log_level)
+    return app.serve(config, host=args.host, port=args.port, log_level=args.log_level)
 
 
 # ------------------------------------------------------------------ generate, eval

@@ -491,12 +491,12 @@ def test_server_keeps_serving_after_bad_input(served):
 def app_client():
     from starlette.testclient import TestClient
 
-    from numgpt.serve import server
+    from numgpt.serve import app as serve_app
 
     made = []
 
     def make(config=None, model=None):
-        app = server.create_app(config or server.ServerConfig(model_name=NAME), model=model)
+        app = serve_app.create_app(config or serve_app.ServerConfig(model_name=NAME), model=model)
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         made.append(client)
@@ -516,7 +516,7 @@ def _wait(predicate, seconds=10.0):
 
 def test_health_is_503_until_the_model_is_loaded(app_client, monkeypatch, tmp_path):
     from numgpt.io import checkpoint
-    from numgpt.serve import server
+    from numgpt.serve import app as serve_app
 
     release = threading.Event()
     real = checkpoint.load
@@ -527,7 +527,7 @@ def test_health_is_503_until_the_model_is_loaded(app_client, monkeypatch, tmp_pa
 
     prefix = save(_tiny_model(64), tmp_path / "m")
     monkeypatch.setattr(checkpoint, "load", slow_load)
-    client, state = app_client(server.ServerConfig(model_path=str(prefix)))
+    client, state = app_client(serve_app.ServerConfig(model_path=str(prefix)))
     r = client.get("/health")
     _assert_openai_error(r, 503, code="model_not_ready")
     assert "loading" in r.json()["error"]["message"] and "Retry-After" in r.headers
@@ -539,9 +539,9 @@ def test_health_is_503_until_the_model_is_loaded(app_client, monkeypatch, tmp_pa
 
 
 def test_a_model_that_fails_to_load_is_reported(app_client, tmp_path):
-    from numgpt.serve import server
+    from numgpt.serve import app as serve_app
 
-    client, state = app_client(server.ServerConfig(model_path=str(tmp_path / "missing")))
+    client, state = app_client(serve_app.ServerConfig(model_path=str(tmp_path / "missing")))
     _wait(lambda: state.load_error is not None)
     r = client.get("/health")
     _assert_openai_error(r, 503)
@@ -549,13 +549,13 @@ def test_a_model_that_fails_to_load_is_reported(app_client, tmp_path):
 
 
 def test_unexpected_errors_become_a_generic_500(app_client, monkeypatch):
-    from numgpt.serve import server
+    from numgpt.serve import app as serve_app
 
     def boom(*a, **kw):
         raise ZeroDivisionError("secret internals")
 
     client, _ = app_client(model=_tiny_model(64))
-    monkeypatch.setattr(server, "parse_completion", boom)
+    monkeypatch.setattr(serve_app, "parse_completion", boom)
     r = client.post("/v1/completions", json={"prompt": "x"})
     _assert_openai_error(r, 500, code="internal_error")
     assert "secret" not in r.text and "ZeroDivision" not in r.text
@@ -565,9 +565,9 @@ def test_unexpected_errors_become_a_generic_500(app_client, monkeypatch):
 
 def test_full_queue_answers_503_with_retry_after(app_client):
     from numgpt.serve import engine
-    from numgpt.serve import server
+    from numgpt.serve import app as serve_app
 
-    client, state = app_client(server.ServerConfig(model_name=NAME, max_batch=1, max_queue=2),
+    client, state = app_client(serve_app.ServerConfig(model_name=NAME, max_batch=1, max_queue=2),
                                model=_tiny_model(64))
     state.engine.stop()  # park the worker so queued sequences stay queued
     state.engine.submit([engine.Request([1, 2], 3, GREEDY, lambda ev: None)])
@@ -580,7 +580,7 @@ def test_full_queue_answers_503_with_retry_after(app_client):
 def test_gpt2_tokenizer_end_of_text_and_byte_tokens(app_client, gpt2_tokenizer_dir, tmp_path):
     """With GPT-2's BPE: end-of-text ends a choice with "stop", and tokens that are not
     whole UTF-8 show as ``bytes:\\xNN`` in logprobs, as OpenAI shows them."""
-    from numgpt.serve import server
+    from numgpt.serve import app as serve_app
     from numgpt.io.tokenizer import GPT2Tokenizer
 
     for name in ("vocab.json", "merges.txt"):
@@ -602,8 +602,8 @@ def test_gpt2_tokenizer_end_of_text_and_byte_tokens(app_client, gpt2_tokenizer_d
     assert choice["text"] == tok.decode(ref)
     assert len(ref) == 4 and choice["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == 5  # the end-of-text token counts, unseen
-    assert choice["logprobs"]["tokens"] == [server._token_str(tok, t) for t in ref]
-    assert server._token_str(tok, tok.encode(" the")[0]) == " the"
+    assert choice["logprobs"]["tokens"] == [serve_app._token_str(tok, t) for t in ref]
+    assert serve_app._token_str(tok, tok.encode(" the")[0]) == " the"
     partial = next(t for t in range(256) if tok.token_bytes(t)[0] >= 0x80)
-    assert server._token_str(tok, partial) == f"bytes:\\x{tok.token_bytes(partial)[0]:02x}"
+    assert serve_app._token_str(tok, partial) == f"bytes:\\x{tok.token_bytes(partial)[0]:02x}"
     assert body["usage"]["prompt_tokens"] == 2

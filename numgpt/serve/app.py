@@ -51,7 +51,7 @@ from ..infer.sample import SamplingParams
 __all__ = ["ServerConfig", "APIError", "CompletionSpec", "parse_completion", "create_app",
            "serve", "MAX_STOP"]
 
-log = logging.getLogger("numgpt.serve.server")
+log = logging.getLogger("numgpt.serve.app")
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 
