@@ -2,11 +2,11 @@
 
 Every error a user can cause (a bad flag, a broken file, a malformed request) is a
 ``NumGPTError``; the subclasses say which boundary it came through. ``ConfigError``,
-``InputError`` and ``ShapeError`` are also ``ValueError`` so callers that already catch
+``InputError`` and ``ShapeError`` are also ``ValueError`` (``DTypeError`` is a ``TypeError``) so callers that already catch
 ``ValueError`` keep working. ``assert`` is used only for internal invariants.
 """
 
-__all__ = ["NumGPTError", "ConfigError", "InputError", "ShapeError", "CheckpointError"]
+__all__ = ["NumGPTError", "ConfigError", "InputError", "ShapeError", "DTypeError", "CheckpointError"]
 
 
 class NumGPTError(Exception):
@@ -23,6 +23,10 @@ class InputError(NumGPTError, ValueError):
 
 class ShapeError(NumGPTError, ValueError):
     """Arrays given to an op have shapes the math does not allow; names both shapes."""
+
+
+class DTypeError(NumGPTError, TypeError):
+    """Arrays given to an op have a dtype it cannot use (integers, or mixed float widths)."""
 
 
 class CheckpointError(NumGPTError):
