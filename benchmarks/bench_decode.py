@@ -62,12 +62,6 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _set_threads(n: int) -> None:
-    """Must run before numpy is imported: OpenBLAS reads these once, at load time."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
 # ------------------------------------------------------------------------- timers
 
 
@@ -258,11 +252,13 @@ def report(rows: list[dict], args) -> str:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    _set_threads(args.threads)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from numgpt.core.threads import set_blas_threads
+
+    set_blas_threads(args.threads)  # before NumPy loads
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     rows = [measure_shape(name, args) for name in (["124M"] if args.skip_medium else list(SHAPES))]
     text = report(rows, args)
     print(text)

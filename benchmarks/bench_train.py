@@ -74,13 +74,6 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _set_threads(blas: int, torch_threads: int) -> None:
-    """Before numpy is imported: its BLAS reads these once (torch is set explicitly later)."""
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(blas)
-    os.environ["OMP_NUM_THREADS"] = str(torch_threads)
-
-
 # ----------------------------------------------------------------------------- torch
 
 def _torch_model_class():
@@ -340,8 +333,12 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
 def main(argv=None) -> int:
     global _PARALLEL
     args = _parse(argv)
-    _set_threads(max(1, args.threads // args.workers), args.threads)
     sys.path.insert(0, str(ROOT))
+    from numgpt.core.threads import set_blas_threads
+
+    # before NumPy loads: each numgpt worker gets its share of BLAS threads; torch's
+    # intra-op pool (OMP_NUM_THREADS) gets all of them
+    set_blas_threads(max(1, args.threads // args.workers), openmp=args.threads)
     from numgpt.train.loop import DataParallel, keep_freed_memory
 
     keep_freed_memory()  # what numgpt.train.loop.train does; torch's CPU allocator is malloc too

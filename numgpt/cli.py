@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .core.threads import set_blas_threads
 from .errors import InputError, NumGPTError
 
 __all__ = ["main", "build_parser"]
@@ -204,22 +205,12 @@ def _add_serve(sub) -> None:
     p.set_defaults(run=_run_serve)
 
 
-def _set_blas_threads(n: int) -> None:
-    """BLAS reads its thread count when NumPy loads, so this must run before that."""
-    import os
-
-    if "numpy" in sys.modules:
-        print("numgpt: warning: NumPy is already loaded; --threads has no effect", file=sys.stderr)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
 def _run_serve(args) -> int:
     import logging
     import os
 
     if args.threads is not None:
-        _set_blas_threads(args.threads)
+        set_blas_threads(args.threads)
     from .serve import app
     from .io.checkpoint import detect_format
 
@@ -290,7 +281,7 @@ def _run_generate(args) -> int:
     import warnings
 
     if args.threads is not None:
-        _set_blas_threads(args.threads)
+        set_blas_threads(args.threads)
     from .infer import sample
 
     if args.num_samples < 1:
@@ -352,7 +343,7 @@ def _run_eval(args) -> int:
     import json
 
     if args.threads is not None:
-        _set_blas_threads(args.threads)
+        set_blas_threads(args.threads)
     from .infer import evaluate
 
     if args.text is None and args.lambada is None:
@@ -550,7 +541,7 @@ def _run_train(args) -> int:
     elif args.threads is None and "workers" not in {*flags, *(load_toml(args.config) if args.config else {})}:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "workers": _default_workers(cfg.batch_size)})
     if args.threads is not None or cfg.workers > 1:  # data-parallel workers: 1 BLAS thread each
-        _set_blas_threads(args.threads if args.threads is not None else 1)
+        set_blas_threads(args.threads if args.threads is not None else 1)
     from .train import loop as training  # loads NumPy: after the thread count is set
 
     if cfg.data is None and not cfg.resume and not args.quiet:
@@ -599,7 +590,7 @@ def _add_sanity(sub) -> None:
 
 def _run_sanity(args) -> int:
     if args.threads is not None:
-        _set_blas_threads(args.threads)
+        set_blas_threads(args.threads)
     from .infer import sanity
 
     model = _load_for_use(args.model, args.dtype, args.tokenizer)

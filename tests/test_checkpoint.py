@@ -430,7 +430,9 @@ def test_missing_recorded_tokenizer_is_a_note_not_a_failure(tmp_path, gpt2_token
 # ----------------------------------------------------------------- atomic writes
 
 def _no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.iterdir() if ".tmp-" in p.name]
+    from numgpt.io.files import TEMP_SUFFIX
+
+    return not [p for p in folder.iterdir() if p.name.endswith(TEMP_SUFFIX)]
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

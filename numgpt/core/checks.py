@@ -21,20 +21,22 @@ def is_int(x) -> bool:
 
 
 def check_token_ids(ids, vocab_size: int, block_size: int | None = None, *,
-                    what: str = "token ids") -> np.ndarray:
+                    what: str = "token ids", hint: str = "") -> np.ndarray:
     """``ids`` as an int64 array of any shape, after checking that every id lies in
     ``[0, vocab_size)`` and, when ``block_size`` is given, that the last axis holds at most
-    ``block_size`` positions. InputError names the offending value and the limit."""
+    ``block_size`` positions. InputError names the first offending id, its position and the
+    limit, then ``hint`` (how to fix it)."""
     arr = np.asarray(ids)
     if arr.size == 0:
-        arr = arr.astype(np.int64)
+        return arr.astype(np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"{what} must be integers, got an array of {arr.dtype}")
-    if arr.size:
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InputError(f"{what} hold {bad}, outside the vocabulary [0, {vocab_size})")
+    outside = (arr < 0) | (arr >= vocab_size)
+    if outside.any():
+        where = np.unravel_index(int(np.argmax(outside)), arr.shape)
+        pos = where[0] if len(where) == 1 else tuple(int(i) for i in where)
+        raise InputError(f"{what}: token id {int(arr[where])} at position {pos} is outside the "
+                         f"vocabulary [0, {vocab_size}){'; ' + hint if hint else ''}")
     if block_size is not None and arr.ndim and arr.shape[-1] > block_size:
         raise InputError(f"{what} hold {arr.shape[-1]} positions, more than the context length "
                          f"block_size={block_size}")

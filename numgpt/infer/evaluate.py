@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..core.checks import check_token_ids, log_softmax64
 from ..errors import InputError
 from ..core.tensor import no_grad
 
@@ -84,13 +85,8 @@ def _as_ids(ids, vocab_size: int, what: str) -> np.ndarray:
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise InputError(f"{what} must be a flat sequence of integer token ids, got shape "
                          f"{arr.shape} and dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    bad = np.nonzero((arr < 0) | (arr >= vocab_size))[0]
-    if bad.size:
-        raise InputError(f"{what}: token {int(arr[bad[0]])} at position {int(bad[0])} is outside "
-                         f"the model's vocabulary [0, {vocab_size}); was the text encoded with "
-                         f"another tokenizer?")
-    return arr
+    return check_token_ids(arr, vocab_size, what=what,
+                           hint="was the text encoded with another tokenizer?")
 
 
 def _last_logits(model, ids: np.ndarray, n_last: int) -> np.ndarray:
@@ -109,10 +105,7 @@ def _nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray
     """Per-position NLL (float64) of ``targets`` and whether each is the argmax.
 
     logits (n, V), targets (n,) -> (n,), (n,) bool."""
-    z = logits.astype(np.float64)
-    shifted = z - z.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(shifted).sum(axis=-1))  # (n,)
-    nll = lse - shifted[np.arange(len(targets)), targets]
+    nll = -log_softmax64(logits)[np.arange(len(targets)), targets]  # (n,)
     return nll, np.argmax(logits, axis=-1) == targets
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.checks import log_softmax64
 from ..errors import InputError
 from ..io.tokenizer import describe_token
 
@@ -109,10 +110,7 @@ def _check_ctx(model, tokens: np.ndarray, ctx: int, need: int) -> None:
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return np.exp(log_softmax64(logits))
 
 
 def _score(model, tokens: np.ndarray, offsets: np.ndarray, ctx: int, top: int,

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, NumGPTError
+from .files import fsync_path, temp_path
 from ..core.model import GPT, GPTConfig
 from .tokenizer import (BPE_FILE_NAMES, ByteTokenizer, GPT2Tokenizer, load_tokenizer, save_files,
                         tokenizer_from_config)
@@ -558,36 +559,13 @@ def _tokenizer_config(tok) -> dict | None:
 
 # ---------------------------------------------------------------------------- writes
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would race with other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def _write_temp(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temp file beside ``path`` and fsync it; remove it on failure.
-
-    The temp file gets the target's mode if it exists, else the usual 0o666 & ~umask
-    (safetensors itself creates files 0o600).
-    """
-    tmp = _temp_path(path)
+    """Run ``write(tmp)`` on a new temp file beside ``path`` (``io.files.temp_path``: exclusive,
+    unpredictable name, the target's permission bits) and fsync it; remove it on failure."""
+    tmp = temp_path(path)
     try:
         write(tmp)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -18,13 +18,14 @@ import codecs
 import json
 import numbers
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ..core.checks import is_int
 from ..errors import InputError
+from .files import atomic_write, temp_path
 
 __all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype",
            "META_FORMAT", "META_VERSION", "SPLITS"]
@@ -41,10 +42,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # ------------------------------------------------------------------------- validation
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
 
 def _check_inputs(inputs) -> list[Path]:
     """Paths that exist, are files and can be opened; InputError naming the first bad one."""
@@ -74,9 +71,9 @@ def _check_options(val_fraction, block_size, batch_size, chunk_bytes) -> None:
         raise InputError(f"val_fraction must be in [0, 1), got {val_fraction!r}; "
                          "e.g. 0.1 keeps the last 10% of tokens for validation")
     for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-        if value is not None and not (_is_int(value) and value >= 1):
+        if value is not None and not (is_int(value) and value >= 1):
             raise InputError(f"{name} must be a positive integer or None, got {value!r}")
-    if not (_is_int(chunk_bytes) and chunk_bytes >= 1):
+    if not (is_int(chunk_bytes) and chunk_bytes >= 1):
         raise InputError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
 
 
@@ -190,21 +187,6 @@ def _split_file(all_tmp: Path, val_tmp: Path, n_train: int, itemsize: int,
         f.truncate(n_train * itemsize)
 
 
-def _temp_path(out_dir: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _temp_path(path.parent, path.name)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _make_out_dir(out_dir) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -246,7 +228,7 @@ def prepare(inputs, tokenizer, out_dir, val_fraction: float = 0.1, *,
     tok_config = tokenizer.to_config()
     vocab_size, dtype = int(tokenizer.vocab_size), token_dtype(int(tokenizer.vocab_size))
     out = _make_out_dir(out_dir)
-    all_tmp, val_tmp = _temp_path(out, "train.bin"), _temp_path(out, "val.bin")
+    all_tmp, val_tmp = temp_path(out / "train.bin"), temp_path(out / "val.bin")
     try:
         total = _stream_tokens(paths, tokenizer, all_tmp, dtype, vocab_size, chunk_bytes,
                                progress)
@@ -297,7 +279,7 @@ def _publish(out: Path, train_tmp: Path, val_tmp: Path, meta: dict) -> None:
     (out / "meta.json").unlink(missing_ok=True)
     os.replace(train_tmp, out / "train.bin")
     os.replace(val_tmp, out / "val.bin")
-    _write_json_atomic(out / "meta.json", meta)
+    atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -364,7 +346,7 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int,
         ``x, y``: ``(B, T)`` int64 each, separate contiguous arrays.
     """
     for name, value in (("batch_size", batch_size), ("block_size", block_size)):
-        if not (_is_int(value) and value >= 1):
+        if not (is_int(value) and value >= 1):
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(rng, np.random.Generator):
         raise InputError(f"rng must be a numpy.random.Generator "

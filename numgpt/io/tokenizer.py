@@ -29,7 +29,9 @@ from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 
+from ..core.checks import check_token_ids
 from ..errors import CheckpointError, ConfigError, InputError
+from .files import atomic_write
 
 __all__ = [
     "Tokenizer",
@@ -99,12 +101,7 @@ def _valid_ids(ids: Iterable[int], vocab_size: int) -> np.ndarray:
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"token ids must be a flat sequence of integers, got array of "
                          f"shape {arr.shape} and dtype {arr.dtype}")
-    bad = (arr < 0) | (arr >= vocab_size)
-    if bad.any():
-        first = int(arr[np.argmax(bad)])
-        raise InputError(f"token id {first} is outside this tokenizer's vocabulary "
-                         f"[0, {vocab_size}); was it produced with a different tokenizer?")
-    return arr.astype(np.int64, copy=False)
+    return check_token_ids(arr, vocab_size, hint="was it produced with a different tokenizer?")
 
 
 def _utf8(text: str) -> bytes:
@@ -114,13 +111,6 @@ def _utf8(text: str) -> bytes:
     except UnicodeEncodeError:
         fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return fixed.encode("utf-8")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and rename, so a crash leaves no half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- ByteTokenizer
@@ -340,8 +330,8 @@ class GPT2Tokenizer:
         """Write ``vocab.json`` + ``merges.txt`` into ``folder``, byte-identical to the source."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "vocab.json", self._vocab_text)
-        _write_atomic(folder / "merges.txt", self._merges_text)
+        atomic_write(folder / "vocab.json", self._vocab_text)
+        atomic_write(folder / "merges.txt", self._merges_text)
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"

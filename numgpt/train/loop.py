@@ -48,15 +48,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..io import checkpoint
 from ..core import ops
-from .config import ARCH_KEYS, TrainConfig, resume_config
-from ..io.data import SPLITS, TokenDataset, get_batch, prepare
-from ..errors import CheckpointError, ConfigError, InputError, NumGPTError
+from ..core.checks import log_softmax64
 from ..core.model import GPT, GPTConfig
-from .optim import AdamW, clip_grad_norm, lr_schedule
 from ..core.tensor import apply, no_grad
+from ..errors import CheckpointError, ConfigError, InputError, NumGPTError
+from ..io import checkpoint
+from ..io.data import SPLITS, TokenDataset, get_batch, prepare
+from ..io.files import atomic_write
 from ..io.tokenizer import ByteTokenizer, tokenizer_from_config
+from .config import ARCH_KEYS, TrainConfig, resume_config
+from .optim import AdamW, clip_grad_norm, lr_schedule
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats", "DataParallel",
            "estimate_loss", "position_losses", "param_group", "grad_group_means",
@@ -291,11 +293,9 @@ def position_losses(model: GPT, data: np.ndarray, batch_size: int, block_size: i
     with no_grad():
         for _ in range(iters):
             x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
-            logits = model(x)[0].data.astype(np.float64)  # (B, T, V)
-            logits -= logits.max(axis=-1, keepdims=True)
-            logz = np.log(np.exp(logits).sum(axis=-1))  # (B, T)
-            picked = np.take_along_axis(logits, y[..., None], axis=-1)[..., 0]  # (B, T)
-            total += (logz - picked).mean(axis=0)
+            logp = log_softmax64(model(x)[0].data)  # (B, T, V)
+            picked = np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (B, T)
+            total -= picked.mean(axis=0)
     return total / iters
 
 
@@ -318,10 +318,7 @@ def default_corpus(folder: Path, *, progress: bool = False) -> Path:
     topics = importlib.import_module("pydoc_data.topics").topics
     text = "\n\n".join(topics[k].strip("\n") for k in sorted(topics)) + "\n"
     folder.mkdir(parents=True, exist_ok=True)
-    source = folder / "pydoc_topics.txt"
-    tmp = folder / ".pydoc_topics.txt.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, source)
+    source = atomic_write(folder / "pydoc_topics.txt", text)
     prepare([source], ByteTokenizer(), folder, val_fraction=0.1, progress=progress)
     return folder
 
@@ -472,9 +469,7 @@ class _Run:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                        if line.strip()]
             keep = [r for r in records if r.get("step", 0) <= self.step and r.get("kind") != "final"]
-            tmp = path.with_name(f".{_LOG}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
         self.log_file = open(path, "a", encoding="utf-8")
 
     # ------------------------------------------------------------------ actions

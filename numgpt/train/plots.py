@@ -18,12 +18,12 @@ global backend switch), and each file is written to a temp name then renamed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
+from ..io.files import atomic_write
 
 __all__ = ["read_log", "plot_run", "PLOT_FILES"]
 
@@ -65,10 +65,7 @@ def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _smooth(values: np.ndarray, width: int) -> np.ndarray:
