@@ -580,7 +580,7 @@ def test_full_queue_answers_503_with_retry_after(app_client):
 def test_gpt2_tokenizer_end_of_text_and_byte_tokens(app_client, gpt2_tokenizer_dir, tmp_path):
     """With GPT-2's BPE: end-of-text ends a choice with "stop", and tokens that are not
     whole UTF-8 show as ``bytes:\\xNN`` in logprobs, as OpenAI shows them."""
-    from numgpt.serve import app as serve_app
+    from numgpt.serve import protocol
     from numgpt.io.tokenizer import GPT2Tokenizer
 
     for name in ("vocab.json", "merges.txt"):
@@ -602,8 +602,8 @@ def test_gpt2_tokenizer_end_of_text_and_byte_tokens(app_client, gpt2_tokenizer_d
     assert choice["text"] == tok.decode(ref)
     assert len(ref) == 4 and choice["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == 5  # the end-of-text token counts, unseen
-    assert choice["logprobs"]["tokens"] == [serve_app._token_str(tok, t) for t in ref]
-    assert serve_app._token_str(tok, tok.encode(" the")[0]) == " the"
+    assert choice["logprobs"]["tokens"] == [protocol.token_str(tok, t) for t in ref]
+    assert protocol.token_str(tok, tok.encode(" the")[0]) == " the"
     partial = next(t for t in range(256) if tok.token_bytes(t)[0] >= 0x80)
-    assert serve_app._token_str(tok, partial) == f"bytes:\\x{tok.token_bytes(partial)[0]:02x}"
+    assert protocol.token_str(tok, partial) == f"bytes:\\x{tok.token_bytes(partial)[0]:02x}"
     assert body["usage"]["prompt_tokens"] == 2

@@ -1,0 +1,431 @@
+"""OpenAI's legacy completions protocol, in pure Python (no HTTP library, no socket).
+
+Two directions, each written once:
+
+- in:  ``parse_completion`` turns a decoded JSON body into a ``CompletionSpec`` or raises
+  ``APIError`` naming the first bad field (``parse_json_body`` decodes the raw bytes);
+- out: ``CompletionFold`` folds the engine's events (``PromptEvent``, ``TokenEvent``,
+  ``FinishEvent``) for one request into OpenAI's shapes: the stream's server-sent events as
+  they happen, and the whole response body as the fold's final state.
+
+Every error is OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``
+(``error_body``). Extensions beyond OpenAI's fields: ``top_k`` (int, 0 or -1 for no limit),
+``truncate`` (bool: keep the end of a prompt that is too long for the context), ``ascii_only``
+(bool). Unknown fields are ignored, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..core.checks import check_token_ids, is_int
+from ..errors import InputError, NumGPTError
+from ..infer.sample import SamplingParams
+from .engine import MAX_LOGPROBS, FinishEvent, PromptEvent, TokenEvent
+
+__all__ = ["MAX_STOP", "APIError", "error_body", "CompletionSpec", "parse_json_body",
+           "parse_completion", "token_str", "Logprobs", "choice_json", "sse", "SSE_DONE",
+           "Choice", "CompletionFold"]
+
+MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+SSE_DONE = "data: [DONE]\n\n"  # the stream's last event
+
+
+class APIError(NumGPTError):
+    """An error answered to the client in OpenAI's shape, with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _generation_failed() -> APIError:
+    return APIError(500, "generation failed; see the server log", type="server_error",
+                    code="generation_failed")
+
+
+# ------------------------------------------------------------------------ validation
+
+
+@dataclass
+class CompletionSpec:
+    """A validated completion request. prompts: token ids per prompt; prompt_texts: the
+    text each prompt stands for (what ``echo`` prepends)."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    max_tokens: int
+    params: SamplingParams
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None
+    include_usage: bool = False
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body's JSON value; 400 for bad UTF-8, malformed or too deeply nested JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})",
+                       code="invalid_encoding") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}",
+                       code="invalid_json") from None
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+def _bad(param: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code or "invalid_value")
+
+
+def _typed(body: dict, name: str, check: Callable[[Any], bool], what: str, default: Any) -> Any:
+    """body[name] if present and of the right type; the default when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise APIError(400, f"{name!r} must be {what}, got {json.dumps(value)[:80]} "
+                            f"({type(value).__name__})", param=name, code="invalid_type")
+    return value
+
+
+def _check_prompt_ids(i: int, ids: list[int], vocab_size: int) -> None:
+    """The vocabulary check every boundary shares; the API names the first id outside it."""
+    try:
+        check_token_ids(ids, vocab_size, what=f"prompt {i}")
+    except InputError:  # also ids past int64, which NumPy holds as objects
+        bad = next((t for t in ids if not 0 <= t < vocab_size), ids[0])
+        raise APIError(400, f"prompt {i} holds token id {bad}, outside the model's "
+                            f"vocabulary [0, {vocab_size})", param="prompt",
+                       code="invalid_token_id") from None
+
+
+def _parse_prompt(raw: Any, tokenizer, vocab_size: int) -> tuple[list[list[int]], list[str]]:
+    """A string, a list of strings, a list of token ids, or a list of such lists ->
+    (ids per prompt, text per prompt)."""
+    shape = ("'prompt' must be a non-empty string, a list of non-empty strings, a list of "
+             "token ids, or a list of lists of token ids")
+    if raw is None:
+        raise APIError(400, "'prompt' is required: " + shape, param="prompt", code="missing_prompt")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(is_int(t) for t in raw)):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, shape, param="prompt", code="invalid_prompt")
+    ids, texts = [], []
+    for i, p in enumerate(raw):
+        if isinstance(p, str):
+            if not p:
+                raise APIError(400, f"prompt {i} is empty; give at least one character",
+                               param="prompt", code="empty_prompt")
+            ids.append(tokenizer.encode(p, allow_special=True))  # as `numgpt generate` does
+            texts.append(p)
+        elif isinstance(p, list) and p and all(is_int(t) for t in p):
+            _check_prompt_ids(i, p, vocab_size)
+            ids.append(list(p))
+            texts.append(tokenizer.decode([t for t in p if t < tokenizer.vocab_size]))
+        else:
+            raise APIError(400, f"prompt {i}: {shape}", param="prompt", code="invalid_prompt")
+    return ids, texts
+
+
+def _parse_stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(400, "'stop' must be a string or a list of strings", param="stop",
+                       code="invalid_type")
+    if len(stops) > MAX_STOP:
+        raise _bad("stop", f"'stop' has {len(stops)} strings; at most {MAX_STOP} are allowed")
+    if any(not s for s in stops):
+        raise _bad("stop", "stop strings must not be empty")
+    return tuple(stops)
+
+
+def _fit_context(ids: list[int], max_tokens: int, context: int, truncate: bool) -> list[int]:
+    """The prompt if it leaves room to generate, its last tokens with ``truncate``, else 400."""
+    if truncate and len(ids) + max_tokens > context:
+        return ids[-max(1, context - max_tokens):]
+    if len(ids) >= context:
+        raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is "
+                            f"{context} tokens, leaving no room to generate; shorten the prompt "
+                            f"or send \"truncate\": true to keep its last tokens",
+                       param="prompt", code="context_length_exceeded")
+    return ids
+
+
+def _parse_sampling(body: dict) -> SamplingParams:
+    """temperature, top_p, top_k (extension), seed and ascii_only (extension)."""
+    temperature = _typed(body, "temperature", _is_number, "a number", 1.0)
+    if temperature < 0:
+        raise _bad("temperature", f"'temperature' must be >= 0 (0 is greedy), got {temperature}")
+    top_p = _typed(body, "top_p", _is_number, "a number", 1.0)
+    if not 0 < top_p <= 1:
+        raise _bad("top_p", f"'top_p' must lie in (0, 1], got {top_p}")
+    top_k = _typed(body, "top_k", is_int, "an integer", 0)
+    if top_k < -1:
+        raise _bad("top_k", f"'top_k' must be >= 1, or 0 / -1 for no limit, got {top_k}")
+    seed = _typed(body, "seed", is_int, "an integer", None)
+    if seed is not None and not 0 <= seed < 2 ** 64:
+        raise _bad("seed", f"'seed' must lie in [0, 2**64), got {seed}")
+    ascii_only = _typed(body, "ascii_only", _is_bool, "true or false", False)
+    return SamplingParams(temperature=float(temperature), top_k=top_k if top_k > 0 else None,
+                          top_p=float(top_p) if top_p < 1 else None, ascii_only=ascii_only,
+                          seed=seed)
+
+
+def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, context: int,
+                     max_tokens_limit: int, max_n: int, max_sequences: int) -> CompletionSpec:
+    """Validate an OpenAI completion request body; APIError names the first bad field."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
+                       code="invalid_body")
+    model = _typed(body, "model", lambda v: isinstance(v, str), "a string", model_name)
+    if model != model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                            f"{model_name!r}", param="model", code="model_not_found")
+    if body.get("suffix") is not None:
+        raise _bad("suffix", "'suffix' (insertion) is not supported by this server")
+    ids, texts = _parse_prompt(body.get("prompt"), tokenizer, vocab_size)
+    max_tokens = _typed(body, "max_tokens", is_int, "an integer", 16)
+    if not 1 <= max_tokens <= max_tokens_limit:
+        raise _bad("max_tokens", f"'max_tokens' must lie in [1, {max_tokens_limit}], got {max_tokens}")
+    n = _typed(body, "n", is_int, "an integer", 1)
+    if not 1 <= n <= max_n:
+        raise _bad("n", f"'n' must lie in [1, {max_n}], got {n}")
+    if n * len(ids) > max_sequences:
+        raise _bad("n", f"{len(ids)} prompts x n={n} asks for {n * len(ids)} sequences; this "
+                        f"server queues at most {max_sequences}")
+    logprobs = _typed(body, "logprobs", is_int, "an integer", None)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise _bad("logprobs", f"'logprobs' must lie in [0, {MAX_LOGPROBS}], got {logprobs}")
+    flags = {k: _typed(body, k, _is_bool, "true or false", False)
+             for k in ("stream", "echo", "truncate")}
+    options = _typed(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    fitted = [_fit_context(p, max_tokens, context, flags["truncate"]) for p in ids]
+    texts = [t if len(f) == len(p) else tokenizer.decode(f)  # echo what the model saw
+             for t, f, p in zip(texts, fitted, ids)]
+    return CompletionSpec(fitted, texts, max_tokens, _parse_sampling(body), n, _parse_stop(body),
+                          flags["stream"], flags["echo"], logprobs,
+                          bool(options.get("include_usage", False)))
+
+
+# ------------------------------------------------------------------------- responses
+
+
+def token_str(tokenizer, token_id: int) -> str:
+    """A token as OpenAI shows it: its text, or ``bytes:\\xNN`` when not whole UTF-8."""
+    if not 0 <= token_id < tokenizer.vocab_size:  # a model vocabulary padded past the tokenizer's
+        return f"<|token {token_id}|>"
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+@dataclass
+class Logprobs:
+    """OpenAI's legacy logprobs object, built a token at a time."""
+
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def add(self, tokenizer, token_id: int, logprob: float | None, top, offset: int) -> None:
+        self.tokens.append(token_str(tokenizer, token_id))
+        self.token_logprobs.append(logprob)
+        if top is None:
+            self.top_logprobs.append(None)
+        else:  # OpenAI always includes the sampled token among the alternatives
+            alts = {token_str(tokenizer, t): lp for t, lp in top}
+            alts.setdefault(self.tokens[-1], logprob)
+            self.top_logprobs.append(alts)
+        self.text_offset.append(offset)
+
+    def extend(self, other: "Logprobs") -> None:
+        for mine, theirs in zip(self._lists(), other._lists()):
+            mine.extend(theirs)
+
+    def _lists(self) -> tuple[list, list, list, list]:
+        return self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+def _prompt_logprobs(tokenizer, ids: list[int], ev: PromptEvent | None) -> Logprobs:
+    """Logprobs entries for the echoed prompt (offsets count characters from 0)."""
+    out, offset = Logprobs(), 0
+    for t, token in enumerate(ids):
+        lp, top = (ev.logprobs[t], ev.top[t]) if ev is not None else (None, None)
+        out.add(tokenizer, token, lp, top, offset)
+        offset += len(tokenizer.decode([token])) if token < tokenizer.vocab_size else 0
+    return out
+
+
+def choice_json(text: str, index: int, logprobs: Logprobs | None,
+                finish_reason: str | None) -> dict:
+    """One entry of a response's (or a stream chunk's) ``choices``."""
+    return {"text": text, "index": index,
+            "logprobs": logprobs.to_json() if logprobs is not None else None,
+            "finish_reason": finish_reason}
+
+
+def sse(body: dict) -> str:
+    """One server-sent event carrying a JSON body."""
+    return f"data: {json.dumps(body)}\n\n"
+
+
+@dataclass
+class Choice:
+    """What has arrived for one choice: sample ``sample`` (of n) of prompt ``prompt``."""
+
+    index: int
+    prompt: int
+    sample: int
+    opened: bool = False  # echo text (and the prompt's logprobs) placed
+    text: list[str] = field(default_factory=list)
+    logprobs: Logprobs | None = None
+    finish: FinishEvent | None = None
+
+
+class CompletionFold:
+    """One completion request folded from its engine events, choice by choice.
+
+    ``start()`` and each ``apply(choice_index, event)`` return the server-sent events that step
+    produces (none unless ``spec.stream``); once ``done``, ``response()`` is the whole response
+    body. One fold serves both answers, so a streamed and a plain request cannot disagree.
+    Choices are prompt-major: prompt p's samples j=0..n-1 are choices p*n .. p*n+n-1.
+
+    A choice *opens* (its echo text, and with logprobs its prompt's entries, are placed) the
+    first time any of these happens: at ``start`` when no logprobs were asked for (nothing to
+    wait for), when its prompt's ``PromptEvent`` arrives (the engine sends it before that
+    sequence's tokens), or at its own first event."""
+
+    def __init__(self, spec: CompletionSpec, model_name: str, tokenizer, *, id: str,
+                 created: int):
+        self.spec, self.model_name, self.tokenizer = spec, model_name, tokenizer
+        self.id, self.created = id, created
+        self.choices = [Choice(p * spec.n + j, p, j)
+                        for p in range(len(spec.prompts)) for j in range(spec.n)]
+        self.prompt_events: dict[int, PromptEvent] = {}
+        self.remaining = len(self.choices)
+        self.failed = False  # a sequence ended in "error" or "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0 or self.failed
+
+    def start(self) -> list[str]:
+        if self.spec.logprobs is not None:
+            return []
+        return [s for c in self.choices for s in self._open(c)]
+
+    def apply(self, index: int, ev: PromptEvent | TokenEvent | FinishEvent) -> list[str]:
+        c = self.choices[index]
+        if isinstance(ev, PromptEvent):
+            self.prompt_events[c.prompt] = ev
+            return [s for d in self.choices if d.prompt == c.prompt for s in self._open(d)]
+        out = self._open(c)
+        if isinstance(ev, TokenEvent):
+            return out + self._token(c, ev)
+        return out + self._finish(c, ev)
+
+    def response(self) -> dict:
+        """The whole non-streamed body; APIError 500 if a sequence failed."""
+        assert self.done, "response() before every choice finished"
+        if self.failed:
+            raise _generation_failed()
+        choices = [choice_json("".join(c.text), c.index, c.logprobs, c.finish.reason)
+                   for c in self.choices]
+        return self._body(choices, self.usage())
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.spec.prompts)
+        done = sum(c.finish.completion_tokens for c in self.choices if c.finish is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    # --------------------------------------------------------------- one step each
+
+    def _open(self, c: Choice) -> list[str]:
+        if c.opened:
+            return []
+        c.opened = True
+        echo = self.spec.prompt_texts[c.prompt] if self.spec.echo else ""
+        c.text.append(echo)
+        if self.spec.logprobs is not None:
+            ev = self.prompt_events.get(c.prompt)
+            c.logprobs = (_prompt_logprobs(self.tokenizer, self.spec.prompts[c.prompt], ev)
+                          if self.spec.echo else Logprobs())
+        if not self.spec.echo:
+            return []
+        return self._chunk([choice_json(echo, c.index, c.logprobs, None)])
+
+    def _token(self, c: Choice, ev: TokenEvent) -> list[str]:
+        c.text.append(ev.text)
+        entry = None
+        if c.logprobs is not None:
+            entry = Logprobs()
+            entry.add(self.tokenizer, ev.token_id, ev.logprob, ev.top,
+                      self._offset_base(c) + ev.text_offset)
+            c.logprobs.extend(entry)
+        return self._chunk([choice_json(ev.text, c.index, entry, None)])
+
+    def _finish(self, c: Choice, ev: FinishEvent) -> list[str]:
+        c.finish, self.remaining = ev, self.remaining - 1
+        if ev.reason in ("error", "cancelled"):
+            self.failed = True
+            return [sse(_generation_failed().body())] if self.spec.stream else []
+        c.text.append(ev.text)
+        out = self._chunk([choice_json(ev.text, c.index, None, ev.reason)])
+        if self.remaining == 0 and self.spec.stream:
+            if self.spec.include_usage:
+                out += self._chunk([], usage=self.usage())
+            out.append(SSE_DONE)
+        return out
+
+    def _offset_base(self, c: Choice) -> int:
+        """Generated text's offsets count from the start of the echoed prompt, if echoed."""
+        return len(self.spec.prompt_texts[c.prompt]) if self.spec.echo else 0
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> list[str]:
+        if not self.spec.stream:
+            return []
+        return [sse(self._body(choices, usage))]
+
+    def _body(self, choices: list[dict], usage: dict | None) -> dict:
+        body = {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model_name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
