@@ -140,15 +140,16 @@ def _parse_ids(text: str) -> list[int]:
             raise InputError(f"token ids {text[:60]!r} are not a valid JSON list ({e})") from None
     else:
         ids = [t for t in text.replace(",", " ").split()]
+    from .core.checks import is_int  # loads NumPy: only once the thread count is set
+
     out = []
     for t in ids:
-        try:
-            if isinstance(t, (bool, float)):
-                raise ValueError
-            out.append(int(t))
-        except (TypeError, ValueError):
+        if isinstance(t, str) and t.lstrip("-").isdigit():
+            t = int(t)
+        if not is_int(t):
             raise InputError(f"token id {t!r} is not an integer; give ids like '[15496, 13]' "
-                             f"or '15496 13'") from None
+                             f"or '15496 13'")
+        out.append(int(t))
     return out
 
 

@@ -115,3 +115,17 @@ def test_train_is_a_package_and_a_function():
 
     assert numgpt.train.loop is loop
     assert callable(numgpt.train)
+
+
+@pytest.mark.parametrize("module", ["numgpt", "numgpt.cli", "numgpt.core.threads", "numgpt.train"])
+def test_modules_imported_before_the_thread_count_is_set_leave_numpy_unloaded(module):
+    """BLAS reads its thread count when NumPy loads, so the CLI must parse --threads and call
+    set_blas_threads before anything imports NumPy. Negative control: numgpt.core.ops does."""
+    import subprocess
+    import sys
+
+    probe = "import sys, importlib; importlib.import_module(sys.argv[1]); print('numpy' in sys.modules)"
+    loaded = lambda m: subprocess.run([sys.executable, "-c", probe, m], capture_output=True,  # noqa: E731
+                                      text=True, check=True).stdout.strip()
+    assert loaded(module) == "False"
+    assert loaded("numgpt.core.ops") == "True"

@@ -124,7 +124,8 @@ def param_group(name: str) -> str:
         return "head"
     if ".ln_" in name:
         return "layernorm"
-    raise ValueError(f"parameter {name!r} belongs to no known group")
+    raise ConfigError(f"parameter {name!r} belongs to no known group; numgpt trains models whose "
+                      f"parameters carry GPT-2's names (wte, wpe, h.N.attn/mlp/ln_1/ln_2, ln_f)")
 
 
 def grad_group_means(params: dict) -> dict[str, float]:
