@@ -607,3 +607,31 @@ def test_gpt2_tokenizer_end_of_text_and_byte_tokens(app_client, gpt2_tokenizer_d
     partial = next(t for t in range(256) if tok.token_bytes(t)[0] >= 0x80)
     assert protocol.token_str(tok, partial) == f"bytes:\\x{tok.token_bytes(partial)[0]:02x}"
     assert body["usage"]["prompt_tokens"] == 2
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_metric_misuse_raises_numgpt_errors_not_bare_key_errors():
+    from numgpt.errors import ConfigError, InputError, NumGPTError
+    from numgpt.serve.metrics import Counter, Histogram, Registry
+
+    reg = Registry()
+    c = reg.add(Counter("requests_total", "Requests.", ["path", "status"]))
+    c.inc(path="/health", status="200")  # control: the right labels count
+    assert c.value(path="/health", status="200") == 1.0
+    for labels in ({"path": "/health"}, {"path": "/x", "status": "200", "extra": "1"}):
+        with pytest.raises(InputError, match=r"takes the labels \['path', 'status'\]"):
+            c.inc(**labels)
+    with pytest.raises(InputError, match="requests_total"):
+        c.value(status="200")
+    h = reg.add(Histogram("step_seconds", "Step time.", [0.1, 1.0]))
+    h.observe(0.5)
+    with pytest.raises(InputError, match="NaN"):
+        h.observe(float("nan"))
+    assert h.count() == 1  # the rejected observation left no trace
+    with pytest.raises(ConfigError, match="'requests_total' is already registered"):
+        reg.add(Counter("requests_total", "Again."))
+    for err in (InputError, ConfigError):
+        assert issubclass(err, NumGPTError) and not issubclass(err, KeyError)
+    assert reg.render().count("# TYPE requests_total counter") == 1

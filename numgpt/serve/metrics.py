@@ -1,7 +1,9 @@
 """Thread-safe counters, gauges and histograms rendered in the Prometheus text format.
 
 The server's engine thread and its event loop both update these, so every update takes a
-lock. No dependency: the text exposition format (version 0.0.4) is a few lines of code::
+lock. No dependency: the text exposition format (version 0.0.4) is a few lines of code.
+Misuse (wrong label names, a NaN observation, two metrics of one name) raises a
+``numgpt.errors`` error naming the value and the fix, never a bare ``KeyError``::
 
     # HELP numgpt_tokens_generated_total Tokens generated.
     # TYPE numgpt_tokens_generated_total counter
@@ -13,6 +15,8 @@ from __future__ import annotations
 import math
 import threading
 from typing import Iterable
+
+from ..errors import ConfigError, InputError
 
 __all__ = ["Counter", "Gauge", "Histogram", "Registry", "CONTENT_TYPE"]
 
@@ -44,7 +48,8 @@ class _Metric:
 
     def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
         if set(labels) != set(self.labelnames):
-            raise KeyError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
+            raise InputError(f"{self.name} takes the labels {list(self.labelnames)}, got "
+                             f"{sorted(labels)}; pass exactly those as keyword arguments")
         return tuple(str(labels[n]) for n in self.labelnames)
 
     def header(self) -> list[str]:
@@ -114,6 +119,8 @@ class Histogram(_Metric):
 
     def observe(self, value: float, times: int = 1) -> None:
         """Record ``value`` ``times`` times (e.g. one step time for each token it produced)."""
+        if math.isnan(value):  # NaN is <= no bound, so it has no bucket to count in
+            raise InputError(f"{self.name} observed NaN; observe a number (a duration, a size)")
         i = next(i for i, b in enumerate(self.bounds) if value <= b)
         with self._lock:
             self._counts[i] += times
@@ -142,6 +149,9 @@ class Registry:
         self._metrics: list[_Metric] = []
 
     def add(self, metric: _Metric) -> _Metric:
+        if any(m.name == metric.name for m in self._metrics):  # Prometheus rejects the page
+            raise ConfigError(f"a metric named {metric.name!r} is already registered; give the "
+                              f"new one another name")
         self._metrics.append(metric)
         return metric
 
