@@ -11,6 +11,8 @@ Models: a small byte-level GPT (4 layers, 128 wide) and the GPT-2 124M shape wit
 vocabulary (needs ``../shared/data/gpt2``, or ``$NUMGPT_SHARED_DATA``; skipped without it).
 
     python benchmarks/bench_server.py [--tokens-small 128] [--tokens-124m 32] [--threads 1]
+    python benchmarks/bench_server.py --quick   # proves the script works: small model, 4
+                                                # tokens per client, no results file written
 
 Prints the table and writes it to ``docs/results/bench_server.md``.
 """
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from numgpt.io.checkpoint import save  # noqa: E402
+from numgpt.io.files import atomic_write  # noqa: E402
 from numgpt.core.model import GPT, GPTConfig  # noqa: E402
 from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
@@ -184,9 +187,7 @@ def write_results(rows: list[dict], path: Path, notes: list[str]) -> None:
             f"Written by the benchmark script; machine: {cpu}.\n\n"
             + format_table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def main(argv=None) -> int:
@@ -197,7 +198,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="the server's --threads (BLAS threads); 0 leaves the BLAS default")
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_server.md"))
+    p.add_argument("--quick", action="store_true",
+                   help="a few seconds' run that proves the script works; its timings mean "
+                        "nothing, so no results file is written")
     args = p.parse_args(argv)
+    if args.quick:
+        args.tokens_small, args.skip_124m = 4, True
     rows = []
     notes = [f"server started with --threads {args.threads} (BLAS threads)" if args.threads
              else "server started with the BLAS library's default thread count"]
@@ -225,6 +231,9 @@ def main(argv=None) -> int:
     print("\n" + table + "\n")
     for n in notes:
         print(n)
+    if args.quick:
+        print("\n--quick: nothing written")
+        return 0
     write_results(rows, Path(args.out), notes)
     print(f"\nwritten to {args.out}")
     return 0 if all(r["speedup"] >= 3.0 for r in rows if r["clients"] == max(CLIENTS)) else 1
