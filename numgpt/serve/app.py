@@ -40,7 +40,8 @@ from starlette.routing import Route
 from ..errors import InputError, NumGPTError
 from .engine import Engine, EngineMetrics, QueueFull, Request
 from .metrics import CONTENT_TYPE, Counter, Registry
-from .protocol import APIError, CompletionFold, error_body, parse_completion, parse_json_body
+from .protocol import (APIError, CompletionFold, CompletionSpec, error_body, parse_completion,
+                       parse_json_body)
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 
@@ -65,6 +66,9 @@ class ServerConfig:
     max_n: int = 16
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
+
+
+# ------------------------------------------------------------------ errors and bodies
 
 
 def _error_response(status: int, message: str, type: str = "invalid_request_error",
@@ -102,7 +106,7 @@ class _Completion:
     """One HTTP completion request: its engine sequences, the queue their events arrive on
     (from the engine's thread), and the fold that turns them into the answer."""
 
-    def __init__(self, spec, model_name: str, tokenizer):
+    def __init__(self, spec: CompletionSpec, model_name: str, tokenizer):
         self.fold = CompletionFold(spec, model_name, tokenizer, id="cmpl-" + secrets.token_hex(12),
                                    created=int(time.time()))
         self.events: asyncio.Queue = asyncio.Queue()
