@@ -120,7 +120,7 @@ def _check_prompt_ids(i: int, ids: list[int], vocab_size: int) -> None:
     try:
         check_token_ids(ids, vocab_size, what=f"prompt {i}")
     except InputError:  # also ids past int64, which NumPy holds as objects
-        bad = next((t for t in ids if not 0 <= t < vocab_size), ids[0])
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
         raise APIError(400, f"prompt {i} holds token id {bad}, outside the model's "
                             f"vocabulary [0, {vocab_size})", param="prompt",
                        code="invalid_token_id") from None
