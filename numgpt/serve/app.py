@@ -6,6 +6,10 @@ Routes::
     GET  /v1/models        the one model served
     GET  /health           200 once the model is loaded, 503 before (or if loading failed)
     GET  /metrics          Prometheus text format
+    POST /v1/internals     one short prompt's attention probabilities and residual norms
+    GET  /                 the playground page (static files under /static/, served without
+                           the API key: they hold nothing secret, and every call the page
+                           makes carries the key the user types)
 
 This module is the HTTP side: routes, the API key, body limits, streaming, startup. What a
 request may say and what an answer looks like is ``numgpt.serve.protocol`` (pure Python).
@@ -34,18 +38,22 @@ from typing import Any, AsyncIterator, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from ..errors import InputError, NumGPTError
+from . import internals
 from .engine import Engine, EngineMetrics, QueueFull, Request
 from .metrics import CONTENT_TYPE, Counter, Registry
-from .protocol import (APIError, CompletionFold, CompletionSpec, error_body, parse_completion,
-                       parse_json_body)
+from .protocol import (APIError, CompletionFold, CompletionSpec, error_body, internals_json,
+                       parse_completion, parse_internals, parse_json_body)
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 
 log = logging.getLogger("numgpt.serve.app")
+
+STATIC = Path(__file__).resolve().parent / "static"  # the playground page, shipped as package data
 
 
 @dataclass
@@ -175,6 +183,7 @@ class _State:
         self.on_load_failed: Callable[[str], None] | None = None
         self.started = time.time()
         self._loader: threading.Thread | None = None
+        self.internals_lock = asyncio.Lock()  # one /v1/internals pass at a time
 
     @property
     def model_name(self) -> str:
@@ -290,6 +299,35 @@ async def completions(request: HTTPRequest) -> Response:
     return JSONResponse(body)
 
 
+async def inspect_internals(request: HTTPRequest) -> Response:
+    """POST /v1/internals: one prompt pass of at most ``internals.MAX_TOKENS`` tokens, on a
+    worker thread beside the engine (its own one-slot cache), one request at a time."""
+    state = _state(request)
+    _require_ready(state)
+    body = await _read_json(request, state.config.max_body_bytes)
+    m = state.model.config
+    spec = parse_internals(body, model_name=state.model_name, tokenizer=state.model.tokenizer,
+                           vocab_size=m.vocab_size, n_layer=m.n_layer,
+                           max_tokens=min(internals.MAX_TOKENS, m.block_size))
+    async with state.internals_lock:
+        seen = await asyncio.to_thread(internals.inspect, state.model, spec.ids, spec.layer)
+    return JSONResponse(internals_json(state.model_name, state.model.tokenizer, spec,
+                                       seen.attention, seen.residual_norms))
+
+
+async def playground(request: HTTPRequest) -> Response:
+    """GET /: the page, told whether to ask for an API key (never the key itself)."""
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    if _state(request).config.api_key:
+        page = page.replace('data-api-key="none"', 'data-api-key="required"', 1)
+    return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+
+# the page loads only its own files and talks only to this server (works offline)
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'",
+                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
 async def _until_disconnect(request: HTTPRequest, work) -> Any:
     """Await ``work``; None (and ``work`` cancelled) if the client disconnects first."""
     task = asyncio.ensure_future(work)
@@ -331,7 +369,7 @@ class _Guard:
 
         try:
             key = self.state.config.api_key
-            if key and not _authorized(scope, key):
+            if key and not _public(scope.get("path", "")) and not _authorized(scope, key):
                 resp = _error_response(401, "missing or wrong API key: send the header "
                                             "'Authorization: Bearer <key>'",
                                        code="invalid_api_key")
@@ -347,6 +385,11 @@ class _Guard:
             path = scope.get("path", "")
             known = path if path in _PATHS else "other"
             self.state.requests.inc(path=known, status=str(status["code"]))
+
+
+def _public(path: str) -> bool:
+    """The playground's page and static files need no key; every API route does."""
+    return path == "/" or path.startswith("/static/")
 
 
 def _authorized(scope, key: str) -> bool:
@@ -367,7 +410,7 @@ async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
     return _error_response(exc.status_code, message, code=code, headers=exc.headers)
 
 
-_PATHS = ("/v1/completions", "/v1/models", "/health", "/metrics")
+_PATHS = ("/v1/completions", "/v1/models", "/v1/internals", "/health", "/metrics", "/")
 
 
 def create_app(config: ServerConfig, model=None) -> Starlette:
@@ -386,7 +429,10 @@ def create_app(config: ServerConfig, model=None) -> Starlette:
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
+              Route("/metrics", metrics, methods=["GET"]),
+              Route("/v1/internals", inspect_internals, methods=["POST"]),
+              Route("/", playground, methods=["GET"]),
+              Mount("/static", StaticFiles(directory=STATIC), name="static")]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: _api_error, HTTPException: _http_error})
     app.state.numgpt = state

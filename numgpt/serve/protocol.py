@@ -28,7 +28,7 @@ from .engine import MAX_LOGPROBS, FinishEvent, PromptEvent, TokenEvent
 
 __all__ = ["MAX_STOP", "APIError", "error_body", "CompletionSpec", "parse_json_body",
            "parse_completion", "token_str", "Logprobs", "choice_json", "sse", "SSE_DONE",
-           "Choice", "CompletionFold"]
+           "Choice", "CompletionFold", "InternalsSpec", "parse_internals", "internals_json"]
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 SSE_DONE = "data: [DONE]\n\n"  # the stream's last event
@@ -201,9 +201,8 @@ def _parse_sampling(body: dict) -> SamplingParams:
                           seed=seed)
 
 
-def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, context: int,
-                     max_tokens_limit: int, max_n: int, max_sequences: int) -> CompletionSpec:
-    """Validate an OpenAI completion request body; APIError names the first bad field."""
+def _check_object_and_model(body: Any, model_name: str) -> None:
+    """A request body is a JSON object naming this server's model (or none)."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_body")
@@ -211,6 +210,12 @@ def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, 
     if model != model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves "
                             f"{model_name!r}", param="model", code="model_not_found")
+
+
+def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, context: int,
+                     max_tokens_limit: int, max_n: int, max_sequences: int) -> CompletionSpec:
+    """Validate an OpenAI completion request body; APIError names the first bad field."""
+    _check_object_and_model(body, model_name)
     if body.get("suffix") is not None:
         raise _bad("suffix", "'suffix' (insertion) is not supported by this server")
     ids, texts = _parse_prompt(body.get("prompt"), tokenizer, vocab_size)
@@ -429,3 +434,48 @@ class CompletionFold:
         if usage is not None:
             body["usage"] = usage
         return body
+
+
+# ------------------------------------------------------- POST /v1/internals (playground)
+
+
+@dataclass
+class InternalsSpec:
+    """A validated internals request: one prompt's token ids and the layer to show."""
+
+    ids: list[int]
+    layer: int
+
+
+def parse_internals(body: Any, *, model_name: str, tokenizer, vocab_size: int, n_layer: int,
+                    max_tokens: int) -> InternalsSpec:
+    """``{"prompt": str | [ids], "layer": int (default 0), "model": str}``; the prompt must
+    encode to at most ``max_tokens`` tokens (the endpoint stays cheap and its answer small)."""
+    _check_object_and_model(body, model_name)
+    prompts, _ = _parse_prompt(body.get("prompt"), tokenizer, vocab_size)
+    if len(prompts) != 1:
+        raise _bad("prompt", f"'prompt' must be one prompt (a string or a list of token ids), "
+                             f"got {len(prompts)}", code="invalid_prompt")
+    ids = prompts[0]
+    if len(ids) > max_tokens:
+        raise _bad("prompt", f"the prompt has {len(ids)} tokens; /v1/internals takes at most "
+                             f"{max_tokens}, so shorten it", code="prompt_too_long")
+    layer = _typed(body, "layer", is_int, "an integer", 0)
+    if not 0 <= layer < n_layer:
+        raise _bad("layer", f"'layer' must lie in [0, {n_layer - 1}], got {layer}")
+    return InternalsSpec(ids, layer)
+
+
+def internals_json(model_name: str, tokenizer, spec: InternalsSpec, attention,
+                   residual_norms) -> dict:
+    """The internals answer. attention (nh, T, T): layer ``spec.layer``'s probabilities,
+    row = query position, column = key position (0 above the diagonal); residual_norms
+    (L + 1, T): the residual stream's L2 norm per position, row 0 the embeddings, row l + 1
+    block l's output. Numbers are the model's values widened to float64, so JSON keeps
+    them exactly."""
+    return {"object": "internals", "model": model_name,
+            "tokens": [token_str(tokenizer, t) for t in spec.ids], "token_ids": list(spec.ids),
+            "n_layer": int(residual_norms.shape[0]) - 1, "n_head": int(attention.shape[0]),
+            "layer": spec.layer,
+            "attention": attention.astype("float64").tolist(),
+            "residual_norms": residual_norms.astype("float64").tolist()}
