@@ -1,0 +1,425 @@
+"""8-bit weights for inference: GGML's q8_0 blocks and the compiled kernels that multiply by them.
+
+Batch-1 decode reads every weight once per token, so in float32 its speed is capped by
+memory bandwidth / (4 bytes x parameters). q8_0 stores each matrix in 1.0625 bytes per
+weight and the kernels below multiply by it directly, never making a float32 copy.
+
+The q8_0 layout (GGML's, so GGUF files carry it unchanged)
+------------------------------------------------------------
+A matrix W (N, K) -- N outputs, K inputs, the reduction axis last -- is cut along K into
+blocks of ``BLOCK = 32`` values. Block ``b`` of row ``n`` stores 32 int8 codes
+``qs[n, 32b:32b+32]`` in [-127, 127] and one scale ``d[n, b]``; it stands for
+``d[n, b] * qs[n, 32b + j]``. Every quantized matrix here is stored (out, in) = (N, K) like
+GGML's: a numgpt ``Linear`` weight (in, out) is quantized transposed, the tied ``wte``
+(V, C) is already (out, in) for the head and gives embedding rows directly.
+
+Scales are float16 on disk (GGML's 2 bytes, so a numgpt q8_0 file and a GGUF q8_0 tensor
+hold the same bytes and convert losslessly both ways) and float32 in memory (numba has no
+float16; the widening is exact). Quantization picks ``d = max|w| / 127`` rounded UP to the
+next float16, then ``q = round(w / d)``: rounding d up (GGML rounds to nearest) keeps every
+``|w / d| <= 127`` so no code is clipped, and the error of every value is at most ``d / 2``.
+
+Which kernel runs (``matmul``)
+------------------------------
+* M <= ``SMALL_M`` rows of activations (batch-1 decode, the server's batched decode):
+  ``_q8_matmul_rows``, a numba kernel with ``prange`` over groups of 4 output rows; each
+  block's 32 int8 codes are widened to float32, multiplied with the activations and summed
+  in float32, then scaled once per block. Bandwidth: int8 loads only.
+* M > ``SMALL_M`` (prefill, perplexity): compute-bound, so the matrix is dequantized one
+  tile of ``TILE_ELEMENTS`` weights at a time into a reused float32 buffer (a few MB,
+  never the whole matrix) and multiplied by BLAS, as GGML's BLAS backend does for batches.
+
+Both are exact for the numbers stored: q * d is exact in float32 (8-bit times 11-bit
+significands), so the only rounding is float32 accumulation (tests/test_quant.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError, ShapeError
+from .nn import Embedding, Linear, Module, Parameter
+from .tensor import Tensor
+
+__all__ = ["BLOCK", "SCHEMES", "Q8Matrix", "quantize_q8_0", "matmul", "linear", "embedding",
+           "QuantizedLinear", "QuantizedEmbedding", "quantize_model", "is_quantized",
+           "scheme_of", "quantized_state", "build_quantized", "weight_bytes", "refuse_training"]
+
+BLOCK = 32  # values per q8_0 block (GGML's QK8_0)
+SCHEMES = ("q8_0",)
+SMALL_M = 16  # up to this many activation rows the direct kernel beats dequantize + BLAS
+TILE_ELEMENTS = 1 << 20  # weights dequantized per BLAS tile (4 MB of float32)
+_FASTMATH = {"reassoc", "contract", "nsz"}  # reassociation lets LLVM vectorize the sums
+
+
+# --------------------------------------------------------------------- the format
+
+class Q8Matrix:
+    """A matrix W (N, K) in q8_0 blocks: ``qs`` (N, K) int8, ``scales`` (N, K // 32) float32
+    holding float16 values. ``W[n, k] = scales[n, k // 32] * qs[n, k]``."""
+
+    __slots__ = ("qs", "scales")
+    scheme = "q8_0"
+
+    def __init__(self, qs: np.ndarray, scales: np.ndarray):
+        if qs.dtype != np.int8 or qs.ndim != 2 or qs.shape[1] % BLOCK:
+            raise ShapeError(f"q8_0 codes must be int8 (N, K) with K a multiple of {BLOCK}, "
+                             f"got {qs.dtype} {qs.shape}")
+        if scales.shape != (qs.shape[0], qs.shape[1] // BLOCK):
+            raise ShapeError(f"q8_0 scales must be {(qs.shape[0], qs.shape[1] // BLOCK)} for codes "
+                             f"{qs.shape}, got {scales.shape}")
+        self.qs = np.ascontiguousarray(qs)
+        self.scales = np.ascontiguousarray(scales, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes on disk and in GGUF: one int8 per weight + one float16 per block."""
+        return self.qs.nbytes + 2 * self.scales.size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in memory (scales widened to float32)."""
+        return self.qs.nbytes + self.scales.nbytes
+
+    def dequantize(self, dtype=np.float64) -> np.ndarray:
+        """The full matrix W (N, K) the blocks stand for. For tests and export only:
+        inference never calls it (that would be the float copy q8_0 exists to avoid)."""
+        N, K = self.shape
+        blocks = self.qs.reshape(N, K // BLOCK, BLOCK).astype(dtype)  # (N, K/32, 32)
+        return (blocks * self.scales[..., None].astype(dtype)).reshape(N, K)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantized rows ``W[ids]``: ids (...) -> (..., K) float32 (only those rows)."""
+        ids = np.asarray(ids)
+        N, K = self.shape
+        q = self.qs[ids.reshape(-1)].reshape(-1, K // BLOCK, BLOCK)  # (n, K/32, 32) int8
+        d = self.scales[ids.reshape(-1)][..., None]  # (n, K/32, 1)
+        return (q * d).reshape(*ids.shape, K)  # int8 * float32 -> float32, exact
+
+
+def _float16_scale_up(amax: np.ndarray) -> np.ndarray:
+    """``amax / 127`` rounded up to a float16 (as float32), so ``|w| / d <= 127`` exactly."""
+    d = (amax.astype(np.float64) / 127.0)
+    d16 = d.astype(np.float16)
+    low = d16.astype(np.float64) < d
+    d16[low] = np.nextafter(d16[low], np.float16(np.inf))
+    if not np.all(np.isfinite(d16)):
+        raise ConfigError(f"a weight of magnitude {float(amax.max()):.3g} exceeds what q8_0 can "
+                          f"store (scale above float16's 65504); the model is not quantizable")
+    return d16.astype(np.float32)
+
+
+def quantize_q8_0(w: np.ndarray, rows_per_chunk: int = 4096) -> Q8Matrix:
+    """W (N, K) float -> q8_0 blocks along K. Error of every value <= its block's scale / 2.
+
+    Works ``rows_per_chunk`` rows at a time so a float64 temporary stays small.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2 or w.shape[1] % BLOCK:
+        raise ConfigError(f"q8_0 needs matrices whose input width is a multiple of {BLOCK}; got "
+                          f"shape {w.shape} (n_embd must be a multiple of {BLOCK})")
+    N, K = w.shape
+    qs = np.empty((N, K), np.int8)
+    scales = np.empty((N, K // BLOCK), np.float32)
+    for r0 in range(0, N, rows_per_chunk):
+        blocks = w[r0:r0 + rows_per_chunk].astype(np.float64).reshape(-1, K // BLOCK, BLOCK)
+        d = _float16_scale_up(np.abs(blocks).max(axis=-1))  # (n, K/32)
+        safe = np.where(d > 0, d, 1.0).astype(np.float64)[..., None]  # an all-zero block stays 0
+        q = np.clip(np.rint(blocks / safe), -127, 127)
+        qs[r0:r0 + len(blocks)] = q.reshape(-1, K).astype(np.int8)
+        scales[r0:r0 + len(blocks)] = d
+    return Q8Matrix(qs, scales)
+
+
+# ----------------------------------------------------------------------- kernels
+
+def _njit(**options):
+    import numba  # imported on first use, so float-only programs never pay for it
+
+    return numba.njit(cache=True, **options)
+
+
+_kernels: dict[str, Callable] = {}
+
+
+def _kernel(name: str) -> Callable:
+    """The compiled kernel ``name``, built (or read from numba's cache) on first use."""
+    if name not in _kernels:
+        _kernels[name] = _BUILDERS[name]()
+    return _kernels[name]
+
+
+def _build_matmul_rows():
+    import numba
+
+    @_njit(parallel=True, fastmath=_FASTMATH)
+    def q8_matmul_rows(x, qs, scales, out):  # x (M, K) f32, qs (N, K) i8, scales (N, K/32) f32 -> out (M, N)
+        """out = x @ W^T for W in q8_0 blocks (reference: ``x @ Q8Matrix.dequantize().T``).
+
+        prange over groups of 4 output rows: the 4 rows share each activation load, and
+        each row is read from memory once for all M activation rows (it stays in L1)."""
+        M, K = x.shape
+        N = qs.shape[0]
+        n_blocks = K // 32
+        for g in numba.prange((N + 3) // 4):
+            n = 4 * g
+            if n + 4 <= N:
+                for m in range(M):
+                    a0 = np.float32(0.0)
+                    a1 = np.float32(0.0)
+                    a2 = np.float32(0.0)
+                    a3 = np.float32(0.0)
+                    for b in range(n_blocks):
+                        s0 = np.float32(0.0)
+                        s1 = np.float32(0.0)
+                        s2 = np.float32(0.0)
+                        s3 = np.float32(0.0)
+                        base = 32 * b
+                        for j in range(32):
+                            xv = x[m, base + j]
+                            s0 += np.float32(qs[n, base + j]) * xv
+                            s1 += np.float32(qs[n + 1, base + j]) * xv
+                            s2 += np.float32(qs[n + 2, base + j]) * xv
+                            s3 += np.float32(qs[n + 3, base + j]) * xv
+                        a0 += scales[n, b] * s0
+                        a1 += scales[n + 1, b] * s1
+                        a2 += scales[n + 2, b] * s2
+                        a3 += scales[n + 3, b] * s3
+                    out[m, n] = a0
+                    out[m, n + 1] = a1
+                    out[m, n + 2] = a2
+                    out[m, n + 3] = a3
+            else:  # the last 1-3 rows when N is not a multiple of 4
+                for r in range(n, N):
+                    for m in range(M):
+                        acc = np.float32(0.0)
+                        for b in range(n_blocks):
+                            s = np.float32(0.0)
+                            for j in range(32):
+                                s += np.float32(qs[r, 32 * b + j]) * x[m, 32 * b + j]
+                            acc += scales[r, b] * s
+                        out[m, r] = acc
+
+    return q8_matmul_rows
+
+
+def _build_dequantize_rows():
+    import numba
+
+    @_njit(parallel=True)
+    def q8_dequantize_rows(qs, scales, r0, out):  # qs (N, K) i8, scales (N, K/32) -> out (R, K) f32
+        """Rows r0 .. r0+R of W into ``out`` (one BLAS tile; reference: ``Q8Matrix.dequantize``)."""
+        R, K = out.shape
+        for r in numba.prange(R):
+            src = qs[r0 + r]
+            dst = out[r]
+            for b in range(K // 32):
+                d = scales[r0 + r, b]
+                for j in range(32):
+                    dst[32 * b + j] = d * np.float32(src[32 * b + j])
+
+    return q8_dequantize_rows
+
+
+_BUILDERS = {"matmul_rows": _build_matmul_rows, "dequantize_rows": _build_dequantize_rows}
+
+
+def _matmul_tiled(x2: np.ndarray, w: Q8Matrix, out: np.ndarray) -> None:
+    """out (M, N) = x2 (M, K) @ W^T through float32 tiles of W and BLAS (for large M)."""
+    N, K = w.shape
+    tile_rows = max(4, TILE_ELEMENTS // K)
+    buf = np.empty((min(tile_rows, N), K), np.float32)  # the one float32 tile, reused
+    dequantize_rows = _kernel("dequantize_rows")
+    for r0 in range(0, N, tile_rows):
+        tile = buf[:min(tile_rows, N - r0)]  # (R, K)
+        dequantize_rows(w.qs, w.scales, r0, tile)
+        np.matmul(x2, tile.T, out=out[:, r0:r0 + len(tile)])  # (M, K) @ (K, R) -> (M, R)
+
+
+def matmul(x: np.ndarray, w: Q8Matrix) -> np.ndarray:
+    """``x @ W^T``: x (..., K) float32, W (N, K) in q8_0 -> (..., N) float32."""
+    N, K = w.shape
+    if x.shape[-1] != K:
+        raise ShapeError(f"quantized matmul: input {x.shape} does not match weight (out, in) {w.shape}")
+    if x.dtype != np.float32:
+        raise ShapeError(f"quantized matmul takes float32 activations, got {x.dtype}")
+    x2 = np.ascontiguousarray(x.reshape(-1, K))  # (M, K)
+    out = np.empty((x2.shape[0], N), np.float32)  # (M, N)
+    if x2.shape[0] <= SMALL_M:
+        _kernel("matmul_rows")(x2, w.qs, w.scales, out)
+    else:
+        _matmul_tiled(x2, w, out)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def linear(x: np.ndarray, w: Q8Matrix, b: np.ndarray | None = None) -> np.ndarray:
+    """``x @ W^T + b`` for a quantized (out, in) W: x (..., in) -> (..., out)."""
+    y = matmul(x, w)
+    if b is not None:
+        y += b
+    return y
+
+
+def embedding(w: Q8Matrix, ids: np.ndarray) -> np.ndarray:
+    """Rows of a quantized (V, C) table: ids (...) -> (..., C) float32, only those rows."""
+    return w.rows(ids)
+
+
+# ------------------------------------------------------------------------ layers
+
+class QuantizedLinear(Module):
+    """Inference-only ``Linear``: ``y = x @ W + b`` with W held as q8_0 blocks of W^T (out, in).
+
+    ``bias`` stays a float32 ``Parameter`` (so ``parameters()`` lists it); the weight is
+    not a Parameter: it has no gradient and is never trained.
+    """
+
+    def __init__(self, weight: Q8Matrix, bias: Parameter | None):
+        self.weight = weight
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, layer: Linear) -> "QuantizedLinear":
+        w = layer.weight.data  # (in, out)
+        bias = None if layer.bias is None else Parameter(layer.bias.data.astype(np.float32))
+        return cls(quantize_q8_0(w.T), bias)  # blocks along "in": (out, in)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        return Tensor(linear(x.data, self.weight, None if self.bias is None else self.bias.data))
+
+
+class QuantizedEmbedding(Module):
+    """Inference-only token table (V, C) in q8_0: looks up rows and serves as the tied head."""
+
+    def __init__(self, weight: Q8Matrix):
+        self.weight = weight
+
+    def forward(self, ids: np.ndarray) -> Tensor:  # (...) int -> (..., C)
+        return Tensor(embedding(self.weight, ids))
+
+    def head(self, x: Tensor) -> Tensor:  # (..., C) -> (..., V): logits = x @ wte^T
+        return Tensor(matmul(x.data, self.weight))
+
+
+# ------------------------------------------------------------------------- model
+
+_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _linear_slots(model):
+    """(owner module, attribute, full name) of every matrix weight in the blocks."""
+    for i, block in enumerate(model.h):
+        for path in _LINEARS:
+            owner_name, attr = path.split(".")
+            yield getattr(block, owner_name), attr, f"h.{i}.{path}"
+
+
+def is_quantized(model) -> bool:
+    return isinstance(getattr(model, "wte", None), QuantizedEmbedding)
+
+
+def scheme_of(model) -> str | None:
+    """``"q8_0"`` for a quantized model, None for a float one."""
+    return model.wte.weight.scheme if is_quantized(model) else None
+
+
+def quantize_model(model, scheme: str = "q8_0"):
+    """Replace every matrix weight of ``model`` (in place) by q8_0 blocks; returns it.
+
+    LayerNorms, biases and ``wpe`` stay float32 (a float64 model's are cast: a quantized
+    model computes in float32). The float matrices are dropped, so their memory is freed.
+    """
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {list(SCHEMES)}")
+    if is_quantized(model):
+        raise ConfigError(f"the model is already quantized ({scheme_of(model)}); quantize the "
+                          f"float checkpoint it came from")
+    if model.config.n_embd % BLOCK:
+        raise ConfigError(f"q8_0 needs n_embd to be a multiple of {BLOCK}, got {model.config.n_embd}")
+    for owner, attr, _ in _linear_slots(model):
+        setattr(owner, attr, QuantizedLinear.from_linear(getattr(owner, attr)))
+    model.wte = QuantizedEmbedding(quantize_q8_0(model.wte.weight.data))  # (V, C) is (out, in)
+    for p in model.parameters().values():  # what is left: LayerNorms, biases, wpe
+        p.data = p.data.astype(np.float32, copy=False)
+    model.config.dtype = "float32"
+    return model
+
+
+def quantized_state(model) -> dict[str, np.ndarray]:
+    """What a quantized checkpoint stores: float32 parameters by name, and for each matrix
+    ``NAME.qs`` (out, in) int8 + ``NAME.scales`` (out, in/32) float16."""
+    state = {name: np.asarray(p.data, order="C") for name, p in model.parameters().items()}
+    matrices = [(f"{name}.weight", getattr(owner, attr).weight)
+                for owner, attr, name in _linear_slots(model)]
+    matrices.append(("wte.weight", model.wte.weight))
+    for name, w in matrices:
+        state[f"{name}.qs"] = w.qs
+        state[f"{name}.scales"] = w.scales.astype(np.float16)  # exact: they are float16 values
+    return state
+
+
+def build_quantized(model, read: Mapping[str, Callable[[], np.ndarray]], where: str):
+    """Fill a fresh ``GPT(config, seed=None)`` from a quantized state (see ``quantized_state``).
+
+    The model's float matrices are replaced before anything is written into them, so
+    their pages (``np.zeros``: untouched, never resident) do not add to peak memory.
+    ``read`` maps each stored name to a function returning its array; keys and shapes are
+    checked, naming ``where`` in the error.
+    """
+    c = model.config
+    wanted = {f"{name}.weight": (owner, attr) for owner, attr, name in _linear_slots(model)}
+    for name, (owner, attr) in wanted.items():
+        out_in = getattr(owner, attr).weight.data.shape[::-1]  # Linear is (in, out)
+        q = _read_q8(read, name, out_in, where)
+        bias = getattr(owner, attr).bias
+        setattr(owner, attr, QuantizedLinear(q, bias))
+    model.wte = QuantizedEmbedding(_read_q8(read, "wte.weight", (c.vocab_size, c.n_embd), where))
+    params = model.parameters()
+    stored = {k for k in read if not k.endswith((".qs", ".scales"))}
+    missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: quantized checkpoint keys do not match the config: "
+                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, p in params.items():
+        a = read[name]()
+        if a.shape != p.data.shape:
+            raise CheckpointError(f"{where}: shape mismatch for {name!r}: expected "
+                                  f"{tuple(p.data.shape)}, found {tuple(a.shape)}")
+        p.data[...] = a
+    return model
+
+
+def _read_q8(read, name: str, shape: tuple[int, int], where: str) -> Q8Matrix:
+    for key in (f"{name}.qs", f"{name}.scales"):
+        if key not in read:
+            raise CheckpointError(f"{where}: quantized checkpoint lacks {key!r}")
+    qs, scales = read[f"{name}.qs"](), read[f"{name}.scales"]()
+    want = (tuple(shape), (shape[0], shape[1] // BLOCK))
+    if qs.dtype != np.int8 or tuple(qs.shape) != want[0] or tuple(scales.shape) != want[1]:
+        raise CheckpointError(f"{where}: {name!r} q8_0 blocks have codes {qs.dtype} {qs.shape} and "
+                              f"scales {scales.shape}; expected int8 {want[0]} and {want[1]}")
+    return Q8Matrix(qs, scales.astype(np.float32))
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of the weights in memory, split into quantized matrices and float parameters."""
+    q = 0
+    if is_quantized(model):
+        q = model.wte.weight.nbytes + sum(getattr(o, a).weight.nbytes
+                                          for o, a, _ in _linear_slots(model))
+    f = sum(p.data.nbytes for p in model.parameters().values())
+    return {"quantized": q, "float": f, "total": q + f}
+
+
+def refuse_training(model, what: str = "training") -> None:
+    """ConfigError if ``model`` is quantized: its weights are inference-only."""
+    if is_quantized(model):
+        raise ConfigError(f"this model's weights are quantized ({scheme_of(model)}), which is "
+                          f"inference-only; {what} needs float weights: use the float32 "
+                          f"checkpoint it was quantized from")
