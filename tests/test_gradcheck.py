@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from numgpt.verify import gradcheck
+from numgpt.verify import op_cases as op_table
 
 from numgpt.core import ops
 
@@ -37,7 +38,10 @@ def test_gate_covers_every_op_and_composite_with_at_least_92_checks(results):
     for composite in ("multi-head attention", "pre-LN block", "weight-tied GPT"):
         assert any(composite in r.name for r in checks), f"no composite check for {composite}"
     names = " ".join(r.name for r in checks)
-    for op in set(ops.__all__) - {"unbroadcast"}:
+    assert {e.name for e in op_table.TABLE} == set(ops.__all__) - {"unbroadcast"}
+    forward_only = {e.name for e in op_table.TABLE if not e.differentiable}
+    assert forward_only == {"attention_inference"}  # no backward, so nothing to check
+    for op in set(ops.__all__) - {"unbroadcast"} - forward_only:
         assert op in names, f"no gradient check for ops.{op}"
 
 

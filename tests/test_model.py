@@ -333,16 +333,16 @@ def test_bad_rows_raise_input_error_and_change_nothing(rows, words):
     assert cache.lengths.tolist() == [0, 0, 0]
 
 
-def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one(monkeypatch):
-    from numgpt.core import ops
-
-    model = tiny_model(block_size=ops.ATTENTION_BLOCK + 40)
-    seq = np.random.default_rng(6).integers(0, TINY["vocab_size"], (1, ops.ATTENTION_BLOCK + 24))
-    n = ops.ATTENTION_BLOCK + 20  # the prefill takes the blocked path (>= ATTENTION_BLOCK queries)
+def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one():
+    block = 128  # CausalSelfAttention's default attention_block
+    model = tiny_model(block_size=block + 40)
+    seq = np.random.default_rng(6).integers(0, TINY["vocab_size"], (1, block + 24))
+    n = block + 20  # the prefill takes two blocks (more than ``attention_block`` queries)
     cache = model.new_cache(slots=1)
     got = [model.forward_cached(seq[:, :n], cache, all_logits=True)[0]]  # (n, V)
     got += [model.forward_cached(seq[:, t:t + 1], cache)[0] for t in range(n, seq.shape[1])]
-    monkeypatch.setattr(ops, "ATTENTION_BLOCK", 10**9)  # the reference: one batched softmax
+    for b in model.h:  # the reference: one batched softmax over every query
+        b.attn.attention_block = 10**9
     with no_grad():
         want = model(seq)[0].data[0]  # (T, V)
     assert max_diff(got[0], want[:n]) < 1e-12
@@ -350,9 +350,26 @@ def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one(m
         assert max_diff(logits, want[n + i]) < 1e-12
 
 
-@pytest.mark.parametrize("T", [9, 150])  # the batched and the blocked attention path
+def test_cached_path_calls_the_inference_entry_and_the_forward_the_training_entry(monkeypatch):
+    from numgpt.core import ops
+
+    model = tiny_model()
+    idx = np.random.default_rng(8).integers(0, TINY["vocab_size"], (2, 5))
+    used = []
+    for name in ("attention_training", "attention_inference", "attention_reference"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=real, _n=name, **kw: used.append(_n) or _f(*a, **kw))
+    model.forward_cached(idx, model.new_cache(2))
+    assert set(used) == {"attention_inference"} and len(used) == TINY["n_layer"]
+    used.clear()
+    with no_grad():
+        model(idx)
+    assert set(used) == {"attention_training"} and len(used) == TINY["n_layer"]
+
+
+@pytest.mark.parametrize("T", [9, 150])  # one block and two blocks of queries
 def test_no_grad_forward_equals_the_graph_building_one(T):
-    # under no_grad attention skips storing P (ops.attention_inference): round-off only
+    # the same training entry runs with or without a graph
     model = tiny_model(block_size=160)
     idx = np.random.default_rng(T).integers(0, TINY["vocab_size"], (2, T))
     with no_grad():

@@ -221,9 +221,8 @@ CASES: dict[str, Callable[[], Twin]] = {
     "MLP (gelu_tanh)": lambda: mlp_twin("gelu_tanh"),
     "CausalSelfAttention (1 head)": lambda: attention_twin(1),
     "CausalSelfAttention (4 heads)": lambda: attention_twin(4),
-    # long enough for ops.attention to take its blocked path (ATTENTION_BLOCK query rows)
-    f"CausalSelfAttention (4 heads, T={ops.ATTENTION_BLOCK + 33}, blocked)":
-        lambda: attention_twin(4, T=ops.ATTENTION_BLOCK + 33),
+    # longer than the default block (128 query rows): the training entry runs two blocks
+    "CausalSelfAttention (4 heads, T=161, blocked)": lambda: attention_twin(4, T=161),
     "Block (pre-LN, 4 heads)": block_twin,
 }
 
@@ -293,9 +292,11 @@ class UnscaledAttention(CausalSelfAttention):
 
     def forward(self, x: Tensor, rng=None) -> Tensor:
         Bx, Tx, Cx = x.shape
-        q, k, v = self.split_heads(self.c_attn(x))  # each (B, nh, T, hs)
-        q = apply(ops.scale, q, c=math.sqrt(q.shape[-1]))
-        y = apply(ops.attention, q, k, v).transpose(0, 2, 1, 3).reshape(Bx, Tx, Cx)  # (B, T, C)
+        nh, hs = self.n_head, Cx // self.n_head
+        heads = self.c_attn(x).reshape(Bx, Tx, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k, v = heads[0], heads[1], heads[2]
+        q = apply(ops.scale, q, c=math.sqrt(hs))
+        y = apply(ops.attention_reference, q, k, v).transpose(0, 2, 1, 3).reshape(Bx, Tx, Cx)  # (B, T, C)
         return self.c_proj(y)
 
 
@@ -323,7 +324,7 @@ def test_comparison_catches_a_transposed_weight():
     assert compare("Linear", twin)[0].passed
 
 
-# ------------------------------------------------------------ the attention fast path
+# ------------------------------------------------- the attention entries vs torch
 
 def _torch_masked_attention(q, k, v, key_lengths):
     """softmax(Q K^T / sqrt(hs) masked) V in torch; query i of row b sees keys
@@ -335,29 +336,27 @@ def _torch_masked_attention(q, k, v, key_lengths):
     return torch.softmax(att.masked_fill(~visible, float("-inf")), dim=-1) @ v  # (B, nh, Tq, hs)
 
 
-def _attention_vs_torch(block, key_lengths, torch_lengths=None, Tq=37, Tk=45) -> tuple[float, float]:
-    """Max abs forward diff and max rel gradient diff of ops.attention(block=...) vs torch."""
+def _attention_vs_torch(block, torch_lengths, Tq=37, Tk=45) -> tuple[float, float]:
+    """Max abs forward diff and max rel gradient diff of the training kernel
+    ``ops.attention(q, k, v, block)`` (inside ``ops.attention_training``) vs torch."""
     rng = np.random.default_rng(11)
     q, k, v = (rng.standard_normal((3, 2, T_, 8)) for T_ in (Tq, Tk, Tk))  # (B, nh, T, hs)
-    out, backward = ops.attention(q, k, v, key_lengths=key_lengths, block=block)
+    out, backward = ops.attention(q, k, v, block)
     g = rng.standard_normal(out.shape)
     tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v))
-    lengths = key_lengths if torch_lengths is None else torch_lengths
-    ref = _torch_masked_attention(tq, tk, tv, lengths)
+    ref = _torch_masked_attention(tq, tk, tv, torch_lengths)
     ref.backward(torch.from_numpy(g))
     rel = max(_diff(ours, t.grad.numpy())[1] for ours, t in zip(backward(g), (tq, tk, tv)))
     return _diff(out, ref.detach().numpy())[0], rel
 
 
-@pytest.mark.parametrize("block", [0, 1, 5, 16, 64])
-@pytest.mark.parametrize("key_lengths", [None, [45, 37, 40]], ids=["cache full", "rows at 45/37/40 keys"])
-def test_blocked_attention_matches_torch_with_any_block_size(block, key_lengths):
-    lengths = np.array([45, 45, 45]) if key_lengths is None else np.array(key_lengths)
-    fwd, rel = _attention_vs_torch(block, None if key_lengths is None else lengths, lengths)
+@pytest.mark.parametrize("block", [1, 5, 16, 37, 64])  # 37 and 64: one block for all queries
+def test_training_attention_matches_torch_with_any_block_size(block):
+    fwd, rel = _attention_vs_torch(block, np.array([45, 45, 45]))
     assert fwd < 1e-12 and rel < 1e-12, (fwd, rel)
 
 
-@pytest.mark.parametrize("block", [0, 1, 5, 16, 64])
+@pytest.mark.parametrize("block", [1, 5, 16, 37, 64])
 @pytest.mark.parametrize("key_lengths", [None, [45, 37, 40]], ids=["cache full", "rows at 45/37/40 keys"])
 def test_inference_attention_matches_torch_with_any_block_size(block, key_lengths):
     lengths = np.array([45, 45, 45]) if key_lengths is None else np.array(key_lengths)
@@ -372,85 +371,49 @@ def test_inference_attention_matches_torch_with_any_block_size(block, key_length
     assert _diff(shifted, ref)[0] > FORWARD_TOL
 
 
-def test_negative_control_blocked_attention_one_key_off_fails():
-    # the same comparison with the mask one position off (each row sees one key fewer)
-    fwd, rel = _attention_vs_torch(16, np.array([44, 37, 40]), np.array([45, 38, 41]))
+def test_negative_control_training_attention_one_key_off_fails():
+    # the same comparison with torch's mask one position on (each row sees one key more)
+    fwd, rel = _attention_vs_torch(16, np.array([46, 46, 46]))
     assert fwd > FORWARD_TOL and rel > GRAD_TOL, (fwd, rel)
 
 
-@pytest.mark.parametrize("T", [5, ops.ATTENTION_BLOCK + 7])
-def test_attend_without_a_graph_skips_p_only_for_long_sequences(T, monkeypatch):
-    from numgpt.core.nn import attend
+def test_block_is_an_explicit_argument_and_never_changes_the_result():
+    """Blocking bounds memory inside an entry; every block size gives the one-block result
+    (float32 in, float32 out, to float32 round-off) and a bad block size is refused."""
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((2, 40, 3 * 16)).astype(np.float32)  # (B, T, 3C), nh = 2
+    whole, whole_bw = ops.attention_training(qkv, n_head=2, block=40)
+    g = rng.standard_normal(whole.shape).astype(np.float32)
+    q, k, v = ops.split_heads(qkv, 2)
+    one_block = ops.attention_inference(q, k, v, block=40)
+    for block in (1, 7, 16):
+        blocked, blocked_bw = ops.attention_training(qkv, n_head=2, block=block)
+        assert blocked.dtype == np.float32 and blocked_bw(g)[0].dtype == np.float32
+        assert np.max(np.abs(blocked - whole)) < 1e-6
+        assert np.max(np.abs(blocked_bw(g)[0] - whole_bw(g)[0])) < 1e-5
+        inference = ops.attention_inference(q, k, v, block=block)
+        assert inference.dtype == np.float32 and np.max(np.abs(inference - one_block)) < 1e-6
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="block"):
+            ops.attention_training(qkv, n_head=2, block=bad)
+        with pytest.raises(ValueError, match="block"):
+            ops.attention_inference(q, k, v, block=bad)
+
+
+def test_layer_forward_calls_the_training_entry_with_or_without_a_graph(monkeypatch):
     from numgpt.core.tensor import no_grad
 
-    rng = np.random.default_rng(T)
-    q, k, v = (Tensor(rng.standard_normal((2, 3, T, 8)), requires_grad=True) for _ in range(3))
-    graph = attend(q, k, v)
-    assert graph.requires_grad and graph.parents == (q, k, v)
+    layer = CausalSelfAttention(C, 4, dtype=np.float64)
+    _randomize(layer, np.random.default_rng(4))
+    x = Tensor(np.random.default_rng(5).standard_normal((2, 9, C)), requires_grad=True)
+    graph = layer(x)
+    assert graph.requires_grad
     used = []
-    for name in ("attention", "attention_inference"):
+    for name in ("attention_training", "attention_inference", "attention_reference"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _f=real, _n=name, **kw: used.append(_n) or _f(*a, **kw))
     with no_grad():
-        plain = attend(q, k, v)
+        plain = layer(x)
     assert not plain.requires_grad and plain.parents == ()
-    assert used == ["attention" if T < ops.ATTENTION_BLOCK else "attention_inference"]
-    assert np.max(np.abs(plain.data - graph.data)) < 1e-14  # round-off only
-
-
-def test_attention_picks_the_blocked_path_for_long_prompts(monkeypatch):
-    calls = []
-    real = ops._attention_blocked
-    monkeypatch.setattr(ops, "_attention_blocked", lambda *a: calls.append(a[-1]) or real(*a))
-    q = np.zeros((1, 1, ops.ATTENTION_BLOCK, 4), dtype=np.float32)
-    out, _ = ops.attention(q, q, q)
-    assert calls == [ops.ATTENTION_BLOCK] and out.dtype == np.float32
-    ops.attention(q[:, :, :3], q, q)  # three new tokens against a longer cache: batched
-    assert calls == [ops.ATTENTION_BLOCK]
-    with pytest.raises(ValueError, match="block"):
-        ops.attention(q, q, q, block=-1)
-
-
-# ---------------------------------------------------------------------- parameter names
-
-def test_block_parameters_are_named_in_definition_order():
-    names = list(Block(8, 2, bias=True).parameters())
-    assert names == [f"{m}.{p}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2",
-                                           "mlp.c_fc", "mlp.c_proj") for p in ("weight", "bias")]
-    no_bias = list(Block(8, 2, bias=False).parameters())
-    assert no_bias == [n for n in names if n.endswith("weight")]
-    assert list(Linear(3, 4, bias=False).parameters()) == ["weight"]
-
-
-def test_gpt_parameter_names_and_order_match_hugging_face():
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=19, n_positions=8, n_embd=8, n_layer=2, n_head=2))
-    # named_parameters() lists the tied lm_head once, as transformer.wte.weight
-    theirs = [(n.removeprefix("transformer."), tuple(p.shape)) for n, p in hf.named_parameters()]
-    ours = GPT(GPTConfig(vocab_size=19, block_size=8, n_embd=8, n_layer=2, n_head=2), seed=None)
-    # HF Conv1D weights are (in, out) like ours, so the shapes match one to one
-    assert [(n, p.shape) for n, p in ours.parameters().items()] == theirs
-    assert ours.num_parameters() == sum(p.numel() for p in hf.parameters())
-
-
-def test_gpt2_small_has_124439808_parameters():
-    c = GPTConfig.preset("gpt2")
-    V_, P, L, E = c.vocab_size, c.block_size, c.n_layer, c.n_embd
-    per_block = (2 * E  # ln_1
-                 + E * 3 * E + 3 * E  # c_attn
-                 + E * E + E  # attn.c_proj
-                 + 2 * E  # ln_2
-                 + E * 4 * E + 4 * E  # c_fc
-                 + 4 * E * E + E)  # mlp.c_proj
-    by_formula = V_ * E + P * E + L * per_block + 2 * E  # wte (tied head), wpe, blocks, ln_f
-    assert by_formula == 124_439_808
-    assert GPT(c, seed=None).num_parameters() == by_formula
-
-
-def test_parameter_count_sees_a_missing_tie():
-    # an untied head would add V*C parameters; the count must notice a second table
-    model = GPT(GPTConfig(vocab_size=19, block_size=8, n_embd=8, n_layer=1, n_head=2), seed=None)
-    before = model.num_parameters()
-    model.lm_head = Embedding(19, 8)
-    assert model.num_parameters() == before + 19 * 8
+    assert used == ["attention_training"]  # chosen by the call site, not by grad mode or T
+    assert np.array_equal(plain.data, graph.data)  # the same entry: bit-identical

@@ -1,7 +1,8 @@
 """The op library against PyTorch, the fused ops against their compositions, dtype rules,
-and the errors bad shapes get.
+the three attention entries against the reference chain, and the errors bad shapes get.
 
-PyTorch is the oracle only here: every op runs on the same float64 inputs in both
+The cases come from the one op table (``numgpt/verify/op_cases.py``), which also feeds the
+gradient gate and ``benchmarks/bench_ops.py``. PyTorch is the oracle only here: every op runs on the same float64 inputs in both
 libraries, then both back-propagate the same random upstream gradient, and outputs and
 input gradients must agree to ~1e-10.
 """
@@ -9,16 +10,15 @@ input gradients must agree to ~1e-10.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from numgpt.core import ops
-from numgpt.errors import NumGPTError, ShapeError
+from numgpt.errors import DTypeError, NumGPTError, ShapeError
+from numgpt.verify import op_cases as op_table
+from numgpt.verify.op_cases import OpCase
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 FUSED_TOL = dict(rtol=0.0, atol=1e-12)
@@ -26,147 +26,14 @@ B, nh, T, hs = 2, 2, 4, 8
 C = 4  # channels of the Q/K/V split cases
 
 
-@dataclass
-class Case:
-    id: str
-    op: Callable
-    inputs: list  # differentiable inputs (ndarray or None), float64
-    consts: dict = field(default_factory=dict)
-    torch_fn: Callable | None = None  # (*torch tensors or None) -> torch tensor
+# every op's cases, built from the one op table (numgpt/verify/op_cases.py), float64
+CASES = op_table.cases()
+TORCH_CASES = op_table.torch_cases()
 
 
-def _visible(Tq: int, Tk: int) -> torch.Tensor:
-    """allowed[i, j]: query i (at absolute position Tk - Tq + i) may look at key j."""
-    i = torch.arange(Tq)[:, None]
-    j = torch.arange(Tk)[None, :]
-    return j <= i + (Tk - Tq)
-
-
-def _row_visible(lengths: list[int], Tq: int, Tk: int) -> torch.Tensor:
-    """(B, 1, Tq, Tk): row b holds lengths[b] real keys; its queries are the newest Tq."""
-    rows = [torch.cat([_visible(Tq, n), torch.zeros(Tq, Tk - n, dtype=torch.bool)], dim=1) for n in lengths]
-    return torch.stack(rows)[:, None]
-
-
-def _masked(s: torch.Tensor) -> torch.Tensor:
-    return s.masked_fill(~_visible(*s.shape[-2:]), float("-inf"))
-
-
-def _self_attention(qkv: torch.Tensor, nh: int) -> torch.Tensor:
-    """nanoGPT's split, causal SDPA and head merge: (B, T, 3C) -> (B, T, C)."""
-    B, T, C3 = qkv.shape
-    q, k, v = (t.reshape(B, T, nh, C3 // (3 * nh)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-    return y.transpose(1, 2).reshape(B, T, C3 // 3)
-
-
-def _cases() -> list[Case]:
-    rng = np.random.default_rng(1234)
-    r = lambda *s: rng.standard_normal(s)  # noqa: E731
-    ids = np.array([[1, 3, 1, 0], [3, 3, 2, 1]])  # repeated ids on purpose
-    targets = np.array([[1, 4, 0], [2, 2, 3]])
-    ignored = np.array([[1, -1, 0], [-1, 2, 3]])
-    tt = lambda a: torch.from_numpy(a)  # noqa: E731
-    cases = [
-        Case("add", ops.add, [r(3, 4), r(3, 4)], {}, lambda a, b: a + b),
-        Case("add broadcast row", ops.add, [r(2, 3, 4), r(4)], {}, lambda a, b: a + b),
-        Case("add broadcast both", ops.add, [r(2, 1, 4), r(3, 1)], {}, lambda a, b: a + b),
-        Case("sub", ops.sub, [r(3, 4), r(3, 4)], {}, lambda a, b: a - b),
-        Case("sub broadcast", ops.sub, [r(2, 3, 4), r(1, 3, 1)], {}, lambda a, b: a - b),
-        Case("mul", ops.mul, [r(3, 4), r(3, 4)], {}, lambda a, b: a * b),
-        Case("mul broadcast", ops.mul, [r(2, 3, 4), r(3, 1)], {}, lambda a, b: a * b),
-        Case("scale", ops.scale, [r(3, 4)], {"c": -1.7}, lambda x: x * -1.7),
-        Case("neg", ops.neg, [r(3, 4)], {}, lambda x: -x),
-        Case("relu", ops.relu, [r(3, 4)], {}, torch.relu),
-        Case("relu at +-inf", ops.relu, [np.array([-np.inf, -2.0, 0.5, np.inf])], {}, torch.relu),
-        Case("tanh", ops.tanh, [2 * r(3, 4)], {}, torch.tanh),
-        Case("exp", ops.exp, [r(3, 4)], {}, torch.exp),
-        Case("log", ops.log, [np.abs(r(3, 4)) + 0.1], {}, torch.log),
-        Case("gelu erf", ops.gelu, [3 * r(4, 5)], {}, F.gelu),
-        Case("gelu_tanh", ops.gelu_tanh, [3 * r(4, 5)], {}, lambda x: F.gelu(x, approximate="tanh")),
-        Case("matmul 2-D", ops.matmul, [r(3, 4), r(4, 5)], {}, torch.matmul),
-        Case("matmul 3-D batched", ops.matmul, [r(2, 3, 4), r(2, 4, 5)], {}, torch.matmul),
-        Case("matmul 3-D @ 2-D", ops.matmul, [r(2, 3, 4), r(4, 5)], {}, torch.matmul),
-        Case("matmul 4-D broadcast", ops.matmul, [r(2, 1, 3, 4), r(1, 3, 4, 2)], {}, torch.matmul),
-        # numgpt stores W (in, out); torch's F.linear wants (out, in)
-        Case("linear", ops.linear, [r(5, 4), r(4, 3), r(3)], {}, lambda x, w, b: F.linear(x, w.T, b)),
-        Case("linear no bias", ops.linear, [r(5, 4), r(4, 3), None], {}, lambda x, w, b: F.linear(x, w.T)),
-        Case("linear 3-D input", ops.linear, [r(2, 3, 4), r(4, 6), r(6)], {},
-             lambda x, w, b: F.linear(x, w.T, b)),
-        Case("sum all", ops.sum, [r(2, 3, 4)], {}, lambda x: x.sum()),
-        Case("sum axis 1 keepdims", ops.sum, [r(2, 3, 4)], {"axis": 1, "keepdims": True},
-             lambda x: x.sum(dim=1, keepdim=True)),
-        Case("sum axes 0,2", ops.sum, [r(2, 3, 4)], {"axis": (0, 2)}, lambda x: x.sum(dim=(0, 2))),
-        Case("sum axis -1", ops.sum, [r(2, 3, 4)], {"axis": -1}, lambda x: x.sum(dim=-1)),
-        Case("mean all", ops.mean, [r(2, 3, 4)], {}, lambda x: x.mean()),
-        Case("mean axis -1", ops.mean, [r(2, 3, 4)], {"axis": -1}, lambda x: x.mean(dim=-1)),
-        Case("mean axis 0 keepdims", ops.mean, [r(2, 3, 4)], {"axis": 0, "keepdims": True},
-             lambda x: x.mean(dim=0, keepdim=True)),
-        Case("mean axes 1,2 keepdims", ops.mean, [r(2, 3, 4)], {"axis": (1, 2), "keepdims": True},
-             lambda x: x.mean(dim=(1, 2), keepdim=True)),
-        Case("reshape", ops.reshape, [r(2, 3, 4)], {"shape": (6, 4)}, lambda x: x.reshape(6, 4)),
-        Case("reshape with -1", ops.reshape, [r(2, 3, 4)], {"shape": (4, -1)}, lambda x: x.reshape(4, -1)),
-        Case("transpose head split", ops.transpose, [r(B, T, nh, hs)], {"axes": (0, 2, 1, 3)},
-             lambda x: x.permute(0, 2, 1, 3)),
-        Case("transpose permute 3-D", ops.transpose, [r(2, 3, 4)], {"axes": (2, 0, 1)},
-             lambda x: x.permute(2, 0, 1)),
-        Case("slice q", ops.slice, [r(B, T, 3 * C)], {"index": (Ellipsis, np.s_[0:C])},
-             lambda x: x.split(C, dim=-1)[0]),
-        Case("slice k", ops.slice, [r(B, T, 3 * C)], {"index": (Ellipsis, np.s_[C:2 * C])},
-             lambda x: x.split(C, dim=-1)[1]),
-        Case("slice v", ops.slice, [r(B, T, 3 * C)], {"index": (Ellipsis, np.s_[2 * C:3 * C])},
-             lambda x: x.split(C, dim=-1)[2]),
-        Case("softmax", ops.softmax, [3 * r(2, 3, 5)], {}, lambda x: torch.softmax(x, dim=-1)),
-        Case("softmax large logits", ops.softmax, [r(2, 5) + 800.0], {}, lambda x: torch.softmax(x, dim=-1)),
-        Case("log_softmax", ops.log_softmax, [3 * r(2, 3, 5)], {}, lambda x: torch.log_softmax(x, dim=-1)),
-        Case("cross_entropy", ops.cross_entropy, [r(2, 3, 5)], {"targets": targets},
-             lambda z: F.cross_entropy(z.reshape(-1, 5), tt(targets).reshape(-1))),
-        Case("cross_entropy ignore_index", ops.cross_entropy, [r(2, 3, 5)], {"targets": ignored},
-             lambda z: F.cross_entropy(z.reshape(-1, 5), tt(ignored).reshape(-1), ignore_index=-1)),
-        Case("layernorm", ops.layernorm, [r(2, 3, 6), 1 + 0.1 * r(6), r(6)], {"eps": 1e-5},
-             lambda x, g, b: F.layer_norm(x, (6,), g, b, eps=1e-5)),
-        Case("layernorm no beta", ops.layernorm, [r(2, 3, 6), 1 + 0.1 * r(6), None], {"eps": 1e-5},
-             lambda x, g, b: F.layer_norm(x, (6,), g, None, eps=1e-5)),
-        Case("embedding repeated ids", ops.embedding, [r(5, 3)], {"ids": ids},
-             lambda w: F.embedding(tt(ids), w)),
-        Case("tied_head", ops.tied_head, [r(2, 3, 4), r(7, 4)], {}, lambda x, w: x @ w.T),
-        Case("attention_scores", ops.attention_scores, [r(B, nh, T, hs), r(B, nh, T, hs)], {},
-             lambda q, k: q @ k.transpose(-1, -2) / math.sqrt(hs)),
-        Case("attention_scores cache", ops.attention_scores, [r(B, nh, 2, hs), r(B, nh, 5, hs)], {},
-             lambda q, k: q @ k.transpose(-1, -2) / math.sqrt(hs)),
-        Case("causal_mask", ops.causal_mask, [r(B, nh, T, T)], {}, _masked),
-        Case("causal_mask cache", ops.causal_mask, [r(B, nh, 2, 5)], {}, _masked),
-        Case("attention_output", ops.attention_output, [ops.softmax(r(B, nh, T, T))[0], r(B, nh, T, hs)], {},
-             lambda p, v: p @ v),
-        Case("attention fused causal", ops.attention, [r(B, nh, T, hs), r(B, nh, T, hs), r(B, nh, T, hs)], {},
-             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        Case("attention fused 2 queries on 5 cached keys", ops.attention,
-             [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {},
-             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(2, 5))),
-        Case("attention fused 1 query on 5 cached keys", ops.attention,
-             [r(B, nh, 1, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {},
-             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(1, 5))),
-        Case("attention fused per-row cache lengths 3 and 5", ops.attention,
-             [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {"key_lengths": np.array([3, 5])},
-             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_row_visible([3, 5], 2, 5))),
-        Case("self_attention (split, attend, merge)", ops.self_attention, [r(B, T, 3 * nh * hs)],
-             {"n_head": nh}, lambda qkv: _self_attention(qkv, nh)),
-        # dropout is compared with torch in its own test (same mask); here for the dtype tests
-        Case("dropout", ops.dropout, [r(3, 4)], {"p": 0.3, "rng": np.random.default_rng(0)}, None),
-    ]
-    return cases
-
-
-CASES = _cases()
-TORCH_CASES = [c for c in CASES if c.torch_fn is not None]
-
-
-def _consts(case: Case) -> dict:
-    """Fresh constants (a fresh generator for dropout, so every run draws the same mask)."""
-    consts = dict(case.consts)
-    if "rng" in consts:
-        consts["rng"] = np.random.default_rng(0)
-    return consts
+def _inputs(case: OpCase, dtype=np.float64) -> list:
+    """The case's inputs: the same arrays on every call (seeded by the case's place in the table)."""
+    return case.inputs(np.random.default_rng(1234 + CASES.index(case)), dtype)
 
 
 def _upstream(out: np.ndarray, seed: int = 99) -> np.ndarray:
@@ -180,20 +47,24 @@ def test_table_covers_every_op():
 
 # ----------------------------------------------------------------------- vs PyTorch
 
-@pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.id)
-def test_op_matches_torch_forward_and_backward(case: Case):
+@pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.name)
+def test_op_matches_torch_forward_and_backward(case: OpCase):
+    inputs, consts = _inputs(case), case.consts()
     with np.errstate(invalid="raise", over="raise"):
-        out, backward = case.op(*case.inputs, **case.consts)
-    g = _upstream(out)
-    grads = backward(g)
-    assert len(grads) == len(case.inputs)
+        out, backward = op_table.call(case.entry, inputs, consts)
 
-    tin = [None if x is None else torch.tensor(x, requires_grad=True) for x in case.inputs]
-    tout = case.torch_fn(*tin)
+    tin = [None if x is None else torch.tensor(x, requires_grad=case.entry.differentiable) for x in inputs]
+    tout = op_table.torch_fn(case.entry)(*tin, **consts)
     assert tuple(tout.shape) == out.shape
     np.testing.assert_allclose(out, tout.detach().numpy(), **TOL)
+    if not case.entry.differentiable:
+        assert backward is None  # forward only: inference keeps nothing for a backward pass
+        return
+    g = _upstream(out)
+    grads = backward(g)
+    assert len(grads) == len(inputs)
     tout.backward(torch.from_numpy(g))
-    for x, t, grad in zip(case.inputs, tin, grads):
+    for x, t, grad in zip(inputs, tin, grads):
         if x is None:
             assert grad is None
             continue
@@ -268,38 +139,97 @@ def test_fused_cross_entropy_equals_softmax_log_gather(targets):
     np.testing.assert_allclose(fused_bw(dout)[0], composed_bw(dout)[0], **FUSED_TOL)
 
 
-@pytest.mark.parametrize("Tq,Tk", [(4, 4), (2, 5), (1, 5)])
-def test_fused_attention_equals_four_op_composition(Tq, Tk):
-    rng = np.random.default_rng(5)
-    q, k, v = rng.standard_normal((B, nh, Tq, hs)), rng.standard_normal((B, nh, Tk, hs)), \
-        rng.standard_normal((B, nh, Tk, hs))
-    fused, fused_bw = ops.attention(q, k, v)
+# ------------------------------------------- the attention entries vs the reference chain
 
+def _reference_attention(q, k, v, key_lengths=None):
+    """The four-op chain written out here (scores, mask, softmax, P @ v) with its backward."""
     s, b_scores = ops.attention_scores(q, k)  # (B, nh, Tq, Tk)
-    m, b_mask = ops.causal_mask(s)
+    m, b_mask = ops.causal_mask(s, key_lengths=key_lengths)
     p, b_softmax = ops.softmax(m)
     y, b_out = ops.attention_output(p, v)  # (B, nh, Tq, hs)
-    np.testing.assert_allclose(fused, y, **FUSED_TOL)
 
+    def backward(g):
+        dp, dv = b_out(g)
+        dq, dk = b_scores(*b_mask(*b_softmax(dp)))
+        return dq, dk, dv
+    return y, backward
+
+
+def _qkv(Tq: int, Tk: int, dtype=np.float64, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((B, nh, n, hs)).astype(dtype) for n in (Tq, Tk, Tk))
+
+
+@pytest.mark.parametrize("Tq,Tk", [(4, 4), (2, 5), (1, 5)])
+def test_reference_entry_is_the_four_op_chain(Tq, Tk):
+    q, k, v = _qkv(Tq, Tk)
+    out, backward = ops.attention_reference(q, k, v)
+    y, chain_bw = _reference_attention(q, k, v)
+    assert np.array_equal(out, y)
     g = _upstream(y)
-    dp, dv = b_out(g)
-    dq, dk = b_scores(*b_mask(*b_softmax(dp)))
-    for fused_grad, composed_grad in zip(fused_bw(g), (dq, dk, dv)):
-        np.testing.assert_allclose(fused_grad, composed_grad, **FUSED_TOL)
+    for ours, chain in zip(backward(g), chain_bw(g)):
+        assert np.array_equal(ours, chain)
+
+
+@pytest.mark.parametrize("block", [128, 3, 1], ids=["one block", "blocks of 3", "blocks of 1"])
+def test_training_entry_equals_the_reference_chain(block):
+    rng = np.random.default_rng(6)
+    qkv = rng.standard_normal((B, 7, 3 * nh * hs))  # (B, T, 3C)
+    fused, fused_bw = ops.attention_training(qkv, n_head=nh, block=block)  # (B, T, C)
+    q, k, v = ops.split_heads(qkv, nh)
+    y, chain_bw = _reference_attention(q, k, v)
+    np.testing.assert_allclose(fused, ops.merge_heads(y), **FUSED_TOL)
+    g = _upstream(fused)
+    dq, dk, dv = chain_bw(g.reshape(B, 7, nh, hs).transpose(0, 2, 1, 3))  # (B, nh, T, hs) each
+    dqkv = np.concatenate([ops.merge_heads(d) for d in (dq, dk, dv)], axis=-1)  # (B, T, 3C)
+    np.testing.assert_allclose(fused_bw(g)[0], dqkv, **FUSED_TOL)
+
+
+@pytest.mark.parametrize("block", [128, 1], ids=["one block", "blocks of 1"])
+@pytest.mark.parametrize("Tq,Tk,lengths", [(4, 4, None), (2, 5, None), (1, 5, None), (2, 5, [3, 5]),
+                                           (3, 5, [5, 4])])
+def test_inference_entry_equals_the_reference_chain(Tq, Tk, lengths, block):
+    q, k, v = _qkv(Tq, Tk)
+    key_lengths = None if lengths is None else np.array(lengths)
+    out = ops.attention_inference(q, k, v, key_lengths=key_lengths, block=block)
+    np.testing.assert_allclose(out, _reference_attention(q, k, v, key_lengths)[0], **FUSED_TOL)
+
+
+def test_entries_equal_the_reference_in_float32_to_float32_rounding():
+    q, k, v = _qkv(6, 6, np.float32)
+    want = _reference_attention(*(a.astype(np.float64) for a in (q, k, v)))[0]
+    ref32 = ops.attention_reference(q, k, v)[0]
+    qkv = np.concatenate([ops.merge_heads(a) for a in (q, k, v)], axis=-1)  # (B, T, 3C)
+    train32 = ops.attention_training(qkv, n_head=nh, block=4)[0]
+    infer32 = ops.attention_inference(q, k, v, block=4)
+    assert ref32.dtype == train32.dtype == infer32.dtype == np.float32
+    eps32 = np.finfo(np.float32).eps
+    for got in (ops.merge_heads(ref32), train32, ops.merge_heads(infer32)):
+        err = np.max(np.abs(got - ops.merge_heads(want)))
+        assert err < 16 * eps32, err  # a few float32 roundings of O(1) values
+        assert err > 0  # really computed in float32 (not float64 and cast)
+
+
+def test_negative_controls_wrong_attention_fails_the_reference_check():
+    q, k, v = _qkv(4, 4)
+    y = _reference_attention(q, k, v)[0]
+    unscaled = ops.attention_inference(q * math.sqrt(hs), k, v)  # scores without 1/sqrt(hs)
+    one_key_short = ops.attention_inference(q, k, v, key_lengths=np.array([4, 4]))
+    sees_future = ops.attention_output(ops.softmax(ops.attention_scores(q, k)[0])[0], v)[0]  # no mask
+    assert np.array_equal(one_key_short, ops.attention_inference(q, k, v))  # lengths = Tk: same
+    for wrong in (unscaled, sees_future, ops.attention_inference(q, k, v[:, :, ::-1])):
+        assert np.max(np.abs(wrong - y)) > 1e-3
 
 
 # --------------------------------------------------------------------------- dtype
 
-def _cast(case: Case, dtype) -> list:
-    with np.errstate(invalid="ignore"):  # +-inf has no integer value; the dtype is what matters
-        return [None if x is None else x.astype(dtype) for x in case.inputs]
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_float32_in_float32_out_and_float32_grads(case: Case):
-    inputs = _cast(case, np.float32)
-    out, backward = case.op(*inputs, **_consts(case))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_float32_in_float32_out_and_float32_grads(case: OpCase):
+    inputs = _inputs(case, np.float32)
+    out, backward = op_table.call(case.entry, inputs, case.consts())
     assert out.dtype == np.float32
+    if backward is None:
+        return
     grads = backward(_upstream(out))
     for x, grad in zip(inputs, grads):
         if x is not None:
@@ -307,25 +237,27 @@ def test_float32_in_float32_out_and_float32_grads(case: Case):
             assert grad.shape == x.shape
 
 
-MULTI_INPUT = [c for c in CASES if sum(x is not None for x in c.inputs) >= 2]
+MULTI_INPUT = [c for c in CASES if sum(x is not None for x in _inputs(c)) >= 2]
 
 
-@pytest.mark.parametrize("case", MULTI_INPUT, ids=lambda c: c.id)
-def test_mixed_float32_float64_inputs_raise_type_error(case: Case):
-    inputs = list(case.inputs)
+@pytest.mark.parametrize("case", MULTI_INPUT, ids=lambda c: c.name)
+def test_mixed_float32_float64_inputs_raise_type_error(case: OpCase):
+    inputs = _inputs(case)
     inputs[0] = inputs[0].astype(np.float32)
-    with pytest.raises(TypeError, match="float32"):
-        case.op(*inputs, **_consts(case))
+    with pytest.raises(TypeError, match="float32") as info:
+        case.op(*inputs, **case.consts())
+    assert isinstance(info.value, DTypeError) and isinstance(info.value, NumGPTError)
 
 
 SHAPE_MOVES = {"reshape", "transpose", "slice"}  # they move elements and need no float math
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.op.__name__ not in SHAPE_MOVES], ids=lambda c: c.id)
-def test_integer_arrays_as_float_inputs_raise_type_error(case: Case):
-    inputs = _cast(case, np.int64)
-    with pytest.raises(TypeError, match="int64"):
-        case.op(*inputs, **_consts(case))
+@pytest.mark.parametrize("case", [c for c in CASES if c.op.__name__ not in SHAPE_MOVES], ids=lambda c: c.name)
+def test_integer_arrays_as_float_inputs_raise_type_error(case: OpCase):
+    inputs = _inputs(case, np.int64)
+    with pytest.raises(TypeError, match="int64") as info:
+        case.op(*inputs, **case.consts())
+    assert isinstance(info.value, DTypeError)
 
 
 def test_embedding_and_cross_entropy_reject_float_ids():
@@ -356,12 +288,17 @@ SHAPE_ERRORS = [
     ("tied_head mismatch", lambda: ops.tied_head(z((2, 3, 4)), z((7, 5))), ["(2, 3, 4)", "(7, 5)"]),
     ("attention_scores q/k mismatch", lambda: ops.attention_scores(z((2, 2, 4, 8)), z((2, 2, 4, 6))),
      ["(2, 2, 4, 8)", "(2, 2, 4, 6)"]),
-    ("attention q/k mismatch", lambda: ops.attention(z((2, 2, 4, 8)), z((2, 3, 4, 8)), z((2, 3, 4, 8))),
+    ("attention q/k mismatch", lambda: ops.attention_inference(z((2, 2, 4, 8)), z((2, 3, 4, 8)), z((2, 3, 4, 8))),
      ["(2, 2, 4, 8)", "(2, 3, 4, 8)"]),
-    ("attention v mismatch", lambda: ops.attention(z((2, 2, 4, 8)), z((2, 2, 4, 8)), z((2, 2, 5, 8))),
+    ("attention v mismatch", lambda: ops.attention_reference(z((2, 2, 4, 8)), z((2, 2, 4, 8)), z((2, 2, 5, 8))),
      ["(2, 2, 5, 8)", "(2, 2, 4, 8)"]),
-    ("attention more queries than keys", lambda: ops.attention(z((1, 1, 5, 8)), z((1, 1, 3, 8)), z((1, 1, 3, 8))),
-     ["5", "3"]),
+    ("attention more queries than keys",
+     lambda: ops.attention_inference(z((1, 1, 5, 8)), z((1, 1, 3, 8)), z((1, 1, 3, 8))), ["5", "3"]),
+    ("attention_training qkv not (B, T, 3C)", lambda: ops.attention_training(z((2, 4, 10)), n_head=2),
+     ["(2, 4, 10)", "n_head=2"]),
+    ("attention key_lengths shape", lambda: ops.attention_inference(z((2, 1, 2, 8)), z((2, 1, 5, 8)),
+                                                                   z((2, 1, 5, 8)), key_lengths=np.array([5])),
+     ["(1,)", "(2,)"]),
     ("reshape wrong size", lambda: ops.reshape(z((2, 3, 4)), shape=(5, 5)), ["(2, 3, 4)", "(5, 5)"]),
     ("transpose not a permutation", lambda: ops.transpose(z((2, 3, 4)), axes=(0, 0, 1)), ["(0, 0, 1)", "(2, 3, 4)"]),
     ("sum axis out of range", lambda: ops.sum(z((2, 3)), axis=2), ["axis 2", "2 dims"]),

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import ops
 from ..errors import ConfigError, InputError
+from .checks import check_token_ids
 from .nn import Block, Embedding, LayerNorm, Module, dropout
 from .tensor import Tensor, apply, no_grad
 
@@ -207,12 +208,12 @@ class GPT(Module):
 
     # ------------------------------------------------------------------ training path
     def _check_ids(self, idx: np.ndarray, start: int | np.ndarray = 0) -> np.ndarray:
+        """idx (B, T) as int64 after the shared id rule (``check_token_ids``); the context
+        check counts the ``start`` positions a cache row already holds."""
         idx = np.asarray(idx)
-        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+        if idx.ndim != 2:
             raise InputError(f"token ids must be an integer array of shape (B, T), got {idx.dtype} {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise InputError(f"token ids must lie in [0, {self.config.vocab_size}), "
-                             f"got values in [{idx.min()}, {idx.max()}]")
+        idx = check_token_ids(idx, self.config.vocab_size)
         end = int(np.max(start)) + idx.shape[1]
         if end > self.config.block_size:
             raise InputError(f"sequence of {end} positions exceeds the context length "
@@ -305,8 +306,8 @@ class GPT(Module):
         if probe is not None:
             _report(probe, layer, q=q, k=k, v=v, cache_k=keys, cache_v=values)
         same = bool(np.all(lengths == Tk))
-        y = ops.attention_inference(q, keys, values,
-                                    key_lengths=None if same else lengths)  # (A, nh, Tn, hs)
+        y = ops.attention_inference(q, keys, values, key_lengths=None if same else lengths,
+                                    block=self.h[layer].attn.attention_block)  # (A, nh, Tn, hs)
         return Tensor(ops.merge_heads(y))  # (A, Tn, C)
 
     def new_cache(self, slots: int = 1, max_len: int | None = None) -> KVCache:

@@ -17,10 +17,10 @@ import numpy as np
 
 from . import ops
 from ..errors import ConfigError
-from .tensor import Tensor, apply, is_grad_enabled
+from .tensor import Tensor, apply
 
 __all__ = ["Parameter", "Module", "Linear", "LayerNorm", "Embedding", "MLP",
-           "CausalSelfAttention", "Block", "attend", "dropout"]
+           "CausalSelfAttention", "Block", "dropout"]
 
 
 class Parameter(Tensor):
@@ -127,50 +127,28 @@ class MLP(Module):
         return dropout(self.c_proj(h), self.dropout, rng)  # (B, T, C)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of (B, nh, T, hs) tensors -> (B, nh, T, hs).
-
-    ``ops.attention`` (differentiable, keeps P for backward), except when no graph is being
-    built and the sequence is long enough for the blocked kernel (T >= ``ATTENTION_BLOCK``):
-    then ``ops.attention_inference``, equal up to round-off without holding the
-    (B, nh, T, T) probabilities. Shorter sequences keep the one entry point (their P is
-    small, and tests that swap ``ops.attention`` for a broken one rely on it).
-    """
-    building = is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if building or q.shape[-2] < ops.ATTENTION_BLOCK:
-        return apply(ops.attention, q, k, v)
-    return Tensor(ops.attention_inference(q.data, k.data, v.data))
-
-
 class CausalSelfAttention(Module):
-    """Multi-head causal self-attention with one fused QKV projection; heads batched, no loop."""
+    """Multi-head causal self-attention with one fused QKV projection; heads batched, no loop.
+
+    ``forward`` always runs the training entry ``ops.attention_training`` (graph or not);
+    the KV-cache path (``GPT.forward_cached``) runs ``ops.attention_inference`` itself.
+    ``attention_block``: query rows per softmax block inside either entry (memory only;
+    every block size computes the same math).
+    """
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,
-                 dtype=np.float32):
+                 dtype=np.float32, attention_block: int = 128):
         if n_embd % n_head:
             raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.c_attn = Linear(n_embd, 3 * n_embd, bias, dtype)
         self.c_proj = Linear(n_embd, n_embd, bias, dtype)
         self.n_head = n_head
         self.dropout = dropout
-
-    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, T, 3C) -> q, k, v each (B, nh, T, hs), as graph nodes (``ops.split_heads`` is
-        the same move on plain arrays)."""
-        B, T, C3 = qkv.shape
-        nh, hs = self.n_head, C3 // (3 * self.n_head)
-        heads = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        return heads[0], heads[1], heads[2]
+        self.attention_block = attention_block
 
     def forward(self, x: Tensor, rng: np.random.Generator | None = None) -> Tensor:  # (B, T, C)
-        B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
-        if is_grad_enabled() and qkv.requires_grad:  # training: one fused node, see ops
-            y = apply(ops.self_attention, qkv, n_head=self.n_head)  # (B, T, C)
-        else:
-            q, k, v = self.split_heads(qkv)  # each (B, nh, T, hs)
-            y = attend(q, k, v)  # (B, nh, T, hs), without keeping P
-            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads -> (B, T, C)
+        y = apply(ops.attention_training, qkv, n_head=self.n_head, block=self.attention_block)  # (B, T, C)
         return dropout(self.c_proj(y), self.dropout, rng)
 
 

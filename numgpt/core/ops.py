@@ -14,8 +14,9 @@ Shape legend used in docstrings and comments:
     L  number of layers     N  flattened rows (B*T)
 
 dtype: an op keeps the floating dtype of its inputs (float32 in normal use, float64 in the
-verification gates). Mixed float dtypes are a ``TypeError``; so are integer arrays where
-floats are required. Constants are applied as Python floats so NumPy never upcasts.
+verification gates). Mixed float dtypes are a ``DTypeError`` (a ``TypeError``); so are
+integer arrays where floats are required. Constants are applied as Python floats so NumPy
+never upcasts.
 
 Derivations: each backward cites the identity it uses. ``dX`` is the gradient of a
 scalar loss with respect to ``X``; ``*`` is elementwise, ``@`` is matrix product.
@@ -24,19 +25,19 @@ scalar loss with respect to ``X``; ``*`` is elementwise, ``@`` is matrix product
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from scipy.special import erf
 
-from ..errors import ShapeError
+from ..errors import DTypeError, InputError, ShapeError
 
 __all__ = [
     "add", "sub", "mul", "scale", "neg", "relu", "tanh", "exp", "log",
     "gelu", "gelu_tanh", "matmul", "linear", "sum", "mean", "reshape", "transpose",
     "slice", "softmax", "log_softmax", "cross_entropy", "layernorm", "embedding",
-    "tied_head", "attention_scores", "causal_mask", "attention_output", "attention",
-    "self_attention", "dropout", "unbroadcast",
+    "tied_head", "attention_scores", "causal_mask", "attention_output",
+    "attention_training", "attention_inference", "attention_reference", "dropout", "unbroadcast",
 ]
 
 Backward = Callable[[np.ndarray], tuple]
@@ -47,14 +48,14 @@ _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 # ----------------------------------------------------------------------------- checks
 
 def _check_float(*arrays: np.ndarray | None) -> None:
-    """All given arrays are floating point and of one dtype; otherwise TypeError."""
+    """All given arrays are floating point and of one dtype; otherwise DTypeError."""
     dtypes = {a.dtype for a in arrays if a is not None}
     for dt in dtypes:
         if dt.type not in _FLOAT_DTYPES:
-            raise TypeError(f"expected floating-point arrays, got dtype {dt}")
+            raise DTypeError(f"expected floating-point arrays, got dtype {dt}; cast with .astype(np.float32)")
     if len(dtypes) > 1:
         names = ", ".join(sorted(str(d) for d in dtypes))
-        raise TypeError(f"mixed dtypes ({names}): cast the inputs to one dtype first; "
+        raise DTypeError(f"mixed dtypes ({names}): cast the inputs to one dtype first; "
                         "ops never upcast silently")
 
 
@@ -441,7 +442,7 @@ def cross_entropy(logits: np.ndarray, *, targets: np.ndarray, ignore_index: int 
     """
     _check_float(logits)
     if not np.issubdtype(np.asarray(targets).dtype, np.integer):
-        raise TypeError(f"cross_entropy targets must be integers, got dtype {np.asarray(targets).dtype}")
+        raise DTypeError(f"cross_entropy targets must be integers, got dtype {np.asarray(targets).dtype}")
     if targets.shape != logits.shape[:-1]:
         raise ShapeError(f"cross_entropy: targets {targets.shape} do not match logits {logits.shape} "
                          f"(expected targets of shape {logits.shape[:-1]})")
@@ -528,7 +529,7 @@ def embedding(w: np.ndarray, *, ids: np.ndarray):
     _check_float(w)
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
+        raise DTypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
         raise ShapeError(f"embedding: ids must lie in [0, {w.shape[0]}), "
                          f"got values in [{ids.min()}, {ids.max()}]")
@@ -594,16 +595,17 @@ def attention_scores(q: np.ndarray, k: np.ndarray):
     return out, backward
 
 
-def causal_mask(scores: np.ndarray, *, fill: float = -np.inf):
+def causal_mask(scores: np.ndarray, *, key_lengths: np.ndarray | None = None, fill: float = -np.inf):
     """Set scores of future keys to ``fill`` (query i sees keys j <= i + Tk - Tq).
 
-    scores (..., Tq, Tk). With Tq < Tk (a cache), query i sits at position Tk - Tq + i.
+    scores (..., Tq, Tk). With Tq < Tk (a cache), query i sits at position Tk - Tq + i;
+    with ``key_lengths`` (B,) row b holds only that many keys (scores (B, nh, Tq, Tk)).
     dscores = dout where visible, 0 where masked.
     """
     _check_float(scores)
     Tq, Tk = scores.shape[-2:]
-    visible = _visible_keys(Tq, Tk, None)
-    future = np.zeros((Tq, Tk), dtype=bool) if visible is None else ~visible  # (Tq, Tk)
+    visible = _visible_keys(Tq, Tk, key_lengths)
+    future = np.zeros((Tq, Tk), dtype=bool) if visible is None else ~visible  # (Tq, Tk) or (B, 1, Tq, Tk)
     out = np.where(future, scores.dtype.type(fill), scores)
 
     def backward(dout):
@@ -636,72 +638,16 @@ def _visible_keys(Tq: int, Tk: int, key_lengths: np.ndarray | None) -> np.ndarra
     return np.arange(Tk).reshape(1, 1, 1, Tk) <= position  # (B, 1, Tq, Tk)
 
 
-# Query rows per block of the blocked attention path: a (128, Tk) score slab stays in the
-# L2 cache, and with causal masking the blocks skip the keys no query of theirs can see.
-ATTENTION_BLOCK = 128
+# The three attention entries. Which one runs is chosen at the call site, never here:
+#   attention_training(qkv)         training: fused, keeps P, hand-derived backward
+#   attention_inference(q, k, v)    inference over a KV cache: no backward, per-row lengths
+#   attention_reference(q, k, v)    REFERENCE: the unfused four-op chain the other two are
+#                                   checked against (tests/test_ops.py, the gradient gate)
+# ``block`` (query rows per block) bounds memory inside an entry; every block size runs the
+# same math, only the summation order (round-off) differs.
 
-
-def _attention_batched(q, k, v, s: float, key_lengths) -> np.ndarray:
-    """Reference path: every score at once, (.., Tq, Tk); one call per step, best for few queries."""
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    att = q @ np.swapaxes(k, -1, -2)  # (.., Tq, hs) @ (.., hs, Tk) -> (.., Tq, Tk)
-    att *= s
-    visible = _visible_keys(Tq, Tk, key_lengths)
-    if visible is not None:
-        np.copyto(att, -np.inf, where=~visible)
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)  # P, (.., Tq, Tk)
-    return att
-
-
-def _attention_blocked(q, k, v, s: float, key_lengths, block: int, keep_p: bool = True):
-    """Fast path: one (row, head) and ``block`` queries at a time -> (out, P or None).
-
-    Query i of row b sits at position ``off_b + i`` (``off_b = length_b - Tq``) and sees keys
-    ``j <= off_b + i``, so a block of queries [r0, r1) needs only keys [0, off_b + r1): the
-    scores above the diagonal are never computed (about half of them for a prompt), and
-    softmax works on a slab that stays in cache. With ``keep_p`` the slab is normalised and
-    written straight into P (zeros where masked), which backward needs. Without, one
-    (block, Tk) buffer is reused and the normalisation moves after the product:
-    ``softmax(S) V = (E V) / rowsum(E)`` with ``E = exp(S - max)``; a column of ones after V
-    makes that one BLAS call return both ``E V`` and ``rowsum(E)``, so the slab is swept
-    three times (max, subtract, exp) instead of five. Same math as ``_attention_batched``;
-    the summation order differs (round-off).
-    """
-    lead, (Tq, hs), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
-    out = np.empty(q.shape, dtype=q.dtype)  # (.., Tq, hs)
-    if keep_p:
-        p = np.zeros((*lead, Tq, Tk), dtype=q.dtype)  # (.., Tq, Tk); untouched pages stay unmapped
-    else:
-        p, scratch = None, np.empty((min(block, Tq), Tk), dtype=q.dtype)  # (block, Tk)
-        v1 = np.ones((Tk, hs + 1), dtype=q.dtype)  # [V | 1] of one (row, head), (Tk, hs + 1)
-        ev1 = np.empty((min(block, Tq), hs + 1), dtype=q.dtype)  # [E V | rowsum E], (block, hs + 1)
-    qs = q * s  # scale the (Tq, hs) queries, not the (Tq, Tk) scores; exact when hs is a power of 4
-    above = np.triu(np.ones((block, block), dtype=bool), k=1)  # above[a, c]: key c is after query a
-    for ix in np.ndindex(*lead):
-        off = (Tk if key_lengths is None else int(key_lengths[ix[0]])) - Tq
-        if not keep_p:
-            v1[:, :hs] = v[ix]
-        for r0 in range(0, Tq, block):
-            r1 = min(r0 + block, Tq)
-            n, m = off + r1, r1 - r0  # keys visible to the block's last query; queries in block
-            slab = p[ix][r0:r1, :n] if keep_p else scratch[:m, :n]  # (m, n)
-            np.matmul(qs[ix][r0:r1], k[ix][:n].T, out=slab)  # (m, hs) @ (hs, n) -> (m, n)
-            np.copyto(slab[:, n - m:], -np.inf, where=above[:m, :m])  # the diagonal block's future
-            slab -= slab.max(axis=-1, keepdims=True)
-            np.exp(slab, out=slab)  # E
-            if keep_p:
-                slab /= slab.sum(axis=-1, keepdims=True)  # P
-                np.matmul(slab, v[ix][:n], out=out[ix][r0:r1])  # (m, n) @ (n, hs) -> (m, hs)
-            else:
-                np.matmul(slab, v1[:n], out=ev1[:m])  # (m, n) @ (n, hs + 1) -> (m, hs + 1)
-                np.divide(ev1[:m, :hs], ev1[:m, hs:], out=out[ix][r0:r1])  # (E V) / rowsum(E)
-    return out, p
-
-
-def _attention_setup(q, k, v, key_lengths, block) -> tuple[float, int]:
-    """Check the shapes of an attention call; return the score scale and the block size."""
+def _check_attention_inputs(q, k, v, key_lengths) -> float:
+    """Check the shapes of an attention call; return the score scale 1 / sqrt(hs)."""
     _check_float(q, k, v)
     _check_qkv(q, k, v)
     Tq, Tk = q.shape[-2], k.shape[-2]
@@ -713,33 +659,55 @@ def _attention_setup(q, k, v, key_lengths, block) -> tuple[float, int]:
         if np.any(key_lengths < Tq) or np.any(key_lengths > Tk):
             raise ShapeError(f"attention: key_lengths must lie in [Tq, Tk] = [{Tq}, {Tk}] so every "
                              f"query sees at least itself, got {np.asarray(key_lengths).tolist()}")
-    if block is None:
-        block = ATTENTION_BLOCK if Tq >= ATTENTION_BLOCK else 0
-    if not (isinstance(block, (int, np.integer)) and block >= 0):
-        raise ValueError(f"attention: block must be None or an int >= 0, got {block!r}")
-    return 1.0 / math.sqrt(q.shape[-1]), int(block)
+    return 1.0 / math.sqrt(q.shape[-1])
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_lengths: np.ndarray | None = None,
-              block: int | None = None):
-    """Fused causal scaled-dot-product attention: softmax(mask(Q K^T / sqrt hs)) V.
+def _check_block(block) -> int:
+    if not (isinstance(block, (int, np.integer)) and not isinstance(block, bool) and block >= 1):
+        raise InputError(f"attention: block must be an int >= 1 (query rows per block), got {block!r}")
+    return int(block)
 
-    q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs); Tq <= Tk, queries
-    are the newest Tq positions. ``key_lengths`` (B,) gives, for a KV cache whose rows hold
-    different numbers of tokens, how many keys of each row are real (the rest are masked).
-    ``block``: None picks the path (blocked with ``ATTENTION_BLOCK`` query rows when there
-    are at least that many queries, else batched); 0 forces the batched reference path; n > 0
-    forces the blocked path with n rows. Both give the same P up to round-off.
-    Only P is saved for backward. With S the scaled scores:
+
+def _softmax_blocked(q, k, s: float, key_lengths, block: int, p: np.ndarray) -> None:
+    """Write P = softmax(mask(Q K^T s)) into the zeroed p (.., Tq, Tk), ``block`` queries at a time.
+
+    Query i of row b sits at position ``off_b + i`` (``off_b = length_b - Tq``) and sees keys
+    ``j <= off_b + i``, so a block of queries [r0, r1) needs only keys [0, off_b + r1): the
+    scores above the diagonal are never computed (about half of them for a prompt) and each
+    (block, Tk) slab stays in cache. Masked entries stay 0.
+    """
+    lead, Tq, Tk = q.shape[:-2], q.shape[-2], k.shape[-2]
+    qs = q * s  # scale the (Tq, hs) queries, not the (Tq, Tk) scores
+    m_max = min(block, Tq)  # queries in the largest block
+    above = np.triu(np.ones((m_max, m_max), dtype=bool), k=1)  # above[a, c]: key c is after query a
+    for ix in np.ndindex(*lead):
+        off = (Tk if key_lengths is None else int(key_lengths[ix[0]])) - Tq
+        for r0 in range(0, Tq, block):
+            r1 = min(r0 + block, Tq)
+            n, m = off + r1, r1 - r0  # keys visible to the block's last query; queries in block
+            slab = p[ix][r0:r1, :n]  # (m, n)
+            np.matmul(qs[ix][r0:r1], k[ix][:n].T, out=slab)  # (m, hs) @ (hs, n) -> (m, n)
+            np.copyto(slab[:, n - m:], -np.inf, where=above[:m, :m])  # the diagonal block's future
+            slab -= slab.max(axis=-1, keepdims=True)
+            np.exp(slab, out=slab)
+            slab /= slab.sum(axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 128):
+    """The fused causal kernel inside ``attention_training`` (not an entry of its own; kept
+    addressable as ``ops.attention`` so model-level negative controls can swap it).
+
+    q, k, v (B, nh, T, hs) -> (B, nh, T, hs): softmax(mask(Q K^T / sqrt hs)) V, with P
+    computed ``block`` query rows at a time (``_softmax_blocked``) and saved for backward.
+    With S the scaled scores:
         dV = P^T dY;  dP = dY V^T;  dS = P * (dP - rowsum(dP * P));
         dQ = dS K / sqrt(hs);  dK = dS^T Q / sqrt(hs).
     """
-    s, block = _attention_setup(q, k, v, key_lengths, block)
-    if block:
-        out, p = _attention_blocked(q, k, v, s, key_lengths, block)
-    else:
-        p = _attention_batched(q, k, v, s, key_lengths)
-        out = p @ v  # (.., Tq, Tk) @ (.., Tk, hs) -> (.., Tq, hs)
+    s = _check_attention_inputs(q, k, v, None)
+    block = _check_block(block)
+    p = np.zeros((*q.shape[:-1], k.shape[-2]), dtype=q.dtype)  # (.., Tq, Tk); masked entries stay 0
+    _softmax_blocked(q, k, s, None, block, p)
+    out = p @ v  # (.., Tq, Tk) @ (.., Tk, hs) -> (.., Tq, hs)
 
     def backward(dout):
         dv = np.swapaxes(p, -1, -2) @ dout  # (.., Tk, Tq) @ (.., Tq, hs)
@@ -765,23 +733,22 @@ def merge_heads(y: np.ndarray) -> np.ndarray:
     return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)  # (B, T, nh, hs) -> (B, T, C)
 
 
-def self_attention(qkv: np.ndarray, *, n_head: int):
-    """Causal multi-head self-attention straight from the fused projection, heads merged:
-    qkv (B, T, 3C) -> (B, T, C).
+def attention_training(qkv: np.ndarray, *, n_head: int, block: int = 128):
+    """TRAINING entry: causal multi-head self-attention straight from the fused projection,
+    heads merged: qkv (B, T, 3C) -> (B, T, C), with a hand-derived backward.
 
-    Equal to splitting qkv into q, k, v (each (B, nh, T, hs)), ``attention`` and merging the
-    heads back, but one graph node instead of eight: the split is a view, and backward writes
-    dq, dk, dv straight into one (B, T, 3C) gradient instead of three zero-filled slice
-    gradients that the engine then adds. Backward is ``attention``'s, moved through the
-    same (inverse) reshapes.
+    Equal to ``attention_reference`` on the split heads (tests/test_ops.py), but one graph
+    node instead of eight: the split is a view, and backward writes dq, dk, dv straight into
+    one (B, T, 3C) gradient. Backward is the kernel's (``attention``), moved through the same
+    (inverse) reshapes. ``block``: query rows per softmax block (memory only, same math).
     """
     _check_float(qkv)
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
-        raise ShapeError(f"self_attention: qkv {qkv.shape} must be (B, T, 3C) with C divisible "
+        raise ShapeError(f"attention_training: qkv {qkv.shape} must be (B, T, 3C) with C divisible "
                          f"by n_head={n_head}")
     B, T, C3 = qkv.shape
-    C, hs = C3 // 3, C3 // (3 * n_head)
-    y, attention_backward = attention(*split_heads(qkv, n_head))  # (B, nh, T, hs)
+    hs = C3 // (3 * n_head)
+    y, attention_backward = attention(*split_heads(qkv, n_head), block)  # (B, nh, T, hs)
     out = merge_heads(y)  # (B, T, C)
 
     def backward(dout):
@@ -793,19 +760,94 @@ def self_attention(qkv: np.ndarray, *, n_head: int):
     return out, backward
 
 
-# Not in __all__ (which lists the differentiable ops the gradient gate enumerates): this is
-# ``attention`` for inference, with no backward.
 def attention_inference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
-                        key_lengths: np.ndarray | None = None, block: int | None = None) -> np.ndarray:
-    """``attention(...)[0]`` without keeping P for a backward pass: the blocked path reuses one
-    (block, Tk) slab instead of filling a (.., Tq, Tk) array (no O(T^2) memory, no page
-    faults) and normalises after the product (see ``_attention_blocked``). Same arguments;
-    equal to ``attention`` up to round-off (identical on the batched path, small Tq).
+                        key_lengths: np.ndarray | None = None, block: int = 128) -> np.ndarray:
+    """INFERENCE entry over a KV cache: causal attention with no backward -> (B, nh, Tq, hs).
+
+    q (B, nh, Tq, hs) are the newest Tq positions; k, v (B, nh, Tk, hs) the cache, Tq <= Tk.
+    ``key_lengths`` (B,): how many keys of each row (cache slot) are real; query i of row b
+    sits at position ``key_lengths[b] - Tq + i`` and sees keys up to it. None: every row
+    holds Tk.
+
+    Nothing is kept for a backward pass, so the normalisation moves after the product:
+    ``softmax(S) V = (E V) / rowsum(E)`` with ``E = exp(S - max)``. Queries are processed
+    ``block`` rows at a time: with Tq <= block (decoding, short prompts) one batched block
+    over every row and head; longer prompts one (row, head) and block at a time, reusing one
+    (block, Tk) slab, where a column of ones after V makes one BLAS call return both E V and
+    rowsum(E). Same math either way; equal to ``attention_reference`` up to round-off.
     """
-    s, block = _attention_setup(q, k, v, key_lengths, block)
-    if block:
-        return _attention_blocked(q, k, v, s, key_lengths, block, keep_p=False)[0]
-    return _attention_batched(q, k, v, s, key_lengths) @ v  # (.., Tq, Tk) @ (.., Tk, hs)
+    s = _check_attention_inputs(q, k, v, key_lengths)
+    block = _check_block(block)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq <= block:
+        e = q @ np.swapaxes(k, -1, -2)  # (.., Tq, hs) @ (.., hs, Tk) -> (.., Tq, Tk)
+        e *= s
+        visible = _visible_keys(Tq, Tk, key_lengths)
+        if visible is not None:
+            np.copyto(e, -np.inf, where=~visible)
+        e -= e.max(axis=-1, keepdims=True)
+        np.exp(e, out=e)  # E
+        out = e @ v  # (.., Tq, Tk) @ (.., Tk, hs) -> (.., Tq, hs)
+        out /= e.sum(axis=-1, keepdims=True)
+        return out
+    lead, hs = q.shape[:-2], q.shape[-1]
+    out = np.empty(q.shape, dtype=q.dtype)  # (.., Tq, hs)
+    scratch = np.empty((block, Tk), dtype=q.dtype)  # (block, Tk)
+    v1 = np.ones((Tk, hs + 1), dtype=q.dtype)  # [V | 1] of one (row, head)
+    ev1 = np.empty((block, hs + 1), dtype=q.dtype)  # [E V | rowsum E]
+    qs = q * s
+    above = np.triu(np.ones((block, block), dtype=bool), k=1)  # above[a, c]: key c is after query a
+    for ix in np.ndindex(*lead):
+        off = (Tk if key_lengths is None else int(key_lengths[ix[0]])) - Tq
+        v1[:, :hs] = v[ix]
+        for r0 in range(0, Tq, block):
+            r1 = min(r0 + block, Tq)
+            n, m = off + r1, r1 - r0  # keys visible to the block's last query; queries in block
+            slab = scratch[:m, :n]
+            np.matmul(qs[ix][r0:r1], k[ix][:n].T, out=slab)  # (m, hs) @ (hs, n) -> (m, n)
+            np.copyto(slab[:, n - m:], -np.inf, where=above[:m, :m])
+            slab -= slab.max(axis=-1, keepdims=True)
+            np.exp(slab, out=slab)  # E
+            np.matmul(slab, v1[:n], out=ev1[:m])  # (m, n) @ (n, hs + 1) -> (m, hs + 1)
+            np.divide(ev1[:m, :hs], ev1[:m, hs:], out=out[ix][r0:r1])  # (E V) / rowsum(E)
+    return out
+
+
+class ReferenceAttention(NamedTuple):
+    """Every intermediate of the reference chain, for recorders that store them (trace)."""
+    scores: np.ndarray  # S = Q K^T / sqrt(hs), (B, nh, Tq, Tk)
+    masked: np.ndarray  # S with future (and unfilled cache) keys set to -inf
+    probs: np.ndarray  # P = softmax(masked)
+    out: np.ndarray  # P V, (B, nh, Tq, hs)
+    backward: Backward  # dout -> (dq, dk, dv)
+
+
+def attention_reference_steps(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
+                              key_lengths: np.ndarray | None = None) -> ReferenceAttention:
+    """``attention_reference`` with its intermediates kept (same chain, same arrays)."""
+    _check_attention_inputs(q, k, v, key_lengths)
+    scores, b_scores = attention_scores(q, k)  # (B, nh, Tq, Tk)
+    masked, b_mask = causal_mask(scores, key_lengths=key_lengths)
+    probs, b_softmax = softmax(masked)
+    out, b_out = attention_output(probs, v)  # (B, nh, Tq, hs)
+
+    def backward(dout):
+        dp, dv = b_out(dout)
+        dq, dk = b_scores(*b_mask(*b_softmax(dp)))
+        return dq, dk, dv
+    return ReferenceAttention(scores, masked, probs, out, backward)
+
+
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
+                        key_lengths: np.ndarray | None = None):
+    """REFERENCE path: the unfused four-op chain, each op with its own derived backward:
+    ``attention_scores`` (S = Q K^T / sqrt hs), ``causal_mask``, ``softmax``,
+    ``attention_output`` (P V). q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) -> (B, nh, Tq, hs);
+    ``key_lengths`` as in ``attention_inference``. Slow and O(T^2) in memory; it is what
+    ``attention_training`` and ``attention_inference`` are checked against.
+    """
+    ref = attention_reference_steps(q, k, v, key_lengths=key_lengths)
+    return ref.out, ref.backward
 
 
 # ------------------------------------------------------------------------- dropout
@@ -817,7 +859,7 @@ def dropout(x: np.ndarray, *, p: float, rng: np.random.Generator | None):
     """
     _check_float(x)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        raise InputError(f"dropout probability must be in [0, 1), got {p}")
     if p == 0.0 or rng is None:
         return x, lambda dout: (dout,)
     keep = (rng.random(x.shape, dtype=np.float32 if x.dtype == np.float32 else np.float64) >= p)

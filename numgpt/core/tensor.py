@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import ops
+from ..errors import ShapeError
 
 __all__ = ["Tensor", "apply", "no_grad", "is_grad_enabled", "zero_grad"]
 
@@ -96,12 +97,12 @@ class Tensor:
         """
         if grad is None:
             if self.data.size != 1:
-                raise ValueError(f"backward() without a gradient needs a scalar; this tensor has "
+                raise ShapeError(f"backward() without a gradient needs a scalar; this tensor has "
                                  f"shape {self.shape}: pass grad= of that shape")
             grad = np.ones_like(self.data)
         grad = np.asarray(grad, dtype=self.data.dtype)
         if grad.shape != self.shape:
-            raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
+            raise ShapeError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
         order = _topological_order(self)
         grads: dict[int, np.ndarray] = {id(self): grad}
         # Sums this pass allocated (id -> array, held in ``grads`` too, so ids stay unique):

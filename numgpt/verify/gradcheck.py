@@ -6,6 +6,9 @@ each element of each input by +-eps (float64, eps 1e-6) and compares the central
 difference ``(L(x+eps) - L(x-eps)) / 2 eps`` with the analytic value. An element passes
 when ``|a - n| < 1e-7`` or ``|a - n| / max(|a|, |n|) < 1e-5``.
 
+The op cases come from the one op table, ``numgpt.verify.op_cases`` (its ``gate=True``
+cases), which also feeds the PyTorch parity tests and the per-op benchmark.
+
 Composites (multi-head attention, a pre-LN block, a tiny weight-tied GPT) are checked the
 same way through the ``Tensor`` engine, one check per parameter tensor.
 
@@ -24,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..core import ops
+from . import op_cases as op_table
 
 __all__ = ["CheckResult", "check_function", "check_op", "op_cases", "run_gate", "write_table",
            "wrong_embedding", "ABS_TOL", "REL_TOL", "EPS"]
@@ -124,84 +128,9 @@ def wrong_embedding(w: np.ndarray, *, ids: np.ndarray):
 
 
 def op_cases(rng: np.random.Generator) -> list[tuple]:
-    """(name, op, inputs, consts, input names) for every op, with shapes that hit the real paths."""
-    r = lambda *s: rng.standard_normal(s)  # noqa: E731
-    B, nh, T, hs = 2, 2, 4, 8
-    ids = np.array([[1, 3, 1, 0], [3, 3, 2, 1]])  # repeated ids on purpose
-    targets = np.array([[1, 4, 0], [2, 2, 3]])
-    ignored = np.array([[1, -1, 0], [-1, 2, 3]])
-    return [
-        ("add", ops.add, [r(3, 4), r(3, 4)], {}, ["a", "b"]),
-        ("add (broadcast row)", ops.add, [r(2, 3, 4), r(4)], {}, ["a", "b"]),
-        ("add (broadcast both)", ops.add, [r(2, 1, 4), r(3, 1)], {}, ["a", "b"]),
-        ("sub", ops.sub, [r(3, 4), r(3, 4)], {}, ["a", "b"]),
-        ("sub (broadcast)", ops.sub, [r(2, 3, 4), r(1, 3, 1)], {}, ["a", "b"]),
-        ("mul", ops.mul, [r(3, 4), r(3, 4)], {}, ["a", "b"]),
-        ("mul (broadcast)", ops.mul, [r(2, 3, 4), r(3, 1)], {}, ["a", "b"]),
-        ("scale", ops.scale, [r(3, 4)], {"c": -1.7}, ["x"]),
-        ("neg", ops.neg, [r(3, 4)], {}, ["x"]),
-        ("relu", ops.relu, [r(3, 4) + 0.05], {}, ["x"]),
-        ("tanh", ops.tanh, [r(3, 4)], {}, ["x"]),
-        ("exp", ops.exp, [r(3, 4)], {}, ["x"]),
-        ("log", ops.log, [np.abs(r(3, 4)) + 0.5], {}, ["x"]),
-        ("gelu (erf)", ops.gelu, [2 * r(3, 5)], {}, ["x"]),
-        ("gelu_tanh", ops.gelu_tanh, [2 * r(3, 5)], {}, ["x"]),
-        ("matmul 2-D", ops.matmul, [r(3, 4), r(4, 5)], {}, ["a", "b"]),
-        ("matmul 3-D batched", ops.matmul, [r(2, 3, 4), r(2, 4, 5)], {}, ["a", "b"]),
-        ("matmul 3-D @ 2-D", ops.matmul, [r(2, 3, 4), r(4, 5)], {}, ["a", "b"]),
-        ("matmul 4-D broadcast", ops.matmul, [r(2, 1, 3, 4), r(1, 2, 4, 2)], {}, ["a", "b"]),
-        ("linear", ops.linear, [r(5, 4), r(4, 3), r(3)], {}, ["x", "W", "b"]),
-        ("linear (no bias)", ops.linear, [r(5, 4), r(4, 3), None], {}, ["x", "W", "b"]),
-        ("linear 3-D input", ops.linear, [r(2, 3, 4), r(4, 6), r(6)], {}, ["x", "W", "b"]),
-        ("sum (all)", ops.sum, [r(2, 3, 4)], {}, ["x"]),
-        ("sum (axis 1, keepdims)", ops.sum, [r(2, 3, 4)], {"axis": 1, "keepdims": True}, ["x"]),
-        ("sum (axes 0,2)", ops.sum, [r(2, 3, 4)], {"axis": (0, 2)}, ["x"]),
-        ("mean (all)", ops.mean, [r(2, 3, 4)], {}, ["x"]),
-        ("mean (axis -1)", ops.mean, [r(2, 3, 4)], {"axis": -1}, ["x"]),
-        ("mean (axis 0, keepdims)", ops.mean, [r(2, 3, 4)], {"axis": 0, "keepdims": True}, ["x"]),
-        ("reshape", ops.reshape, [r(2, 3, 4)], {"shape": (6, 4)}, ["x"]),
-        ("transpose (head split)", ops.transpose, [r(B, T, nh, hs)], {"axes": (0, 2, 1, 3)}, ["x"]),
-        ("transpose (permute 3-D)", ops.transpose, [r(2, 3, 4)], {"axes": (2, 0, 1)}, ["x"]),
-        ("slice q", ops.slice, [r(B, T, 3 * 4)], {"index": (Ellipsis, np.s_[0:4])}, ["qkv"]),
-        ("slice k", ops.slice, [r(B, T, 3 * 4)], {"index": (Ellipsis, np.s_[4:8])}, ["qkv"]),
-        ("slice v", ops.slice, [r(B, T, 3 * 4)], {"index": (Ellipsis, np.s_[8:12])}, ["qkv"]),
-        ("softmax", ops.softmax, [r(2, 3, 5)], {}, ["x"]),
-        ("log_softmax", ops.log_softmax, [r(2, 3, 5)], {}, ["x"]),
-        ("cross_entropy", ops.cross_entropy, [r(2, 3, 5)], {"targets": targets}, ["logits"]),
-        ("cross_entropy (ignore_index)", ops.cross_entropy, [r(2, 3, 5)], {"targets": ignored}, ["logits"]),
-        ("layernorm", ops.layernorm, [r(2, 3, 6), 1 + 0.1 * r(6), r(6)], {"eps": 1e-5}, ["x", "gamma", "beta"]),
-        ("layernorm (no beta)", ops.layernorm, [r(2, 3, 6), 1 + 0.1 * r(6), None], {"eps": 1e-5},
-         ["x", "gamma", "beta"]),
-        ("embedding (repeated ids)", ops.embedding, [r(5, 3)], {"ids": ids}, ["W"]),
-        ("tied_head", ops.tied_head, [r(2, 3, 4), r(7, 4)], {}, ["x", "W_e"]),
-        ("attention_scores", ops.attention_scores, [r(B, nh, T, hs), r(B, nh, T, hs)], {}, ["q", "k"]),
-        ("causal_mask", ops.causal_mask, [r(B, nh, T, T)], {}, ["scores"]),
-        ("attention_output", ops.attention_output, [ops.softmax(r(B, nh, T, T))[0], r(B, nh, T, hs)], {},
-         ["p", "v"]),
-        ("attention (fused causal)", ops.attention, [r(B, nh, T, hs), r(B, nh, T, hs), r(B, nh, T, hs)], {},
-         ["q", "k", "v"]),
-        ("attention (fused, 2 queries on 5 cached keys)", ops.attention,
-         [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {}, ["q", "k", "v"]),
-        ("attention (fused, per-row cache lengths 3 and 5)", ops.attention,
-         [r(B, nh, 2, hs), r(B, nh, 5, hs), r(B, nh, 5, hs)], {"key_lengths": np.array([3, 5])},
-         ["q", "k", "v"]),
-        ("self_attention (fused split, heads merged)", ops.self_attention, [r(B, T, 3 * nh * hs)],
-         {"n_head": nh}, ["qkv"]),
-        ("dropout (p=0.3, fixed mask)", ops.dropout, [r(3, 4)],
-         {"p": 0.3, "rng": _FixedGenerator(np.random.default_rng(7))}, ["x"]),
-    ]
-
-
-class _FixedGenerator:
-    """Hands out the same random stream on every call, so repeated forwards share one mask."""
-
-    def __init__(self, rng: np.random.Generator):
-        self._state = rng.bit_generator.state
-
-    def random(self, shape, dtype=np.float64):
-        g = np.random.default_rng()
-        g.bit_generator.state = self._state
-        return g.random(shape, dtype=dtype)
+    """(name, op, inputs, consts, input names) for every gate case of the op table
+    (``numgpt.verify.op_cases``), float64 inputs drawn from ``rng`` in table order."""
+    return [(c.name, c.op, c.inputs(rng), c.consts(), c.input_names) for c in op_table.gate_cases()]
 
 
 def _module_checks(name: str, module, forward: Callable[[], "object"],

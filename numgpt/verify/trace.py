@@ -42,8 +42,9 @@ pickle; strings are unicode arrays), written atomically.
 How numgpt fills them: ``GPT.forward_cached(..., probe=...)`` reports checkpoints 1, 2, 3,
 5, 6 and 7 from the same code that serves generation (nothing is recomputed). The fused
 attention kernel never hands out its scores, so checkpoint 4 is computed from the
-recorded q and cached keys with the unfused ops (``attention_scores``, ``causal_mask``,
-``softmax``); an error inside the fused kernel itself shows at checkpoint 5.
+recorded q and cached keys with the reference chain (``ops.attention_reference_steps``:
+``attention_scores``, ``causal_mask``, ``softmax``); an error inside the inference entry
+itself shows at checkpoint 5.
 
 Masked scores. numgpt masks future keys with -inf; Hugging Face's eager attention adds the
 dtype's most negative finite value instead. Both recorders therefore store -inf at every
@@ -77,6 +78,7 @@ import numpy as np
 
 from .. import __version__
 from ..core import ops
+from ..core.checks import check_token_ids, is_int
 from ..errors import InputError
 
 __all__ = ["FORMAT", "Checkpoint", "CHECKPOINTS", "Row", "record", "save_trace", "load_trace",
@@ -128,12 +130,10 @@ def check_prompt(prompt_ids, n_steps: int, vocab_size: int, block_size: int) -> 
     The run needs ``len(prompt) + n_steps - 1`` positions (the last token is picked, not fed).
     """
     ids = np.asarray(prompt_ids)
-    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    if ids.ndim != 1 or ids.size == 0:
         raise InputError(f"prompt ids must be a non-empty 1-D list of integers, got {prompt_ids!r}")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise InputError(f"prompt ids must lie in [0, {vocab_size}), got values in "
-                         f"[{ids.min()}, {ids.max()}]")
-    if not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+    ids = check_token_ids(ids, vocab_size, what="prompt ids")
+    if not is_int(n_steps) or n_steps < 1:
         raise InputError(f"the number of steps must be an integer >= 1, got {n_steps!r}")
     need = len(ids) + n_steps - 1
     if need > block_size:
@@ -171,21 +171,20 @@ class _Block0:
             self.seen[name] = array.copy()  # the cache arrays are views that later steps overwrite
 
 
-def _attention(q: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Masked scaled scores and their softmax, with the unfused ops (checkpoint 4).
+def _attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Masked scaled scores and their softmax from the REFERENCE chain
+    (``ops.attention_reference_steps``), checkpoint 4.
 
-    q (1, nh, Tn, hs), keys (1, nh, Tk, hs) -> scores, probs (1, nh, Tn, Tk); the queries
-    are the newest Tn positions, so query i sees keys j <= Tk - Tn + i.
+    q (1, nh, Tn, hs), keys/values (1, nh, Tk, hs) -> scores, probs (1, nh, Tn, Tk); the
+    queries are the newest Tn positions, so query i sees keys j <= Tk - Tn + i.
     """
-    scores, _ = ops.attention_scores(q, keys)  # (1, nh, Tn, Tk)
-    scores, _ = ops.causal_mask(scores)
-    probs, _ = ops.softmax(scores)
-    return scores, probs
+    ref = ops.attention_reference_steps(q, keys, values)
+    return ref.masked, ref.probs
 
 
 def _step_arrays(seen: Mapping[str, np.ndarray], logits: np.ndarray) -> dict[str, np.ndarray]:
     """The checkpoint arrays of one step, from block 0's probe and logits (1, Tn, V)."""
-    scores, probs = _attention(seen["q"], seen["cache_k"])
+    scores, probs = _attention(seen["q"], seen["cache_k"], seen["cache_v"])
     last = logits[:, -1].copy()  # (1, V): the selection, checkpoint 9
     return {
         "01_ln1": seen["ln_1"], "02_q": seen["q"], "02_k": seen["k"], "02_v": seen["v"],
