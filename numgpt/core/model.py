@@ -27,11 +27,16 @@ from .tensor import Tensor, apply, no_grad
 __all__ = ["GPTConfig", "GPT", "KVCache", "PRESETS", "Probe", "PROBE_POINTS"]
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+_FIELD_TYPES = {"int": int, "bool": bool, "float": float, "str": str}  # annotations are strings here
 
 
 @dataclass
 class GPTConfig:
-    """Shape and numerics of a GPT-2 model. Unknown keys and impossible values are refused."""
+    """Shape and numerics of a GPT-2 model. Unknown keys and impossible values are refused.
+
+    The one place model shapes are validated (``_check_shapes``); a new field needs only its
+    annotation and default, plus a line in ``_check_numerics`` if some values are impossible.
+    """
 
     vocab_size: int = 50257
     block_size: int = 1024
@@ -45,20 +50,34 @@ class GPTConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        self._check_types()
+        self._check_shapes()
+        self._check_numerics()
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type (ints widen to float); a field whose annotation
+        is not a plain int/bool/float/str checks its own values in ``_check_numerics``."""
         for f in dataclasses.fields(self):
+            want = _FIELD_TYPES.get(f.type)
+            if want is None:
+                continue
             value = getattr(self, f.name)
-            want = {"int": int, "bool": bool, "float": float, "str": str}[f.type]
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 setattr(self, f.name, value)
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise ConfigError(f"config key {f.name!r} must be {f.type}, got {value!r} "
                                   f"({type(value).__name__})")
+
+    def _check_shapes(self) -> None:
+        """The model's shapes: the one place they are validated (layers and TrainConfig rely on it)."""
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    def _check_numerics(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("gelu", "gelu_tanh"):
