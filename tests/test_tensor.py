@@ -19,8 +19,9 @@ from numgpt.verify import gradcheck
 
 from numgpt.core import ops
 from numgpt.core.tensor import Tensor, apply, is_grad_enabled, no_grad, zero_grad
+from numgpt.errors import ShapeError
 
-# every op of the library with inputs that hit its real paths (shared with the gradient gate)
+# every gate case of the op table (numgpt/verify/op_cases.py), as the gradient gate runs them
 OP_CASES = gradcheck.op_cases(np.random.default_rng(0))
 
 
@@ -186,14 +187,16 @@ def test_dropped_graph_is_freed_without_the_cycle_collector(after_backward):
 
 def test_non_scalar_backward_without_gradient_names_the_shape():
     y = _leaf(np.ones((2, 3))) * 2.0
-    with pytest.raises(ValueError, match=r"\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"\(2, 3\)") as info:
         y.backward()
+    assert isinstance(info.value, ShapeError)  # numgpt's family, still a ValueError
 
 
 def test_backward_with_wrong_gradient_shape_names_both_shapes():
     y = _leaf(np.ones((2, 3))) * 2.0
-    with pytest.raises(ValueError, match=r"\(3, 2\).*\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(2, 3\)") as info:
         y.backward(np.ones((3, 2)))
+    assert isinstance(info.value, ShapeError)
 
 
 def test_no_grad_builds_no_graph_and_restores():

@@ -18,6 +18,12 @@ verification gates). Mixed float dtypes are a ``DTypeError`` (a ``TypeError``); 
 integer arrays where floats are required. Constants are applied as Python floats so NumPy
 never upcasts.
 
+Attention has three entries, each named for its mode and chosen by its caller:
+``attention_training`` (fused, with backward), ``attention_inference`` (KV cache, no
+backward) and ``attention_reference`` (the unfused four-op chain the other two are checked
+against). Every op has one entry in the op table ``numgpt/verify/op_cases.py``, which feeds
+its gradient check, its PyTorch parity tests and its timing (``benchmarks/bench_ops.py``).
+
 Derivations: each backward cites the identity it uses. ``dX`` is the gradient of a
 scalar loss with respect to ``X``; ``*`` is elementwise, ``@`` is matrix product.
 """
