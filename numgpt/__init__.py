@@ -28,7 +28,9 @@ def __getattr__(name: str):
 
         return perplexity
     if name == "train":
-        from . import train  # a callable package: numgpt.train(config) runs training
+        import importlib
 
-        return train
+        # a callable package: numgpt.train(config) runs training. (``from . import train``
+        # would ask this very __getattr__ for "train" first and recurse.)
+        return importlib.import_module(".train", __name__)
     raise AttributeError(f"module 'numgpt' has no attribute {name!r}")

@@ -121,8 +121,11 @@ def _add_tokenize(sub) -> None:
                      help="'bytes', or a folder with vocab.json + merges.txt")
     p.add_argument("--decode", action="store_true",
                    help="TEXT is token ids, as a JSON list '[15496, 13]' or '15496 13'")
+    p.add_argument("--plain", action="store_true",
+                   help="spell '<|endoftext|>' out as ordinary text (default: its special id "
+                        "50256, the rule numgpt applies everywhere)")
     p.add_argument("--allow-special", action="store_true",
-                   help="encode '<|endoftext|>' as its special id instead of as text")
+                   help="the default (kept for scripts written before it was)")
     p.add_argument("text", nargs="*", metavar="TEXT",
                    help="text (several words are joined with one space); stdin when absent")
     p.set_defaults(run=_run_tokenize)
@@ -170,7 +173,7 @@ def _run_tokenize(args) -> int:
     if args.decode:
         print(tok.decode(_parse_ids(text)))
     else:
-        print(json.dumps(tok.encode(text, allow_special=args.allow_special)))
+        print(json.dumps(tok.encode(text, allow_special=not args.plain)))
     return 0
 
 
@@ -291,7 +294,7 @@ def _run_generate(args) -> int:
                                    ascii_only=args.ascii_only, seed=args.seed)
     model = _load_for_use(args.model, args.dtype, args.tokenizer)
     tok = model.tokenizer
-    prompt = sample.check_prompt(model, tok.encode(args.prompt, allow_special=True))
+    prompt = sample.check_prompt(model, tok.encode(args.prompt))
     opts = dict(stop=args.stop, stop_at_eot=not args.no_eot, tokenizer=tok, window=args.window)
     with warnings.catch_warnings():
         warnings.simplefilter("always", sample.ContextSlideWarning)
@@ -366,11 +369,13 @@ def _run_eval(args) -> int:
         return 0
     if "text" in results:
         r = results["text"]
-        print(f"text     {r['tokens']:,} tokens scored  nll {r['nll']:.6f}  perplexity {r['perplexity']:.4f}")
+        print(f"text     {r['tokens']:,} tokens scored  nll {r['nll']:.6f}  perplexity {r['perplexity']:.4f}"
+              f"  bits/byte {r['bits_per_byte']:.4f}")
     if "lambada" in results:
         r = results["lambada"]
         print(f"lambada  {r['examples']:,} examples ({r['tokens']:,} target tokens)  nll {r['nll']:.6f}  "
-              f"perplexity {r['perplexity']:.4f}  accuracy {100 * r['accuracy']:.2f}%")
+              f"perplexity {r['perplexity']:.4f} (per word {r['word_perplexity']:.4f})  "
+              f"accuracy {100 * r['accuracy']:.2f}%")
     return 0
 
 

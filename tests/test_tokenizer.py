@@ -142,10 +142,13 @@ def test_gpt2_standard_case_hello(gpt2):
     assert gpt2.vocab_size == 50257 and gpt2.eot_id == 50256
 
 
-def test_gpt2_endoftext_is_plain_text_unless_allowed(gpt2, hf_reference):
+def test_gpt2_endoftext_is_special_by_default_and_plain_when_asked(gpt2, hf_reference):
+    """One rule everywhere (the HF tokenizer's): <|endoftext|> is id 50256 unless the caller
+    asks for ordinary text."""
     text = f"one{EOT}two {EOT}"
-    plain = gpt2.encode(text)
-    special = gpt2.encode(text, allow_special=True)
+    plain = gpt2.encode(text, allow_special=False)
+    special = gpt2.encode(text)
+    assert special == gpt2.encode(text, allow_special=True)
     assert 50256 not in plain and special.count(50256) == 2
     assert plain == hf_encode(hf_reference, text, special=False)
     assert special == hf_encode(hf_reference, text, special=True)

@@ -1,26 +1,36 @@
-"""Evaluation: strided-window perplexity and LAMBADA-style last-word scoring.
+"""Evaluation: strided-window perplexity and LAMBADA-style last-word scoring, exactly as the
+reference course's evaluation harness does them, so its published figures reproduce.
 
-Perplexity (``perplexity``) follows the strided sliding-window protocol of the Hugging Face
-guide "Perplexity of fixed-length models": windows of ``L = block_size`` tokens start at
-0, ``stride``, ``2 stride``, ... (the last one is cut at the end of the text). The first
-window scores every token after its first; each later window scores only the tokens past
-the end of the previous window (``stride`` of them, fewer in the last). So every token
-from the second on is scored exactly once; a token scored in a later window sees between
-``L - stride`` and ``L - 1`` tokens of left context (in the first window, all tokens
-before it). ``stride = L - 1`` is the fastest (least overlap, least context); ``stride = 1`` gives
-every token the full ``L - 1`` context (slowest). Default ``L // 2``. ``stride = L`` is
-refused: the first token of each later window would have no context and go unscored
-(the guide's loop silently skips those tokens). The mean NLL is the sum of the per-token
-NLLs over the number of tokens scored, so windows that score different numbers of tokens
-weigh exactly by their token counts (the guide's code re-weights each window's mean loss
-by an approximate token count; numgpt sums the exact per-token values).
+Perplexity (``perplexity``), the course's loop over a text of ``N`` token ids with
+``L = block_size`` and ``stride`` (default ``L // 2``)::
 
-LAMBADA (``lambada``): each example's text is split at its last space; the target is the
-final word *with* its leading space (e.g. ``" dog"``), the context is everything before.
-Context and target are tokenized separately, the model reads ``context + target`` (the
-context cut from the left if the pair exceeds ``block_size``) and scores each target token
-given everything before it. An example is correct when every target token is the argmax
-of its position; perplexity is ``exp`` of the mean NLL over all target tokens.
+    begin, prev_end = 0, 0
+    while True:
+        end = min(begin + L, N - 1)
+        x, y = ids[begin:end], ids[begin + 1:end + 1]   # read up to L tokens, predict the next of each
+        sum the NLLs of the last trg_len = end - prev_end positions of y
+        prev_end = end
+        if end == N - 1: stop
+        begin += stride
+
+The first window scores all its ``end`` targets; each later window scores only the
+targets past the previous window's end. So every token from the second on is scored exactly
+once: in the first window with all the tokens before it as context, in a later one with
+between ``L - stride + 1`` and ``L`` tokens of context. ``stride`` may be 1 .. L (``L`` is the
+fastest, no overlap; 1 gives every token the full context of ``L``). The mean NLL is the sum
+of the per-token NLLs over the number of tokens scored; perplexity is ``exp`` of it.
+Bits per byte (``bits_per_byte``), the tokenizer-independent figure: the summed NLL in bits
+over the UTF-8 bytes of the scored tokens, ``sum(nll) / (ln 2 * bytes)``.
+
+LAMBADA (``lambada``), the course's loop: each example's text is split at its last space
+(``rsplit(" ", 1)``); the target is the final word *with* its leading space (``" " + word``),
+the context is everything before. Context and target are encoded separately, the model
+reads ``context + target`` (the context cut from the left if the pair exceeds ``block_size``)
+and scores each target token given everything before it. An example is correct when every
+target token is the argmax of its position. Two perplexities are reported: per token,
+``exp`` of the mean NLL over all target tokens (the course's), and per word, ``exp`` of the
+mean over examples of each target word's summed NLL (what lm-evaluation-harness reports as
+LAMBADA perplexity: ``exp(-mean loglikelihood)``).
 
 Both run without building a graph, and compute the log-softmax in float64.
 """
@@ -48,9 +58,10 @@ __all__ = ["Window", "windows", "token_nll", "perplexity", "split_last_word", "l
 
 @dataclass(frozen=True)
 class Window:
-    """One forward pass of the strided protocol: tokens ``[begin, end)`` are read and the
-    tokens at positions ``[score_from, end)`` are scored (each given the ones before it,
-    back to ``begin``, as context)."""
+    """One forward pass of the course's loop: the model reads tokens ``[begin, end)``, so
+    position ``p`` predicts token ``p + 1``; the tokens ``[score_from, end]`` (inclusive:
+    the last target is token ``end``) are scored, each with the tokens from ``begin`` up to it
+    as context."""
 
     begin: int
     end: int
@@ -58,25 +69,24 @@ class Window:
 
 
 def windows(n_tokens: int, block_size: int, stride: int) -> list[Window]:
-    """The windows that score tokens 1..n_tokens-1 exactly once (the HF protocol).
+    """The course's windows over ``n_tokens`` ids: they score tokens 1..n_tokens-1 once each.
 
-    Window w reads ``[w * stride, min(w * stride + block_size, n_tokens))`` and scores from
-    the previous window's end (the first scores from position 1); stops at the text's end.
-    """
-    if not 1 <= stride < block_size:
-        raise InputError(f"stride must lie in [1, block_size - 1 = {block_size - 1}], got {stride}; "
-                         f"a stride of a whole window would leave the first token of each later "
-                         f"window with no context and unscored")
+    Window ``w`` reads ``[w * stride, min(w * stride + block_size, n_tokens - 1))`` and scores
+    the targets past the previous window's end; the loop stops at the window that reaches
+    ``n_tokens - 1``."""
+    if not 1 <= stride <= block_size:
+        raise InputError(f"stride must lie in [1, block_size = {block_size}], got {stride}; "
+                         f"a longer stride would skip the tokens between two windows")
     if n_tokens < 2:
         raise InputError(f"perplexity needs at least 2 tokens (one to predict from), got {n_tokens}")
-    out, prev_end = [], 0
-    for begin in range(0, n_tokens, stride):
-        end = min(begin + block_size, n_tokens)
-        out.append(Window(begin, end, max(prev_end, 1)))
+    out, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + block_size, n_tokens - 1)
+        out.append(Window(begin, end, prev_end + 1))
         prev_end = end
-        if end == n_tokens:
-            break
-    return out
+        if end == n_tokens - 1:
+            return out
+        begin += stride
 
 
 def _as_ids(ids, vocab_size: int, what: str) -> np.ndarray:
@@ -121,19 +131,22 @@ def token_nll(model, ids, *, stride: int | None = None, progress: bool = False) 
     plan = windows(len(ids), L, stride)
     out = np.empty(len(ids) - 1)
     for w in _progress(plan, progress, "perplexity", "window"):
-        n = w.end - w.score_from
-        logits = _last_logits(model, ids[w.begin:w.end - 1], n)  # position p predicts p + 1
-        out[w.score_from - 1:w.end - 1] = _nll_and_argmax(logits, ids[w.score_from:w.end])[0]
+        n = w.end + 1 - w.score_from  # the course's trg_len = end - prev_end
+        logits = _last_logits(model, ids[w.begin:w.end], n)  # position p predicts p + 1
+        out[w.score_from - 1:w.end] = _nll_and_argmax(logits, ids[w.score_from:w.end + 1])[0]
     return out
 
 
 def perplexity(model, ids, *, stride: int | None = None, max_tokens: int | None = None,
-               progress: bool = True) -> dict:
-    """Strided sliding-window perplexity of a token sequence.
+               progress: bool = True, tokenizer=None) -> dict:
+    """Strided sliding-window perplexity of a token sequence (the course's loop, above).
 
     ids: the text's token ids (N,). stride: window advance (default block_size // 2).
     max_tokens: use only the first max_tokens ids (so max_tokens - 1 are scored).
-    Returns ``{"tokens": tokens scored, "nll": mean NLL (nats), "perplexity": exp(nll)}``.
+    tokenizer: gives each scored token's bytes for bits per byte (default the model's).
+    Returns ``{"tokens": tokens scored, "nll": mean NLL (nats), "perplexity": exp(nll),
+    "bytes": UTF-8 bytes of the scored tokens, "bits_per_byte"}``; the last two only when
+    a tokenizer is known.
     """
     if max_tokens is not None:
         if max_tokens < 2:
@@ -142,7 +155,13 @@ def perplexity(model, ids, *, stride: int | None = None, max_tokens: int | None 
         ids = np.asarray(ids)[:max_tokens]
     nll = token_nll(model, ids, stride=stride, progress=progress)
     mean = float(nll.sum() / len(nll))
-    return {"tokens": int(len(nll)), "nll": mean, "perplexity": math.exp(mean)}
+    out = {"tokens": int(len(nll)), "nll": mean, "perplexity": math.exp(mean)}
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        n_bytes = len(tokenizer.decode_bytes(np.asarray(ids)[1:]))  # the scored tokens' bytes
+        out["bytes"] = n_bytes
+        out["bits_per_byte"] = float(nll.sum()) / (math.log(2) * n_bytes) if n_bytes else math.nan
+    return out
 
 
 # --------------------------------------------------------------------------- LAMBADA
@@ -178,7 +197,9 @@ def lambada(model, examples: Sequence[str], tokenizer, *, progress: bool = False
     """Last-word prediction over ``examples`` (texts); see the module docstring.
 
     Returns ``{"examples", "tokens" (target tokens scored), "nll" (mean per target token),
-    "perplexity", "accuracy" (fraction of examples whose every target token is the argmax)}``.
+    "perplexity" (per token), "word_perplexity" (exp of the mean per-example summed NLL, as
+    lm-evaluation-harness reports it), "accuracy" (fraction of examples whose every target
+    token is the argmax)}``.
     """
     if len(examples) == 0:
         raise InputError("LAMBADA needs at least one example")
@@ -189,8 +210,10 @@ def lambada(model, examples: Sequence[str], tokenizer, *, progress: bool = False
         correct += ok
     allnll = np.concatenate(nlls)
     mean = float(allnll.sum() / len(allnll))
+    per_word = float(np.mean([n.sum() for n in nlls]))
     return {"examples": len(examples), "tokens": int(len(allnll)), "nll": mean,
-            "perplexity": math.exp(mean), "accuracy": correct / len(examples)}
+            "perplexity": math.exp(mean), "word_perplexity": math.exp(per_word),
+            "accuracy": correct / len(examples)}
 
 
 def load_lambada_jsonl(path) -> list[str]:

@@ -66,7 +66,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot_id: int | None
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]: ...
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
     def token_bytes(self, token_id: int) -> bytes: ...
@@ -122,7 +122,7 @@ class ByteTokenizer:
     vocab_size = 256
     eot_id = None
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
         """UTF-8 bytes of ``text`` as ids. ``allow_special`` is accepted and ignored (none exist)."""
         return list(_utf8(text))
 
@@ -265,8 +265,10 @@ class GPT2Tokenizer:
     Build with ``GPT2Tokenizer.from_folder(path)`` (or ``load_tokenizer(path)``); the
     constructor takes the raw file texts so the exact files can be written back out.
 
-    ``<|endoftext|>`` is special only when asked: ``encode(text)`` spells it out as plain
-    text; ``encode(text, allow_special=True)`` maps it to ``eot_id`` (50256).
+    ``<|endoftext|>`` means one thing everywhere in numgpt, the Hugging Face tokenizer's rule:
+    it is the special token ``eot_id`` (50256), in training data, evaluation text, prompts
+    and server requests alike. ``encode(text, allow_special=False)`` spells it out as seven
+    ordinary tokens instead (tiktoken's ``encode_ordinary``), for text that merely quotes it.
     """
 
     def __init__(self, vocab_text: str, merges_text: str, *,
@@ -292,8 +294,8 @@ class GPT2Tokenizer:
         return cls(vocab_path.read_text(encoding="utf-8"),
                    merges_path.read_text(encoding="utf-8"), source=folder)
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        """Token ids of ``text``. Special tokens are plain text unless ``allow_special``."""
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``<|endoftext|>`` is 50256 unless ``allow_special=False``."""
         if allow_special:
             return self._encoding.encode(text, allowed_special="all")
         return self._encoding.encode_ordinary(text)
