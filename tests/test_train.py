@@ -356,8 +356,9 @@ def test_commands_prepare_train_plot_and_sanity_end_to_end(tmp_path, capsys):
 def _step_pair(workers: int, break_split=None):
     """One float64 step, serial and with ``workers`` threads, from the same weights on two
     micro-batches of 5 rows (uneven slices); returns both (stats, weights). ``break_split``
-    wraps ``train._split`` for the negative control."""
+    wraps ``train.parallel._split`` for the negative control."""
     import numgpt.train.loop as training
+    import numgpt.train.parallel as parallel_module
     from numgpt.train.optim import AdamW
 
     out = []
@@ -369,7 +370,7 @@ def _step_pair(workers: int, break_split=None):
         batches = [(rng.integers(0, 50, (5, 8)), rng.integers(0, 50, (5, 8))) for _ in range(2)]
         mp = pytest.MonkeyPatch()
         if break_split is not None and parallel is not None:
-            mp.setattr(training, "_split", break_split(training._split))
+            mp.setattr(parallel_module, "_split", break_split(parallel_module._split))
         try:
             stats = training.train_step(model, opt, batches, lr=1e-2, grad_clip=1.0, parallel=parallel)
         finally:

@@ -77,6 +77,8 @@ class TrainConfig:
                                              "scaled by 1/steps)")
     workers: int = _f(1, "threads that each take a slice of every batch (data parallel; "
                          "best with --threads 1)")
+    rank_timeout: float = _f(300.0, "under mpiexec: seconds a rank waits for the others before "
+                                    "it names the silent rank and stops the run")
     max_iters: int = _f(2000, "optimizer steps to train in total")
     learning_rate: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-4, "floor of the cosine decay")
@@ -125,6 +127,8 @@ class TrainConfig:
                  f"must be in [0, learning_rate={self.learning_rate}]")
         for name in ("beta1", "beta2"):
             _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        _require(math.isfinite(self.rank_timeout) and self.rank_timeout > 0, "rank_timeout",
+                 "must be a finite number of seconds > 0")
         for name in ("weight_decay", "grad_clip", "sample_temperature"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")

@@ -59,6 +59,7 @@ from ..io.files import atomic_write
 from ..io.tokenizer import ByteTokenizer, tokenizer_from_config
 from .config import ARCH_KEYS, TrainConfig, resume_config
 from .optim import AdamW, clip_grad_norm, lr_schedule
+from .parallel import DataParallel, Ranks, check_split, fingerprint, rank_rows, ranks_from_environment
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats", "DataParallel",
            "estimate_loss", "position_losses", "param_group", "grad_group_means",
@@ -158,56 +159,18 @@ def _check_finite(what: str, value: float, step: int, lr: float) -> None:
             f"grad_clip, then continue from the last good checkpoint with --resume")
 
 
-class DataParallel:
-    """``workers`` threads that each run forward and backward on one slice of the rows of
-    every micro-batch, at the same time (NumPy releases the GIL inside its array loops, so
-    the threads use separate cores). Each thread adds its gradients into its own dict
-    (``Tensor.backward(into=...)``); the step sums the dicts in worker order, so a run is
-    deterministic for a given worker count. Use with single-threaded BLAS (``--threads 1``):
-    the parallelism is here instead of inside each matrix product, and it also covers the
-    element-wise work that BLAS threads leave on one core.
-    """
-
-    def __init__(self, workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        if not (isinstance(workers, int) and workers >= 1):
-            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
-        self.workers = workers
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="numgpt-train")
-
-    def close(self) -> None:
-        self.pool.shutdown()
-
-    def __enter__(self) -> "DataParallel":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _backward_slices(model: GPT, slices: list, rngs: list, step: int, lr: float) -> tuple[float, dict]:
+def _backward_slices(model: GPT, slices: list, rngs: list) -> tuple[float, dict]:
     """One worker's share: forward/backward of its (x, y, scale) slices, in order, gradients
-    added into a fresh dict; returns (sum of scaled losses, {param: grad})."""
+    added into a fresh dict; returns (sum of scaled losses, {param: grad}). A NaN loss is not
+    raised here: the step checks the loss summed over every worker and rank, so all of them
+    stop together."""
     into: dict = {}
     total = 0.0
     for (x, y, scale), rng in zip(slices, rngs):
         _, loss = model(x, y, rng=rng)
-        value = float(loss.data)
-        _check_finite("loss", value, step, lr)
-        total += value * scale
+        total += float(loss.data) * scale
         (loss if scale == 1.0 else apply(ops.scale, loss, c=scale)).backward(into=into)
     return total, into
-
-
-def _split(batches, workers: int) -> list[list[tuple]]:
-    """Worker w's slices: the w-th contiguous chunk of rows of every micro-batch, each with
-    its loss scale (rows in the chunk / rows in the batch) / number of micro-batches."""
-    out: list[list[tuple]] = [[] for _ in range(workers)]
-    for x, y in batches:
-        for w, rows in enumerate(np.array_split(np.arange(len(x)), workers)):
-            out[w].append((x[rows], y[rows], len(rows) / len(x) / len(batches)))
-    return out
 
 
 def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.ndarray]], *,
@@ -219,23 +182,24 @@ def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.
     Each micro-batch ``(x, y)`` is ``(B, T)`` int; its mean cross-entropy is scaled by
     ``1 / len(batches)`` before backward, so the accumulated gradient is that of the mean
     loss over all micro-batches. ``rng`` drives dropout (None: no dropout). Clipping uses
-    ``grad_clip`` (0: off). With ``parallel``, each micro-batch's rows are split over the
-    worker threads (each slice's loss scaled by its share of the rows); the result equals
-    the serial step up to float rounding. Raises ``TrainingDiverged`` (weights untouched)
-    on a NaN/inf loss or gradient norm; ``step`` only labels that message.
+    ``grad_clip`` (0: off). ``parallel`` (``train.parallel.DataParallel``; None: one worker,
+    one process) splits each micro-batch's rows over its worker threads and MPI ranks, each
+    slice's loss scaled by its share of the rows, and sums the gradients through its one
+    reduction path; the result equals the serial step up to float rounding. Raises
+    ``TrainingDiverged`` (weights untouched) on a NaN/inf loss or gradient norm; ``step``
+    only labels that message.
     """
     optimizer.zero_grad()
     params = optimizer.params
-    if parallel is None or parallel.workers == 1:
-        n, total = len(batches), 0.0
-        for x, y in batches:
-            _, loss = model(x, y, rng=rng)
-            value = float(loss.data)
-            _check_finite("loss", value, step, lr)
-            total += value / n
-            (loss if n == 1 else apply(ops.scale, loss, c=1.0 / n)).backward()
-    else:
-        total = _parallel_backward(model, params, batches, rng, parallel, step, lr)
+    own = parallel is None
+    parallel = DataParallel(1) if own else parallel
+    try:
+        total = parallel.backward(lambda slices, rngs: _backward_slices(model, slices, rngs),
+                                  optimizer, batches, rng, f"step {step}")
+    finally:
+        if own:
+            parallel.close()
+    _check_finite("loss", total, step, lr)
     means = grad_group_means(params) if group_stats else None
     norm = clip_grad_norm(params, grad_clip) if grad_clip > 0 else global_grad_norm(params)
     _check_finite("gradient norm", norm, step, lr)
@@ -243,60 +207,46 @@ def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.
     return StepStats(total, norm, lr, means)
 
 
-def _parallel_backward(model, params: dict, batches, rng, parallel: DataParallel, step: int,
-                       lr: float) -> float:
-    """Run every worker's slices at once; sum their gradient dicts into ``.grad`` in worker
-    order. Dropout: one generator per (worker, slice), seeded from ``rng`` in a fixed order,
-    so the masks do not depend on thread timing."""
-    shares = _split(batches, parallel.workers)
-    if rng is None:
-        rngs = [[None] * len(s) for s in shares]
-    else:
-        seeds = rng.integers(0, 2**63, size=(parallel.workers, len(batches)))
-        rngs = [[np.random.default_rng(int(v)) for v in row] for row in seeds]
-    futures = [parallel.pool.submit(_backward_slices, model, s, r, step, lr)
-               for s, r in zip(shares, rngs)]
-    results = [f.result() for f in futures]
-    for p in params.values():
-        grads = [into[p] for _, into in results if p in into]
-        if grads:
-            total = grads[0]
-            for g in grads[1:]:
-                total = total + g
-            p.grad = total
-    return sum(loss for loss, _ in results)
-
-
 # ------------------------------------------------------------------------- evaluation
 
 def estimate_loss(model: GPT, data: np.ndarray, batch_size: int, block_size: int, iters: int,
-                  seed) -> float:
+                  seed, ranks: Ranks | None = None) -> float:
     """Mean loss over ``iters`` batches drawn from ``default_rng(seed)`` (no graph, no
-    dropout), so two calls with the same seed score the same batches."""
+    dropout), so two calls with the same seed score the same batches. With ``ranks`` every
+    rank draws the same batches, scores its chunk of rows and the losses are summed over the
+    ranks (each weighted by its share of the rows)."""
+    ranks = ranks if ranks is not None else Ranks()
+    rows = rank_rows(batch_size, ranks.rank, ranks.size)
     rng = np.random.default_rng(seed)
-    losses = []
+    losses = np.zeros(iters)  # (iters,) this rank's share of each batch's mean loss
     with no_grad():
-        for _ in range(iters):
+        for i in range(iters):
             x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
-            losses.append(float(model(x, y)[1].data))
+            losses[i] = float(model(x[rows], y[rows])[1].data) / ranks.size
+    ranks.sum(losses, "an evaluation")
     return float(np.mean(losses))
 
 
 def position_losses(model: GPT, data: np.ndarray, batch_size: int, block_size: int, iters: int,
-                    seed) -> np.ndarray:
+                    seed, ranks: Ranks | None = None) -> np.ndarray:
     """Mean loss at each position of the context window: (T,) float64.
 
     Position t predicts token t+1 from the t+1 tokens before it, so the curve shows how
     much the model gains from more context. Log-softmax in float64 over (B, T, V) logits.
+    With ``ranks`` the rows of each batch are split over the ranks and the sums reduced.
     """
+    ranks = ranks if ranks is not None else Ranks()
+    rows = rank_rows(batch_size, ranks.rank, ranks.size)
     rng = np.random.default_rng(seed)
     total = np.zeros(block_size, dtype=np.float64)
     with no_grad():
         for _ in range(iters):
             x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
-            logp = log_softmax64(model(x)[0].data)  # (B, T, V)
-            picked = np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (B, T)
-            total -= picked.mean(axis=0)
+            x, y = x[rows], y[rows]  # (B / ranks, T)
+            logp = log_softmax64(model(x)[0].data)  # (B / ranks, T, V)
+            picked = np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (B / ranks, T)
+            total -= picked.mean(axis=0) / ranks.size
+    ranks.sum(total, "the per-position losses")
     return total / iters
 
 
@@ -354,6 +304,8 @@ class TrainResult:
     tokenizer: object
     plots: list[Path] = field(default_factory=list)
     sample: str | None = None
+    rank: int = 0  # under mpiexec: this process's rank (0 wrote the files) and how many ran
+    ranks: int = 1
 
     @property
     def log_path(self) -> Path:
@@ -363,11 +315,34 @@ class TrainResult:
 class _Run:
     """The mutable state of one training run (model, optimizer, RNGs, step, log)."""
 
-    def __init__(self, cfg: TrainConfig, progress: bool):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: TrainConfig, progress: bool, ranks: Ranks):
+        self.cfg, self.ranks = cfg, ranks
+        self.progress = progress and ranks.is_root  # one bar and one set of messages
         self.out = Path(cfg.out)
-        self._prepare_out()
-        self.data_dir = Path(cfg.data) if cfg.data else default_corpus(self.out / "data", progress=progress)
+        root = ranks.is_root
+        ranks.agree(lambda: check_split(cfg.batch_size, cfg.workers, ranks.size), "split the batch")
+        ranks.agree(self._prepare_out if root else lambda: None, "prepare the run folder")
+        # rank 0 prepares the default corpus first; the others then find it (or, on another
+        # machine without a shared folder, write the same files themselves)
+        self.data_dir = ranks.agree(self._data_dir if root else lambda: None, "prepare the data")
+        self.data_dir = ranks.agree(lambda: self.data_dir if root else self._data_dir(), "find the data")
+        ranks.agree(self._setup, "set up training")
+        self._check_launch()
+        self.parallel = DataParallel(cfg.workers, ranks)
+        ranks.out_hint = (f" The last complete checkpoint is {str(self.out / 'latest')!r}; "
+                          f"continue with --resume")
+        self.schedule = lr_schedule("cosine" if cfg.decay_lr else "constant",
+                                    learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
+                                    lr_decay_iters=cfg.decay_iters, min_lr=cfg.min_lr)
+        self.log_file = self._open_log() if root else None
+
+    def _data_dir(self) -> Path:
+        cfg = self.cfg
+        return Path(cfg.data) if cfg.data else default_corpus(self.out / "data", progress=self.progress)
+
+    def _setup(self) -> None:
+        """Data, model, optimizer, RNGs; the checkpoint when resuming."""
+        cfg = self.cfg
         self.dataset = TokenDataset(self.data_dir)
         self._check_splits()
         seeds = np.random.SeedSequence(cfg.seed).spawn(3)
@@ -380,11 +355,35 @@ class _Run:
                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         if cfg.resume:
             self._restore()
-        self.parallel = DataParallel(cfg.workers) if cfg.workers > 1 else None
-        self.schedule = lr_schedule("cosine" if cfg.decay_lr else "constant",
-                                    learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
-                                    lr_decay_iters=cfg.decay_iters, min_lr=cfg.min_lr)
-        self._open_log()
+
+    def _check_launch(self) -> None:
+        """Every rank must train the same thing: the same config, the same data (meta, split
+        sizes and a sample of the tokens) and, resuming, the same step, weights and sampler
+        state. Compared before the first step; a mismatch is a ConfigError on every rank
+        naming the first rank and the keys that differ from rank 0."""
+        if self.ranks.size == 1:
+            return
+        mine = self._launch_fingerprint()
+        everyone = self.ranks.allgather(mine, "compare the launch")
+        for rank, theirs in enumerate(everyone):
+            differ = sorted(k for k in set(mine) | set(theirs) if everyone[0].get(k) != theirs.get(k))
+            if differ:
+                raise ConfigError(
+                    f"rank {rank} was launched differently from rank 0 ({', '.join(differ)} "
+                    f"differ); every rank of `mpiexec -n {self.ranks.size} numgpt train` needs "
+                    f"the same flags, config file, data and run folder contents")
+
+    def _launch_fingerprint(self) -> dict:
+        cfg = self.cfg.to_dict()
+        data = {split: self.dataset.splits[split] for split in SPLITS}
+        sample = [d[np.linspace(0, len(d) - 1, 4096).astype(np.int64)] for d in data.values()]
+        out = {f"config.{k}": v for k, v in cfg.items()}
+        out.update({"data.meta": json.dumps(self.dataset.meta, sort_keys=True),
+                    "data.tokens": {s: len(d) for s, d in data.items()},
+                    "data.sample": fingerprint(sample), "step": self.step,
+                    "weights": fingerprint(p.data for p in self.model.parameters().values()),
+                    "sampler": json.dumps(self.data_rng.bit_generator.state, sort_keys=True)})
+        return out
 
     # ------------------------------------------------------------------ setup
     def _prepare_out(self) -> None:
@@ -471,12 +470,14 @@ class _Run:
                        if line.strip()]
             keep = [r for r in records if r.get("step", 0) <= self.step and r.get("kind") != "final"]
             atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
-        self.log_file = open(path, "a", encoding="utf-8")
+        return open(path, "a", encoding="utf-8")
 
     # ------------------------------------------------------------------ actions
     def log(self, record: dict) -> None:
-        self.log_file.write(json.dumps(record) + "\n")
-        self.log_file.flush()
+        """Append ``record`` to log.jsonl (rank 0 alone writes the run's files)."""
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
 
     def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.cfg
@@ -486,7 +487,7 @@ class _Run:
     def evaluate(self) -> dict:
         c = self.cfg
         losses = {s: estimate_loss(self.model, self.dataset.splits[s], c.batch_size, c.block_size,
-                                   c.eval_iters, self.eval_seeds[s]) for s in SPLITS}
+                                   c.eval_iters, self.eval_seeds[s], self.ranks) for s in SPLITS}
         record = {"kind": "eval", "step": self.step, "train_loss": losses["train"],
                   "val_loss": losses["val"]}
         self.last_val = losses["val"]
@@ -505,12 +506,16 @@ class _Run:
                 "data": {"folder": str(self.data_dir), "meta": self.dataset.meta}}
 
     def save(self, name: str, moments: bool = True) -> Path:
+        """Write ``out/name`` (rank 0 alone; the others hold the same weights)."""
+        if not self.ranks.is_root:
+            return self.out / name
         arrays = self.optimizer.state_arrays() if moments else None
         return checkpoint.save(self.model, self.out / name, meta=self.meta(), arrays=arrays)
 
     def close(self) -> None:
-        self.log_file.close()
-        if self.parallel is not None:
+        if self.log_file is not None:
+            self.log_file.close()
+        if getattr(self, "parallel", None) is not None:
             self.parallel.close()
 
 
@@ -522,11 +527,16 @@ def _set_dropout(model: GPT, p: float) -> None:
         block.mlp.dropout = p
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 @contextmanager
-def _deferred_sigint() -> Iterator[dict]:
-    """While training, the first Ctrl-C only sets ``flag["stop"]`` (the loop saves and stops at
-    the end of the step, so the weights are never saved half-updated); a second one aborts at
-    once (``flag["abort"]``). Outside the main thread signals cannot be caught: no change."""
+def _deferred_stop(announce: bool = True) -> Iterator[dict]:
+    """While training, the first Ctrl-C (SIGINT) or SIGTERM only sets ``flag["stop"]`` (the
+    loop saves and stops at the end of the step, so the weights are never saved half-updated);
+    a second one aborts at once (``flag["abort"]``). ``mpiexec`` forwards both signals to every
+    rank, and the ranks agree on the flag each step, so they stop after the same step.
+    Outside the main thread signals cannot be caught: no change."""
     flag = {"stop": False, "abort": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -537,14 +547,17 @@ def _deferred_sigint() -> Iterator[dict]:
             flag["abort"] = True
             raise KeyboardInterrupt
         flag["stop"] = True
-        print("\nnumgpt: stopping after this step and saving a checkpoint "
-              "(Ctrl-C again aborts without saving)", file=sys.stderr)
+        if announce:
+            print(f"\nnumgpt: {signal.Signals(signum).name}: stopping after this step and saving "
+                  f"a checkpoint (Ctrl-C again aborts without saving)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS]
+    previous = {n: signal.signal(n, handler) for n in numbers}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for n, old in previous.items():
+            signal.signal(n, old)
 
 
 # ------------------------------------------------------------------------- the loop
@@ -566,10 +579,17 @@ def train(config: TrainConfig | dict, *, progress: bool = True,
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     keep_freed_memory()
-    run = _Run(cfg, progress)
+    ranks = ranks_from_environment(cfg.rank_timeout)
+    run = _Run(cfg, progress, ranks)
     try:
         losses = _loop(run, on_step)
         return _finish(run, losses)
+    except (TrainingDiverged, KeyboardInterrupt):
+        raise  # every rank raises these together
+    except BaseException as e:
+        if ranks.size > 1:  # the other ranks would wait for this one forever: stop them all
+            ranks.abort(f"{type(e).__name__}: {e}")
+        raise
     finally:
         run.close()
 
@@ -580,7 +600,7 @@ def _loop(run: _Run, on_step) -> list[float]:
     cfg, losses = run.cfg, []
     bar = tqdm(total=cfg.max_iters, initial=run.step, desc="train", unit="step",
                disable=not run.progress, dynamic_ncols=True)
-    with _deferred_sigint() as flag, bar:
+    with _deferred_stop(announce=run.ranks.is_root) as flag, bar:
         try:
             if run.step == 0 and cfg.eval_interval > 0 and cfg.max_iters > 0:
                 _report_eval(run.evaluate(), bar)
@@ -593,13 +613,14 @@ def _loop(run: _Run, on_step) -> list[float]:
                 _after_step(run, bar)
                 if on_step is not None:
                     on_step(record)
-                if flag["stop"]:
+                if run.ranks.any(flag["stop"], f"the stop flag after step {run.step}"):
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             if not flag["abort"]:
                 prefix = run.save("latest")
-                print(f"numgpt: saved {prefix} at step {run.step}; continue with --resume",
-                      file=sys.stderr)
+                if run.ranks.is_root:
+                    print(f"numgpt: saved {prefix} at step {run.step}; continue with --resume",
+                          file=sys.stderr)
             raise
     return losses
 
@@ -637,8 +658,9 @@ def _report_eval(record: dict, bar) -> None:
 
 
 def _finish(run: _Run, losses: list[float]) -> TrainResult:
-    """Final evaluation, checkpoint, per-position loss, plots and the sample."""
-    cfg = run.cfg
+    """Final evaluation, checkpoint, per-position loss, plots and the sample (the files and
+    the sample on rank 0 alone; the evaluations are shared by every rank)."""
+    cfg, root = run.cfg, run.ranks.is_root
     if losses:  # this call trained: score the final weights
         record = run.evaluate()
         if run.progress:
@@ -646,16 +668,16 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
                   f"(best {run.best_val:.4f})", file=sys.stderr)
     run.save("latest")
     pos = position_losses(run.model, run.dataset.val, cfg.batch_size, cfg.block_size,
-                          cfg.eval_iters, run.eval_seeds["val"])
+                          cfg.eval_iters, run.eval_seeds["val"], run.ranks)
     run.log({"kind": "final", "step": run.step, "val_loss_by_position": pos.tolist()})
-    run.log_file.flush()
     plots = []
-    if cfg.plot:
+    if cfg.plot and root:
+        run.log_file.flush()
         from .plots import plot_run
         plots = plot_run(run.out)
-    sample = _sample(run) if cfg.sample_tokens > 0 else None
+    sample = _sample(run) if cfg.sample_tokens > 0 and root else None
     return TrainResult(run.out, run.step, losses, run.last_val, run.best_val, run.model,
-                       run.model.tokenizer, plots, sample)
+                       run.model.tokenizer, plots, sample, run.ranks.rank, run.ranks.size)
 
 
 def _sample(run: _Run) -> str:
