@@ -517,7 +517,8 @@ def _add_train(sub) -> None:
         shown = "unset" if f.default is None else f.default
         text = f.help if "default" in f.help else f"{f.help} (default: {shown})"
         if f.name == "workers":
-            text = f"{f.help} (default: one per core, at most 4, with 1 BLAS thread each; 1 with --threads)"
+            text = (f"{f.help} (default: one per core, at most 4, with 1 BLAS thread each; 1 with "
+                    f"--threads or under mpiexec)")
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -542,11 +543,15 @@ def _run_train(args) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
+    from .train.parallel import launched_ranks
+
+    ranks = launched_ranks()  # under `mpiexec -n N`: N processes share the cores
     if cfg.resume:  # the run's saved config, then the file, then the flags
         cfg = resume_config(cfg.out, flags, args.config)
     elif args.threads is None and "workers" not in {*flags, *(load_toml(args.config) if args.config else {})}:
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "workers": _default_workers(cfg.batch_size)})
-    if args.threads is not None or cfg.workers > 1:  # data-parallel workers: 1 BLAS thread each
+        workers = 1 if ranks > 1 else _default_workers(cfg.batch_size)
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "workers": workers})
+    if args.threads is not None or cfg.workers > 1 or ranks > 1:  # 1 BLAS thread per worker
         set_blas_threads(args.threads if args.threads is not None else 1)
     from .train import loop as training  # loads NumPy: after the thread count is set
 
@@ -554,6 +559,8 @@ def _run_train(args) -> int:
         print("numgpt: no --data given: training a byte-level model on the Python docs (pydoc_data)",
               file=sys.stderr)
     result = training.train(cfg, progress=not args.quiet)
+    if result.rank != 0:  # under mpiexec rank 0 reports for all
+        return 0
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     print(f"trained {result.step} steps into {result.out}: checkpoints latest, best (val loss {best}), "
           f"log.jsonl" + (f", {len(result.plots)} plots" if result.plots else ""))
