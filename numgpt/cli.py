@@ -543,7 +543,7 @@ def _run_train(args) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
-    from .train.parallel import launched_ranks
+    from .train.launch import launched_ranks
 
     ranks = launched_ranks()  # under `mpiexec -n N`: N processes share the cores
     if cfg.resume:  # the run's saved config, then the file, then the flags

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from typing import Callable
@@ -43,25 +42,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError, NumGPTError
+from .launch import MPI_INSTALL_HINT, launched_ranks
 
-__all__ = ["DataParallel", "Ranks", "MPIRanks", "ranks_from_environment", "launched_ranks",
-           "MPI_INSTALL_HINT"]
-
-MPI_INSTALL_HINT = "pip install 'numgpt[mpi]' (mpi4py and the self-contained mpich wheel)"
-
-# Environment variables the common launchers set to the number of processes started.
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
-
-
-def launched_ranks(environ=None) -> int:
-    """How many processes ``mpiexec`` started, from the variables it sets (1 outside it)."""
-    environ = os.environ if environ is None else environ
-    for name in _SIZE_VARS:
-        value = environ.get(name, "")
-        if value.isdigit() and int(value) > 1:
-            return int(value)
-    return 1
-
+__all__ = ["DataParallel", "Ranks", "MPIRanks", "ranks_from_environment", "check_split",
+           "rank_rows", "fingerprint"]
 
 # ------------------------------------------------------------------------- process groups
 
@@ -232,8 +216,8 @@ def check_split(batch_size: int, workers: int, ranks: int) -> None:
     if batch_size % ranks:
         raise ConfigError(f"batch_size {batch_size} does not split evenly over {ranks} ranks "
                           f"(each rank takes batch_size / {ranks} rows of every micro-batch); "
-                          f"choose a batch_size that is a multiple of {ranks}, or run "
-                          f"{batch_size % ranks or ranks} ranks fewer")
+                          f"choose a batch_size that is a multiple of {ranks} (e.g. "
+                          f"{(batch_size // ranks + 1) * ranks}) or a number of ranks that divides it")
     if workers > batch_size // ranks:
         raise ConfigError(f"workers {workers} exceed the {batch_size // ranks} rows each of "
                           f"{ranks} ranks takes of a batch_size {batch_size} micro-batch; "
