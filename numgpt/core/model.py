@@ -95,6 +95,40 @@ class GPTConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of every parameter ``GPT(self)`` would allocate, in its order,
+        computed without allocating (loads and training check sizes against it first).
+        Linear weights are ``(in, out)``; the output head is tied to ``wte``."""
+        C, bias = self.n_embd, self.bias
+        shapes: dict[str, tuple[int, ...]] = {"wte.weight": (self.vocab_size, C),
+                                              "wpe.weight": (self.block_size, C)}
+
+        def add(name: str, weight: tuple[int, ...], width: int) -> None:
+            shapes[name + ".weight"] = weight
+            if bias:
+                shapes[name + ".bias"] = (width,)
+
+        for i in range(self.n_layer):
+            add(f"h.{i}.ln_1", (C,), C)
+            add(f"h.{i}.attn.c_attn", (C, 3 * C), 3 * C)
+            add(f"h.{i}.attn.c_proj", (C, C), C)
+            add(f"h.{i}.ln_2", (C,), C)
+            add(f"h.{i}.mlp.c_fc", (C, 4 * C), 4 * C)
+            add(f"h.{i}.mlp.c_proj", (4 * C, C), C)
+        add("ln_f", (C,), C)
+        return shapes
+
+    def parameter_count(self) -> int:
+        """Parameters ``GPT(self)`` holds (the tied head counted once), by arithmetic alone,
+        so that absurd sizes (n_layer 100000) are counted without building 100000 layers."""
+        C, L, bias = self.n_embd, self.n_layer, int(self.bias)
+        per_layer = 12 * C * C + 2 * C + bias * 11 * C  # weights, LayerNorm gains, biases
+        return (self.vocab_size + self.block_size) * C + L * per_layer + C + bias * C
+
+    def parameter_bytes(self) -> int:
+        """Memory the parameters take in this config's dtype."""
+        return self.parameter_count() * np.dtype(self.np_dtype).itemsize
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
