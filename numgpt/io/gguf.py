@@ -318,10 +318,10 @@ def load_gguf(path: str | os.PathLike) -> GPT:
     config = _config(reader, path, {k: r.shape for k, r in by_name.items()})
     tokenizer, notes = _tokenizer(reader, path)
     del reader  # drop the memory map; tensors are read with fromfile below
-    names = tensor_names(config.n_layer)
-    if not config.bias:
-        names = {k: v for k, v in names.items() if not k.endswith(".bias")}
-    extra = sorted(set(by_name) - set(names.values()) - {"output.weight"})
+    every = tensor_names(config.n_layer)
+    names = every if config.bias else {k: v for k, v in every.items() if not k.endswith(".bias")}
+    extra = sorted(set(by_name) - set(every.values()) - {"output.weight"})  # zero biases of a
+    # bias-free model are in the file for llama.cpp and skipped here
     missing = sorted(v for v in names.values() if v not in by_name)
     if missing or extra:
         raise CheckpointError(f"{path}: GPT-2 tensors missing {missing[:8]}, unexpected {extra[:8]}")
