@@ -186,6 +186,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible completions API")
     p.add_argument("--model", required=True, help="numgpt checkpoint, HF folder or nanoGPT ckpt.pt")
@@ -202,6 +209,19 @@ def _add_serve(sub) -> None:
     p.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the model path's last part)")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    p.add_argument("--max-prompt-chars", type=_positive_int, default=None,
+                   help="characters per prompt, checked before tokenizing (default 32 x context)")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+                   help="tokens per prompt; longer needs \"truncate\" anyway (default 8 x context)")
+    p.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="S",
+                   help="close a connection whose request headers take longer (default 10)")
+    p.add_argument("--body-timeout", type=_positive_float, default=30.0, metavar="S",
+                   help="answer 408 when a request body takes longer (default 30)")
+    p.add_argument("--max-connections", type=_positive_int, default=128,
+                   help="connections served at once; past it requests get 503 (default 128)")
+    p.add_argument("--grace-period", type=_positive_float, default=10.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds in-flight requests may run before they "
+                        "are cancelled; the exit status is 0 (default 10)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="BLAS threads for the model (default: the BLAS library's choice); "
                         "1 is fastest on a machine whose cores are busy with other work")
@@ -220,11 +240,15 @@ def _run_serve(args) -> int:
 
     detect_format(args.model)  # a missing or unrecognised path fails now, not after startup
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    # an explicitly empty key (--api-key "$UNSET") is refused by ServerConfig, not ignored
+    api_key = args.api_key if args.api_key is not None else os.environ.get("NUMGPT_API_KEY")
     config = app.ServerConfig(
-        model_path=args.model, model_name=args.model_name,
-        api_key=args.api_key or os.environ.get("NUMGPT_API_KEY") or None,
+        model_path=args.model, model_name=args.model_name, api_key=api_key,
         max_batch=args.max_batch, max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+        max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections, grace_period_s=args.grace_period)
     return app.serve(config, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -3,7 +3,10 @@
 Routes::
 
     POST /v1/completions   OpenAI's legacy completions schema, plain or streamed (SSE)
-    GET  /v1/models        the one model served
+    GET  /v1/models        the one model served, with its context length (max_model_len)
+    GET  /tokenizer_info   the remote tokenizer (vLLM's shape): eos/bos/pad tokens, context
+    POST /tokenize         {"prompt" (or llama.cpp's "content"), "add_special_tokens"} -> {"tokens"}
+    POST /detokenize       {"tokens"} -> {"prompt", "content"}
     GET  /health           200 once the model is loaded, 503 before (or if loading failed)
     GET  /metrics          Prometheus text format
     POST /v1/internals     one short prompt's attention probabilities and residual norms
@@ -19,7 +22,12 @@ and hands tokens back through ``loop.call_soon_threadsafe``. The model is loaded
 background thread at startup, so ``/health`` answers 503 meanwhile.
 
 A request can never take the server down and no traceback reaches a client (unexpected
-exceptions are logged here and answered with a generic 500).
+exceptions are logged here and answered with a generic 500). Bounded against slow or hostile
+clients: request headers must arrive within ``header_timeout_s`` and a body within
+``body_timeout_s`` (408), at most ``max_connections`` are served at once (503 past it), and
+prompts are capped in characters and tokens. JSON decoding and tokenizing run on a worker
+thread, never on the event loop. SIGTERM and SIGINT stop accepting, let in-flight requests
+finish for ``grace_period_s`` (then cancel them) and exit 0.
 """
 
 from __future__ import annotations
@@ -28,26 +36,29 @@ import asyncio
 import hmac
 import logging
 import secrets
+import signal
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request as HTTPRequest
+from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import InputError, NumGPTError
+from ..errors import ConfigError, InputError, NumGPTError
 from . import internals
 from .engine import Engine, EngineMetrics, QueueFull, Request
 from .metrics import CONTENT_TYPE, Counter, Registry
-from .protocol import (APIError, CompletionFold, CompletionSpec, error_body, internals_json,
-                       parse_completion, parse_internals, parse_json_body)
+from .protocol import (PROMPT_CHARS_PER_CONTEXT, PROMPT_TOKENS_PER_CONTEXT, APIError,
+                       CompletionFold, CompletionSpec, detokenize_json, error_body,
+                       internals_json, parse_completion, parse_detokenize, parse_internals,
+                       parse_json_body, parse_tokenize, tokenize_json, tokenizer_info)
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 
@@ -61,8 +72,16 @@ class ServerConfig:
     """Everything ``numgpt serve`` is told.
 
     model_name: the id clients send as ``model`` (default: the model path's last part).
+    api_key: required as ``Authorization: Bearer KEY`` when set (compared as UTF-8 bytes);
+        an empty key is refused, it would silently turn authentication off.
     max_tokens_limit: largest ``max_tokens`` accepted (default: the model's block_size).
     max_n: largest ``n`` accepted.
+    max_prompt_chars / max_prompt_tokens: per-prompt caps (default: 32 / 8 x the context).
+    header_timeout_s / body_timeout_s: a request's headers, then its body, must arrive
+        within these (a slow client is closed, or answered 408).
+    max_connections: connections served at once; past it a request is answered 503.
+    grace_period_s: on SIGTERM/SIGINT, how long in-flight requests may run before they
+        are cancelled.
     """
 
     model_path: str | None = None
@@ -74,6 +93,24 @@ class ServerConfig:
     max_n: int = 16
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
+    max_prompt_chars: int | None = None
+    max_prompt_tokens: int | None = None
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 128
+    grace_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty, which would turn authentication off; "
+                              "pass a non-empty --api-key (or NUMGPT_API_KEY), or leave both "
+                              "unset to serve without a key")
+        if self.api_key is not None and self.api_key != self.api_key.strip():
+            raise ConfigError("the API key starts or ends with whitespace, which no client "
+                              "can send in a header; remove it")
+        for name in ("header_timeout_s", "body_timeout_s", "grace_period_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 # ------------------------------------------------------------------ errors and bodies
@@ -86,9 +123,22 @@ def _error_response(status: int, message: str, type: str = "invalid_request_erro
                         headers=headers)
 
 
-async def _read_json(request: HTTPRequest, limit: int) -> Any:
-    """The request's JSON body: 415 for another content type, 413 past ``limit`` bytes
-    (by Content-Length and while reading), 400 for bad UTF-8 or malformed JSON."""
+async def _read_json(request: HTTPRequest, config: ServerConfig) -> Any:
+    """The request's JSON body: 415 for another content type, 413 past ``max_body_bytes``
+    (by Content-Length and while reading), 408 if it does not arrive within
+    ``body_timeout_s``, 400 for bad UTF-8, malformed JSON or text that is not Unicode.
+    Decoded on a worker thread: a megabyte of JSON must not stall the event loop."""
+    try:
+        raw = await asyncio.wait_for(_read_body(request, config.max_body_bytes),
+                                     config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
+                            f"(numgpt serve --body-timeout)", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+    return await asyncio.to_thread(parse_json_body, raw)
+
+
+async def _read_body(request: HTTPRequest, limit: int) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
@@ -104,7 +154,7 @@ async def _read_json(request: HTTPRequest, limit: int) -> Any:
             raise APIError(413, f"the request body exceeds the limit of {limit} bytes",
                            code="request_too_large")
         chunks.append(chunk)
-    return parse_json_body(b"".join(chunks))
+    return b"".join(chunks)
 
 
 # ------------------------------------------------------------- engine events -> answers
@@ -237,7 +287,13 @@ class _State:
         return dict(model_name=self.model_name, tokenizer=self.model.tokenizer,
                     vocab_size=m.vocab_size, context=self.engine.max_len,
                     max_tokens_limit=c.max_tokens_limit or m.block_size, max_n=c.max_n,
-                    max_sequences=c.max_queue)
+                    max_sequences=c.max_queue, max_prompt_chars=self.max_prompt_chars,
+                    max_prompt_tokens=c.max_prompt_tokens or
+                    PROMPT_TOKENS_PER_CONTEXT * self.engine.max_len)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.config.max_prompt_chars or PROMPT_CHARS_PER_CONTEXT * self.engine.max_len
 
 
 def _state(request: HTTPRequest) -> _State:
@@ -260,10 +316,43 @@ async def health(request: HTTPRequest) -> Response:
 
 
 async def models(request: HTTPRequest) -> Response:
+    """The model card; ``max_model_len`` (vLLM's field) is the context in tokens, once loaded."""
     state = _state(request)
     card = {"id": state.model_name, "object": "model", "created": int(state.started),
-            "owned_by": "numgpt"}
+            "owned_by": "numgpt", "root": state.model_name}
+    if state.ready:
+        card["max_model_len"] = state.engine.max_len
     return JSONResponse({"object": "list", "data": [card]})
+
+
+async def get_tokenizer_info(request: HTTPRequest) -> Response:
+    """GET /tokenizer_info: what lm-evaluation-harness's remote tokenizer asks first."""
+    state = _state(request)
+    _require_ready(state)
+    return JSONResponse(tokenizer_info(state.model.tokenizer, state.engine.max_len))
+
+
+async def tokenize(request: HTTPRequest) -> Response:
+    """POST /tokenize: text -> ids, exactly as a completion prompt is encoded."""
+    state = _state(request)
+    _require_ready(state)
+    body = await _read_json(request, state.config)
+    text = parse_tokenize(body, model_name=state.model_name, max_chars=state.max_prompt_chars)
+    ids = await asyncio.to_thread(state.model.tokenizer.encode, text, allow_special=True)
+    return JSONResponse(tokenize_json(ids, state.engine.max_len))
+
+
+async def detokenize(request: HTTPRequest) -> Response:
+    """POST /detokenize: ids -> text (ids past the tokenizer's vocabulary, in a padded
+    model vocabulary, have no text and are skipped, as in an echoed prompt)."""
+    state = _state(request)
+    _require_ready(state)
+    body = await _read_json(request, state.config)
+    tok = state.model.tokenizer
+    ids = parse_detokenize(body, model_name=state.model_name,
+                           vocab_size=state.model.config.vocab_size)
+    text = await asyncio.to_thread(tok.decode, [t for t in ids if t < tok.vocab_size])
+    return JSONResponse(detokenize_json(text))
 
 
 async def metrics(request: HTTPRequest) -> Response:
@@ -273,8 +362,9 @@ async def metrics(request: HTTPRequest) -> Response:
 async def completions(request: HTTPRequest) -> Response:
     state = _state(request)
     _require_ready(state)
-    body = await _read_json(request, state.config.max_body_bytes)
-    spec = parse_completion(body, **state.limits())
+    body = await _read_json(request, state.config)
+    # tokenizing a long prompt takes milliseconds to seconds: never on the event loop
+    spec = await asyncio.to_thread(parse_completion, body, **state.limits())
     comp = _Completion(spec, state.model_name, state.model.tokenizer)
     try:
         state.engine.submit(comp.requests)
@@ -304,11 +394,12 @@ async def inspect_internals(request: HTTPRequest) -> Response:
     worker thread beside the engine (its own one-slot cache), one request at a time."""
     state = _state(request)
     _require_ready(state)
-    body = await _read_json(request, state.config.max_body_bytes)
+    body = await _read_json(request, state.config)
     m = state.model.config
-    spec = parse_internals(body, model_name=state.model_name, tokenizer=state.model.tokenizer,
-                           vocab_size=m.vocab_size, n_layer=m.n_layer,
-                           max_tokens=min(internals.MAX_TOKENS, m.block_size))
+    spec = await asyncio.to_thread(parse_internals, body, model_name=state.model_name,
+                                   tokenizer=state.model.tokenizer, vocab_size=m.vocab_size,
+                                   n_layer=m.n_layer,
+                                   max_tokens=min(internals.MAX_TOKENS, m.block_size))
     async with state.internals_lock:
         seen = await asyncio.to_thread(internals.inspect, state.model, spec.ids, spec.layer)
     return JSONResponse(internals_json(state.model_name, state.model.tokenizer, spec,
@@ -375,6 +466,10 @@ class _Guard:
                                        code="invalid_api_key")
                 return await resp(scope, receive, send_counted)
             await self.app(scope, receive, send_counted)
+        except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to debug
+            status["code"] = 499
+            log.info("client disconnected during the upload of %s %s", scope.get("method"),
+                     scope.get("path"))
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not status["started"]:
@@ -393,10 +488,11 @@ def _public(path: str) -> bool:
 
 
 def _authorized(scope, key: str) -> bool:
+    """The header's bytes against the key's UTF-8 bytes (HTTP hands header values over as
+    bytes; a non-ASCII key typed in a UTF-8 terminal arrives as its UTF-8 bytes)."""
     headers = dict(scope.get("headers") or [])
-    got = headers.get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = got.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode("utf-8"))
 
 
 async def _api_error(request: HTTPRequest, exc: APIError) -> Response:
@@ -410,7 +506,8 @@ async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
     return _error_response(exc.status_code, message, code=code, headers=exc.headers)
 
 
-_PATHS = ("/v1/completions", "/v1/models", "/v1/internals", "/health", "/metrics", "/")
+_PATHS = ("/v1/completions", "/v1/models", "/v1/internals", "/health", "/metrics", "/",
+          "/tokenizer_info", "/tokenize", "/detokenize")
 
 
 def create_app(config: ServerConfig, model=None) -> Starlette:
@@ -428,6 +525,9 @@ def create_app(config: ServerConfig, model=None) -> Starlette:
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
+              Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),
+              Route("/tokenize", tokenize, methods=["POST"]),
+              Route("/detokenize", detokenize, methods=["POST"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]),
               Route("/v1/internals", inspect_internals, methods=["POST"]),
@@ -442,12 +542,16 @@ def create_app(config: ServerConfig, model=None) -> Starlette:
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> int:
-    """Run the server until interrupted; returns the exit status (1 if the model failed to load)."""
+    """Run the server until SIGTERM or SIGINT; returns the exit status (0 after a signal's
+    graceful stop, 1 if the model failed to load)."""
     import uvicorn
 
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=3, access_log=True))
+    server = _graceful_server_class()(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=True,
+        http=_header_timeout_protocol(config.header_timeout_s),
+        limit_concurrency=config.max_connections,
+        timeout_graceful_shutdown=max(1, round(config.grace_period_s))))
     failed: list[str] = []
 
     def stop_on_failure(message: str) -> None:
@@ -457,3 +561,82 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     app.state.numgpt.on_load_failed = stop_on_failure
     server.run()
     return 1 if failed else 0
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, but a stop signal is handled, not re-raised: uvicorn raises the
+        signal again after its graceful shutdown, so SIGTERM ended the process with status
+        -15 however cleanly it had stopped. Here the first SIGTERM/SIGINT starts the
+        graceful stop (listening sockets closed, in-flight requests given the grace period,
+        then cancelled, then the engine stopped) and the process exits 0; a second SIGINT
+        forces the exit."""
+
+        @contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self._stop) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def _stop(self, sig: int, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            log.info("received %s: stopping (in-flight requests get %s s)",
+                     signal.Signals(sig).name, self.config.timeout_graceful_shutdown)
+
+    return GracefulServer
+
+
+def _header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a deadline on request headers: uvicorn times out idle
+    keep-alive connections but never a client that connects and sends nothing, or sends
+    its headers a byte at a time. The deadline is armed when a connection opens and after
+    each response (waiting for the next request), disarmed once h11 has parsed a request's
+    headers; when it fires the connection is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_deadline = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._disarm_header_deadline()
+                self._header_deadline = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_header_deadline()
+            super().connection_lost(exc)
+
+        def _disarm_header_deadline(self) -> None:
+            deadline = getattr(self, "_header_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+                self._header_deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.info("closed a connection whose request headers did not arrive within "
+                         "%g s (numgpt serve --header-timeout)", timeout_s)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol

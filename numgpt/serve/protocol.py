@@ -9,7 +9,8 @@ Two directions, each written once:
   they happen, and the whole response body as the fold's final state.
 
 Every error is OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``
-(``error_body``). Extensions beyond OpenAI's fields: ``top_k`` (int, 0 or -1 for no limit),
+(``error_body``). Every string anywhere in a body must be valid Unicode text (a lone
+surrogate such as ``"\\ud800"`` is refused with 400 naming the field). Extensions beyond OpenAI's fields: ``top_k`` (int, 0 or -1 for no limit),
 ``truncate`` (bool: keep the end of a prompt that is too long for the context), ``ascii_only``
 (bool). Unknown fields are ignored, as OpenAI does.
 """
@@ -26,12 +27,18 @@ from ..errors import InputError, NumGPTError
 from ..infer.sample import SamplingParams
 from .engine import MAX_LOGPROBS, FinishEvent, PromptEvent, TokenEvent
 
-__all__ = ["MAX_STOP", "APIError", "error_body", "CompletionSpec", "parse_json_body",
-           "parse_completion", "token_str", "Logprobs", "choice_json", "sse", "SSE_DONE",
+__all__ = ["MAX_STOP", "PROMPT_CHARS_PER_CONTEXT", "PROMPT_TOKENS_PER_CONTEXT", "APIError",
+           "error_body", "CompletionSpec", "parse_json_body", "parse_completion",
+           "parse_tokenize", "parse_detokenize", "tokenizer_info", "tokenize_json",
+           "detokenize_json", "token_str", "Logprobs", "choice_json", "sse", "SSE_DONE",
            "Choice", "CompletionFold", "InternalsSpec", "parse_internals", "internals_json"]
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 SSE_DONE = "data: [DONE]\n\n"  # the stream's last event
+# Default prompt caps, per prompt, as multiples of the context: a prompt longer than the
+# context is only useful with "truncate", and tokenizing megabytes for it wastes a core.
+PROMPT_CHARS_PER_CONTEXT = 32
+PROMPT_TOKENS_PER_CONTEXT = 8
 
 
 class APIError(NumGPTError):
@@ -86,10 +93,39 @@ def parse_json_body(raw: bytes) -> Any:
         raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})",
                        code="invalid_encoding") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}",
                        code="invalid_json") from None
+    _check_text(value)
+    return value
+
+
+def _check_text(value: Any) -> None:
+    """400 naming the first string (key or value) that is not valid Unicode text: JSON's
+    ``\\uD800`` escapes decode to lone surrogates, which no UTF-8 encoder accepts."""
+    stack: list[tuple[Any, str]] = [(value, "")]  # (value, its path), iterative: nesting is deep
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                here = f"{path}.{k}" if path else str(k)
+                _encodable(k, here + " (a key)", path.split(".")[0].split("[")[0] or k)
+                stack.append((item, here))
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(v))
+        elif isinstance(v, str):
+            _encodable(v, path or "the body", path.split(".")[0].split("[")[0] or None)
+
+
+def _encodable(text: str, where: str, param: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        raise APIError(400, f"{where!r} holds a lone surrogate (U+{bad:04X} at character "
+                            f"{e.start}), which is not valid Unicode text; send valid UTF-8",
+                       param=param, code="invalid_encoding") from None
 
 
 def _is_number(x: Any) -> bool:
@@ -126,9 +162,11 @@ def _check_prompt_ids(i: int, ids: list[int], vocab_size: int) -> None:
                        code="invalid_token_id") from None
 
 
-def _parse_prompt(raw: Any, tokenizer, vocab_size: int) -> tuple[list[list[int]], list[str]]:
+def _parse_prompt(raw: Any, tokenizer, vocab_size: int, max_chars: int | None = None,
+                  max_tokens: int | None = None) -> tuple[list[list[int]], list[str]]:
     """A string, a list of strings, a list of token ids, or a list of such lists ->
-    (ids per prompt, text per prompt)."""
+    (ids per prompt, text per prompt). A prompt past ``max_chars`` characters (checked
+    before tokenizing) or ``max_tokens`` tokens is refused with 400 naming the limit."""
     shape = ("'prompt' must be a non-empty string, a list of non-empty strings, a list of "
              "token ids, or a list of lists of token ids")
     if raw is None:
@@ -143,6 +181,7 @@ def _parse_prompt(raw: Any, tokenizer, vocab_size: int) -> tuple[list[list[int]]
             if not p:
                 raise APIError(400, f"prompt {i} is empty; give at least one character",
                                param="prompt", code="empty_prompt")
+            _check_prompt_size(i, len(p), max_chars, "characters")
             ids.append(tokenizer.encode(p, allow_special=True))  # as `numgpt generate` does
             texts.append(p)
         elif isinstance(p, list) and p and all(is_int(t) for t in p):
@@ -151,7 +190,16 @@ def _parse_prompt(raw: Any, tokenizer, vocab_size: int) -> tuple[list[list[int]]
             texts.append(tokenizer.decode([t for t in p if t < tokenizer.vocab_size]))
         else:
             raise APIError(400, f"prompt {i}: {shape}", param="prompt", code="invalid_prompt")
+        _check_prompt_size(i, len(ids[-1]), max_tokens, "tokens")
     return ids, texts
+
+
+def _check_prompt_size(i: int, size: int, limit: int | None, unit: str) -> None:
+    if limit is not None and size > limit:
+        flag = "--max-prompt-chars" if unit == "characters" else "--max-prompt-tokens"
+        raise APIError(400, f"prompt {i} has {size} {unit}; this server takes at most {limit} "
+                            f"per prompt (numgpt serve {flag}); shorten it",
+                       param="prompt", code="prompt_too_long")
 
 
 def _parse_stop(body: dict) -> tuple[str, ...]:
@@ -170,13 +218,17 @@ def _parse_stop(body: dict) -> tuple[str, ...]:
 
 
 def _fit_context(ids: list[int], max_tokens: int, context: int, truncate: bool) -> list[int]:
-    """The prompt if it leaves room to generate, its last tokens with ``truncate``, else 400."""
+    """The prompt if it leaves room to generate (a score-only request, max_tokens 0, may fill
+    the whole context), its last tokens with ``truncate``, else 400."""
     if truncate and len(ids) + max_tokens > context:
-        return ids[-max(1, context - max_tokens):]
-    if len(ids) >= context:
+        return ids[-max(1, context - max(max_tokens, 1)):] if max_tokens else ids[-context:]
+    room = context if max_tokens == 0 else context - 1
+    if len(ids) > room:
         raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is "
-                            f"{context} tokens, leaving no room to generate; shorten the prompt "
-                            f"or send \"truncate\": true to keep its last tokens",
+                            f"{context} tokens, leaving no room to generate; shorten the prompt, "
+                            f"send \"truncate\": true to keep its last tokens, or tell the client "
+                            f"the context (lm-evaluation-harness: --model_args "
+                            f"max_length={context}; GET /v1/models reports it as max_model_len)",
                        param="prompt", code="context_length_exceeded")
     return ids
 
@@ -213,15 +265,25 @@ def _check_object_and_model(body: Any, model_name: str) -> None:
 
 
 def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, context: int,
-                     max_tokens_limit: int, max_n: int, max_sequences: int) -> CompletionSpec:
-    """Validate an OpenAI completion request body; APIError names the first bad field."""
+                     max_tokens_limit: int, max_n: int, max_sequences: int,
+                     max_prompt_chars: int | None = None,
+                     max_prompt_tokens: int | None = None) -> CompletionSpec:
+    """Validate an OpenAI completion request body; APIError names the first bad field.
+    Prompt caps default to ``PROMPT_CHARS_PER_CONTEXT`` / ``PROMPT_TOKENS_PER_CONTEXT``
+    times the context. ``max_tokens: 0`` is accepted with ``echo`` (score the prompt only)."""
     _check_object_and_model(body, model_name)
     if body.get("suffix") is not None:
         raise _bad("suffix", "'suffix' (insertion) is not supported by this server")
-    ids, texts = _parse_prompt(body.get("prompt"), tokenizer, vocab_size)
+    ids, texts = _parse_prompt(body.get("prompt"), tokenizer, vocab_size,
+                               max_prompt_chars or PROMPT_CHARS_PER_CONTEXT * context,
+                               max_prompt_tokens or PROMPT_TOKENS_PER_CONTEXT * context)
     max_tokens = _typed(body, "max_tokens", is_int, "an integer", 16)
-    if not 1 <= max_tokens <= max_tokens_limit:
-        raise _bad("max_tokens", f"'max_tokens' must lie in [1, {max_tokens_limit}], got {max_tokens}")
+    echo = _typed(body, "echo", _is_bool, "true or false", False)
+    least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt and generates nothing
+    if not least <= max_tokens <= max_tokens_limit:
+        raise _bad("max_tokens", f"'max_tokens' must lie in [{least}, {max_tokens_limit}], got "
+                                 f"{max_tokens}" + ("" if echo or max_tokens != 0 else
+                                                    " (0 is allowed with \"echo\": true)"))
     n = _typed(body, "n", is_int, "an integer", 1)
     if not 1 <= n <= max_n:
         raise _bad("n", f"'n' must lie in [1, {max_n}], got {n}")
@@ -234,12 +296,17 @@ def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, 
     flags = {k: _typed(body, k, _is_bool, "true or false", False)
              for k in ("stream", "echo", "truncate")}
     options = _typed(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    include_usage = options.get("include_usage", False)
+    if include_usage is not None and not _is_bool(include_usage):
+        raise APIError(400, f"'stream_options.include_usage' must be true or false, got "
+                            f"{json.dumps(include_usage)[:80]} ({type(include_usage).__name__})",
+                       param="stream_options.include_usage", code="invalid_type")
+    include_usage = bool(include_usage)
     fitted = [_fit_context(p, max_tokens, context, flags["truncate"]) for p in ids]
     texts = [t if len(f) == len(p) else tokenizer.decode(f)  # echo what the model saw
              for t, f, p in zip(texts, fitted, ids)]
     return CompletionSpec(fitted, texts, max_tokens, _parse_sampling(body), n, _parse_stop(body),
-                          flags["stream"], flags["echo"], logprobs,
-                          bool(options.get("include_usage", False)))
+                          flags["stream"], flags["echo"], logprobs, include_usage)
 
 
 # ------------------------------------------------------------------------- responses
@@ -434,6 +501,65 @@ class CompletionFold:
         if usage is not None:
             body["usage"] = usage
         return body
+
+
+# ------------------------------------------- remote tokenizer (vLLM's shapes, llama.cpp's too)
+
+
+def tokenizer_info(tokenizer, context: int) -> dict:
+    """GET /tokenizer_info, as vLLM answers it: the special tokens as text (None where the
+    tokenizer has none; GPT-2's one special token is its end-of-text, also its bos and unk,
+    and it has no pad token) and the context length."""
+    eot = tokenizer.decode([tokenizer.eot_id]) if tokenizer.eot_id is not None else None
+    return {"tokenizer_class": type(tokenizer).__name__, "eos_token": eot, "bos_token": eot,
+            "unk_token": eot, "pad_token": None, "eos_token_id": tokenizer.eot_id,
+            "vocab_size": tokenizer.vocab_size, "model_max_length": context,
+            "max_model_len": context}
+
+
+def parse_tokenize(body: Any, *, model_name: str, max_chars: int) -> str:
+    """POST /tokenize: ``{"prompt": str, "add_special_tokens": bool}`` (vLLM; llama.cpp sends
+    ``content``). The text to encode. ``add_special_tokens`` asks for a BOS token, which
+    GPT-2 never adds, so it changes nothing; ``<|endoftext|>`` in the text is always the
+    special token, as in every numgpt prompt."""
+    _check_object_and_model(body, model_name)
+    key = "prompt" if "prompt" in body else "content"
+    text = body.get(key)
+    if not isinstance(text, str):
+        raise APIError(400, f"'prompt' (or llama.cpp's 'content') must be a string, got "
+                            f"{type(text).__name__}", param="prompt", code="invalid_type")
+    _typed(body, "add_special_tokens", _is_bool, "true or false", True)
+    _check_prompt_size(0, len(text), max_chars, "characters")
+    return text
+
+
+def parse_detokenize(body: Any, *, model_name: str, vocab_size: int) -> list[int]:
+    """POST /detokenize: ``{"tokens": [int, ...]}`` (vLLM and llama.cpp). The ids, checked
+    against the vocabulary."""
+    _check_object_and_model(body, model_name)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(is_int(t) for t in ids):
+        raise APIError(400, "'tokens' must be a list of token ids", param="tokens",
+                       code="invalid_type")
+    if ids:
+        try:
+            check_token_ids(ids, vocab_size, what="tokens")
+        except InputError:
+            bad = next(t for t in ids if not 0 <= t < vocab_size)
+            raise APIError(400, f"'tokens' holds token id {bad}, outside the model's vocabulary "
+                                f"[0, {vocab_size})", param="tokens",
+                           code="invalid_token_id") from None
+    return ids
+
+
+def tokenize_json(ids: list[int], context: int) -> dict:
+    """vLLM's answer (``tokens``, ``count``, ``max_model_len``); llama.cpp reads ``tokens``."""
+    return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+
+def detokenize_json(text: str) -> dict:
+    """vLLM reads ``prompt``, llama.cpp ``content``: both carry the text."""
+    return {"prompt": text, "content": text}
 
 
 # ------------------------------------------------------- POST /v1/internals (playground)
