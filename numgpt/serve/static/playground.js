@@ -150,9 +150,7 @@ function visible(token) {
 }
 
 function percent(p) {
-  if (p >= 0.9995) return (100 * p).toFixed(1) + "%";
-  if (p >= 0.001) return (100 * p).toPrecision(3) + "%";
-  return (100 * p).toExponential(1) + "%";
+  return (p >= 0.9995 ? (100 * p).toFixed(1) : (100 * p).toPrecision(3)) + "%";
 }
 
 // top_logprobs entry {token: logprob} -> [[token, p], ...] most likely first.
@@ -161,8 +159,10 @@ function alternatives(top) {
     .sort((a, b) => b[1] - a[1]);
 }
 
+// Shade on a log scale, 0.01% (level 0) to 100% (level 10): a small model's
+// probabilities differ by orders of magnitude, which a linear scale would hide.
 function shadeLevel(p) {
-  return Math.max(0, Math.min(10, Math.round(p * 10)));
+  return Math.max(0, Math.min(10, Math.round(10 + 2.5 * Math.log10(p))));
 }
 
 function outputBox(index, total) {
@@ -519,7 +519,9 @@ function drawHeatmap() {
     const th = document.createElement("th");
     th.scope = "col";
     th.className = "key";
-    th.textContent = t;
+    const label = document.createElement("span");  // turned upright in CSS (not the cell:
+    label.textContent = t;                          // table cells ignore writing-mode)
+    th.appendChild(label);
     th.title = `key ${j}: ${t}`;
     headRow.appendChild(th);
   });
