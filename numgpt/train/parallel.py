@@ -174,7 +174,7 @@ class MPIRanks(Ranks):
             if request.Test():
                 return
             self._answer_pings()
-            answered |= {r for r, req in pongs.items() if r not in answered and req.Test()[0]}
+            answered |= {r for r, req in pongs.items() if r not in answered and req.Test()}
             time.sleep(0.01)
         silent = [r for r in peers if r not in answered]
         who = (f"rank {', '.join(map(str, silent))} did not answer" if silent else

@@ -1,0 +1,283 @@
+"""Training as several MPI ranks (``mpiexec -n 2 numgpt train``) against one process.
+
+Every test launches real processes with the mpich ``mpiexec`` of this environment and a tiny
+model, and checks what rank 0 wrote against an independent run:
+* 2 ranks == 1 process in float64 (every parameter within 1e-12 after 20 steps, losses too),
+  2 ranks repeat bit for bit, and 2 ranks x 1 worker == 1 process x 2 workers bit for bit with
+  dropout (same shards, same masks); the negative control (ranks that skip the gradient
+  allreduce) fails the 1e-12 gate;
+* resume: 2 ranks -> 2 ranks bit for bit, 2 ranks -> 1 process (2 workers: bit for bit;
+  1 worker: within 1e-12 in float64);
+* SIGTERM to mpiexec saves once and every rank exits; the run resumes exactly;
+* a rank killed with SIGKILL ends the job, the last checkpoint stays intact and resumes
+  exactly; a rank that hangs (SIGSTOP) is named by the others, which stop;
+* ranks launched with different configs are refused before training starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numgpt.io import checkpoint
+from numgpt.io.data import prepare
+from numgpt.io.tokenizer import ByteTokenizer
+from numgpt.train.loop import train
+
+
+def _mpiexec() -> str:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py is not installed: pip install 'numgpt[mpi]' (or the test extra)")
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.is_file() else shutil.which("mpiexec")
+    if not found:
+        pytest.skip("no mpiexec next to this Python or on PATH: pip install 'numgpt[mpi]'")
+    return found
+
+
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2,
+            sample_tokens=0, plot=False, warmup_iters=3, learning_rate=3e-3, min_lr=3e-4,
+            log_interval=2, max_iters=20, lr_decay_iters=20, gradient_accumulation_steps=2,
+            eval_interval=5, checkpoint_interval=5, dtype="float64", workers=1)
+
+# A test-only driver: installs one fault on one rank at one step, then trains like the CLI.
+DRIVER = r'''
+import json, os, signal, sys
+from numgpt.core.threads import set_blas_threads
+set_blas_threads(1, warn=False)
+import numgpt.train.loop as loop
+import numgpt.train.parallel as parallel
+
+action, rank, at_step, config = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+me = int(os.environ.get("PMI_RANK", "0"))
+
+if action == "skip-allreduce":  # the negative control: every rank keeps its own gradients
+    real_sum = parallel.MPIRanks.sum
+    def local_only(self, buffer, what):
+        if not what.startswith("the gradients"):
+            real_sum(self, buffer, what)
+    parallel.MPIRanks.sum = local_only
+else:
+    real_after = loop._after_step
+    def after_step(run, bar):
+        real_after(run, bar)
+        if run.step == at_step and me == rank:
+            os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[action])
+    loop._after_step = after_step
+loop.train(config, progress=False)
+'''
+
+
+@pytest.fixture(scope="module")
+def mpiexec() -> str:
+    return _mpiexec()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    topics = importlib.import_module("pydoc_data.topics").topics
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "input.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:40_000])
+    prepare([folder / "input.txt"], ByteTokenizer(), folder, val_fraction=0.1, progress=False)
+    return folder
+
+
+def _flags(config: dict) -> list[str]:
+    out = []
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("PMI_SIZE", None)
+    return env
+
+
+def mpi_train(mpiexec, config: dict, ranks: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``mpiexec -n ranks python -m numgpt train --quiet <config as flags>``."""
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "numgpt", "train", "--quiet", *_flags(config)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def mpi_driver(mpiexec, tmp_path, action: str, rank: int, step: int, config: dict,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    cmd = [mpiexec, "-n", "2", sys.executable, str(script), action, str(rank), str(step), json.dumps(config)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def cfg(data_dir, out, **overrides) -> dict:
+    return {**TINY, "data": str(data_dir), "out": str(out), **overrides}
+
+
+def saved(out) -> tuple[dict, dict, dict]:
+    """(weights, meta, optimizer moments) of ``out/latest``."""
+    model, meta, arrays = checkpoint.load_checkpoint(Path(out) / "latest")
+    return {n: p.data.copy() for n, p in model.parameters().items()}, meta, arrays
+
+
+def step_losses(out) -> list[float]:
+    lines = (Path(out) / "log.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "step"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[n] - b[n]).max()) for n in a)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+# ----------------------------------------------------------------------- equal to one process
+
+@pytest.fixture(scope="module")
+def two_ranks(mpiexec, data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two")
+    ok(mpi_train(mpiexec, cfg(data_dir, out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one")
+    train(cfg(data_dir, out), progress=False)
+    return out
+
+
+def test_two_ranks_equal_one_process_in_float64(two_ranks, one_process):
+    (a, meta, _), (b, _, _) = saved(two_ranks), saved(one_process)
+    assert meta["step"] == 20
+    assert max_diff(a, b) < 1e-12
+    assert np.allclose(step_losses(two_ranks), step_losses(one_process), rtol=0, atol=1e-12)
+    assert len(step_losses(two_ranks)) == 20  # rank 0 alone wrote the log: no duplicates
+
+
+def test_ranks_that_skip_the_gradient_allreduce_fail_the_gate(mpiexec, data_dir, tmp_path, one_process):
+    ok(mpi_driver(mpiexec, tmp_path, "skip-allreduce", 0, 0, cfg(data_dir, tmp_path / "run")))
+    assert max_diff(saved(tmp_path / "run")[0], saved(one_process)[0]) > 1e-6
+
+
+def test_two_ranks_repeat_bit_for_bit(mpiexec, data_dir, tmp_path, two_ranks):
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path)))
+    assert max_diff(saved(tmp_path)[0], saved(two_ranks)[0]) == 0.0
+    assert step_losses(tmp_path) == step_losses(two_ranks)
+
+
+DROPOUT = dict(dtype="float32", dropout=0.1, max_iters=10, lr_decay_iters=10)
+
+
+@pytest.fixture(scope="module")
+def two_ranks_dropout(mpiexec, data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two_dropout")
+    ok(mpi_train(mpiexec, cfg(data_dir, out, **DROPOUT)))
+    return out
+
+
+def test_two_ranks_equal_two_worker_threads_bit_for_bit_with_dropout(data_dir, tmp_path, two_ranks_dropout):
+    """One reduction path: 2 ranks x 1 thread and 1 process x 2 threads run the same two
+    shards with the same dropout masks and sum the same two terms."""
+    train(cfg(data_dir, tmp_path, **DROPOUT, workers=2), progress=False)
+    assert step_losses(tmp_path) == step_losses(two_ranks_dropout)
+    assert max_diff(saved(tmp_path)[0], saved(two_ranks_dropout)[0]) == 0.0
+
+
+# ----------------------------------------------------------------------- resume
+
+def test_resume_under_two_ranks_is_exact(mpiexec, data_dir, tmp_path, two_ranks_dropout):
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path, **{**DROPOUT, "max_iters": 5})))
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path, **DROPOUT, resume=True)))
+    assert step_losses(tmp_path) == step_losses(two_ranks_dropout)
+    (a, _, ma), (b, _, mb) = saved(tmp_path), saved(two_ranks_dropout)
+    assert max_diff(a, b) == 0.0 and max_diff(ma, mb) == 0.0
+
+
+def test_two_ranks_resume_in_one_process(mpiexec, data_dir, tmp_path, two_ranks, two_ranks_dropout):
+    # same shards (2 ranks -> 2 threads): bit for bit, dropout included
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path / "a", **{**DROPOUT, "max_iters": 5})))
+    train(cfg(data_dir, tmp_path / "a", **DROPOUT, resume=True, workers=2), progress=False)
+    assert step_losses(tmp_path / "a") == step_losses(two_ranks_dropout)
+    assert max_diff(saved(tmp_path / "a")[0], saved(two_ranks_dropout)[0]) == 0.0
+    # one thread: the same global batches, the sums in another order (float64: 1e-12)
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path / "b", max_iters=10)))
+    train(cfg(data_dir, tmp_path / "b", resume=True), progress=False)
+    assert max_diff(saved(tmp_path / "b")[0], saved(two_ranks)[0]) < 1e-12
+
+
+def test_sigterm_to_mpiexec_saves_once_and_resumes_exactly(mpiexec, data_dir, tmp_path, two_ranks_dropout):
+    config = cfg(data_dir, tmp_path, **{**DROPOUT, "max_iters": 100_000, "checkpoint_interval": 0,
+                                        "eval_interval": 0})
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "numgpt", "train", "--quiet", *_flags(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    log = tmp_path / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and len(step_losses(tmp_path)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert err.count("numgpt: saved") == 1, err  # rank 0 alone saved, once
+    stopped = saved(tmp_path)[1]["step"]
+    assert stopped >= 3 and len(step_losses(tmp_path)) == stopped
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path, **DROPOUT, resume=True)))
+    if stopped < 10:
+        assert step_losses(tmp_path) == step_losses(two_ranks_dropout)
+        assert max_diff(saved(tmp_path)[0], saved(two_ranks_dropout)[0]) == 0.0
+
+
+# ----------------------------------------------------------------------- faults
+
+def test_a_killed_rank_ends_the_job_and_leaves_a_resumable_checkpoint(mpiexec, data_dir, tmp_path, two_ranks):
+    proc = mpi_driver(mpiexec, tmp_path, "kill", 1, 7, cfg(data_dir, tmp_path / "run"), timeout=60)
+    assert proc.returncode != 0
+    weights, meta, _ = saved(tmp_path / "run")  # the checkpoint of step 5 is intact
+    assert meta["step"] == 5
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path / "run", resume=True)))
+    assert max_diff(saved(tmp_path / "run")[0], saved(two_ranks)[0]) == 0.0
+    assert step_losses(tmp_path / "run") == step_losses(two_ranks)
+
+
+def test_a_hung_rank_is_named_and_the_others_stop(mpiexec, data_dir, tmp_path):
+    proc = mpi_driver(mpiexec, tmp_path, "stop", 1, 7, cfg(data_dir, tmp_path / "run", rank_timeout=2),
+                      timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("numgpt: rank 0:")]
+    assert len(lines) == 1 and "rank 1 did not answer" in lines[0], proc.stderr[-2000:]
+    assert "--resume" in lines[0]
+    assert saved(tmp_path / "run")[1]["step"] == 5
+
+
+def test_ranks_launched_with_different_configs_are_refused(mpiexec, data_dir, tmp_path):
+    base = [sys.executable, "-m", "numgpt", "train", "--quiet", *_flags(cfg(data_dir, tmp_path))]
+    cmd = [mpiexec, "-n", "1", *base, "--seed", "1", ":", "-n", "1", *base, "--seed", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode != 0
+    assert "rank 1 was launched differently from rank 0 (config.seed, " in proc.stderr
+    assert not (tmp_path / "latest.json").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(mpiexec, data_dir, tmp_path):
+    proc = mpi_train(mpiexec, cfg(data_dir, tmp_path, batch_size=3))
+    assert proc.returncode == 2
+    assert "batch_size 3 does not split evenly over 2 ranks" in proc.stderr
