@@ -357,4 +357,4 @@ def test_a_failing_callback_cancels_only_its_sequence(model):
     good, rec = make("good", 6)
     engine.submit([bad, good])
     run_until_idle(engine)
-    assert bad._done and rec.tokens == generate(model, list(b"good"), 6, GREEDY)
+    assert bad.done and rec.tokens == generate(model, list(b"good"), 6, GREEDY)

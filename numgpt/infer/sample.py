@@ -1,6 +1,8 @@
 """Sampling: pure logits filters, one next-token rule, and KV-cached generation.
 
-The server reuses exactly these functions, so offline and served tokens agree.
+Each generated sequence is one ``decoder.SequenceDecoder`` (token choice with these rules,
+end-of-text, stop strings, max tokens, released text); the server's engine drives the same
+decoder, so offline and served tokens agree.
 
 Filters are pure functions on logits arrays ``(..., V)``; each returns a new array in which
 removed tokens are ``-inf`` (the input is never modified). They are applied in the order
@@ -14,7 +16,8 @@ softmax of the filtered logits with an explicit ``numpy.random.Generator``.
 
 Generation (``generate``, ``stream``, ``generate_batch``) prefills a KV cache with the
 prompt and then feeds one token per step. When a sequence fills the model's context
-(``block_size`` positions) it *slides*: the cache slot is cleared and re-prefilled with the
+(``block_size`` positions) it *slides* (the decoder's ``slide`` policy; the server ends
+the sequence instead): the cache slot is cleared and re-prefilled with the
 most recent ``window`` tokens (default ``block_size // 2``), and one ``ContextSlideWarning``
 is issued per call (Python ``warnings``). ``window=block_size`` reproduces nanoGPT's
 "crop to the last block_size tokens at every step" exactly, at the cost of a full
@@ -38,6 +41,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ..core.checks import check_token_ids, is_int, log_softmax64
 from ..errors import InputError
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "token_logprobs",
     "sample_rng",
     "check_prompt",
+    "allowed_tokens",
     "StopMatcher",
     "generate",
     "stream",
@@ -86,7 +91,7 @@ class SamplingParams:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise InputError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
         k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        if k is not None and (not is_int(k) or k < 1):
             raise InputError(f"top_k must be an integer >= 1 (or None for no limit), got {k!r}")
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
@@ -95,7 +100,7 @@ class SamplingParams:
         if not isinstance(self.ascii_only, bool):
             raise InputError(f"ascii_only must be True or False, got {self.ascii_only!r}")
         s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0):
+        if s is not None and (not is_int(s) or s < 0):
             raise InputError(f"seed must be an integer >= 0 (or None), got {s!r}")
 
     @property
@@ -222,13 +227,6 @@ def filter_logits(logits: np.ndarray, params: SamplingParams,
 # ---------------------------------------------------------------------- next token
 
 
-def _softmax64(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis in float64 (-inf -> probability exactly 0)."""
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _draw(probs: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """One inverse-CDF draw per row: probs (A, V) -> ids (A,). Row a uses rngs[a]
     (or all rows share rngs[0]). A token with probability 0 is never drawn."""
@@ -269,7 +267,7 @@ def select_next(logits: np.ndarray, params: SamplingParams,
         rngs = [rng] if isinstance(rng, np.random.Generator) else list(rng)
         if len(rngs) not in (1, len(rows)):
             raise InputError(f"got {len(rngs)} generators for {len(rows)} rows; give 1 or {len(rows)}")
-        ids = _draw(_softmax64(filter_logits(rows, params, allowed)), rngs)
+        ids = _draw(np.exp(log_softmax64(filter_logits(rows, params, allowed))), rngs)
     return int(ids[0]) if single else ids.astype(np.int64)
 
 
@@ -291,8 +289,7 @@ def token_logprobs(logits: np.ndarray, chosen, k: int = 0) -> TokenLogprobs:
     z = z[None] if single else z  # (A, V)
     if not 0 <= k <= z.shape[-1]:
         raise InputError(f"k must lie in [0, {z.shape[-1]}], got {k}")
-    shifted = z - z.max(axis=-1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (A, V)
+    logp = log_softmax64(z)  # (A, V)
     chosen = np.atleast_1d(np.asarray(chosen, dtype=np.int64))  # (A,)
     picked = logp[np.arange(len(logp)), chosen]  # (A,)
     top = np.argsort(-logp, axis=-1, kind="stable")[:, :k]  # (A, k)
@@ -321,19 +318,16 @@ def check_prompt(model, prompt_ids) -> list[int]:
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"prompt ids must be a flat sequence of integers, got shape "
                          f"{ids.shape} and dtype {ids.dtype}")
-    V, T = model.config.vocab_size, model.config.block_size
-    bad = np.nonzero((ids < 0) | (ids >= V))[0]
-    if bad.size:
-        raise InputError(f"prompt token {int(ids[bad[0]])} at position {int(bad[0])} is outside "
-                         f"the model's vocabulary [0, {V}); was the prompt encoded with "
-                         f"another tokenizer?")
+    T = model.config.block_size
+    ids = check_token_ids(ids, model.config.vocab_size, what="prompt",
+                          hint="was the prompt encoded with another tokenizer?")
     if len(ids) > T:
         raise InputError(f"the prompt has {len(ids)} tokens but the model's context is "
                          f"block_size={T}; shorten it (e.g. keep its last {T} tokens)")
-    return ids.astype(np.int64).tolist()
+    return ids.tolist()
 
 
-def _allowed_tokens(model, tokenizer, params: SamplingParams) -> np.ndarray | None:
+def allowed_tokens(model, tokenizer, params: SamplingParams) -> np.ndarray | None:
     """(V,) bool of drawable tokens: ASCII-only if asked, and never an id the tokenizer
     cannot decode (a model vocabulary padded past the tokenizer's, e.g. 50304)."""
     V = model.config.vocab_size
@@ -418,97 +412,66 @@ class StopMatcher:
 # ------------------------------------------------------------------------ generation
 
 
-@dataclass
-class _Row:
-    """One sequence being generated: its full token history and its stop state."""
-
-    context: list[int]
-    matcher: StopMatcher | None
-    count: int = 0
-    done: bool = False
-
-
 def _window_size(model, window: int | None) -> int:
-    T = model.config.block_size
-    keep = max(1, T // 2) if window is None else window
-    if not 1 <= keep <= T:
-        raise InputError(f"window must lie in [1, block_size={T}], got {window}")
-    return keep
+    """Tokens kept when a sequence slides past block_size (default half the context)."""
+    return max(1, model.config.block_size // 2) if window is None else window
 
 
-def _setup(model, prompts, max_new_tokens, params, stop, tokenizer):
+def _decoders(model, prompts, max_new_tokens, params, stop, stop_at_eot, tokenizer, window,
+              rng=None) -> list:
+    """One ``SequenceDecoder`` per prompt, sliding its window past block_size. Decoder i
+    draws from ``sample_rng(params.seed, i)`` unless ``rng`` (one prompt) is given."""
+    # decoder.py builds on this module's choice rules (select_next, StopMatcher, ...), so
+    # it is imported here, where generation starts, rather than at the top (a cycle).
+    from .decoder import SequenceDecoder
+
     if not isinstance(params, SamplingParams):
         raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if stops and tokenizer is None:
-        raise InputError("stop strings need a tokenizer (the model has none attached; pass tokenizer=)")
     prompts = [check_prompt(model, p) for p in prompts]
-    return prompts, stops, tokenizer
-
-
-def _decode_events(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                   rngs: list, stops: list[str], stop_at_eot: bool, tokenizer,
-                   window: int | None) -> Iterator[tuple[int, int]]:
-    """The one generation loop: yields (row, token) as each token is released.
-
-    Prefill each slot, then batched one-token steps over the rows still running; a row
-    leaves when it hits max_new_tokens, end-of-text or a stop string.
-    """
-    T = model.config.block_size
+    allowed = allowed_tokens(model, tokenizer, params)
     keep = _window_size(model, window)
-    allowed = _allowed_tokens(model, tokenizer, params)
-    eot = tokenizer.eot_id if (stop_at_eot and tokenizer is not None) else None
-    rows = [_Row(list(p), StopMatcher(stops, tokenizer) if stops else None) for p in prompts]
-    if max_new_tokens == 0:
+    return [SequenceDecoder(p, max_new_tokens, params, context=model.config.block_size, slide=keep,
+                            index=i, rng=rng, stop=stop, tokenizer=tokenizer,
+                            stop_at_eot=stop_at_eot, allowed=allowed)
+            for i, p in enumerate(prompts)]
+
+
+def _decode_events(model, decoders: list) -> Iterator[tuple[int, int]]:
+    """The offline loop: yields (row, token) as each decoder releases tokens.
+
+    Each iteration runs every running decoder's feed through the model (prefills, i.e.
+    prompts and slides, one slot at a time; newest tokens as one batched step over the
+    rows), then hands each decoder its logits row. A row leaves once its decoder finishes.
+    """
+    running = [i for i, d in enumerate(decoders) if not d.finished]
+    if not running:
         return
-    cache = model.new_cache(len(prompts), min(T, max(map(len, prompts)) + max_new_tokens))
-    logits = np.stack([model.forward_cached(np.asarray([p]), cache, rows=[i])[0]
-                       for i, p in enumerate(prompts)])  # (n, V)
+    T = model.config.block_size
+    # a cache shorter than block_size is never full: no sequence outgrows prompt + new tokens
+    cache = model.new_cache(len(decoders), min(T, max(len(d.prompt_ids) + d.max_new_tokens
+                                                      for d in decoders)))
+    logits: dict[int, np.ndarray] = {}  # row -> (V,) logits after the row's feed
     warned = False
-    while True:
-        active = [i for i, r in enumerate(rows) if not r.done]
-        if not active:
-            return
-        ids = select_next(logits[active], params, [rngs[i] for i in active], allowed)
-        feed = []
-        for i, token in zip(active, ids.tolist()):
-            yield from ((i, t) for t in _advance(rows[i], token, eot, max_new_tokens))
-            if not rows[i].done:
-                feed.append(i)
-        full = [i for i in feed if cache.lengths[i] == cache.max_len]
-        step = [i for i in feed if cache.lengths[i] < cache.max_len]
-        if full and not warned:
+    while running:
+        prefill = [i for i in running if decoders[i].feed.prefill]
+        step = [i for i in running if not decoders[i].feed.prefill]
+        if not warned and any(decoders[i].slides for i in prefill):
+            keep = decoders[prefill[0]].slide
             warnings.warn(f"the context passed block_size={T} tokens; from now on each sequence "
                           f"keeps only its most recent {keep} tokens (window={keep})",
                           ContextSlideWarning, stacklevel=3)
             warned = True
-        assert not full or cache.max_len == T, "a shorter cache never fills before the end"
-        for i in full:  # slide: re-prefill the most recent `keep` tokens into a cleared slot
+        for i in prefill:  # a prompt, or a slide: the most recent tokens into a cleared slot
             cache.reset([i])
-            logits[i] = model.forward_cached(np.asarray([rows[i].context[-keep:]]), cache, rows=[i])[0]
+            feed = np.asarray([decoders[i].feed.tokens])  # (1, Tn)
+            logits[i] = model.forward_cached(feed, cache, rows=[i])[0]
         if step:
-            last = np.asarray([[rows[i].context[-1]] for i in step])  # (A, 1)
-            logits[step] = model.forward_cached(last, cache, rows=np.asarray(step))
-
-
-def _advance(row: _Row, token: int, eot: int | None, max_new_tokens: int) -> list[int]:
-    """Record one chosen token for a row; return the tokens it releases and mark done."""
-    if eot is not None and token == eot:
-        row.done = True
-        return row.matcher.flush() if row.matcher else []
-    row.context.append(token)
-    row.count += 1
-    out = row.matcher.push(token) if row.matcher else [token]
-    if row.matcher and row.matcher.stopped:
-        row.done = True
-    elif row.count >= max_new_tokens:
-        row.done = True
-        out += row.matcher.flush() if row.matcher else []
-    return out
+            last = np.asarray([decoders[i].feed.tokens for i in step])  # (A, 1)
+            logits.update(zip(step, model.forward_cached(last, cache, rows=np.asarray(step))))
+        for i in running:
+            yield from ((i, t.token_id) for t in decoders[i].step(logits[i]))
+        running = [i for i in running if not decoders[i].finished]
 
 
 def stream(model, prompt_ids, max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
@@ -519,10 +482,9 @@ def stream(model, prompt_ids, max_new_tokens: int, params: SamplingParams = Samp
     With stop strings, a token is yielded once it can no longer be part of a stop string,
     so it may come a step or two late; the stop string itself is never yielded.
     """
-    (prompt,), stops, tokenizer = _setup(model, [prompt_ids], max_new_tokens, params, stop, tokenizer)
-    rng = rng if rng is not None else sample_rng(params.seed, 0)
-    for _, token in _decode_events(model, [prompt], max_new_tokens, params, [rng], stops,
-                                   stop_at_eot, tokenizer, window):
+    decoders = _decoders(model, [prompt_ids], max_new_tokens, params, stop, stop_at_eot,
+                         tokenizer, window, rng)
+    for _, token in _decode_events(model, decoders):
         yield token
 
 
@@ -557,10 +519,9 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     same tokens as ``generate`` would give for that prompt and generator."""
     if len(prompts) == 0:
         raise InputError("generate_batch needs at least one prompt")
-    prompts, stops, tokenizer = _setup(model, prompts, max_new_tokens, params, stop, tokenizer)
-    rngs = [sample_rng(params.seed, i) for i in range(len(prompts))]
+    decoders = _decoders(model, prompts, max_new_tokens, params, stop, stop_at_eot, tokenizer,
+                         window)
     out: list[list[int]] = [[] for _ in prompts]
-    for row, token in _decode_events(model, prompts, max_new_tokens, params, rngs, stops,
-                                     stop_at_eot, tokenizer, window):
+    for row, token in _decode_events(model, decoders):
         out[row].append(token)
     return out

@@ -14,12 +14,13 @@ One scheduler iteration (``Engine.step``)::
         logits (A, V) -> each row's next token with its own params and generator
 
 so a request that arrives while others decode joins the running batch at the next step,
-and a finished one leaves it (its slot is free for the next admission). Token choice goes
-through ``numgpt.infer.sample.select_next`` with generator ``sample_rng(seed, index)`` and stop
-strings through ``sample.StopMatcher``, exactly as offline ``sample.generate`` does, so a
-greedy or seeded request gets the tokens offline generation gives. The one difference:
-offline generation slides its context window past ``block_size``; the server ends the
-sequence there with finish reason ``"length"``.
+and a finished one leaves it (its slot is free for the next admission). Each sequence is
+one ``numgpt.infer.decoder.SequenceDecoder`` (token choice with generator
+``sample_rng(seed, index)``, end-of-text, stop strings, max tokens, released text), the
+decoder offline ``sample.generate`` drives, so a greedy or seeded request gets the tokens
+offline generation gives. The engine's decoders use ``slide=None``: where offline
+generation slides its context window past ``block_size``, the server ends the sequence
+with finish reason ``"length"``.
 
 Each ``Request`` reports through its ``emit`` callback, called on the worker thread:
 ``PromptEvent`` (prompt logprobs, only when asked), ``TokenEvent`` per released token, and
@@ -30,7 +31,6 @@ Shapes: ``A`` active slots, ``V`` vocabulary size, ``T`` prompt length.
 
 from __future__ import annotations
 
-import codecs
 import logging
 import threading
 import time
@@ -41,9 +41,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError, NumGPTError
+from ..infer.decoder import ReleasedToken, SequenceDecoder
+from ..infer.sample import SamplingParams, allowed_tokens, token_logprobs
 from .metrics import Counter, Gauge, Histogram, Registry
-from ..infer.sample import (SamplingParams, StopMatcher, _allowed_tokens, sample_rng, select_next,
-                     token_logprobs)
 
 __all__ = ["Engine", "EngineMetrics", "Request", "TokenEvent", "PromptEvent", "FinishEvent",
            "QueueFull", "MAX_LOGPROBS"]
@@ -60,22 +60,9 @@ class QueueFull(NumGPTError):
 # ---------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token released to the client.
-
-    text: the new text this token completes ('' while it ends inside a multi-byte
-        character; that text comes with the next token).
-    text_offset: characters of generated text before this token.
-    logprob / top: the token's log-probability under the model and the top alternatives
-        as ((id, logprob), ...), when the request asked for logprobs.
-    """
-
-    token_id: int
-    text: str
-    text_offset: int
-    logprob: float | None = None
-    top: tuple[tuple[int, float], ...] | None = None
+# One generated token released to the client (token_id, text, text_offset, logprob, top):
+# the decoder's released token, sent as it is.
+TokenEvent = ReleasedToken
 
 
 @dataclass(frozen=True)
@@ -120,15 +107,14 @@ class Request:
     index: int = 0
     # engine-owned state
     cancelled: bool = field(default=False, init=False)
+    done: bool = field(default=False, init=False)  # its FinishEvent was sent
     slot: int | None = field(default=None, init=False)
-    generated: int = field(default=0, init=False)
-    _pending: int = field(default=-1, init=False)  # last chosen token, fed at the next step
-    _matcher: StopMatcher | None = field(default=None, init=False)
-    _lp: deque = field(default_factory=deque, init=False)  # logprobs of unreleased tokens
-    _decoder: object = field(default=None, init=False)
-    _chars: int = field(default=0, init=False)
-    _rng: np.random.Generator | None = field(default=None, init=False)
-    _done: bool = field(default=False, init=False)
+    decoder: SequenceDecoder | None = field(default=None, init=False)  # made at admission
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far (an end-of-text token included)."""
+        return self.decoder.generated if self.decoder is not None else 0
 
 
 # --------------------------------------------------------------------------- metrics
@@ -206,7 +192,7 @@ class Engine:
 
     def cancel(self, request: Request) -> None:
         """Stop a sequence (e.g. its client went away); its slot is freed at the next step."""
-        if not request._done:
+        if not request.done:
             request.cancelled = True
             with self._cv:
                 self._cv.notify()
@@ -284,7 +270,7 @@ class Engine:
         """The drawable-token mask offline generation uses (ascii-only, padded vocab)."""
         key = params.ascii_only
         if key not in self._allowed:
-            self._allowed[key] = _allowed_tokens(self.model, self.tokenizer, params)
+            self._allowed[key] = allowed_tokens(self.model, self.tokenizer, params)
         return self._allowed[key]
 
     def _drop_cancelled(self) -> None:
@@ -310,7 +296,7 @@ class Engine:
                 if r in failed:
                     raise failed[r]
                 self._start(r)
-                self._choose(r, logits[r])
+                self._advance(r, logits[r])
             except Exception as e:  # a bad sequence fails alone, the batch goes on
                 log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
@@ -394,15 +380,19 @@ class Engine:
         self._send(r, PromptEvent(lps, tops))
 
     def _start(self, r: Request) -> None:
-        r._rng = sample_rng(r.params.seed, r.index)
-        r._matcher = StopMatcher(list(r.stop), self.tokenizer) if r.stop else None
-        r._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        """The sequence's decoder: it ends with "length" when its slot is full (slide=None)."""
+        r.decoder = SequenceDecoder(r.prompt_ids, r.max_new_tokens, r.params,
+                                    context=self.max_len, slide=None, index=r.index, stop=r.stop,
+                                    tokenizer=self.tokenizer, allowed=self._allowed_for(r.params),
+                                    logprobs=r.logprobs)
 
     def _decode(self, active: list[int]) -> None:
         """Feed each active slot's newest token; choose every row's next token."""
         t0 = time.perf_counter()
         rows = np.asarray(active, dtype=np.int64)  # (A,)
-        tokens = np.asarray([[self._slots[s]._pending] for s in active], dtype=np.int64)  # (A, 1)
+        # with slide=None a running decoder's feed is always its one newest token
+        feeds = [self._slots[s].decoder.feed.tokens for s in active]
+        tokens = np.asarray(feeds, dtype=np.int64)  # (A, 1)
         logits = self.model.forward_cached(tokens, self.cache, rows=rows)  # (A, V)
         dt = time.perf_counter() - t0
         m = self.metrics
@@ -415,47 +405,27 @@ class Engine:
             if r.cancelled:
                 self._finish(r, "cancelled")
             else:
-                self._choose(r, logits[i])
+                self._advance(r, logits[i])
 
-    def _choose(self, r: Request, logits: np.ndarray) -> None:
-        """Pick the next token from logits (V,), release what is safe, finish if done."""
-        token = int(select_next(logits, r.params, r._rng, self._allowed_for(r.params)))
-        r.generated += 1
+    def _advance(self, r: Request, logits: np.ndarray) -> None:
+        """Hand the sequence its logits (V,): send the tokens its decoder releases, and
+        finish it when the decoder has."""
+        released = r.decoder.step(logits)
         self.metrics.tokens.inc()
-        eot = self.tokenizer.eot_id if self.tokenizer is not None else None
-        if eot is not None and token == eot:
-            self._release(r, r._matcher.flush() if r._matcher else [])
-            return self._finish(r, "stop")
-        if r.logprobs is not None:
-            res = token_logprobs(logits, token, r.logprobs)
-            r._lp.append((res.logprob, tuple(zip(res.top_ids.tolist(), res.top_logprobs.tolist()))))
-        self._release(r, r._matcher.push(token) if r._matcher else [token])
-        if r._matcher is not None and r._matcher.stopped:
-            return self._finish(r, "stop")
-        full = len(r.prompt_ids) + r.generated >= self.max_len
-        if r.generated >= r.max_new_tokens or full:
-            self._release(r, r._matcher.flush() if r._matcher else [])
-            return self._finish(r, "length")
-        r._pending = token
-
-    def _release(self, r: Request, tokens: list[int]) -> None:
-        """Send TokenEvents for tokens that can no longer be part of a stop string."""
-        for token in tokens:
-            lp, top = r._lp.popleft() if r.logprobs is not None else (None, None)
-            raw = self.tokenizer.token_bytes(token) if self.tokenizer is not None else b""
-            text = r._decoder.decode(raw)
-            self._send(r, TokenEvent(token, text, r._chars, lp, top))
-            r._chars += len(text)
+        for token in released:
+            self._send(r, token)
+        if r.decoder.finished:
+            self._finish(r, r.decoder.finish_reason)
 
     def _finish(self, r: Request, reason: str, message: str = "") -> None:
         """End a sequence once: free its slot and send its FinishEvent."""
-        if r._done:
+        if r.done:
             return
-        r._done = True
+        r.done = True
         if r.slot is not None and self._slots[r.slot] is r:
             self._slots[r.slot] = None
             self.cache.lengths[r.slot] = 0
-        tail = r._decoder.decode(b"", final=True) if r._decoder is not None else ""
+        tail = r.decoder.close(reason) if r.decoder is not None else ""
         self.metrics.finished.inc(reason=reason)
         self.metrics.active.set(self.active)
         self._send(r, FinishEvent(reason, tail, r.generated, message))
