@@ -109,10 +109,6 @@ def _check_ctx(model, tokens: np.ndarray, ctx: int, need: int) -> None:
                          f"{need}; lower --ctx or use more text")
 
 
-def _softmax64(logits: np.ndarray) -> np.ndarray:
-    return np.exp(log_softmax64(logits))
-
-
 def _score(model, tokens: np.ndarray, offsets: np.ndarray, ctx: int, top: int,
            batch: int = 16) -> list[SanityRow]:
     """Rows for each offset; contexts are the ``ctx`` tokens before it (fewer near the start)."""
@@ -122,7 +118,7 @@ def _score(model, tokens: np.ndarray, offsets: np.ndarray, ctx: int, top: int,
         width = int(min(ctx, chunk.min()))  # every row in a batch gets the same length
         idx = np.stack([tokens[o - width:o] for o in chunk])  # (A, width)
         cache = model.new_cache(slots=len(chunk), max_len=width)
-        probs = _softmax64(model.forward_cached(idx, cache))  # (A, V)
+        probs = np.exp(log_softmax64(model.forward_cached(idx, cache)))  # (A, V) float64
         for a, o in enumerate(chunk):
             order = np.argsort(-probs[a], kind="stable")[:top]
             expected = int(tokens[o])
