@@ -10,7 +10,8 @@ slot a Stop frees against the server's /metrics. The tests also write the README
 screenshots (desktop and 375 px phone width) to docs/results/.
 
 One server and one browser for the module; each test opens the page afresh. Without
-Chromium and chromedriver on PATH the tests skip with the reason (``.ci/run`` installs them).
+Chromium and chromedriver on PATH the browser tests skip with the reason (``.ci/run``
+installs them); the in-process tests of ``/v1/internals`` and the page's routes run anyway.
 """
 
 from __future__ import annotations
@@ -229,7 +230,65 @@ def shown_percent(text: str) -> float:
     return float(text[:-1])
 
 
-# ------------------------------------------------------------------------------ tests
+# ------------------------------------------------ the internals, without a browser
+
+
+def _byte_model() -> GPT:
+    m = GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=2, n_embd=32,
+                      dtype="float64"), seed=2)
+    m.tokenizer = ByteTokenizer()
+    return m
+
+
+def test_internals_equal_the_trace_recording():
+    from numgpt.serve import internals
+    from numgpt.verify import trace
+
+    model, ids = _byte_model(), list(b"Hello, attention!")
+    recorded = trace.record(model, ids, 1)
+    seen = internals.inspect(model, ids, layer=0)
+    assert np.array_equal(seen.attention, recorded["step0/04_probs"][0])  # (nh, T, T)
+    block0 = np.linalg.norm(recorded["step0/07_block_out"][0], axis=-1)  # (T,)
+    embeddings = model.embed(np.array([ids]), np.arange(len(ids))).data[0]  # (T, C)
+    assert seen.residual_norms.shape == (4, len(ids))
+    assert np.array_equal(seen.residual_norms[1], block0)
+    assert np.allclose(seen.residual_norms[0], np.linalg.norm(embeddings, axis=-1), rtol=1e-12)
+    # negative: another layer's attention is not layer 0's, so the equality above means something
+    deeper = internals.inspect(model, ids, layer=2).attention
+    assert not np.allclose(deeper, seen.attention, atol=1e-4)
+    assert np.allclose(deeper.sum(-1), 1) and np.all(np.triu(deeper, 1) == 0)
+
+
+def test_internals_endpoint_limits_and_public_page():
+    from starlette.testclient import TestClient
+
+    from numgpt.serve.app import ServerConfig, create_app
+
+    with TestClient(create_app(ServerConfig(model_name=NAME, api_key=KEY), model=_byte_model()),
+                    raise_server_exceptions=False) as client:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        page = client.get("/")
+        assert page.status_code == 200 and 'data-api-key="required"' in page.text
+        assert page.headers["content-security-policy"] == "default-src 'self'"
+        assert client.get("/static/playground.js").status_code == 200
+        assert client.post("/v1/internals", json={"prompt": "x"}).status_code == 401
+        ok = client.post("/v1/internals", json={"prompt": "y" * 64, "layer": 2}, headers=auth)
+        assert ok.status_code == 200
+        body = ok.json()
+        assert (body["n_layer"], body["n_head"], body["layer"]) == (3, 2, 2)
+        assert np.array(body["attention"]).shape == (2, 64, 64)
+        assert np.array(body["residual_norms"]).shape == (4, 64) and body["tokens"] == ["y"] * 64
+        for request, code in (({"prompt": "y" * 65}, "prompt_too_long"),
+                              ({"prompt": "y", "layer": 3}, "invalid_value"),
+                              ({"prompt": ["a", "b"]}, "invalid_prompt"),
+                              ({"prompt": "y", "model": "other"}, "model_not_found")):
+            r = client.post("/v1/internals", json=request, headers=auth)
+            assert r.status_code in (400, 404) and r.json()["error"]["code"] == code, r.text
+    with TestClient(create_app(ServerConfig(model_name=NAME), model=_byte_model())) as client:
+        assert 'data-api-key="none"' in client.get("/").text
+
+
+# ----------------------------------------------------------------------- in the browser
 
 
 def test_page_loads_clean_and_the_api_key_stays_in_the_tab(page, server):
@@ -401,6 +460,20 @@ def test_a_bad_request_shows_the_servers_message(page, server):
     page.generate()
     assert "HTTP 400" in page.error() and message in page.error()
     assert page.text("gen-status") == "Failed."
+
+
+def test_a_busy_server_is_said_in_words(page, server):
+    """A 503 (queue full, model loading) as the server sends it, from a stubbed fetch: the
+    page says what it means and when to retry."""
+    page.open()
+    page.js("""
+        window.fetch = async () => new Response(JSON.stringify({error: {
+            message: "the server is busy: 64 sequences wait", type: "server_error",
+            param: null, code: "overloaded"}}),
+          {status: 503, headers: {"Content-Type": "application/json", "Retry-After": "2"}});""")
+    page.generate()
+    assert page.error() == ("The server cannot take this now (HTTP 503): the server is busy: "
+                            "64 sequences wait (retry after 2 s)")
 
 
 def test_copy_as_python_and_curl_reproduce_the_page(page, server):
