@@ -4,7 +4,8 @@ Behaviour proven here, each against an independent reference (a second run, a fr
 computation, the file on disk):
 * resume is exact: 20 steps straight == 10 + resume + 10 (losses, weights, moments), with
   dropout, gradient accumulation and evaluations in between; Ctrl-C (KeyboardInterrupt
-  or a real SIGINT) saves a checkpoint a resume continues exactly from;
+  or a real SIGINT) and SIGTERM to a `numgpt train` process save a checkpoint a resume
+  continues exactly from;
 * a NaN loss stops training with TrainingDiverged and leaves the last checkpoint intact;
 * unknown keys and wrong types are refused with the key named (dict, TOML, flags);
 * log.jsonl has the documented records; its lr column equals ``optim.get_lr``;
@@ -135,6 +136,36 @@ def test_sigint_stops_after_the_step_and_saves(data_dir, tmp_path):
     _, meta, _ = checkpoint.load_checkpoint(tmp_path / "latest")
     assert meta["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_sigterm_to_a_train_process_saves_and_resumes_exactly(data_dir, tmp_path):
+    """SIGTERM (what a scheduler or `kill` sends) is handled like Ctrl-C: the step finishes,
+    ``latest`` is saved, the process exits with a message; the run then resumes exactly."""
+    import subprocess
+    import sys
+    import time
+
+    run = dict(lr_decay_iters=1000, eval_interval=0, checkpoint_interval=0, dropout=0.1, workers=1)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg(data_dir, tmp_path / "b", **run).items()
+             if not isinstance(v, bool)] + ["--no-plot"]
+    proc = subprocess.Popen([sys.executable, "-m", "numgpt", "train", "--quiet", "--threads", "1",
+                             "--max-iters", "100000", *flags], stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "b" / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and len(step_losses(tmp_path / "b")) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "SIGTERM: stopping after this step" in err and err.count("numgpt: saved") == 1
+    stopped = checkpoint.load_checkpoint(tmp_path / "b" / "latest")[1]["step"]
+    assert stopped >= 3 and len(step_losses(tmp_path / "b")) == stopped
+    total = stopped + 4
+    straight = train(cfg(data_dir, tmp_path / "a", **run, max_iters=total), progress=False)
+    resumed = train(cfg(data_dir, tmp_path / "b", **run, max_iters=total, resume=True), progress=False)
+    assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")
+    assert_same_weights(weights(resumed.model), weights(straight.model))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after each run
 
 
 def test_resume_refuses_a_changed_model_shape_and_a_missing_checkpoint(data_dir, tmp_path):

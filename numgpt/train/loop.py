@@ -5,10 +5,13 @@ One optimizer step (``train_step``) is: zero the gradients; for each of
 backward (gradients add up in ``.grad``); measure the per-group gradient magnitudes
 (every ``log_interval`` steps); clip the global norm; one AdamW update at the scheduled
 learning rate. ``train`` wraps it with data sampling, evaluation, checkpoints, a log, a
-progress bar and plots. With ``workers > 1`` (``DataParallel``) the rows of every
-micro-batch are split over threads that run forward and backward at the same time, each
-with single-threaded BLAS; their gradients are summed in worker order, so runs stay
-deterministic (the result equals the serial step up to float rounding).
+progress bar and plots. Data parallelism lives in ``train.parallel``: with ``workers > 1``
+the rows of every micro-batch are split over threads that run forward and backward at the
+same time, each with single-threaded BLAS, and under ``mpiexec -n N`` over N processes
+(ranks) too; the gradients go through one reduction path (worker order, then one allreduce
+over the ranks), so runs stay deterministic (the result equals the serial step up to float
+rounding). Under mpiexec every rank trains and evaluates its share; rank 0 alone writes the
+checkpoints, the log, the plots and the sample.
 
 Randomness is explicit. ``SeedSequence(seed)`` spawns independent streams for the batch
 sampler, dropout and the evaluation batches; the model init uses ``seed`` itself. The
@@ -24,8 +27,9 @@ Files in the run folder ``out``:
     *.png                     plots (``numgpt.train.plots``)
     data/                     the prepared default corpus, when no ``data`` is given
 
-Ctrl-C stops after the current step, saves ``latest`` and raises ``KeyboardInterrupt``
-(a second Ctrl-C aborts at once without saving). A NaN or infinite loss or gradient norm
+Ctrl-C or SIGTERM stops after the current step, saves ``latest`` and raises
+``KeyboardInterrupt`` (a second one aborts at once without saving); under mpiexec the ranks
+agree on the stop each step, so they all stop after the same one. A NaN or infinite loss or gradient norm
 raises ``TrainingDiverged`` before the optimizer touches the weights, so the checkpoints on
 disk stay the last good ones.
 
@@ -423,10 +427,7 @@ class _Run:
                 raise ConfigError(f"config key 'block_size' is {cfg.block_size} but the model {where} "
                                   f"has a context of {model.config.block_size}; lower block_size")
         else:
-            model = GPT(GPTConfig(vocab_size=int(meta["vocab_size"]), block_size=cfg.block_size,
-                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                  bias=cfg.bias, dropout=cfg.dropout, activation=cfg.activation,
-                                  dtype=cfg.dtype), seed=cfg.seed)
+            model = GPT(cfg.model_config(vocab_size=int(meta["vocab_size"])), seed=cfg.seed)
             model.tokenizer = tokenizer_from_config(meta["tokenizer"])
             where = "being trained"
         _check_tokenizers(model.tokenizer, meta, model.config.vocab_size, where, self.data_dir)
