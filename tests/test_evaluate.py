@@ -31,7 +31,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import numgpt  # noqa: E402
-from numgpt.io.files import atomic_write  # noqa: E402
 from numgpt.cli import main  # noqa: E402
 from numgpt.errors import InputError  # noqa: E402
 from numgpt.core.model import GPT, GPTConfig  # noqa: E402
@@ -39,15 +38,16 @@ from numgpt.infer.evaluate import (lambada, load_lambada_jsonl, perplexity, spli
                              token_nll, windows)
 from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
+import results_table  # noqa: E402  (tests/results_table.py)
+
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "eval_parity.md"
 REL_TOL = 1e-6
 COURSE_TOL = 1e-12  # the course-protocol gate, float64 against float64
 BLOCK = 64
-_rows: dict[str, str] = {}
 
 
 def record(name: str, ours: dict, ref: dict, tol: float = REL_TOL) -> None:
-    """Add one comparison row to the results table (rewritten atomically each time)."""
+    """Set one comparison row of the results table (merged with the rows already there)."""
     cells = []
     for key in ("tokens", "nll", "perplexity", "word_perplexity", "accuracy"):
         if key in ref:
@@ -56,15 +56,8 @@ def record(name: str, ours: dict, ref: dict, tol: float = REL_TOL) -> None:
     ok = all(abs(ours[k] - ref[k]) <= tol * abs(ref[k]) for k in ref)
     verdict = ("PASSED: check is blind" if ok else "FAIL as required") if name.startswith("control") \
         else ("PASS" if ok else "FAIL")
-    _rows[name] = f"| {name} | {'; '.join(cells)} | {tol:g} | {verdict} |"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS, "# Perplexity and LAMBADA vs the course's protocol and transformers\n\n"
-                 "Written by `tests/test_evaluate.py` (and the lm-eval rows by "
-                 "`tests/test_lm_eval.py`): numgpt (value) vs the oracle, the course's loop run "
-                 "with torch on the same random-weight float64 GPT2LMHeadModel "
-                 f"(n_positions={BLOCK}); relative gate per row.\n\n"
-                 "| case | numgpt vs reference | gate | result |\n|---|---|---|---|\n"
-                 + "\n".join(_rows[k] for k in sorted(_rows)) + "\n")
+    results_table.record(RESULTS.name, name, "; ".join(cells), f"{tol:g}", verdict,
+                         folder=RESULTS.parent)
 
 
 def assert_close(ours: dict, ref: dict, tol: float = REL_TOL) -> None:
