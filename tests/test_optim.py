@@ -385,3 +385,97 @@ def test_schedule_rejects_negative_step_and_unknown_kind():
         lr_schedule("linear", learning_rate=1e-3)
     with pytest.raises(ConfigError, match="lr_decay_iters"):
         lr_schedule("cosine", learning_rate=1e-3)
+
+
+# ---- the fast path: flat buffers, one compiled sweep -----------------------------------
+
+def fast_adamw(params, **cfg):
+    return AdamW(params, kernels="fast", **cfg)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fast_adamw_matches_torch_every_step_to_rounding(config):
+    diffs = parity_run(CONFIGS[config], optimizer_cls=fast_adamw)
+    assert max(diffs) <= 1e-12, diffs
+
+
+def test_fast_adamw_keeps_parameters_as_views_of_one_flat_buffer():
+    params = make_params()
+    before = {n: p.data.copy() for n, p in params.items()}
+    opt = fast_adamw(params)
+    for n, p in params.items():
+        assert np.shares_memory(p.data, opt.flat.data) and np.array_equal(p.data, before[n])
+        assert np.shares_memory(opt.exp_avg[n], opt.flat.exp_avg)
+    assert opt.flat.data.size == sum(p.data.size for p in params.values())
+
+
+def _clipped_run(kernels, max_norm, steps=4):
+    """numgpt's clip + step against torch's clip_grad_norm_ + step on the same grads."""
+    cfg = CONFIGS["lr=1e-3 betas=(0.9,0.99) wd=0.1"]
+    params = make_params()
+    tparams, topt = torch_optimizer(params, cfg)
+    opt = AdamW(params, kernels=kernels, **cfg)
+    norms, diffs = [], []
+    for grads in make_grads(5, steps):
+        for n, g in grads.items():
+            params[n].grad = None if g is None else g.copy()
+            tparams[n].grad = None if g is None else torch.tensor(g)
+        norms.append((opt.clip_grad_norm(max_norm),
+                      float(torch.nn.utils.clip_grad_norm_(list(tparams.values()), max_norm))))
+        opt.step()
+        topt.step()
+        diffs.append(max(float(np.max(np.abs(params[n].data - tparams[n].detach().numpy())))
+                         for n in params))
+    return norms, diffs
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fast"])
+def test_clip_then_step_matches_torch_on_both_paths(kernels):
+    norms, diffs = _clipped_run(kernels, max_norm=0.5)
+    assert all(abs(a - b) <= 1e-12 * b for a, b in norms)
+    assert any(a > 0.5 for a, _ in norms)  # clipping really happened
+    assert max(diffs) <= 1e-12, diffs
+
+
+def test_fast_step_without_the_clip_factor_fails_the_clip_check():
+    """Negative control: the fused update must apply the clip factor, or it is a different
+    optimizer: skipping it (max_norm measured but not applied) differs from torch."""
+    params = make_params()
+    cfg = CONFIGS["lr=1e-3 betas=(0.9,0.99) wd=0.1"]
+    tparams, topt = torch_optimizer(params, cfg)
+    opt = fast_adamw(params, **cfg)
+    for n, g in make_grads(5, 1)[0].items():
+        params[n].grad = None if g is None else g.copy()
+        tparams[n].grad = None if g is None else torch.tensor(g)
+    opt.clip_grad_norm(0.0)  # measure only
+    torch.nn.utils.clip_grad_norm_(list(tparams.values()), 0.5)
+    opt.step()
+    topt.step()
+    diff = max(float(np.max(np.abs(params[n].data - tparams[n].detach().numpy()))) for n in params)
+    assert diff > 1e-6
+
+
+def test_fast_state_round_trip_resumes_bit_identically():
+    cfg = CONFIGS["lr=1e-3 betas=(0.9,0.99) wd=0.1"]
+    grads = make_grads(9)
+    straight = make_params()
+    run_steps(fast_adamw(straight, **cfg), straight, grads)
+    first = make_params()
+    opt = fast_adamw(first, **cfg)
+    run_steps(opt, first, grads[:5])
+    state = opt.state_dict()
+    resumed = {n: Param(p.data.copy()) for n, p in first.items()}
+    fresh = fast_adamw(resumed, lr=0.5, betas=(0.5, 0.5), weight_decay=0.0)
+    fresh.load_state_dict(state)
+    run_steps(fresh, resumed, grads[5:])
+    for n in straight:
+        assert np.array_equal(straight[n].data, resumed[n].data), n
+
+
+def test_fast_adamw_refuses_mixed_dtypes_and_unknown_paths():
+    params = make_params()
+    params["h.0.ln_1.g"].data = params["h.0.ln_1.g"].data.astype(np.float32)
+    with pytest.raises(ConfigError, match="one dtype"):
+        fast_adamw(params)
+    with pytest.raises(ConfigError, match="kernels"):
+        AdamW(make_params(), kernels="turbo")

@@ -22,16 +22,13 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..core.checks import is_int
 from ..errors import CheckpointError, ConfigError, ShapeError
 
 __all__ = ["AdamW", "clip_grad_norm", "get_lr", "lr_schedule"]
 
 STATE_FORMAT = "numgpt-adamw"
 STATE_VERSION = 1
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _default_no_decay(name, param) -> bool:
@@ -65,6 +62,12 @@ class AdamW:
         no_decay: ``(name, param) -> bool``; True puts the parameter in the group with
             weight decay 0. Default: every parameter with ``ndim < 2`` (biases, LayerNorm).
 
+        kernels: ``"reference"`` (NumPy, one pass per operation per parameter) or
+            ``"fast"``: the llm.c layout, every parameter's ``data``, gradient and both
+            moments as views into four flat buffers (``data`` is re-pointed at its view,
+            values unchanged), and one compiled sweep (``core.kernels.adamw_update``) that
+            clips and updates all of them. Fast needs parameters of one dtype.
+
     State per parameter: ``exp_avg`` and ``exp_avg_sq`` (same shape and dtype as
     ``data``) and a step count (a parameter whose grad is None does not advance, as in
     PyTorch). One flat scratch buffer per dtype, as large as the largest parameter,
@@ -73,7 +76,9 @@ class AdamW:
 
     def __init__(self, params: Mapping, lr: float = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01,
-                 no_decay: Callable | None = None):
+                 no_decay: Callable | None = None, kernels: str = "reference"):
+        if kernels not in ("fast", "reference"):
+            raise ConfigError(f"AdamW kernels must be 'fast' or 'reference', got {kernels!r}")
         if not isinstance(params, Mapping):
             raise ConfigError(
                 f"AdamW params must be a dict name -> param, got {type(params).__name__}; "
@@ -88,8 +93,14 @@ class AdamW:
         self.no_decay = {n for n, p in self.params.items() if rule(n, p)}
         self.step_count = 0
         self.steps = {n: 0 for n in self.params}
-        self.exp_avg = {n: np.zeros_like(p.data) for n, p in self.params.items()}
-        self.exp_avg_sq = {n: np.zeros_like(p.data) for n, p in self.params.items()}
+        self.kernels = kernels
+        self._grad_scale = 1.0  # the fast path's clipping factor, applied inside the update
+        if kernels == "fast":
+            self.flat = _FlatBuffers(self.params)
+            self.exp_avg, self.exp_avg_sq = self.flat.views("exp_avg"), self.flat.views("exp_avg_sq")
+        else:
+            self.exp_avg = {n: np.zeros_like(p.data) for n, p in self.params.items()}
+            self.exp_avg_sq = {n: np.zeros_like(p.data) for n, p in self.params.items()}
         self._scratch = self._make_scratch()
 
     def _make_scratch(self) -> dict:
@@ -119,9 +130,58 @@ class AdamW:
             _check_hyper(lr, self.betas, self.eps, self.weight_decay)
             self.lr = float(lr)
         self.step_count += 1
+        if self.kernels == "fast":
+            self._fast_step()
+            return
         for name, p in self.params.items():
             if p.grad is not None:
                 self._update(name, p)
+
+    def clip_grad_norm(self, max_norm: float = 0.0) -> float:
+        """The global gradient norm (as ``clip_grad_norm``), clipping to ``max_norm`` when it
+        is > 0 (0: measure only). Reference path: the module's ``clip_grad_norm`` scales the
+        gradients in place. Fast path: the gradients are gathered into the flat buffer, their
+        norm is one compiled sweep, and the clipping factor is applied inside the next
+        ``step``'s update (the same numbers, one pass fewer); the gradients stay unscaled.
+        """
+        if self.kernels == "reference":
+            if max_norm > 0:
+                return clip_grad_norm(self.params, max_norm)
+            total = 0.0
+            for p in self.params.values():
+                if p.grad is not None:
+                    flat = p.grad.ravel()
+                    total += float(np.dot(flat, flat))
+            return math.sqrt(total)
+        if max_norm < 0:
+            raise ConfigError(f"clip_grad_norm max_norm must be a number >= 0, got {max_norm!r}")
+        total = math.sqrt(self.flat.gather_grads(self.params))
+        coef = max_norm / (total + 1e-6) if max_norm > 0 else 1.0
+        self._grad_scale = coef if coef < 1.0 else 1.0
+        return total
+
+    def _fast_step(self) -> None:
+        """One fused sweep over the flat buffers (``core.kernels.adamw_update``)."""
+        from ..core import kernels
+
+        flat = self.flat
+        if not flat.gathered:
+            flat.gather_grads(self.params)
+        b1, b2 = self.betas
+        active = np.array([p.grad is not None for p in self.params.values()])
+        for name, p in self.params.items():
+            if p.grad is not None:
+                self.steps[name] += 1
+        t = np.array([max(self.steps[n], 1) for n in self.params], dtype=np.float64)
+        decay = np.array([self.decay_for(n) for n in self.params], dtype=np.float64)
+        step_size = self.lr / (1 - b1 ** t)
+        bc2_sqrt = (1 - b2 ** t) ** 0.5
+        kernels.adamw_update(flat.data, flat.grad, flat.exp_avg, flat.exp_avg_sq,
+                             flat.piece_start, flat.piece_end, flat.piece_owner,
+                             decay, step_size, bc2_sqrt, active, self.lr, b1, b2,
+                             self.eps, self._grad_scale)
+        self._grad_scale = 1.0
+        flat.gathered = False
 
     def _update(self, name: str, p) -> None:
         """One AdamW update of one parameter, in torch's order of operations."""
@@ -161,6 +221,8 @@ class AdamW:
         """
         for p in self.params.values():
             p.grad = None
+        if self.kernels == "fast":
+            self.flat.gathered = False
 
     def state_meta(self) -> dict:
         """JSON-able scalars: format, step counts, hyper-parameters, no-decay names."""
@@ -253,6 +315,69 @@ class AdamW:
                 f"not have ({len(extra)} unexpected in all)")
 
 
+class _FlatBuffers:
+    """The llm.c layout: parameters, gradients and both AdamW moments, each one contiguous
+    buffer (n,), with every parameter a view into it (in the dict's order).
+
+    ``piece_*`` cut the buffers into pieces of at most ``PIECE`` elements, each inside one
+    parameter, so the compiled sweeps spread a large parameter over the threads and know
+    which parameter's hyper-parameters apply.
+    """
+
+    PIECE = 1 << 15
+
+    def __init__(self, params: Mapping):
+        dtypes = {p.data.dtype for p in params.values()}
+        if len(dtypes) != 1:
+            raise ConfigError(f"AdamW kernels='fast' needs parameters of one dtype, got "
+                              f"{sorted(str(d) for d in dtypes)}; cast the model or use kernels='reference'")
+        (dtype,) = dtypes
+        sizes = [p.data.size for p in params.values()]
+        self.offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)  # (P + 1,)
+        n = int(self.offsets[-1])
+        self.data, self.grad = np.empty(n, dtype), np.zeros(n, dtype)
+        self.exp_avg, self.exp_avg_sq = np.zeros(n, dtype), np.zeros(n, dtype)
+        self.shapes = {name: p.data.shape for name, p in params.items()}
+        for (name, p), view in zip(params.items(), self.views("data").values()):
+            view[...] = p.data
+            p.data = view  # the parameter now lives in the flat buffer
+        starts, owners = [], []
+        for i, (lo, hi) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
+            cut = list(range(int(lo), int(hi), self.PIECE))
+            starts += cut
+            owners += [i] * len(cut)
+        self.piece_start = np.array(starts, dtype=np.int64)
+        self.piece_end = np.append(self.piece_start[1:], n).astype(np.int64)
+        self.piece_owner = np.array(owners, dtype=np.int64)
+        self._partial = np.zeros(len(starts))
+        self.grad_views = self.views("grad")
+        self.gathered = False
+
+    def views(self, buffer: str) -> dict:
+        """``name -> view`` of one flat buffer with each parameter's shape."""
+        flat = getattr(self, buffer)
+        return {name: flat[lo:hi].reshape(shape) for (name, shape), lo, hi
+                in zip(self.shapes.items(), self.offsets[:-1], self.offsets[1:])}
+
+    def gather_grads(self, params: Mapping) -> float:
+        """Copy each gradient into its view of the flat gradient buffer (then ``p.grad`` is
+        that view; None stays None, its span zeroed) -> sum of squares of all of them."""
+        from ..core import kernels
+
+        for (name, p), view in zip(params.items(), self.grad_views.values()):
+            if p.grad is None:
+                view[...] = 0.0
+            elif p.grad is not view:
+                if p.grad.shape != view.shape:
+                    raise ShapeError(f"gradient of {name!r} has shape {p.grad.shape}, "
+                                     f"parameter has {view.shape}")
+                view[...] = p.grad
+                p.grad = view
+        kernels.sum_of_squares(self.grad, self.piece_start, self.piece_end, self._partial)
+        self.gathered = True
+        return float(math.fsum(self._partial))
+
+
 def clip_grad_norm(params, max_norm: float) -> float:
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
@@ -287,9 +412,9 @@ def _check_schedule(learning_rate, warmup_iters, lr_decay_iters, min_lr) -> None
     if not (isinstance(learning_rate, numbers.Real) and math.isfinite(learning_rate)
             and learning_rate >= 0):
         raise ConfigError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}")
-    if not (_is_int(warmup_iters) and warmup_iters >= 0):
+    if not (is_int(warmup_iters) and warmup_iters >= 0):
         raise ConfigError(f"warmup_iters must be an integer >= 0, got {warmup_iters!r}")
-    if not (_is_int(lr_decay_iters) and lr_decay_iters >= warmup_iters):
+    if not (is_int(lr_decay_iters) and lr_decay_iters >= warmup_iters):
         raise ConfigError(
             f"lr_decay_iters must be an integer >= warmup_iters ({warmup_iters}), "
             f"got {lr_decay_iters!r}")
@@ -308,7 +433,7 @@ def get_lr(step: int, *, learning_rate: float, warmup_iters: int,
     ``r = (step - warmup_iters) / (lr_decay_iters - warmup_iters)``.
     """
     _check_schedule(learning_rate, warmup_iters, lr_decay_iters, min_lr)
-    if not (_is_int(step) and step >= 0):
+    if not (is_int(step) and step >= 0):
         raise ConfigError(f"step must be an integer >= 0, got {step!r}")
     if step < warmup_iters:
         return learning_rate * (step + 1) / (warmup_iters + 1)

@@ -1,0 +1,752 @@
+"""The fast path: compiled kernels (numba) for every op that is not a large GEMM.
+
+Each kernel fuses into one sweep what its reference op in ``ops.py`` does in several NumPy
+passes, and each kernel's docstring names that op. The op-level functions at the bottom of
+this file have the reference signatures, ``f(*arrays, **consts) -> (out, backward)``, so
+``ops_for("fast")`` and ``ops_for("reference")`` are interchangeable namespaces that the
+layers receive from the config (``GPTConfig.kernels``); nothing else picks a path.
+``tests/test_kernels.py`` checks every kernel against its reference op in float32 and
+float64, and the gradient gate runs on both namespaces.
+
+How the kernels are written (the llm.c CPU kernels are the model):
+* plain loops over C-contiguous arrays, shapes in the docstring; the wrappers reshape to
+  (N, C) rows and allocate every output and scratch buffer, so no kernel allocates;
+* ``prange`` only on the outermost independent loop (rows, or (batch, head) pairs); the
+  thread count is ``numba.set_num_threads`` (``set_threads`` here, from ``--threads``);
+* sums are accumulated in float64 whatever the array dtype, so float32 results are at
+  least as accurate as the reference's;
+* no per-element libm call where speed matters: ``_exp`` is a Cody-Waite range reduction
+  plus a degree-13 Taylor polynomial (float64-accurate, about 1 ulp) that the compiler turns
+  into SIMD code; tanh is built on it. The exact GELU's normal CDF uses the same erfc fit as
+  the reference float32 path (relative error < 1.2e-7) for float32, and libm ``erfc``
+  (exact to float64) for float64, which only the verification gates use;
+* ``fastmath`` only as ``reassoc`` + ``contract`` (reordered sums, fused multiply-adds),
+  never the no-NaN/no-inf flags (masked scores are -inf); the parity tests bound the change;
+* ``cache=True``: the first use compiles (see ``compile_all``) and later processes load
+  the machine code from numba's on-disk cache.
+
+Shape legend as in ``ops.py``: B, T, C, nh, hs, V, N (flattened rows).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ..errors import ConfigError, ShapeError
+from . import ops
+
+__all__ = ["PATHS", "ops_for", "set_threads", "compile_all",
+           "layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
+           "attention_training", "attention_inference", "cached_attention",
+           "adamw_update", "sum_of_squares"]
+
+PATHS = ("fast", "reference")
+
+# Reordered sums and fused multiply-adds only: not nnan/ninf (masked scores are -inf).
+_FAST = {"reassoc", "contract"}
+
+# numba's default "workqueue" layer may not be entered from two Python threads at once;
+# the data-parallel training workers and the server's threads do exactly that. OpenMP may.
+numba.config.THREADING_LAYER = "omp"
+
+
+def set_threads(n: int) -> None:
+    """Threads the kernels' ``prange`` loops use (``--threads``); at most numba's maximum."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+# ------------------------------------------------------------------- special functions
+
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    """The float64 whose IEEE bit pattern is the int64 ``bits`` (a free SIMD bitcast)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+    return sig, codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: n * LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@njit(cache=True, inline="always")
+def _exp(x):
+    """e^x for float64 x, about 1 ulp, no libm call (so loops around it vectorise).
+
+    x = n ln2 + r with |r| <= ln2 / 2 (n ln2 in two parts, exact), e^r by Taylor to r^13
+    (truncation < 4e-18 relative), and 2^n by writing n into the exponent bits.
+    Below -708 the result is 0 (e^-708 is the smallest normal float64); above 709, inf.
+    Branch-free (clamps and selects) so the compiler keeps it in SIMD registers.
+    """
+    xc = min(max(x, -708.0), 709.0)
+    n = np.floor(xc * _LOG2E + 0.5)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 6227020800.0  # 1/13!
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    y = p * _float64_from_bits(np.int64(n + 1023.0) << 52)
+    y = 0.0 if x < -708.0 else y
+    return np.inf if x > 709.0 else y
+
+
+@njit(cache=True, inline="always")
+def _tanh(u):
+    """tanh(u) = sign(u) (1 - 2 / (e^{2|u|} + 1)); absolute error about 2e-16 (what GELU
+    needs: it uses 1 + tanh and 1 - tanh^2), from ``_exp``; |u| > 20 is +-1 exactly."""
+    a = min(abs(u), 20.0)
+    t = 1.0 - 2.0 / (_exp(2.0 * a) + 1.0)
+    return t if u >= 0 else -t
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9 = ops._ERFC_FIT
+
+
+@njit(cache=True, inline="always")
+def _normal_cdf_fit(x):
+    """Phi(x) from the reference's float32 erfc fit (``ops._normal_cdf_float32``), in float64
+    arithmetic: Phi(-|x|) = t e^(-z^2 + P(t)) / 2, z = |x| / sqrt 2, t = 1 / (1 + z / 2)."""
+    z = abs(x) * _SQRT_HALF
+    t = 1.0 / (1.0 + 0.5 * z)
+    p = ((((((((_E9 * t + _E8) * t + _E7) * t + _E6) * t + _E5) * t + _E4) * t + _E3) * t
+          + _E2) * t + _E1) * t + _E0
+    left = 0.5 * t * _exp(p - z * z)  # Phi(-|x|), accurate in the left tail
+    return 1.0 - left if x > 0 else left
+
+
+# --------------------------------------------------------------------------- layernorm
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def layernorm_forward(out, mean, rstd, x, gamma, beta, eps):
+    """``ops.layernorm`` forward: x (N, C), gamma (C,), beta (C,) -> out (N, C), and the
+    statistics backward needs, mean (N,) and rstd (N,) (float64). Each row is read from
+    memory once; its three sweeps (sum, squared deviations, output) hit the cache."""
+    N, C = x.shape
+    for i in prange(N):
+        s = 0.0
+        for c in range(C):
+            s += x[i, c]
+        m = s / C
+        v = 0.0
+        for c in range(C):
+            d = x[i, c] - m
+            v += d * d
+        r = 1.0 / math.sqrt(v / C + eps)
+        for c in range(C):
+            out[i, c] = (x[i, c] - m) * r * gamma[c] + beta[c]
+        mean[i] = m
+        rstd[i] = r
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def layernorm_backward(dx, dgamma_parts, dbeta_parts, dout, x, mean, rstd, gamma):
+    """``ops.layernorm`` backward: dout, x (N, C), mean, rstd (N,), gamma (C,) -> dx (N, C)
+    and per-chunk partial sums dgamma_parts, dbeta_parts (P, C) float64, zero on entry.
+
+    With xhat = (x - mean) rstd and g = dout gamma:
+    dx = rstd (g - mean(g) - xhat mean(g xhat)); dgamma = sum dout xhat; dbeta = sum dout.
+    The rows are split into P fixed chunks (not one per thread), so the sums are the same
+    whatever the thread count; the caller adds the P partials.
+    """
+    N, C = x.shape
+    P = dgamma_parts.shape[0]
+    for p in prange(P):
+        for i in range(p * N // P, (p + 1) * N // P):
+            m, r = mean[i], rstd[i]
+            sg = 0.0
+            sgx = 0.0
+            for c in range(C):
+                xh = (x[i, c] - m) * r
+                g = dout[i, c] * gamma[c]
+                sg += g
+                sgx += g * xh
+                dgamma_parts[p, c] += dout[i, c] * xh
+                dbeta_parts[p, c] += dout[i, c]
+            sg /= C
+            sgx /= C
+            for c in range(C):
+                xh = (x[i, c] - m) * r
+                dx[i, c] = r * (dout[i, c] * gamma[c] - sg - xh * sgx)
+
+
+# ------------------------------------------------------------------------------- GELU
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def gelu_tanh_forward(out, x):
+    """``ops.gelu_tanh`` forward, x (n,) -> out (n,): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
+    for i in prange(x.shape[0]):
+        xi = np.float64(x[i])
+        t = _tanh(_SQRT_2_OVER_PI * (xi + 0.044715 * xi * xi * xi))
+        out[i] = 0.5 * xi * (1.0 + t)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def gelu_tanh_backward(dx, dout, x):
+    """``ops.gelu_tanh`` backward, recomputing tanh from x (nothing saved but x):
+    dx = dout (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
+    for i in prange(x.shape[0]):
+        xi = np.float64(x[i])
+        t = _tanh(_SQRT_2_OVER_PI * (xi + 0.044715 * xi * xi * xi))
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * xi * xi)
+        dx[i] = dout[i] * (0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * du)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def gelu_forward_fit(out, x):
+    """``ops.gelu`` forward for float32, x (n,) -> out (n,) = x Phi(x), Phi from the erfc fit."""
+    for i in prange(x.shape[0]):
+        xi = np.float64(x[i])
+        out[i] = xi * _normal_cdf_fit(xi)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def gelu_backward_fit(dx, dout, x):
+    """``ops.gelu`` backward for float32: dx = dout (Phi(x) + x phi(x)), phi = e^(-x^2/2)/sqrt(2 pi)."""
+    for i in prange(x.shape[0]):
+        xi = np.float64(x[i])
+        dx[i] = dout[i] * (_normal_cdf_fit(xi) + xi * _INV_SQRT_2PI * _exp(-0.5 * xi * xi))
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def gelu_forward_exact(out, x):
+    """``ops.gelu`` forward for float64 (the gates): Phi(x) = erfc(-x / sqrt 2) / 2 from libm,
+    exact in both tails."""
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        out[i] = xi * 0.5 * math.erfc(-xi * _SQRT_HALF)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def gelu_backward_exact(dx, dout, x):
+    """``ops.gelu`` backward for float64: dx = dout (Phi(x) + x phi(x))."""
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        cdf = 0.5 * math.erfc(-xi * _SQRT_HALF)
+        dx[i] = dout[i] * (cdf + xi * _INV_SQRT_2PI * _exp(-0.5 * xi * xi))
+
+
+# ----------------------------------------------------------------------- cross-entropy
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def cross_entropy_forward(lse, nll, logits, targets, ignore_index):
+    """``ops.cross_entropy`` forward: logits (N, V), targets (N,) -> lse (N,) = logsumexp of
+    each row and nll (N,) = lse - logits[t] (0 for ignored rows). One pass over the logits
+    per row (max, then the shifted exponentials' sum while the row is in cache)."""
+    N, V = logits.shape
+    for i in prange(N):
+        mx = -np.inf
+        for j in range(V):
+            mx = max(mx, np.float64(logits[i, j]))
+        s = 0.0
+        for j in range(V):
+            s += _exp(logits[i, j] - mx)
+        lse[i] = mx + math.log(s)
+        t = targets[i]
+        nll[i] = 0.0 if t == ignore_index else lse[i] - logits[i, t]
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def cross_entropy_backward(dlogits, logits, lse, targets, ignore_index, c):
+    """``ops.cross_entropy`` backward: dlogits (N, V) = c (softmax(z_i) - onehot(t_i)), 0 for
+    ignored rows; c = dloss / n. Recomputes softmax from the saved lse in the same sweep."""
+    N, V = logits.shape
+    for i in prange(N):
+        t = targets[i]
+        if t == ignore_index:
+            for j in range(V):
+                dlogits[i, j] = 0.0
+            continue
+        m = lse[i]
+        for j in range(V):
+            dlogits[i, j] = c * _exp(logits[i, j] - m)
+        dlogits[i, t] -= c
+
+
+# --------------------------------------------------------------------------- embedding
+
+@njit(parallel=True, cache=True)
+def embedding_backward(dw, ids, dout):
+    """``ops.embedding`` backward: dw (V, C) zero on entry += dout (N, C) rows at ids (N,).
+
+    Repeated ids accumulate. Threads split the C columns, not the rows, so no two threads
+    write one element and each element sums its rows in row order (deterministic)."""
+    N, C = dout.shape
+    P = min(C, 64)
+    for p in prange(P):
+        c0, c1 = p * C // P, (p + 1) * C // P
+        for n in range(N):
+            row = ids[n]
+            for c in range(c0, c1):
+                dw[row, c] += dout[n, c]
+
+
+# --------------------------------------------------------------------------- attention
+
+# Layout: each (row, head) first copies its keys transposed, kT (hs, n), and its values,
+# (n, hs), into contiguous scratch; then the scores of one query are sum_e q_e kT[e, :],
+# a sweep along contiguous keys, and P V is sum_j p_j V[j, :], a sweep along the head
+# dimension: both vectorise. Reading keys as rows would need one horizontal sum per key.
+
+@njit(cache=True, fastmath=_FAST)
+def _scores(s, q, kT, n, scale):
+    """s[:n] = (q . kT[:, j]) * scale for j < n: q (hs,), kT (hs, >= n)."""
+    for j in range(n):
+        s[j] = 0.0
+    for e in range(q.shape[0]):
+        qe = q[e] * scale
+        for j in range(n):
+            s[j] += qe * kT[e, j]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _softmax_times_v(y, s, n, values):
+    """Softmax of s[:n] in place (as probabilities), y (hs,) = P V over values (>= n, hs);
+    returns log(sum of exponentials) + max, the row's log-sum-exp."""
+    mx = -np.inf
+    for j in range(n):
+        mx = max(mx, s[j])
+    total = 0.0
+    for j in range(n):
+        s[j] = _exp(s[j] - mx)
+        total += s[j]
+    inv = 1.0 / total
+    for e in range(y.shape[0]):
+        y[e] = 0.0
+    for j in range(n):
+        p = s[j] * inv
+        s[j] = p
+        for e in range(y.shape[0]):
+            y[e] += p * values[j, e]
+    return mx + math.log(total)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def attention_forward(out, lse, qkv, n_head, kT, vals, scores, y):
+    """``ops.attention_training`` forward, causal: qkv (B, T, 3C) -> out (B, T, C) heads
+    merged, and lse (B, nh, T) = each query's log-sum-exp of scores, which is all backward
+    needs to rebuild P. Scratch per (b, h): kT (B * nh, hs, T), vals (B * nh, T, hs),
+    scores (B * nh, T), y (B * nh, hs).
+
+    Query i sees keys j <= i: the masked upper triangle is never computed. Heads are read
+    straight out of qkv (q at column h hs, k at C + h hs, v at 2C + h hs).
+    """
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    scale = 1.0 / math.sqrt(hs)
+    for bh in prange(B * n_head):
+        b, h = bh // n_head, bh % n_head
+        qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
+        for j in range(T):
+            for e in range(hs):
+                kT[bh, e, j] = qkv[b, j, ko + e]
+                vals[bh, j, e] = qkv[b, j, vo + e]
+        for i in range(T):
+            _scores(scores[bh], qkv[b, i, qo:qo + hs], kT[bh], i + 1, scale)
+            lse[b, h, i] = _softmax_times_v(y[bh], scores[bh], i + 1, vals[bh])
+            for e in range(hs):
+                out[b, i, qo + e] = y[bh, e]
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def attention_backward(dqkv, dout, qkv, out, lse, n_head, kT, vT, dkT, dvT, p, dp):
+    """``ops.attention_training`` backward: dout, out (B, T, C), qkv (B, T, 3C), lse (B, nh, T)
+    -> dqkv (B, T, 3C). Scratch per (b, h): kT, vT, dkT, dvT (B * nh, hs, T), p, dp (B * nh, T).
+
+    P_ij = exp(q_i.k_j s - lse_i) is rebuilt per query (s = 1/sqrt hs). With
+    dP_ij = dout_i.v_j and D_i = sum_j P_ij dP_ij = dout_i.out_i:
+    dS = P (dP - D); dq_i = s sum_j dS_ij k_j; dk_j = s sum_i dS_ij q_i; dv_j = sum_i P_ij dout_i.
+    """
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    scale = 1.0 / math.sqrt(hs)
+    for bh in prange(B * n_head):
+        b, h = bh // n_head, bh % n_head
+        qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
+        for j in range(T):
+            for e in range(hs):
+                kT[bh, e, j] = qkv[b, j, ko + e]
+                vT[bh, e, j] = qkv[b, j, vo + e]
+                dkT[bh, e, j] = 0.0
+                dvT[bh, e, j] = 0.0
+        pb, dpb = p[bh], dp[bh]
+        for i in range(T):
+            n = i + 1
+            D = 0.0
+            for e in range(hs):
+                D += dout[b, i, qo + e] * out[b, i, qo + e]
+            _scores(pb, qkv[b, i, qo:qo + hs], kT[bh], n, scale)
+            _scores(dpb, dout[b, i, qo:qo + hs], vT[bh], n, 1.0)
+            li = lse[b, h, i]
+            for j in range(n):
+                pj = _exp(pb[j] - li)
+                pb[j] = pj
+                dpb[j] = pj * (dpb[j] - D) * scale  # dS
+            for e in range(hs):
+                qe, de = qkv[b, i, qo + e], dout[b, i, qo + e]
+                acc = 0.0
+                for j in range(n):
+                    acc += dpb[j] * kT[bh, e, j]
+                    dkT[bh, e, j] += dpb[j] * qe
+                    dvT[bh, e, j] += pb[j] * de
+                dqkv[b, i, qo + e] = acc
+        for j in range(T):
+            for e in range(hs):
+                dqkv[b, j, ko + e] = dkT[bh, e, j]
+                dqkv[b, j, vo + e] = dvT[bh, e, j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def cached_attention_kernel(out, qkv, cache_k, cache_v, layer, rows, start, n_head, kT, scores, y):
+    """``ops.attention_inference`` over a KV cache: qkv (A, Tn, 3C) holds the new tokens
+    (their keys and values already written to the cache), cache_k, cache_v
+    (L, slots, nh, max_len, hs), rows (A,) the slots, start (A,) each slot's length before
+    the new tokens -> out (A, Tn, C) heads merged. Scratch: kT (A * nh, hs, max_len),
+    scores (A * nh, max_len), y (A * nh, hs).
+
+    New token i of row a sits at position start[a] + i and reads keys 0..start[a] + i of its
+    own slot only: each slot's used length, never the padding up to the longest slot, and
+    never a gathered copy of the cache.
+    """
+    A, Tn, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    scale = 1.0 / math.sqrt(hs)
+    for ah in prange(A * n_head):
+        a, h = ah // n_head, ah % n_head
+        keys = cache_k[layer, rows[a], h]  # (max_len, hs)
+        n_all = start[a] + Tn
+        for j in range(n_all):
+            for e in range(hs):
+                kT[ah, e, j] = keys[j, e]
+        for i in range(Tn):
+            n = start[a] + i + 1
+            _scores(scores[ah], qkv[a, i, h * hs:(h + 1) * hs], kT[ah], n, scale)
+            _softmax_times_v(y[ah], scores[ah], n, cache_v[layer, rows[a], h])
+            for e in range(hs):
+                out[a, i, h * hs + e] = y[ah, e]
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def attention_inference_kernel(out, q, k, v, lengths, kT, scores, y):
+    """``ops.attention_inference``: q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) (any strides, so
+    head-split views need no copy), lengths (B,) the real keys of each row -> out
+    (B, nh, Tq, hs). Query i of row b sits at position lengths[b] - Tq + i and reads keys up
+    to it only. Scratch: kT (B * nh, hs, Tk), scores (B * nh, Tk), y (B * nh, hs)."""
+    B, nh, Tq, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    for bh in prange(B * nh):
+        b, h = bh // nh, bh % nh
+        for j in range(lengths[b]):
+            for e in range(hs):
+                kT[bh, e, j] = k[b, h, j, e]
+        for i in range(Tq):
+            n = lengths[b] - Tq + i + 1
+            _scores(scores[bh], q[b, h, i], kT[bh], n, scale)
+            _softmax_times_v(y[bh], scores[bh], n, v[b, h])
+            for e in range(hs):
+                out[b, h, i, e] = y[bh, e]
+
+
+# ------------------------------------------------------------------------------ AdamW
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def sum_of_squares(grad, piece_start, piece_end, partial):
+    """sum g^2 of flat grad (n,) over each piece [piece_start[k], piece_end[k]) -> partial (K,)
+    float64; the caller adds the K partials in order (same total for any thread count)."""
+    for k in prange(piece_start.shape[0]):
+        s = 0.0
+        for i in range(piece_start[k], piece_end[k]):
+            s += np.float64(grad[i]) * grad[i]
+        partial[k] = s
+
+
+@njit(parallel=True, cache=True)
+def adamw_update(param, grad, exp_avg, exp_avg_sq, piece_start, piece_end, piece_owner,
+                 decay, step_size, bc2_sqrt, active, lr, beta1, beta2, eps, grad_scale):
+    """``optim.AdamW`` (reference: one NumPy pass per operation per parameter) in one sweep
+    over the flat buffers param, grad, exp_avg, exp_avg_sq (n,), with the clipping factor
+    ``grad_scale`` applied on the fly. Pieces (K,) of at most a few thousand elements cut
+    the buffer for the threads; piece k belongs to parameter piece_owner[k], whose weight
+    decay, lr / (1 - b1^t), sqrt(1 - b2^t) and active flag (it had a gradient) are indexed by
+    it. torch's order of operations:
+        p <- p (1 - lr wd); m <- m + (1 - b1)(g - m); v <- v b2 + (1 - b2) g g;
+        p <- p - step_size m / (sqrt(v) / bc2_sqrt + eps)
+    """
+    for k in prange(piece_start.shape[0]):
+        o = piece_owner[k]
+        if not active[o]:
+            continue
+        keep = 1.0 - lr * decay[o]
+        ss, bc = step_size[o], bc2_sqrt[o]
+        for i in range(piece_start[k], piece_end[k]):
+            g = grad[i] * grad_scale
+            p = param[i] * keep
+            m = exp_avg[i] + (1.0 - beta1) * (g - exp_avg[i])
+            v = exp_avg_sq[i] * beta2 + (1.0 - beta2) * (g * g)
+            exp_avg[i] = m
+            exp_avg_sq[i] = v
+            param[i] = p - ss * (m / (math.sqrt(v) / bc + eps))
+
+
+# ---------------------------------------------------------------- op-level functions
+# Same signatures and checks as the reference ops; each returns (out, backward).
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """a (..., C) as a C-contiguous (N, C) array (a view when it already is one)."""
+    return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+_REDUCTION_CHUNKS = 32  # fixed row chunks of the layernorm parameter gradients
+
+
+def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None, *, eps: float = 1e-5):
+    """``ops.layernorm`` on the fast path: one forward kernel saving mean and rstd (N,), one
+    backward kernel. x (..., C), gamma, beta (C,) -> (..., C)."""
+    ops._check_float(x, gamma, beta)
+    C = x.shape[-1]
+    if gamma.shape != (C,) or (beta is not None and beta.shape != (C,)):
+        raise ShapeError(f"layernorm: input {x.shape} needs gamma/beta of shape ({C},), "
+                         f"got {gamma.shape} and {None if beta is None else beta.shape}")
+    x2 = _rows(x)  # (N, C)
+    N = x2.shape[0]
+    shift = np.zeros(C, x.dtype) if beta is None else beta
+    out = np.empty_like(x2)
+    mean, rstd = np.empty(N), np.empty(N)
+    layernorm_forward(out, mean, rstd, x2, gamma, shift, float(eps))
+
+    def backward(dout):
+        P = max(1, min(_REDUCTION_CHUNKS, N))
+        dx = np.empty_like(x2)
+        dgamma, dbeta = np.zeros((P, C)), np.zeros((P, C))
+        layernorm_backward(dx, dgamma, dbeta, _rows(dout), x2, mean, rstd, gamma)
+        db = dbeta.sum(axis=0).astype(x.dtype) if beta is not None else None
+        return dx.reshape(x.shape), dgamma.sum(axis=0).astype(x.dtype), db
+    return out.reshape(x.shape), backward
+
+
+def _elementwise(x: np.ndarray, forward_kernel, backward_kernel):
+    """An elementwise op from a forward and a backward kernel over the flat x."""
+    ops._check_float(x)
+    xf = _flat(x)
+    out = np.empty_like(xf)
+    forward_kernel(out, xf)
+
+    def backward(dout):
+        dx = np.empty_like(xf)
+        backward_kernel(dx, _flat(dout), xf)
+        return (dx.reshape(x.shape),)
+    return out.reshape(x.shape), backward
+
+
+def gelu_tanh(x: np.ndarray):
+    """``ops.gelu_tanh`` on the fast path (one sweep forward, one backward, tanh recomputed)."""
+    return _elementwise(x, gelu_tanh_forward, gelu_tanh_backward)
+
+
+def gelu(x: np.ndarray):
+    """``ops.gelu`` on the fast path: float32 uses the reference's float32 erfc fit
+    (vectorised), float64 libm's erfc (exact; the verification gates run in float64)."""
+    if x.dtype == np.float32:
+        return _elementwise(x, gelu_forward_fit, gelu_backward_fit)
+    return _elementwise(x, gelu_forward_exact, gelu_backward_exact)
+
+
+def cross_entropy(logits: np.ndarray, *, targets: np.ndarray, ignore_index: int = -1):
+    """``ops.cross_entropy`` on the fast path: saves only the (N,) log-sum-exp, not an (N, V)
+    copy of the exponentials; backward rebuilds softmax in its one sweep."""
+    ops._check_float(logits)
+    targets = np.asarray(targets)
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise TypeError(f"cross_entropy targets must be integers, got dtype {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ShapeError(f"cross_entropy: targets {targets.shape} do not match logits {logits.shape} "
+                         f"(expected targets of shape {logits.shape[:-1]})")
+    V = logits.shape[-1]
+    z = _rows(logits)  # (N, V)
+    t = np.ascontiguousarray(targets.reshape(-1), dtype=np.int64)  # (N,)
+    keep = t != ignore_index
+    if np.any((t[keep] < 0) | (t[keep] >= V)):
+        raise ShapeError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index {ignore_index}, "
+                         f"got values in [{t[keep].min()}, {t[keep].max()}]")
+    n = int(keep.sum())
+    lse, nll = np.empty(len(t)), np.empty(len(t))
+    cross_entropy_forward(lse, nll, z, t, int(ignore_index))
+    out = np.asarray(nll.sum() / max(n, 1), dtype=logits.dtype)
+
+    def backward(dout):
+        g = np.empty_like(z)
+        cross_entropy_backward(g, z, lse, t, int(ignore_index), float(dout) / max(n, 1))
+        return (g.reshape(logits.shape),)
+    return out, backward
+
+
+def embedding(w: np.ndarray, *, ids: np.ndarray):
+    """``ops.embedding`` on the fast path: the lookup is NumPy's; backward is one kernel."""
+    out, _ = ops.embedding(w, ids=ids)  # the checks and the lookup
+    flat_ids = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)  # (N,)
+
+    def backward(dout):
+        dw = np.zeros_like(w)
+        embedding_backward(dw, flat_ids, _rows(dout).reshape(-1, w.shape[1]))
+        return (dw,)
+    return out, backward
+
+
+def _check_qkv(qkv: np.ndarray, n_head: int, name: str) -> None:
+    ops._check_float(qkv)
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
+        raise ShapeError(f"{name}: qkv {qkv.shape} must be (B, T, 3C) with C divisible "
+                         f"by n_head={n_head}")
+
+
+def attention_training(qkv: np.ndarray, *, n_head: int, block: int = 128):
+    """``ops.attention_training`` on the fast path: qkv (B, T, 3C) -> (B, T, C), causal.
+
+    Saves only the (B, nh, T) log-sum-exp, not the (B, nh, T, T) probabilities; ``block``
+    is checked as the reference's but unused (the kernel holds one query row at a time)."""
+    _check_qkv(qkv, n_head, "attention_training")
+    ops._check_block(block)
+    qkv = np.ascontiguousarray(qkv)
+    B, T, C3 = qkv.shape
+    out = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
+    lse = np.empty((B, n_head, T))
+    hs = C3 // (3 * n_head)
+    BH = B * n_head
+    attention_forward(out, lse, qkv, n_head, np.empty((BH, hs, T), qkv.dtype),
+                      np.empty((BH, T, hs), qkv.dtype), np.empty((BH, T)), np.empty((BH, hs)))
+    return out, _attention_training_backward(qkv, out, lse, n_head)
+
+
+def _attention_training_backward(qkv, out, lse, n_head):
+    """The backward closure of ``attention_training`` (from what forward saved)."""
+    B, T, C3 = qkv.shape
+    hs, BH = C3 // (3 * n_head), B * n_head
+
+    def backward(dout):
+        dqkv = np.empty_like(qkv)
+        attention_backward(dqkv, np.ascontiguousarray(dout), qkv, out, lse, n_head,
+                           *(np.empty((BH, hs, T), qkv.dtype) for _ in range(2)),
+                           *(np.empty((BH, hs, T)) for _ in range(2)),
+                           np.empty((BH, T)), np.empty((BH, T)))
+        return (dqkv,)
+    return backward
+
+
+def attention_inference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
+                        key_lengths: np.ndarray | None = None, block: int = 128) -> np.ndarray:
+    """``ops.attention_inference`` on the fast path (same arguments, no backward):
+    q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) -> (B, nh, Tq, hs); each row reads only its
+    ``key_lengths`` keys. ``block`` is checked but unused."""
+    ops._check_attention_inputs(q, k, v, key_lengths)
+    ops._check_block(block)
+    B, nh, Tq, hs = q.shape
+    lengths = np.full(B, k.shape[-2], np.int64) if key_lengths is None else \
+        np.ascontiguousarray(key_lengths, dtype=np.int64)
+    out = np.empty(q.shape, dtype=q.dtype)
+    Tk = k.shape[-2]
+    attention_inference_kernel(out, q, k, v, lengths, np.empty((B * nh, hs, Tk), q.dtype),
+                               np.empty((B * nh, Tk)), np.empty((B * nh, hs)))
+    return out
+
+
+def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, *, layer: int,
+                     rows: np.ndarray, start: np.ndarray, n_head: int) -> np.ndarray:
+    """Attention of new tokens over a KV cache whose slots hold different lengths (no
+    backward: inference only). qkv (A, Tn, 3C) are the new tokens' projections, whose keys
+    and values are already written to cache_k, cache_v (L, slots, nh, max_len, hs) at
+    positions start[a]..start[a] + Tn of slot rows[a] -> (A, Tn, C), heads merged.
+
+    The reference (``GPT._cached_attention`` on the reference path) gathers the rows'
+    caches up to the longest length and calls ``ops.attention_inference`` with key_lengths.
+    """
+    _check_qkv(qkv, n_head, "cached_attention")
+    qkv = np.ascontiguousarray(qkv)
+    A, Tn, C3 = qkv.shape
+    hs = C3 // (3 * n_head)
+    out = np.empty((A, Tn, C3 // 3), dtype=qkv.dtype)
+    AH, max_len = A * n_head, cache_k.shape[3]
+    cached_attention_kernel(out, qkv, cache_k, cache_v, int(layer),
+                            np.ascontiguousarray(rows, dtype=np.int64),
+                            np.ascontiguousarray(start, dtype=np.int64), n_head,
+                            np.empty((AH, hs, max_len), qkv.dtype), np.empty((AH, max_len)),
+                            np.empty((AH, hs)))
+    return out
+
+
+# ---------------------------------------------------------------------- the two paths
+
+_FAST_OPS = {"layernorm": layernorm, "gelu": gelu, "gelu_tanh": gelu_tanh,
+             "cross_entropy": cross_entropy, "embedding": embedding,
+             "attention_training": attention_training, "attention_inference": attention_inference}
+
+
+def ops_for(path: str) -> SimpleNamespace:
+    """The op namespace of a path: every name of ``ops``, with the fast path's kernels in
+    place of the reference ops they implement (``"fast"``), or the reference ops alone
+    (``"reference"``)."""
+    if path not in PATHS:
+        raise ConfigError(f"kernels must be one of {list(PATHS)}, got {path!r}")
+    names = {name: getattr(ops, name) for name in dir(ops) if not name.startswith("__")}
+    if path == "fast":
+        names.update(_FAST_OPS)
+    names["path"] = path
+    return SimpleNamespace(**names)
+
+
+def compile_all() -> float:
+    """Run every kernel once on tiny float32 and float64 inputs (compiling it, or loading it
+    from numba's disk cache); returns the seconds taken."""
+    import time
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float64):
+        x = rng.standard_normal((2, 3, 8)).astype(dt)
+        g = np.ones(8, dt)
+        for op in (gelu, gelu_tanh):
+            op(x)[1](x)
+        layernorm(x, g, g)[1](x)
+        cross_entropy(x, targets=np.zeros((2, 3), np.int64))[1](np.asarray(1.0, dt))
+        embedding(x[0], ids=np.array([[0, 1]]))[1](x[0, :2][None])
+        qkv = rng.standard_normal((2, 3, 12)).astype(dt)
+        y, bw = attention_training(qkv, n_head=2)
+        bw(y)
+        q, k, v = ops.split_heads(qkv, 2)
+        attention_inference(q, k, v, key_lengths=np.array([3, 2]))
+        cache = np.zeros((1, 2, 2, 4, 2), dt)
+        cached_attention(qkv, cache, cache, layer=0, rows=np.arange(2), start=np.zeros(2, np.int64),
+                         n_head=2)
+        flat = np.zeros(4, dt)
+        piece = np.array([0]), np.array([4])
+        sum_of_squares(flat, *piece, np.zeros(1))
+        adamw_update(flat, flat, flat.copy(), flat.copy(), *piece, np.zeros(1, np.int64),
+                     np.zeros(1), np.ones(1), np.ones(1), np.ones(1, np.bool_),
+                     0.1, 0.9, 0.99, 1e-8, 1.0)
+    return time.perf_counter() - start
