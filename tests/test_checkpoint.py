@@ -466,8 +466,13 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
     assert same_weights(new, numgpt.load(tmp_path / "ck"))
 
 
-def test_crash_between_the_two_renames_is_detected_not_mixed(tmp_path, monkeypatch):
-    checkpoint.save(tiny_numgpt(seed=1), tmp_path / "ck")
+def test_crash_between_the_two_renames_loads_the_new_complete_save(tmp_path, monkeypatch):
+    """The weights file carries the checkpoint's document: renaming it is the commit, so a
+    crash before the .json follows leaves the new save whole (the stale .json is ignored,
+    then rewritten by the next run of the folder)."""
+    from numgpt.io import recovery
+
+    checkpoint.save(tiny_numgpt(seed=1), tmp_path / "ck", meta={"step": 1})
     real_replace, calls = os.replace, []
 
     def replace_then_die(src, dst):
@@ -476,11 +481,32 @@ def test_crash_between_the_two_renames_is_detected_not_mixed(tmp_path, monkeypat
             raise KeyboardInterrupt  # killed after the weights were renamed, before the JSON
         real_replace(src, dst)
 
+    new = tiny_numgpt(seed=2)
     monkeypatch.setattr(checkpoint.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(tiny_numgpt(seed=2), tmp_path / "ck")
+        checkpoint.save(new, tmp_path / "ck", meta={"step": 2})
     monkeypatch.undo()
     assert _no_temp_files(tmp_path)
+    assert json.loads((tmp_path / "ck.json").read_text())["meta"] == {"step": 1}  # stale copy
+    back, meta, _ = checkpoint.load_checkpoint(tmp_path / "ck")
+    assert same_weights(new, back) and meta == {"step": 2}
+    assert "from an earlier save" in back.source["notes"][0]
+    notes = recovery.tidy_folder(tmp_path, ("ck",))
+    assert len(notes) == 1 and "rewritten from ck.safetensors" in notes[0]
+    assert json.loads((tmp_path / "ck.json").read_text())["meta"] == {"step": 2}
+    assert recovery.tidy_folder(tmp_path, ("ck",)) == []  # nothing left to repair
+    (tmp_path / "ck.json").unlink()  # a crash during the first save of a folder: no .json yet
+    back, meta, _ = checkpoint.load_checkpoint(tmp_path / "ck")
+    assert same_weights(new, back) and "ck.json is missing" in back.source["notes"][0]
+
+
+def test_weights_without_their_document_and_a_json_from_another_save_are_detected_not_mixed(tmp_path):
+    """A weights file with no document inside (written before numgpt stored one there) cannot
+    say which file is newer: a pair whose save_ids differ is refused by name, never mixed."""
+    checkpoint.save(tiny_numgpt(seed=1), tmp_path / "ck")
+    weights = tmp_path / "ck.safetensors"
+    save_file(load_file(str(weights)), str(weights),
+              metadata={"format": "np", "numgpt": checkpoint.FORMAT_NAME, "save_id": "0" * 32})
     with pytest.raises(CheckpointError, match=r"ck\.safetensors \(save_id .*ck\.json \(save_id .*different saves"):
         numgpt.load(tmp_path / "ck")
 
@@ -557,3 +583,73 @@ def test_cli_tokenize_bytes_and_its_errors(tmp_path, capsys):
     checkpoint.save(tiny_numgpt(), tmp_path / "ck")  # no tokenizer recorded
     assert main(["tokenize", "--model", str(tmp_path / "ck"), "hi"]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- sizes and finite weights
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_shapes_and_count_match_the_allocated_model(bias):
+    import math
+
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=4, bias=bias)
+    model = GPT(config, seed=0)
+    allocated = {n: tuple(p.data.shape) for n, p in model.parameters().items()}
+    assert list(config.parameter_shapes().items()) == list(allocated.items())
+    assert config.parameter_count() == model.num_parameters() == sum(map(math.prod, allocated.values()))
+    assert config.parameter_bytes() == 4 * model.num_parameters()
+    assert GPTConfig().parameter_count() == 124_439_808  # GPT-2 small, the published size
+
+
+def test_absurd_config_is_refused_before_allocation_naming_both_sizes(tmp_path):
+    """config.json claims vocab_size 10**9 (3.6 TiB of float32 parameters) over a tiny weights
+    file: the file's keys and shapes, then the memory, are checked before anything is allocated."""
+    checkpoint.export_hf(tiny_numgpt(), tmp_path)
+    edit_json(tmp_path / "config.json", vocab_size=10**9)
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'wte\.weight': expected \(1000000000, 32\)"):
+        numgpt.load(tmp_path)
+    config = GPTConfig(vocab_size=10**9, n_embd=768, n_head=12)
+    C = 768  # embeddings (V + T) x C, 12 layers of 12 C^2 weights + 13 C gains and biases, ln_f
+    params = (10**9 + 1024) * C + 12 * (12 * C * C + 13 * C) + 2 * C
+    with pytest.raises(ConfigError, match=rf"needs {params * 4 / 2**30:,.1f} GiB for its parameters "
+                                          rf"\({params:,} parameters x 4 bytes\) but this machine has "
+                                          r"[\d,.]+ [GM]iB available"):
+        checkpoint.check_memory(config, "the model")
+    checkpoint.check_memory(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32),
+                            "a tiny model")  # fits: no error
+
+
+def test_non_finite_weights_are_refused_unless_the_check_is_skipped(tmp_path):
+    for bad in (np.nan, np.inf):
+        model = tiny_numgpt()
+        model.h[1].mlp.c_fc.weight.data[0, :3] = bad
+        checkpoint.save(model, tmp_path / "ck")
+        with pytest.raises(CheckpointError, match=r"ck\.safetensors: parameter 'h\.1\.mlp\.c_fc\.weight' "
+                                                  r"holds 3 NaN or infinite value\(s\).*--skip-finite-check"):
+            numgpt.load(tmp_path / "ck")
+        back = numgpt.load(tmp_path / "ck", check_finite=False)
+        assert np.isnan(back.h[1].mlp.c_fc.weight.data[0, 0]) == np.isnan(bad)
+    checkpoint.export_hf(model, tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: parameter .* NaN or infinite"):
+        numgpt.load(tmp_path / "hf")
+
+
+def test_a_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from numgpt.io.files import WriteError
+
+    old = tiny_numgpt(seed=1)
+    checkpoint.save(old, tmp_path / "ck", meta={"step": 1})
+
+    def full(tensors, path, metadata):
+        path.write_bytes(b"\x00" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_save_safetensors", full)
+    with pytest.raises(WriteError, match=r"^disk full writing '.*ck\.safetensors' \(No space left on device\); "
+                                         r"the previous checkpoint '.*ck', if any, is kept; free space") as e:
+        checkpoint.save(tiny_numgpt(seed=2), tmp_path / "ck", meta={"step": 2})
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
+    monkeypatch.undo()
+    back, meta, _ = checkpoint.load_checkpoint(tmp_path / "ck")
+    assert same_weights(old, back) and meta == {"step": 1} and _no_temp_files(tmp_path)

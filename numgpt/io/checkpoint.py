@@ -10,15 +10,23 @@ Three sources, told apart by what is on disk (``detect_format``):
   here, and only here.
 * ``numgpt``: ``<prefix>.json`` (format, version, model config, tokenizer config, caller's
   metadata) + ``<prefix>.safetensors`` (parameters by their numgpt names, plus optional
-  extra arrays under ``extra/``, e.g. optimizer moments). No pickle anywhere.
+  extra arrays under ``extra/``, e.g. optimizer moments, and a copy of the ``.json``
+  document in its header). No pickle anywhere.
 
 Every load checks, and names the file and key when it refuses: missing keys, unexpected
 keys, shapes (expected vs found), truncated or corrupt files, non-GPT-2 architectures,
-and an output head that is not tied to ``wte``. Every write goes to a temp file in the
-same folder and is renamed into place (``os.replace``), so an interrupted save leaves the
-previous files whole. The two files of a numgpt checkpoint share a random ``save_id``; if a
-crash lands between the two renames, the loader sees the ids differ and says so instead
-of pairing a config with the wrong weights.
+and an output head that is not tied to ``wte``. Sizes are checked against the config, and
+the config against the machine's available memory, before the model is allocated; weights
+that are NaN or infinite are refused (``check_finite=False`` skips that scan).
+
+A numgpt checkpoint is one atomic unit (``io.recovery``): both files are written under
+fresh temporary names and fsynced; renaming the weights file into place is the commit, and
+the ``.json`` (a readable copy of the document inside the weights' header) follows. The two
+share a random ``save_id``: a ``.json`` from another save (a crash between the renames) or
+a missing one is replaced by the weights' own document, so a crash at any instant leaves
+the old complete save or the new one. ``save_hooks`` lets a test stop the process at each
+named point of a save (``SAVE_POINTS``). A full disk or a read-only folder is a one-line
+``WriteError`` and the previous checkpoint stays.
 
 The loaded ``GPT`` carries ``model.config``, ``model.tokenizer`` (or None) and
 ``model.source`` (format, path, weights file, notes), which ``describe`` reports.
@@ -37,13 +45,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, NumGPTError
-from .files import fsync_path, temp_path
+from .files import fsync_dir, fsync_path, make_folder, temp_path, write_errors
+from .recovery import DOC_KEY, weights_doc
 from ..core.model import GPT, GPTConfig
 from .tokenizer import (BPE_FILE_NAMES, ByteTokenizer, GPT2Tokenizer, load_tokenizer, save_files,
                         tokenizer_from_config)
 
 __all__ = ["load", "save", "load_checkpoint", "export_hf", "detect_format", "find_tokenizer",
-           "describe", "FORMAT_NAME", "FORMAT_VERSION", "EXTRA_PREFIX"]
+           "describe", "check_memory", "available_memory", "FORMAT_NAME", "FORMAT_VERSION",
+           "EXTRA_PREFIX", "SAVE_POINTS", "save_hooks"]
 
 FORMAT_NAME = "numgpt-checkpoint"
 FORMAT_VERSION = 1
@@ -68,6 +78,31 @@ _ST_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4
              "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 Thunk = Callable[[], np.ndarray]  # reads one tensor when called, so loads stream
+
+# The named points of a numgpt save, in order. A test sets ``save_hooks[point] = fn`` and
+# ``fn(prefix)`` runs there (tests/test_faults.py kills the process with SIGKILL to prove a
+# crash at each point leaves a loadable checkpoint). Empty in normal use.
+SAVE_POINTS = ("weights_written", "config_written", "weights_renamed", "config_renamed")
+save_hooks: dict[str, Callable[[Path], None]] = {}
+
+
+def _reached(point: str, prefix: Path) -> None:
+    hook = save_hooks.get(point)
+    if hook is not None:
+        hook(prefix)
+
+
+class _Stored:
+    """One tensor in a file: ``shape`` (from the header, known before anything is read;
+    None when unknown) and its reader (calling the object reads the tensor)."""
+
+    __slots__ = ("read", "shape")
+
+    def __init__(self, read: Thunk, shape=None):
+        self.read, self.shape = read, None if shape is None else tuple(int(n) for n in shape)
+
+    def __call__(self) -> np.ndarray:
+        return self.read()
 
 
 # ------------------------------------------------------------------------ detection
@@ -185,7 +220,7 @@ def _safetensors_thunks(path: Path, stack: ExitStack, keys=None) -> tuple[dict[s
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which numgpt "
                                   f"cannot read; supported: {sorted(_ST_NUMPY) + ['BF16']}")
         dtypes.add(entry["dtype"])
-        thunks[key] = lambda e=entry: _read_tensor(path, e, data_start)
+        thunks[key] = _Stored(lambda e=entry: _read_tensor(path, e, data_start), entry["shape"])
     floats = [_ST_DTYPES[d] for d in dtypes if d in _ST_DTYPES]
     return thunks, ("float64" if "float64" in floats else "float32"), f.metadata() or {}
 
@@ -268,16 +303,44 @@ def _check_keys(expected: Mapping[str, Any], found: Mapping[str, Any], path: Pat
                               f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 
 
-def _fill(model: GPT, thunks: Mapping[str, Thunk], path: Path, layout: str = "") -> None:
+def _shape(thunk) -> tuple[int, ...] | None:
+    return getattr(thunk, "shape", None)
+
+
+def _shape_mismatch(path: Path, name: str, expected, found, layout: str) -> CheckpointError:
+    return CheckpointError(f"{path}: shape mismatch for {name!r}: expected {tuple(expected)}"
+                           f"{layout}, found {tuple(found)}; the weights do not match the config")
+
+
+def _check_stored_shapes(expected: Mapping[str, tuple], thunks: Mapping[str, Thunk], path: Path,
+                         layout: str) -> None:
+    """Shapes the file's header declares vs the config's, before the model is allocated."""
+    for name, shape in expected.items():
+        found = _shape(thunks[name])
+        if found is not None and found != tuple(shape):
+            raise _shape_mismatch(path, name, shape, found, layout)
+
+
+def _check_finite(a: np.ndarray, name: str, path: Path) -> None:
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise CheckpointError(f"{path}: parameter {name!r} holds {bad} NaN or infinite value(s) of "
+                              f"{a.size}; the checkpoint is damaged (e.g. saved after training "
+                              f"diverged): use an earlier checkpoint, or load it anyway with "
+                              f"check_finite=False (--skip-finite-check)")
+
+
+def _fill(model: GPT, thunks: Mapping[str, Thunk], path: Path, layout: str = "",
+          check_finite: bool = True) -> None:
     """Copy every parameter in, one tensor at a time (peak memory: model + one tensor)."""
     params = model.parameters()
     _check_keys(params, thunks, path, model.config)
     for name, p in params.items():
         a = thunks[name]()
         if a.shape != p.data.shape:
-            raise CheckpointError(f"{path}: shape mismatch for {name!r}: expected "
-                                  f"{tuple(p.data.shape)}{layout}, found {tuple(a.shape)}; the "
-                                  f"weights do not match the config")
+            raise _shape_mismatch(path, name, p.data.shape, a.shape, layout)
+        if check_finite:
+            _check_finite(a, name, path)
         p.data[...] = a  # casts to the model's dtype
 
 
@@ -294,12 +357,61 @@ def _check_tied(head: Thunk | None, wte: Thunk, path: Path) -> None:
                               f"untied head cannot be loaded without changing the model's outputs")
 
 
-def _new_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path, layout: str = "") -> GPT:
+def _new_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path, layout: str = "",
+               check_finite: bool = True) -> GPT:
+    """Names and header shapes checked against the config, and the config against the
+    machine's memory, before the model is allocated; then filled tensor by tensor."""
     head = thunks.pop("lm_head.weight", None)
+    expected = config.parameter_shapes()
+    _check_keys(expected, thunks, path, config)
+    _check_stored_shapes(expected, thunks, path, layout)
+    check_memory(config, f"the model in {path}", error=CheckpointError)
     model = GPT(config, seed=None)
-    _fill(model, thunks, path, layout)
+    _fill(model, thunks, path, layout, check_finite)
     _check_tied(head, thunks["wte.weight"], path)
     return model
+
+
+# ----------------------------------------------------------------------- memory
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: ``MemAvailable`` from /proc/meminfo, lowered
+    to the cgroup's remaining limit when one is set; None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+            if cap != "max" and int(cap) < 1 << 60:
+                found.append(max(int(cap) - int(used), 0))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def check_memory(config: GPTConfig, what: str, *, copies: int = 1,
+                 role: str = "its parameters", error=ConfigError) -> None:
+    """Refuse ``config`` when ``copies`` x its parameter memory exceeds the available memory,
+    naming both numbers (``error``: the exception class for this boundary)."""
+    need, have = config.parameter_bytes() * copies, available_memory()
+    if have is None or need <= have:
+        return
+    times = f" x {copies}" if copies > 1 else ""
+    raise error(f"{what} needs {_gib(need)} for {role} ({config.parameter_count():,} parameters "
+                f"x {np.dtype(config.np_dtype).itemsize} bytes{times}) but this machine has "
+                f"{_gib(have)} available; use smaller n_layer / n_embd / vocab_size / block_size "
+                f"(or float32), or a machine with more memory")
 
 
 def _attach(model: GPT, fmt: str, where: Path, weights: Path, tokenizer, notes: list[str]) -> GPT:
@@ -366,7 +478,8 @@ def _hf_weights(folder: Path, stack: ExitStack) -> tuple[dict[str, Thunk], str, 
         state = _torch_load(binary)
         if not isinstance(state, dict):
             raise CheckpointError(f"{binary}: expected a state dict, found {type(state).__name__}")
-        thunks = {k: (lambda k=k: _torch_to_numpy(state[k], binary, k)) for k in state}
+        thunks = {k: _Stored(lambda k=k: _torch_to_numpy(state[k], binary, k),
+                             getattr(state[k], "shape", None)) for k in state}
         return thunks, _torch_dtype(state), binary
     raise CheckpointError(f"{folder}: no weights file; expected one of {list(_HF_WEIGHT_FILES)}")
 
@@ -389,12 +502,13 @@ def _hf_tokenizer(folder: Path, raw: dict) -> tuple[Any, list[str]]:
     return tok, ([] if tok else [f"no tokenizer attached: the folder has no {names}"])
 
 
-def _load_hf(folder: Path, dtype: str | None) -> GPT:
+def _load_hf(folder: Path, dtype: str | None, check_finite: bool = True) -> GPT:
     raw = _read_json(folder / "config.json", "Hugging Face config")
     with ExitStack() as stack:
         thunks, stored, weights = _hf_weights(folder, stack)
         config = _hf_config(raw, folder / "config.json", dtype or stored)
-        model = _new_model(config, _normalize(thunks, weights, ("transformer.",)), weights)
+        model = _new_model(config, _normalize(thunks, weights, ("transformer.",)), weights,
+                           check_finite=check_finite)
     tokenizer, notes = _hf_tokenizer(folder, raw)
     return _attach(model, "hf", folder, weights, tokenizer, notes)
 
@@ -420,13 +534,14 @@ def _nanogpt_config(args: Any, path: Path, dtype: str) -> GPTConfig:
 
 def _nanogpt_thunks(state: dict, path: Path) -> dict[str, Thunk]:
     """nanoGPT tensors by numgpt name; Linear weights (out, in) -> (in, out)."""
-    raw = {k: (lambda k=k: _torch_to_numpy(state[k], path, k)) for k in state}
+    raw = {k: _Stored(lambda k=k: _torch_to_numpy(state[k], path, k), getattr(state[k], "shape", None))
+           for k in state}
     named = _normalize(raw, path, ("_orig_mod.", "module.", "transformer."))
-    return {name: ((lambda t=t: t().T) if _LINEAR_WEIGHT.match(name) else t)
-            for name, t in named.items()}
+    return {name: (_Stored(lambda t=t: t().T, _shape(t) and _shape(t)[::-1])
+                   if _LINEAR_WEIGHT.match(name) else t) for name, t in named.items()}
 
 
-def _load_nanogpt(path: Path, dtype: str | None) -> GPT:
+def _load_nanogpt(path: Path, dtype: str | None, check_finite: bool = True) -> GPT:
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -437,7 +552,8 @@ def _load_nanogpt(path: Path, dtype: str | None) -> GPT:
         raise CheckpointError(f"{path}: 'model' must be a state dict, found {type(state).__name__}")
     config = _nanogpt_config(ckpt["model_args"], path, dtype or _torch_dtype(state))
     model = _new_model(config, _nanogpt_thunks(state, path), path,
-                       layout=" (numgpt (in, out) layout, i.e. nanoGPT's (out, in) transposed)")
+                       layout=" (numgpt (in, out) layout, i.e. nanoGPT's (out, in) transposed)",
+                       check_finite=check_finite)
     tokenizer, notes = _nanogpt_tokenizer(path)
     return _attach(model, "nanogpt", path, path, tokenizer, notes)
 
@@ -451,9 +567,21 @@ def _nanogpt_tokenizer(path: Path) -> tuple[Any, list[str]]:
 
 # -------------------------------------------------------------------- numgpt format
 
-def _read_numgpt_doc(prefix: Path) -> dict:
-    path = _with(prefix, ".json")
-    doc = _read_json(path, "numgpt checkpoint config")
+def _read_numgpt_doc(prefix: Path) -> tuple[dict, list[str]]:
+    """The checkpoint's document and notes. The ``.json`` unless it is missing or from another
+    save than the weights file (a crash between a save's two renames): then the document
+    stored in the weights' header, the complete save (``io.recovery``)."""
+    path, weights = _with(prefix, ".json"), _with(prefix, ".safetensors")
+    inner, notes = weights_doc(weights), []
+    if inner is not None and not path.is_file():
+        doc = inner
+        notes.append(f"{path.name} is missing; read the copy inside {weights.name}")
+    else:
+        doc = _read_json(path, "numgpt checkpoint config")
+        if inner is not None and doc.get("save_id") != inner.get("save_id"):
+            doc = inner
+            notes.append(f"{path.name} is from an earlier save (a save was interrupted between "
+                         f"its two renames); read the newer complete save in {weights.name}")
     if doc.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: 'format' is {doc.get('format')!r}, expected "
                               f"{FORMAT_NAME!r}; this JSON file is not a numgpt checkpoint")
@@ -465,7 +593,7 @@ def _read_numgpt_doc(prefix: Path) -> dict:
         if not isinstance(doc.get(key), kind):
             raise CheckpointError(f"{path}: key {key!r} must be a {kind.__name__}, found "
                                   f"{type(doc.get(key)).__name__}")
-    return doc
+    return doc, notes
 
 
 def _numgpt_tokenizer(doc: dict, prefix: Path) -> tuple[Any, list[str]]:
@@ -478,8 +606,9 @@ def _numgpt_tokenizer(doc: dict, prefix: Path) -> tuple[Any, list[str]]:
         return None, [f"recorded tokenizer {cfg} could not be loaded ({e}); no tokenizer attached"]
 
 
-def _load_numgpt(prefix: Path, dtype: str | None) -> tuple[GPT, dict, dict[str, np.ndarray]]:
-    doc = _read_numgpt_doc(prefix)
+def _load_numgpt(prefix: Path, dtype: str | None,
+                 check_finite: bool = True) -> tuple[GPT, dict, dict[str, np.ndarray]]:
+    doc, doc_notes = _read_numgpt_doc(prefix)
     weights = _with(prefix, ".safetensors")
     try:
         config = GPTConfig.from_dict({**doc["model"], **({"dtype": dtype} if dtype else {})})
@@ -494,37 +623,40 @@ def _load_numgpt(prefix: Path, dtype: str | None) -> tuple[GPT, dict, dict[str, 
                                   f"save interrupted between its two renames; re-save the model")
         extras = {k[len(EXTRA_PREFIX):]: t() for k, t in thunks.items() if k.startswith(EXTRA_PREFIX)}
         params = {k: t for k, t in thunks.items() if not k.startswith(EXTRA_PREFIX)}
-        model = _new_model(config, params, weights)
+        model = _new_model(config, params, weights, check_finite=check_finite)
     tokenizer, notes = _numgpt_tokenizer(doc, prefix)
-    return _attach(model, "numgpt", prefix, weights, tokenizer, notes), doc["meta"], extras
+    return (_attach(model, "numgpt", prefix, weights, tokenizer, doc_notes + notes), doc["meta"],
+            extras)
 
 
 # ---------------------------------------------------------------------- public load
 
-def load(path: str | os.PathLike, dtype=None) -> GPT:
+def load(path: str | os.PathLike, dtype=None, *, check_finite: bool = True) -> GPT:
     """Load a GPT-2 from a Hugging Face folder, a nanoGPT ``ckpt.pt`` or a numgpt checkpoint.
 
     ``dtype`` (None, "float32", "float64" or a numpy dtype) casts the weights; None keeps
-    the stored dtype (float16/bfloat16 files become float32). The model carries
+    the stored dtype (float16/bfloat16 files become float32). ``check_finite=False`` skips
+    the scan that refuses NaN or infinite weights (one pass over them). The model carries
     ``config``, ``tokenizer`` (None if the source has none) and ``source``.
     """
     fmt, where = detect_format(path)
     dtype = _dtype_name(dtype)
     if fmt == "hf":
-        return _load_hf(where, dtype)
+        return _load_hf(where, dtype, check_finite)
     if fmt == "nanogpt":
-        return _load_nanogpt(where, dtype)
-    return _load_numgpt(where, dtype)[0]
+        return _load_nanogpt(where, dtype, check_finite)
+    return _load_numgpt(where, dtype, check_finite)[0]
 
 
-def load_checkpoint(prefix: str | os.PathLike) -> tuple[GPT, dict, dict[str, np.ndarray]]:
+def load_checkpoint(prefix: str | os.PathLike, *,
+                    check_finite: bool = True) -> tuple[GPT, dict, dict[str, np.ndarray]]:
     """A numgpt checkpoint with what ``save`` stored beside the model: ``(model, meta, arrays)``."""
     fmt, where = detect_format(prefix)
     if fmt != "numgpt":
         raise CheckpointError(f"{prefix!s} is a {fmt} checkpoint; load_checkpoint reads numgpt "
                               f"checkpoints (PREFIX.json + PREFIX.safetensors); use load() for "
                               f"weights only, or convert it first")
-    return _load_numgpt(where, None)
+    return _load_numgpt(where, None, check_finite)
 
 
 def find_tokenizer(path: str | os.PathLike) -> tuple[Any, list[str]]:
@@ -534,7 +666,7 @@ def find_tokenizer(path: str | os.PathLike) -> tuple[Any, list[str]]:
         return _hf_tokenizer(where, _read_json(where / "config.json", "Hugging Face config"))
     if fmt == "nanogpt":
         return _nanogpt_tokenizer(where)
-    return _numgpt_tokenizer(_read_numgpt_doc(where), where)
+    return _numgpt_tokenizer(_read_numgpt_doc(where)[0], where)
 
 
 def describe(model: GPT) -> dict:
@@ -559,24 +691,32 @@ def _tokenizer_config(tok) -> dict | None:
 
 # ---------------------------------------------------------------------------- writes
 
-def _write_temp(path: Path, write: Callable[[Path], None]) -> Path:
+def _write_temp(path: Path, write: Callable[[Path], None], kept: str = "") -> Path:
     """Run ``write(tmp)`` on a new temp file beside ``path`` (``io.files.temp_path``: exclusive,
-    unpredictable name, the target's permission bits) and fsync it; remove it on failure."""
+    unpredictable name, the target's permission bits) and fsync it; remove it on failure.
+    A full disk or read-only folder is a ``WriteError`` naming ``path`` and what is ``kept``."""
     tmp = temp_path(path)
     try:
-        write(tmp)
-        fsync_path(tmp)
+        with write_errors(path, kept):
+            write(tmp)
+            fsync_path(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
 
 
-def _commit(pairs: list[tuple[Path, Path]]) -> None:
-    """Rename each finished temp file onto its target (``os.replace`` is atomic per file)."""
+def _commit(pairs: list[tuple[Path, Path]], prefix: Path | None = None, kept: str = "") -> None:
+    """Rename each finished temp file onto its target (``os.replace`` is atomic per file), in
+    order: the first is the commit. The folder is fsynced so the renames survive a power cut."""
+    points = ("weights_renamed", "config_renamed")
     try:
-        for tmp, target in pairs:
-            os.replace(tmp, target)
+        for i, (tmp, target) in enumerate(pairs):
+            with write_errors(target, kept):
+                os.replace(tmp, target)
+            if prefix is not None and i < len(points):
+                _reached(points[i], prefix)
+        fsync_dir(pairs[0][1].parent)
     finally:
         for tmp, _ in pairs:
             tmp.unlink(missing_ok=True)
@@ -585,7 +725,13 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
 def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.numpy import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # SafetensorError: an I/O failure shows only as "(os error N)"
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _write_text(text: str) -> Callable[[Path], None]:
@@ -595,7 +741,7 @@ def _write_text(text: str) -> Callable[[Path], None]:
 def _target_folder(path: Path, what: str) -> None:
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot write {what} into {str(path)!r}: it exists and is not a folder")
-    path.mkdir(parents=True, exist_ok=True)
+    make_folder(path, what)
 
 
 def _extra_tensors(arrays: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
@@ -634,16 +780,20 @@ def save(model: GPT, prefix: str | os.PathLike, *, meta: Mapping[str, Any] | Non
     tensors = {n: np.asarray(p.data, order="C") for n, p in model.parameters().items()}
     tensors.update(_extra_tensors(arrays))
     weights, config = _with(prefix, ".safetensors"), _with(prefix, ".json")
+    metadata = {"format": "np", "numgpt": FORMAT_NAME, "save_id": save_id, DOC_KEY: text}
+    kept = f"the previous checkpoint {str(prefix)!r}, if any, is kept"
     pairs = []
-    try:
-        pairs.append((_write_temp(weights, lambda p: _save_safetensors(
-            tensors, p, {"format": "np", "numgpt": FORMAT_NAME, "save_id": save_id})), weights))
-        pairs.append((_write_temp(config, _write_text(text)), config))
+    try:  # the weights (with the document inside) first: renaming them is the commit
+        pairs.append((_write_temp(weights, lambda p: _save_safetensors(tensors, p, metadata), kept),
+                      weights))
+        _reached("weights_written", prefix)
+        pairs.append((_write_temp(config, _write_text(text), kept), config))
+        _reached("config_written", prefix)
     except BaseException:
         for tmp, _ in pairs:
             tmp.unlink(missing_ok=True)
         raise
-    _commit(pairs)
+    _commit(pairs, prefix, kept)
     return prefix
 
 
@@ -688,13 +838,15 @@ def export_hf(model: GPT, folder: str | os.PathLike) -> Path:
     weights, config = folder / "model.safetensors", folder / "config.json"
     tensors = _hf_tensors(model)
     text = json.dumps(_hf_config_json(model), indent=2) + "\n"
-    pairs = [(_write_temp(weights, lambda p: _save_safetensors(tensors, p, {"format": "pt"})), weights)]
+    kept = f"the previous files in {str(folder)!r}, if any, are kept"
+    pairs = [(_write_temp(weights, lambda p: _save_safetensors(tensors, p, {"format": "pt"}), kept),
+              weights)]
     try:
-        pairs.append((_write_temp(config, _write_text(text)), config))
+        pairs.append((_write_temp(config, _write_text(text), kept), config))
     except BaseException:
         pairs[0][0].unlink(missing_ok=True)
         raise
-    _commit(pairs)
+    _commit(pairs, kept=kept)
     if model.tokenizer is not None:
         save_files(model.tokenizer, folder)
     return folder

@@ -7,17 +7,71 @@ onto the target (``os.replace`` is atomic on POSIX). On any failure the temporar
 removed and the old target is untouched. The temporary file gets the target's permission
 bits if the target exists, else the usual ``0o666 & ~umask`` (``mkstemp`` alone would make
 every file private, 0o600).
+
+A write that fails because the disk is full or the folder is read-only is a ``WriteError``
+(a ``NumGPTError`` and an ``OSError``) whose one line names the file, says the old file is
+kept, and gives the fix; ``atomic_write`` and ``temp_path`` raise it, and other writers
+wrap their writes in ``write_errors``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["atomic_write", "temp_path", "fsync_path", "TEMP_SUFFIX"]
+from ..errors import NumGPTError
+
+__all__ = ["atomic_write", "temp_path", "fsync_path", "fsync_dir", "make_folder", "write_errors",
+           "write_error", "WriteError", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
+# errno values that mean "no room": the disk or quota is full, or a file-size limit was hit
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class WriteError(NumGPTError, OSError):
+    """A file could not be written: the disk is full or the folder is read-only. Also an
+    ``OSError`` (with the original ``errno``), so callers that catch ``OSError`` still do."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
+
+
+def write_error(exc: OSError, path, kept: str = "") -> OSError:
+    """The ``WriteError`` an ``OSError`` from writing ``path`` means (disk full, read-only),
+    or ``exc`` itself when it is neither. ``kept`` says what survived (e.g. the previous
+    checkpoint), appended to the message."""
+    if isinstance(exc, WriteError) or exc.errno not in DISK_FULL | READ_ONLY:
+        return exc
+    kept = f"; {kept}" if kept else ""
+    if exc.errno in DISK_FULL:
+        text = (f"disk full writing {str(path)!r} ({exc.strerror}){kept}; free space on that "
+                f"disk (or raise the file-size limit) or write somewhere else, then run again")
+    else:
+        text = (f"cannot write {str(path)!r}: {exc.strerror} (the folder is read-only or not "
+                f"yours){kept}; choose a writable folder or fix its permissions")
+    return WriteError(exc.errno, text)
+
+
+@contextmanager
+def write_errors(path, kept: str = "") -> Iterator[None]:
+    """Turn a disk-full or read-only ``OSError`` inside the block into a ``WriteError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(exc, path, kept) from None
+
+
+def make_folder(path, what: str = "the output") -> Path:
+    """``mkdir -p path`` with a ``WriteError`` (not a traceback) when the parent is read-only."""
+    path = Path(path)
+    with write_errors(path, f"nothing was written; {what} needs a writable folder"):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _umask() -> int:
@@ -34,7 +88,8 @@ def _umask() -> int:
 def _new_temp(target: Path) -> tuple[int, Path]:
     """An exclusively created ``.NAME.<random>.tmp`` beside ``target``, open for writing,
     with the permission bits the finished file should have."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
+    with write_errors(target, "nothing was written"):
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
     try:
         mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
         os.fchmod(fd, mode)
@@ -62,15 +117,32 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
+def fsync_dir(folder) -> None:
+    """Flush a folder's entries (the renames just made in it), so that after a power cut the
+    folder shows the new files, not the old ones. A no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder: the rename still happened
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write: Callable[[BinaryIO], None] | bytes | str, *,
                  fsync: bool = True) -> Path:
     """Replace ``path`` with what ``write(file)`` writes (or with the given bytes / UTF-8 str).
 
-    ``write`` receives a binary file object opened on the temporary file."""
+    ``write`` receives a binary file object opened on the temporary file. A full disk or a
+    read-only folder raises ``WriteError``; the old file is kept either way."""
     path = Path(path)
     fd, tmp = _new_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with write_errors(path, f"the previous {path.name}, if any, is kept"), \
+                os.fdopen(fd, "wb") as f:
             if isinstance(write, str):
                 f.write(write.encode("utf-8"))
             elif isinstance(write, (bytes, bytearray, memoryview)):
@@ -80,7 +152,8 @@ def atomic_write(path, write: Callable[[BinaryIO], None] | bytes | str, *,
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with write_errors(path, f"the previous {path.name}, if any, is kept"):
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
