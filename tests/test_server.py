@@ -12,14 +12,12 @@ loaded, the catch-all 500, a full queue, and the GPT-2 BPE tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,19 +29,13 @@ from numgpt.io.checkpoint import save
 from numgpt.core.model import GPT, GPTConfig
 from numgpt.infer.sample import SamplingParams, generate, sample_rng
 from numgpt.io.tokenizer import ByteTokenizer
+from servers import REPO, serve_subprocess
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123"
 NAME = "tiny-test"
 LIMIT = 240  # --max-tokens-limit
 BODY_LIMIT = 65536  # --max-body-bytes
 GREEDY = SamplingParams(temperature=0.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_model(block_size=256, seed=5) -> GPT:
@@ -76,35 +68,12 @@ class Served:
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     prefix = save(_tiny_model(), folder / "tiny")
-    port = _free_port()
     log_path = folder / "server.log"
-    env = {**os.environ, "NUMGPT_API_KEY": KEY}
-    cmd = [sys.executable, "-m", "numgpt", "serve", "--model", str(prefix), "--port", str(port),
-           "--max-batch", "8", "--max-queue", "32", "--max-tokens-limit", str(LIMIT),
-           "--model-name", NAME, "--max-body-bytes", str(BODY_LIMIT), "--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"server not healthy in 60 s:\n{log_path.read_text()}"
-            try:
-                if httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"},
-                             timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with serve_subprocess(prefix, log_path, "--max-batch", "8", "--max-queue", "32",
+                          "--max-tokens-limit", str(LIMIT), "--model-name", NAME,
+                          "--max-body-bytes", str(BODY_LIMIT), "--log-level", "warning",
+                          api_key=KEY) as (url, proc):
         yield Served(url, prefix, proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def offline(served, prompt: str, n: int, params=GREEDY, index=0, stop=None) -> str:
