@@ -59,7 +59,8 @@ from ..core.tensor import apply, no_grad
 from ..errors import CheckpointError, ConfigError, InputError, NumGPTError
 from ..io import checkpoint
 from ..io.data import SPLITS, TokenDataset, get_batch, prepare
-from ..io.files import atomic_write
+from ..io.files import atomic_write, make_folder, write_errors
+from ..io.recovery import tidy_folder
 from ..io.tokenizer import ByteTokenizer, tokenizer_from_config
 from .config import ARCH_KEYS, TrainConfig, resume_config
 from .optim import AdamW, clip_grad_norm, lr_schedule
@@ -394,7 +395,10 @@ class _Run:
         out, cfg = self.out, self.cfg
         if out.exists() and not out.is_dir():
             raise ConfigError(f"out {str(out)!r} exists and is not a folder; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "training")
+        with write_errors(out, "nothing was changed"):  # a crash's leftovers, before anything reads
+            for note in tidy_folder(out):
+                print(f"numgpt: note: {note}", file=sys.stderr)
         has_run = (out / "latest.json").exists() or (out / _LOG).exists()
         if cfg.resume and not (out / "latest.json").exists():
             raise CheckpointError(f"cannot resume: {str(out / 'latest.json')!r} does not exist; "
@@ -427,7 +431,10 @@ class _Run:
                 raise ConfigError(f"config key 'block_size' is {cfg.block_size} but the model {where} "
                                   f"has a context of {model.config.block_size}; lower block_size")
         else:
-            model = GPT(cfg.model_config(vocab_size=int(meta["vocab_size"])), seed=cfg.seed)
+            config = cfg.model_config(vocab_size=int(meta["vocab_size"]))
+            checkpoint.check_memory(config, "training this model", copies=4,
+                                    role="its parameters, gradients and AdamW's two moments")
+            model = GPT(config, seed=cfg.seed)
             model.tokenizer = tokenizer_from_config(meta["tokenizer"])
             where = "being trained"
         _check_tokenizers(model.tokenizer, meta, model.config.vocab_size, where, self.data_dir)
@@ -467,18 +474,21 @@ class _Run:
         (written after it by the interrupted run), so the log reads as one clean run."""
         path = self.out / _LOG
         if self.cfg.resume and path.exists():
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                       if line.strip()]
-            keep = [r for r in records if r.get("step", 0) <= self.step and r.get("kind") != "final"]
+            keep = [r for r in _read_log_records(path)
+                    if r.get("step", 0) <= self.step and r.get("kind") != "final"]
             atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
-        return open(path, "a", encoding="utf-8")
+        with write_errors(path, "nothing was trained"):
+            return open(path, "a", encoding="utf-8")
 
     # ------------------------------------------------------------------ actions
     def log(self, record: dict) -> None:
-        """Append ``record`` to log.jsonl (rank 0 alone writes the run's files)."""
+        """Append ``record`` to log.jsonl (rank 0 alone writes the run's files). A full disk
+        stops the run with a one-line ``WriteError``; the line it tore is dropped on resume."""
         if self.log_file is not None:
-            self.log_file.write(json.dumps(record) + "\n")
-            self.log_file.flush()
+            with write_errors(self.out / _LOG, f"the last checkpoint in {str(self.out)!r} is "
+                                               f"kept; continue with --resume"):
+                self.log_file.write(json.dumps(record) + "\n")
+                self.log_file.flush()
 
     def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.cfg
@@ -515,9 +525,34 @@ class _Run:
 
     def close(self) -> None:
         if self.log_file is not None:
-            self.log_file.close()
+            try:
+                self.log_file.close()
+            except OSError:  # a full disk: already reported by log(); resume drops the torn line
+                pass
         if getattr(self, "parallel", None) is not None:
             self.parallel.close()
+
+
+def _read_log_records(path: Path) -> list[dict]:
+    """The records of log.jsonl. A last line cut short (the disk filled, or the process died,
+    mid-write) is dropped with a warning; a damaged line before it is an error naming it."""
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as e:
+            if n < len(lines) - 1:
+                raise CheckpointError(f"{str(path)!r} line {i} is not a JSON object ({e}); the log "
+                                      f"is damaged: delete that line, then resume again") from None
+            print(f"numgpt: warning: dropped the torn last line {i} of {str(path)!r} (a write "
+                  f"cut short by a crash or a full disk)", file=sys.stderr)
+            continue
+        records.append(record)
+    return records
 
 
 def _set_dropout(model: GPT, p: float) -> None:
