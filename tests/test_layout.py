@@ -117,7 +117,8 @@ def test_train_is_a_package_and_a_function():
     assert callable(numgpt.train)
 
 
-@pytest.mark.parametrize("module", ["numgpt", "numgpt.cli", "numgpt.core.threads", "numgpt.train"])
+@pytest.mark.parametrize("module", ["numgpt", "numgpt.cli", "numgpt.core.threads", "numgpt.train",
+                                    "numgpt.core.config", "numgpt.train.config"])
 def test_modules_imported_before_the_thread_count_is_set_leave_numpy_unloaded(module):
     """BLAS reads its thread count when NumPy loads, so the CLI must parse --threads and call
     set_blas_threads before anything imports NumPy. Negative control: numgpt.core.ops does."""
@@ -129,3 +130,15 @@ def test_modules_imported_before_the_thread_count_is_set_leave_numpy_unloaded(mo
                                       text=True, check=True).stdout.strip()
     assert loaded(module) == "False"
     assert loaded("numgpt.core.ops") == "True"
+
+
+def test_building_a_training_config_leaves_numpy_unloaded():
+    """`numgpt train` builds and validates its TrainConfig (model shape checked by GPTConfig)
+    before it chooses the thread count from it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from numgpt.train.config import TrainConfig; "
+             "TrainConfig(n_layer=2).model_config(vocab_size=256); print('numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..core.config import GPTConfig
 from ..errors import CheckpointError, ConfigError
 
 if sys.version_info >= (3, 11):
@@ -108,19 +109,17 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ checks
     def _check_values(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                     "gradient_accumulation_steps", "eval_iters", "log_interval", "workers"):
+        self.model_config(vocab_size=1)  # the model's shape rules live in GPTConfig alone
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval",
+                     "workers"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("max_iters", "warmup_iters", "eval_interval", "checkpoint_interval",
                      "sample_tokens", "seed"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(self.workers <= self.batch_size, "workers",
                  f"({self.workers}) must be <= batch_size ({self.batch_size}): each takes rows")
-        _require(self.n_embd % self.n_head == 0, "n_embd",
-                 f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        _require(self.activation in ("gelu", "gelu_tanh"), "activation", "must be 'gelu' or 'gelu_tanh'")
-        _require(self.dtype in ("float32", "float64"), "dtype", "must be 'float32' or 'float64'")
-        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _require(self.dtype in ("float32", "float64"), "dtype",
+                 "must be 'float32' or 'float64' for training")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
                  "must be a finite number > 0")
         _require(0.0 <= self.min_lr <= self.learning_rate, "min_lr",
@@ -139,6 +138,13 @@ class TrainConfig:
                  "cannot be combined with resume: choose one")
 
     # ------------------------------------------------------------------ derived
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPTConfig of a model trained from scratch with this config (the vocabulary
+        comes from the data). GPTConfig validates the shape: the one place that does."""
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, bias=self.bias,
+                         dropout=self.dropout, activation=self.activation, dtype=self.dtype)
+
     @property
     def decay_iters(self) -> int:
         """Where the cosine reaches ``min_lr``: ``lr_decay_iters``, else ``max_iters`` (at least
