@@ -299,3 +299,27 @@ def test_load_split_detects_a_truncated_file(prepared):
 def test_load_split_unknown_split(prepared):
     with pytest.raises(InputError, match="'test'"):
         load_split(prepared, "test")
+
+
+@pytest.mark.parametrize("edit, key, want", [
+    (lambda m: m.pop("vocab_size"), "vocab_size", "missing"),
+    (lambda m: m.update(vocab_size="256"), "vocab_size", "'256' (str)"),
+    (lambda m: m.update(vocab_size=10**6), "vocab_size", "at most 65536 for dtype uint16"),
+    (lambda m: m.pop("tokenizer"), "tokenizer", "missing"),
+    (lambda m: m.update(tokenizer="bytes"), "tokenizer", "'bytes' (str)"),
+    (lambda m: m["splits"]["train"].update(tokens=-1), "splits.train.tokens", "-1 (int)"),
+    (lambda m: m["splits"]["val"].update(tokens=2.5), "splits.val.tokens", "2.5 (float)"),
+    (lambda m: m["splits"]["train"].pop("file"), "splits.train.file", "missing"),
+    (lambda m: m["splits"]["val"].update(file="../../etc/passwd"), "splits.val.file", "'../../etc/passwd'"),
+])
+def test_meta_json_with_a_wrong_type_or_missing_key_is_refused_by_key(prepared, edit, key, want):
+    """A hand-edited meta.json fails on load with the key, what it holds and the fix, not as a
+    KeyError or TypeError deep inside training."""
+    path = prepared / "meta.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError) as e:
+        TokenDataset(prepared)
+    assert f"key {key!r}" in str(e.value) and want in str(e.value) and "meta.json" in str(e.value)
+    assert "run `numgpt prepare`" in str(e.value) and "\n" not in str(e.value)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..core.checks import is_int
 from ..errors import InputError
-from .files import atomic_write, temp_path
+from .files import atomic_write, make_folder, temp_path, write_errors
 
 __all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype",
            "META_FORMAT", "META_VERSION", "SPLITS"]
@@ -192,8 +192,7 @@ def _make_out_dir(out_dir) -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"output folder {str(out)!r} exists and is not a folder; "
                          "choose another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return make_folder(out, "prepare")
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -228,10 +227,13 @@ def prepare(inputs, tokenizer, out_dir, val_fraction: float = 0.1, *,
     tok_config = tokenizer.to_config()
     vocab_size, dtype = int(tokenizer.vocab_size), token_dtype(int(tokenizer.vocab_size))
     out = _make_out_dir(out_dir)
-    all_tmp, val_tmp = temp_path(out / "train.bin"), temp_path(out / "val.bin")
+    all_tmp = temp_path(out / "train.bin")
+    val_tmp = None
     try:
-        total = _stream_tokens(paths, tokenizer, all_tmp, dtype, vocab_size, chunk_bytes,
-                               progress)
+        val_tmp = temp_path(out / "val.bin")
+        with write_errors(out / "train.bin", "the folder's previous files are kept"):
+            total = _stream_tokens(paths, tokenizer, all_tmp, dtype, vocab_size, chunk_bytes,
+                                   progress)
         if total == 0:
             names = ", ".join(repr(str(p)) for p in paths)
             raise InputError(f"the input is empty: {names} hold no text; pass files with "
@@ -239,14 +241,17 @@ def prepare(inputs, tokenizer, out_dir, val_fraction: float = 0.1, *,
         n_val = round(total * val_fraction)
         counts = {"train": total - n_val, "val": n_val}
         _check_split_sizes(counts, val_fraction, block_size)
-        _split_file(all_tmp, val_tmp, counts["train"], dtype.itemsize, chunk_bytes)
+        with write_errors(out / "val.bin", "the folder's previous files are kept"):
+            _split_file(all_tmp, val_tmp, counts["train"], dtype.itemsize, chunk_bytes)
         meta = _meta(tok_config, vocab_size, dtype, counts, val_fraction, paths,
                      block_size, batch_size)
-        _publish(out, all_tmp, val_tmp, meta)
+        with write_errors(out, "the folder has no meta.json until prepare is run again"):
+            _publish(out, all_tmp, val_tmp, meta)
         return meta
     finally:
-        all_tmp.unlink(missing_ok=True)
-        val_tmp.unlink(missing_ok=True)
+        for tmp in (all_tmp, val_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def _stream_tokens(paths, tokenizer, dest: Path, dtype, vocab_size, chunk_bytes,
@@ -305,7 +310,38 @@ def _read_meta(folder: Path) -> dict:
         raise InputError(f"{str(path)!r} has version {meta.get('version')!r} and dtype "
                          f"{meta.get('dtype')!r}; this numgpt reads version {META_VERSION} "
                          f"with uint16/uint32; re-run prepare")
+    _check_meta_fields(meta, path, hint)
     return meta
+
+
+def _check_meta_fields(meta: dict, path: Path, hint: str) -> None:
+    """Every key the readers use, with its type and range: a hand-edited or foreign meta.json
+    is refused here by key, never deep inside training as a KeyError or TypeError."""
+    def bad(key: str, value, want: str) -> InputError:
+        found = "missing" if value is _MISSING else f"{value!r} ({type(value).__name__})"
+        return InputError(f"{str(path)!r}: key {key!r} must be {want}, found {found}; {hint}")
+
+    vocab = meta.get("vocab_size", _MISSING)
+    if not (is_int(vocab) and vocab >= 1):
+        raise bad("vocab_size", vocab, "a positive integer")
+    if vocab > 1 << 32 or (meta["dtype"] == "uint16" and vocab > 1 << 16):
+        raise bad("vocab_size", vocab, f"at most {1 << 16 if meta['dtype'] == 'uint16' else 1 << 32} "
+                                       f"for dtype {meta['dtype']}")
+    tok = meta.get("tokenizer", _MISSING)
+    if not (isinstance(tok, dict) and isinstance(tok.get("type"), str)):
+        raise bad("tokenizer", tok, "an object with a string 'type'")
+    if meta.get("byteorder", "little") != "little":
+        raise bad("byteorder", meta.get("byteorder"), "'little'")
+    for split in SPLITS:
+        entry = meta["splits"][split]
+        name, tokens = entry.get("file", _MISSING), entry.get("tokens", _MISSING)
+        if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+            raise bad(f"splits.{split}.file", name, "a file name inside the folder (no path)")
+        if not (is_int(tokens) and tokens >= 0):
+            raise bad(f"splits.{split}.tokens", tokens, "an integer >= 0")
+
+
+_MISSING = object()
 
 
 def load_split(folder, split: str) -> np.ndarray:
