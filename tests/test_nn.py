@@ -400,18 +400,23 @@ def test_block_is_an_explicit_argument_and_never_changes_the_result():
             ops.attention_inference(q, k, v, block=bad)
 
 
-def test_layer_forward_calls_the_training_entry_with_or_without_a_graph(monkeypatch):
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_layer_forward_calls_the_training_entry_with_or_without_a_graph(monkeypatch, path):
+    from numgpt.core import kernels
     from numgpt.core.tensor import no_grad
 
-    layer = CausalSelfAttention(C, 4, dtype=np.float64)
+    layer = CausalSelfAttention(C, 4, dtype=np.float64, kernels=path)
     _randomize(layer, np.random.default_rng(4))
     x = Tensor(np.random.default_rng(5).standard_normal((2, 9, C)), requires_grad=True)
     graph = layer(x)
     assert graph.requires_grad
     used = []
+    module = kernels if path == "fast" else ops  # where the path's entries live
     for name in ("attention_training", "attention_inference", "attention_reference"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _f=real, _n=name, **kw: used.append(_n) or _f(*a, **kw))
+        if not hasattr(module, name):
+            continue
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=real, _n=name, **kw: used.append(_n) or _f(*a, **kw))
     with no_grad():
         plain = layer(x)
     assert not plain.requires_grad and plain.parents == ()

@@ -31,8 +31,6 @@ Shape legend as in ``ops.py``: B, T, C, nh, hs, V, N (flattened rows).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -41,7 +39,7 @@ from numba.extending import intrinsic
 from ..errors import ConfigError, ShapeError
 from . import ops
 
-__all__ = ["PATHS", "ops_for", "set_threads", "compile_all",
+__all__ = ["PATHS", "FAST_OPS", "OpPath", "ops_for", "set_threads", "compile_all",
            "layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
            "attention_training", "attention_inference", "cached_attention",
            "adamw_update", "sum_of_squares"]
@@ -703,22 +701,38 @@ def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, 
 
 # ---------------------------------------------------------------------- the two paths
 
-_FAST_OPS = {"layernorm": layernorm, "gelu": gelu, "gelu_tanh": gelu_tanh,
-             "cross_entropy": cross_entropy, "embedding": embedding,
-             "attention_training": attention_training, "attention_inference": attention_inference}
+# The reference ops each kernel stands in for on the fast path; every other op is shared.
+FAST_OPS = ("layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
+            "attention_training", "attention_inference")
 
 
-def ops_for(path: str) -> SimpleNamespace:
-    """The op namespace of a path: every name of ``ops``, with the fast path's kernels in
-    place of the reference ops they implement (``"fast"``), or the reference ops alone
-    (``"reference"``)."""
-    if path not in PATHS:
-        raise ConfigError(f"kernels must be one of {list(PATHS)}, got {path!r}")
-    names = {name: getattr(ops, name) for name in dir(ops) if not name.startswith("__")}
-    if path == "fast":
-        names.update(_FAST_OPS)
-    names["path"] = path
-    return SimpleNamespace(**names)
+class OpPath:
+    """The op namespace of one path: ``OpPath("fast").layernorm`` is this module's kernel,
+    ``OpPath("reference").layernorm`` is ``ops.layernorm``; an op without a kernel
+    (``linear``, ``tied_head``, ...) is the reference op on both. Names are looked up at
+    call time, so a test that swaps ``ops.<name>`` (or ``kernels.<name>``) for a broken one
+    reaches every layer that uses that path."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        if path not in PATHS:
+            raise ConfigError(f"kernels must be one of {list(PATHS)}, got {path!r}; "
+                              f"'fast' runs the compiled kernels, 'reference' the NumPy ops")
+        self.path = path
+
+    def __getattr__(self, name: str):
+        if self.path == "fast" and name in FAST_OPS:
+            return globals()[name]
+        return getattr(ops, name)
+
+    def __repr__(self) -> str:
+        return f"OpPath({self.path!r})"
+
+
+def ops_for(path: str) -> OpPath:
+    """The op namespace of ``path`` ("fast" or "reference"); see ``OpPath``."""
+    return OpPath(path)
 
 
 def compile_all() -> float:

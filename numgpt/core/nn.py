@@ -7,6 +7,11 @@ A ``Linear`` weight is stored ``(in, out)`` and computes ``x @ W + b``.
 Every ``forward`` takes and returns ``Tensor``s, so the same code trains (graph built)
 and infers (inside ``no_grad``). Dropout is active only when a ``numpy.random.Generator``
 is passed in; there is no hidden train/eval flag.
+
+The layers with a fast-path kernel (LayerNorm, Embedding, the MLP's GELU, attention) take
+``kernels``: ``"fast"`` (compiled kernels, ``core/kernels.py``) or ``"reference"`` (the
+NumPy ops of ``core/ops.py``), held as ``self.ops``, the op namespace they call.
+``GPTConfig.kernels`` passes it down; nothing else picks it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 
 from . import ops
 from ..errors import ConfigError
+from .kernels import ops_for
 from .tensor import Tensor, apply
 
 __all__ = ["Parameter", "Module", "Linear", "LayerNorm", "Embedding", "MLP",
@@ -88,56 +94,60 @@ class Linear(Module):
 class LayerNorm(Module):
     """LayerNorm over the last axis with a learned gain and an optional bias."""
 
-    def __init__(self, n: int, bias: bool = True, eps: float = 1e-5, dtype=np.float32):
+    def __init__(self, n: int, bias: bool = True, eps: float = 1e-5, dtype=np.float32,
+                 kernels: str = "fast"):
         self.weight = Parameter(np.ones((n,), dtype=dtype))
         self.bias = Parameter(np.zeros((n,), dtype=dtype)) if bias else None
         self.eps = eps
+        self.ops = ops_for(kernels)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., C) -> (..., C)
-        return apply(ops.layernorm, x, self.weight, self.bias, eps=self.eps)
+        return apply(self.ops.layernorm, x, self.weight, self.bias, eps=self.eps)
 
 
 class Embedding(Module):
     """Rows of a (num, dim) table looked up by integer ids."""
 
-    def __init__(self, num: int, dim: int, dtype=np.float32):
+    def __init__(self, num: int, dim: int, dtype=np.float32, kernels: str = "fast"):
         self.weight = Parameter(np.zeros((num, dim), dtype=dtype))
+        self.ops = ops_for(kernels)
 
     def forward(self, ids: np.ndarray) -> Tensor:  # (...) int -> (..., dim)
-        return apply(ops.embedding, self.weight, ids=ids)
+        return apply(self.ops.embedding, self.weight, ids=ids)
 
 
-_ACTIVATIONS = {"gelu": ops.gelu, "gelu_tanh": ops.gelu_tanh}
+_ACTIVATIONS = ("gelu", "gelu_tanh")  # names of ops: the exact and the tanh GELU
 
 
 class MLP(Module):
     """``c_proj(act(c_fc(x)))`` with a 4x hidden width; act is exact or tanh GELU."""
 
     def __init__(self, n_embd: int, bias: bool = True, activation: str = "gelu_tanh",
-                 dropout: float = 0.0, dtype=np.float32):
+                 dropout: float = 0.0, dtype=np.float32, kernels: str = "fast"):
         if activation not in _ACTIVATIONS:
             raise ConfigError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.c_fc = Linear(n_embd, 4 * n_embd, bias, dtype)
         self.c_proj = Linear(4 * n_embd, n_embd, bias, dtype)
         self.activation = activation
         self.dropout = dropout
+        self.ops = ops_for(kernels)
 
     def forward(self, x: Tensor, rng: np.random.Generator | None = None) -> Tensor:  # (B, T, C)
-        h = apply(_ACTIVATIONS[self.activation], self.c_fc(x))  # (B, T, 4C)
+        h = apply(getattr(self.ops, self.activation), self.c_fc(x))  # (B, T, 4C)
         return dropout(self.c_proj(h), self.dropout, rng)  # (B, T, C)
 
 
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with one fused QKV projection; heads batched, no loop.
 
-    ``forward`` always runs the training entry ``ops.attention_training`` (graph or not);
-    the KV-cache path (``GPT.forward_cached``) runs ``ops.attention_inference`` itself.
+    ``forward`` always runs the training entry ``attention_training`` of its path (graph or
+    not); the KV-cache path (``GPT.forward_cached``) runs the inference entry itself.
     ``attention_block``: query rows per softmax block inside either entry (memory only;
     every block size computes the same math).
     """
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,
-                 dtype=np.float32, attention_block: int = 128):
+                 dtype=np.float32, attention_block: int = 128, kernels: str = "fast"):
         # shapes are validated once, by GPTConfig; a layer built by hand with n_embd not
         # divisible by n_head is refused by ops.attention_training (ShapeError) on forward
         self.c_attn = Linear(n_embd, 3 * n_embd, bias, dtype)
@@ -145,10 +155,12 @@ class CausalSelfAttention(Module):
         self.n_head = n_head
         self.dropout = dropout
         self.attention_block = attention_block
+        self.ops = ops_for(kernels)
 
     def forward(self, x: Tensor, rng: np.random.Generator | None = None) -> Tensor:  # (B, T, C)
         qkv = self.c_attn(x)  # (B, T, 3C)
-        y = apply(ops.attention_training, qkv, n_head=self.n_head, block=self.attention_block)  # (B, T, C)
+        y = apply(self.ops.attention_training, qkv, n_head=self.n_head,
+                  block=self.attention_block)  # (B, T, C)
         return dropout(self.c_proj(y), self.dropout, rng)
 
 
@@ -156,11 +168,11 @@ class Block(Module):
     """Pre-LN transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, activation: str = "gelu_tanh",
-                 dropout: float = 0.0, eps: float = 1e-5, dtype=np.float32):
-        self.ln_1 = LayerNorm(n_embd, bias, eps, dtype)
-        self.attn = CausalSelfAttention(n_embd, n_head, bias, dropout, dtype)
-        self.ln_2 = LayerNorm(n_embd, bias, eps, dtype)
-        self.mlp = MLP(n_embd, bias, activation, dropout, dtype)
+                 dropout: float = 0.0, eps: float = 1e-5, dtype=np.float32, kernels: str = "fast"):
+        self.ln_1 = LayerNorm(n_embd, bias, eps, dtype, kernels)
+        self.attn = CausalSelfAttention(n_embd, n_head, bias, dropout, dtype, kernels=kernels)
+        self.ln_2 = LayerNorm(n_embd, bias, eps, dtype, kernels)
+        self.mlp = MLP(n_embd, bias, activation, dropout, dtype, kernels)
 
     def forward(self, x: Tensor, rng: np.random.Generator | None = None) -> Tensor:  # (B, T, C)
         x = x + self.attn(self.ln_1(x), rng)
