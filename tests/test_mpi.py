@@ -249,8 +249,13 @@ def test_sigterm_to_mpiexec_saves_once_and_resumes_exactly(mpiexec, data_dir, tm
 # ----------------------------------------------------------------------- faults
 
 def test_a_killed_rank_ends_the_job_and_leaves_a_resumable_checkpoint(mpiexec, data_dir, tmp_path, two_ranks):
+    import re
+
     proc = mpi_driver(mpiexec, tmp_path, "kill", 1, 7, cfg(data_dir, tmp_path / "run"), timeout=60)
     assert proc.returncode != 0
+    # rank 0 named every rank's PID at the start; mpich's message names the dead one's PID
+    pid = re.search(r"rank 1 pid (\d+) on ", proc.stderr).group(1)
+    assert f"PID {pid} " in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     weights, meta, _ = saved(tmp_path / "run")  # the checkpoint of step 5 is intact
     assert meta["step"] == 5
     ok(mpi_train(mpiexec, cfg(data_dir, tmp_path / "run", resume=True)))

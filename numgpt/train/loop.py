@@ -368,15 +368,21 @@ class _Run:
         naming the first rank and the keys that differ from rank 0."""
         if self.ranks.size == 1:
             return
+        import socket
+
         mine = self._launch_fingerprint()
-        everyone = self.ranks.allgather(mine, "compare the launch")
-        for rank, theirs in enumerate(everyone):
-            differ = sorted(k for k in set(mine) | set(theirs) if everyone[0].get(k) != theirs.get(k))
+        where = f"pid {os.getpid()} on {socket.gethostname()}"  # not compared: differs by design
+        everyone = self.ranks.allgather([where, mine], "compare the launch")
+        for rank, (_, theirs) in enumerate(everyone):
+            differ = sorted(k for k in set(mine) | set(theirs) if everyone[0][1].get(k) != theirs.get(k))
             if differ:
                 raise ConfigError(
                     f"rank {rank} was launched differently from rank 0 ({', '.join(differ)} "
                     f"differ); every rank of `mpiexec -n {self.ranks.size} numgpt train` needs "
                     f"the same flags, config file, data and run folder contents")
+        if self.ranks.is_root:  # so that a launcher's message naming a dead PID names the rank
+            print(f"numgpt: {self.ranks.size} ranks: " + ", ".join(
+                f"rank {r} {w}" for r, (w, _) in enumerate(everyone)), file=sys.stderr, flush=True)
 
     def _launch_fingerprint(self) -> dict:
         cfg = self.cfg.to_dict()
