@@ -45,29 +45,52 @@ def _run_gradcheck(args) -> int:
 
 _CONVERT_HELP = """\
 Read any checkpoint numgpt loads (a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt, a numgpt
-PREFIX) and write it as a numgpt checkpoint or a Hugging Face folder.
-Output format rule (when --format is not given): DST that is an existing folder or ends
-with '/' -> Hugging Face folder (config.json + model.safetensors + tokenizer files);
+PREFIX, a GPT-2 .gguf) and write it as a numgpt checkpoint, a Hugging Face folder or a GGUF
+file for llama.cpp.
+Output format rule (when --format is not given): DST ending in .gguf -> GGUF (llama.cpp's
+GPT-2 layout; --dtype f32, f16 or q8_0, default f32); DST that is an existing folder or
+ends with '/' -> Hugging Face folder (config.json + model.safetensors + tokenizer files);
 anything else -> numgpt checkpoint DST.json + DST.safetensors (a trailing .json or
 .safetensors on DST is dropped)."""
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint to numgpt or Hugging Face format",
+    p = sub.add_parser("convert", help="convert a checkpoint to numgpt, Hugging Face or GGUF format",
                        description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="HF folder, nanoGPT ckpt.pt, or numgpt PREFIX")
-    p.add_argument("dst", metavar="DST", help="output PREFIX (numgpt) or FOLDER/ (hf)")
-    p.add_argument("--format", choices=["numgpt", "hf"], default=None,
+    p.add_argument("src", metavar="SRC", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or .gguf")
+    p.add_argument("dst", metavar="DST", help="output PREFIX (numgpt), FOLDER/ (hf) or FILE.gguf")
+    p.add_argument("--format", choices=["numgpt", "hf", "gguf"], default=None,
                    help="output format (default: from DST, see above)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help="cast the weights (default: keep the stored dtype)")
+    p.add_argument("--dtype", choices=["float32", "float64", "f32", "f16", "q8_0"], default=None,
+                   help="numgpt/hf: cast the weights to float32/float64 (default: keep the stored "
+                        "dtype); gguf: f32, f16 or q8_0 tensors (default f32)")
     p.set_defaults(run=_run_convert)
+
+
+def _run_gguf_convert(args) -> int:
+    from .io import checkpoint
+    from .io.gguf import write_gguf
+
+    dtype = {"float32": "f32", None: "f32"}.get(args.dtype, args.dtype)
+    if dtype == "float64":
+        raise InputError("GGUF holds f32, f16 or q8_0 tensors; --dtype float64 is not one of them")
+    model = checkpoint.load(args.src)
+    out = write_gguf(model, args.dst, dtype)
+    print(f"wrote GGUF {out} ({dtype}, {out.stat().st_size:,} bytes, llama.cpp GPT-2 layout) "
+          f"from {model.source['format']} {args.src}")
+    return 0
 
 
 def _run_convert(args) -> int:
     from .io import checkpoint
 
-    fmt = args.format or ("hf" if args.dst.endswith(("/", "\\")) or Path(args.dst).is_dir() else "numgpt")
+    fmt = args.format or ("gguf" if args.dst.endswith(".gguf") else
+                          "hf" if args.dst.endswith(("/", "\\")) or Path(args.dst).is_dir() else "numgpt")
+    if fmt == "gguf":
+        return _run_gguf_convert(args)
+    if args.dtype in ("f32", "f16", "q8_0"):
+        raise InputError(f"--dtype {args.dtype} is for GGUF output; for {fmt} use float32 or "
+                         f"float64 (or `numgpt quantize` for q8_0 weights)")
     if fmt == "numgpt" and Path(args.dst).is_dir():
         raise InputError(f"DST {args.dst!r} is a folder; a numgpt checkpoint is a file prefix such "
                          f"as {str(Path(args.dst) / 'model')!r} (or pass --format hf)")
@@ -80,7 +103,32 @@ def _run_convert(args) -> int:
         out = checkpoint.save(model, args.dst)
         wrote = f"numgpt checkpoint {out}.json + {out}.safetensors"
     print(f"wrote {wrote}: {model.num_parameters():,} parameters, "
-          f"{model.wte.weight.data.dtype}, from {model.source['format']} {args.src}")
+          f"{checkpoint.describe(model)['dtype']}, from {model.source['format']} {args.src}")
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="store a model's matrices as 8-bit blocks (q8_0) for "
+                       "smaller, faster inference")
+    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or .gguf")
+    p.add_argument("out", metavar="OUT", help="output numgpt checkpoint PREFIX")
+    p.add_argument("--scheme", default="q8_0",
+                   help="q8_0: blocks of 32 int8 weights sharing one float16 scale (GGML's layout)")
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    from .core import quant
+    from .io import checkpoint
+
+    if args.scheme not in quant.SCHEMES:
+        raise InputError(f"--scheme {args.scheme!r} is not supported; choose one of {list(quant.SCHEMES)}")
+    model = quant.quantize_model(checkpoint.load(args.model), args.scheme)
+    out = checkpoint.save(model, args.out)
+    sizes = quant.weight_bytes(model)
+    print(f"wrote {args.scheme} checkpoint {out}.json + {out}.safetensors: "
+          f"{sizes['total']:,} bytes of weights in memory ({sizes['quantized']:,} in {args.scheme} "
+          f"matrices, {sizes['float']:,} float32 norms, biases and wpe)")
     return 0
 
 
@@ -106,6 +154,10 @@ def _run_info(args) -> int:
     print("config      " + " ".join(f"{k}={v}" for k, v in d["config"].items()))
     print(f"parameters  {d['parameters']:,}")
     print(f"dtype       {d['dtype']}")
+    if d.get("quantization"):
+        q = d["quantization"]
+        print(f"quantized   {q['scheme']}: {q['bytes']:,} bytes of weights in memory "
+              f"({q['quantized_bytes']:,} in {q['scheme']} blocks, {q['float_bytes']:,} float32)")
     tok_text = "none" if tok is None else f"{tok['type']} vocab_size={tok['vocab_size']}"
     print(f"tokenizer   {tok_text}")
     for note in d["notes"]:
@@ -644,7 +696,7 @@ def _run_sanity(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_gradcheck, _add_convert, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_prepare, _add_train, _add_plot, _add_sanity]
+_COMMANDS = [_add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_prepare, _add_train, _add_plot, _add_sanity]
 
 
 def build_parser() -> argparse.ArgumentParser:
