@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,11 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32"):
             folder, attn_implementation="eager", dtype=getattr(torch, dtype), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"transformers could not load {folder}: {exc}") from exc
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
+        raise CheckpointError(f"{folder}: the PyTorch weights file holds objects other than tensors "
+                              f"(a pickle that could run code); refused, since only tensors are "
+                              f"read (weights_only=True). Use a model.safetensors copy from a "
+                              f"trusted source") from None
     return model.eval()
 
 

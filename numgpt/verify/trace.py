@@ -68,7 +68,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +79,7 @@ from .. import __version__
 from ..core import ops
 from ..core.checks import check_token_ids, is_int
 from ..errors import InputError
+from ..io.files import atomic_write, make_folder
 
 __all__ = ["FORMAT", "Checkpoint", "CHECKPOINTS", "Row", "record", "save_trace", "load_trace",
            "compare", "first_failure", "passed", "summary", "format_table", "write_report",
@@ -230,15 +230,8 @@ def save_trace(path: str | os.PathLike, trace: Mapping[str, np.ndarray]) -> Path
     if trace.get("meta/format") is None or str(trace["meta/format"]) != FORMAT:
         raise InputError(f"not a numgpt trace (no meta/format = {FORMAT!r}); record one with "
                          f"numgpt.verify.trace.record or numgpt.verify.reference.record_transformers")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in trace.items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    make_folder(path.parent, "the trace")
+    return atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in trace.items()}))
 
 
 def load_trace(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -493,11 +486,5 @@ def write_report(path: str | os.PathLike, rows: list[Row], a: Mapping, b: Mappin
     text = "\n\n".join(part for part in (
         f"# {heading}", notes, f"- A: {describe(a)}\n- B: {describe(b)}",
         format_table(rows), summary(rows)) if part) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    make_folder(path.parent, "the report")
+    return atomic_write(path, text)
