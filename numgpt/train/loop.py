@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..core import ops
+from ..core import ops, quant
 from ..core.checks import log_softmax64
 from ..core.model import GPT, GPTConfig
 from ..core.tensor import apply, no_grad
@@ -432,6 +432,7 @@ class _Run:
         cfg, meta = self.cfg, self.dataset.meta
         if cfg.init:
             model = checkpoint.load(cfg.init, dtype=cfg.dtype)
+            quant.refuse_training(model, f"fine-tuning {cfg.init!r}")  # q8_0 is inference-only
             where = f"at {cfg.init!r}"
             if cfg.block_size > model.config.block_size:
                 raise ConfigError(f"config key 'block_size' is {cfg.block_size} but the model {where} "
