@@ -470,6 +470,10 @@ class _Guard:
             status["code"] = 499
             log.info("client disconnected during the upload of %s %s", scope.get("method"),
                      scope.get("path"))
+        except asyncio.CancelledError:  # shutdown's grace period ran out: the task ends here
+            status["code"] = 499
+            log.info("cancelled %s %s: the shutdown grace period ran out", scope.get("method"),
+                     scope.get("path"))
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not status["started"]:
