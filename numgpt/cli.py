@@ -3,7 +3,8 @@
 Each command is a pair: ``_add_<name>(subparsers)`` declares its flags and
 ``_run_<name>(args) -> int`` calls the library and returns the exit status. A
 ``NumGPTError`` is printed as one line (``numgpt: error: ...``) with exit status 2,
-never as a traceback.
+never as a traceback; so are running out of memory and a disk-full or read-only write that
+reached here unconverted. ``--json`` output is always valid JSON (``_print_json``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,39 @@ from pathlib import Path
 
 from .core.threads import set_blas_threads
 from .errors import InputError, NumGPTError
+from .io.files import write_error
 
 __all__ = ["main", "build_parser"]
+
+
+def _print_json(obj, **dumps) -> None:
+    """Print ``obj`` as strict JSON: a NaN or infinite float (which ``json.dumps`` would print
+    as the non-JSON ``NaN``/``Infinity``) becomes null, and a top-level "notes" list says where."""
+    import json
+    import math
+
+    notes: list[str] = []
+
+    def clean(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            notes.append(f"{where} was {value} (not representable in JSON): written as null")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    obj = clean(obj, "")
+    if notes and isinstance(obj, dict):
+        obj["notes"] = list(obj.get("notes") or []) + notes
+    print(json.dumps(obj, allow_nan=False, **dumps))
+
+
+def _add_finite_flag(p) -> None:
+    p.add_argument("--skip-finite-check", action="store_true",
+                   help="load weights without the scan that refuses NaN or infinite values "
+                        "(saves one pass over a very large model)")
 
 
 # ------------------------------------------------------------------------ gradcheck
@@ -64,6 +96,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float64", "f32", "f16", "q8_0"], default=None,
                    help="numgpt/hf: cast the weights to float32/float64 (default: keep the stored "
                         "dtype); gguf: f32, f16 or q8_0 tensors (default f32)")
+    _add_finite_flag(p)
     p.set_defaults(run=_run_convert)
 
 
@@ -74,7 +107,7 @@ def _run_gguf_convert(args) -> int:
     dtype = {"float32": "f32", None: "f32"}.get(args.dtype, args.dtype)
     if dtype == "float64":
         raise InputError("GGUF holds f32, f16 or q8_0 tensors; --dtype float64 is not one of them")
-    model = checkpoint.load(args.src)
+    model = checkpoint.load(args.src, check_finite=not args.skip_finite_check)
     out = write_gguf(model, args.dst, dtype)
     print(f"wrote GGUF {out} ({dtype}, {out.stat().st_size:,} bytes, llama.cpp GPT-2 layout) "
           f"from {model.source['format']} {args.src}")
@@ -94,7 +127,7 @@ def _run_convert(args) -> int:
     if fmt == "numgpt" and Path(args.dst).is_dir():
         raise InputError(f"DST {args.dst!r} is a folder; a numgpt checkpoint is a file prefix such "
                          f"as {str(Path(args.dst) / 'model')!r} (or pass --format hf)")
-    model = checkpoint.load(args.src, dtype=args.dtype)
+    model = checkpoint.load(args.src, dtype=args.dtype, check_finite=not args.skip_finite_check)
     if fmt == "hf":
         out = checkpoint.export_hf(model, args.dst)
         wrote = f"Hugging Face folder {out}/ (config.json + model.safetensors"
@@ -136,6 +169,7 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show a checkpoint's format, config, size, dtype and tokenizer")
     p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, or numgpt PREFIX")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_finite_flag(p)
     p.set_defaults(run=_run_info)
 
 
@@ -144,9 +178,9 @@ def _run_info(args) -> int:
 
     from .io import checkpoint
 
-    d = checkpoint.describe(checkpoint.load(args.model))
+    d = checkpoint.describe(checkpoint.load(args.model, check_finite=not args.skip_finite_check))
     if args.json:
-        print(json.dumps(d, indent=2))
+        _print_json(d, indent=2)
         return 0
     tok = d["tokenizer"]
     print(f"format      {d['format']}  ({d['path']})")
@@ -306,12 +340,13 @@ def _run_serve(args) -> int:
 
 # ------------------------------------------------------------------ generate, eval
 
-def _load_for_use(path: str, dtype: str | None, tokenizer_spec: str | None):
+def _load_for_use(path: str, dtype: str | None, tokenizer_spec: str | None,
+                  check_finite: bool = True):
     """The model at ``path`` with a usable tokenizer (``--tokenizer`` overrides the stored one)."""
     from .io import checkpoint
     from .io import tokenizer
 
-    model = checkpoint.load(path, dtype=dtype)
+    model = checkpoint.load(path, dtype=dtype, check_finite=check_finite)
     if tokenizer_spec is not None:
         model.tokenizer = tokenizer.load_tokenizer(tokenizer_spec)
     if model.tokenizer is None:
@@ -330,6 +365,7 @@ def _add_model_flags(p) -> None:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="BLAS threads (default: the BLAS library's choice); 1 is fastest on a "
                         "machine whose cores are busy with other work")
+    _add_finite_flag(p)
 
 
 def _add_generate(sub) -> None:
@@ -368,7 +404,7 @@ def _run_generate(args) -> int:
         raise InputError(f"--num-samples must be >= 1, got {args.num_samples}")
     params = sample.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    ascii_only=args.ascii_only, seed=args.seed)
-    model = _load_for_use(args.model, args.dtype, args.tokenizer)
+    model = _load_for_use(args.model, args.dtype, args.tokenizer, not args.skip_finite_check)
     tok = model.tokenizer
     prompt = sample.check_prompt(model, tok.encode(args.prompt))
     opts = dict(stop=args.stop, stop_at_eot=not args.no_eot, tokenizer=tok, window=args.window)
@@ -379,7 +415,7 @@ def _run_generate(args) -> int:
             outs = sample.generate_batch(model, [prompt] * args.num_samples, args.max_new_tokens,
                                          params, **opts)
             for ids in outs:
-                print(json.dumps({"prompt_ids": prompt, "generated_ids": ids, "text": tok.decode(ids)}))
+                _print_json({"prompt_ids": prompt, "generated_ids": ids, "text": tok.decode(ids)})
             return 0
         for j in range(args.num_samples):
             if args.num_samples > 1:
@@ -430,7 +466,7 @@ def _run_eval(args) -> int:
         raise InputError("nothing to evaluate: pass --text FILE and/or --lambada FILE")
     if args.max_examples is not None and args.max_examples < 1:
         raise InputError(f"--max-examples must be >= 1, got {args.max_examples}")
-    model = _load_for_use(args.model, args.dtype, args.tokenizer)
+    model = _load_for_use(args.model, args.dtype, args.tokenizer, not args.skip_finite_check)
     results = {}
     if args.text is not None:
         ids = model.tokenizer.encode(_read_text_file(args.text))
@@ -441,7 +477,7 @@ def _run_eval(args) -> int:
         results["lambada"] = evaluate.lambada(model, examples, model.tokenizer,
                                               progress=not args.no_progress)
     if args.json:
-        print(json.dumps(results))
+        _print_json(results)
         return 0
     if "text" in results:
         r = results["text"]
@@ -475,6 +511,7 @@ def _add_trace(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype (default float32, what the tolerances are for)")
     p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the recording")
+    _add_finite_flag(p)
     p.set_defaults(run=_run_trace)
 
 
@@ -506,7 +543,8 @@ def _run_trace(args) -> int:
         hf = reference.load_hf(args.reference_hf, args.dtype)
         recording = reference.record_transformers(hf, ids, args.n_steps, tok)
     else:
-        recording = trace.record(checkpoint.load(args.model, dtype=args.dtype), ids, args.n_steps, tok)
+        model = checkpoint.load(args.model, dtype=args.dtype, check_finite=not args.skip_finite_check)
+        recording = trace.record(model, ids, args.n_steps, tok)
     trace.save_trace(args.out, recording)
     print(f"{trace.describe(recording)}\nwritten to {args.out}")
     return 0
@@ -603,6 +641,17 @@ def _add_train(sub) -> None:
     p.set_defaults(run=_run_train)
 
 
+def _tidy_run_folder(out: str) -> None:
+    """What a crash left in a run folder (a stale checkpoint .json, temporaries), repaired
+    before ``resume_config`` reads it; pure Python, so NumPy still waits for --threads."""
+    from .io.files import write_errors
+    from .io.recovery import tidy_folder
+
+    with write_errors(out, "nothing was changed"):
+        for note in tidy_folder(Path(out)):
+            print(f"numgpt: note: {note}", file=sys.stderr)
+
+
 def _default_workers(batch_size: int) -> int:
     """Data-parallel workers when neither --workers nor --threads is given: one per core this
     process may use, at most 4 (past that the threads wait on each other for Python's GIL)
@@ -623,6 +672,7 @@ def _run_train(args) -> int:
 
     ranks = launched_ranks()  # under `mpiexec -n N`: N processes share the cores
     if cfg.resume:  # the run's saved config, then the file, then the flags
+        _tidy_run_folder(cfg.out)
         cfg = resume_config(cfg.out, flags, args.config)
     elif args.threads is None and "workers" not in {*flags, *(load_toml(args.config) if args.config else {})}:
         workers = 1 if ranks > 1 else _default_workers(cfg.batch_size)
@@ -682,7 +732,7 @@ def _run_sanity(args) -> int:
         set_blas_threads(args.threads)
     from .infer import sanity
 
-    model = _load_for_use(args.model, args.dtype, args.tokenizer)
+    model = _load_for_use(args.model, args.dtype, args.tokenizer, not args.skip_finite_check)
     tokens = sanity.load_tokens(args.data, model.tokenizer)
     if args.offset is not None:
         row = sanity.check_offset(model, tokens, args.offset, ctx=args.ctx, top=args.top)
@@ -718,11 +768,21 @@ def main(argv: list[str] | None = None) -> int:
     except NumGPTError as exc:
         print(f"numgpt: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        print(f"numgpt: error: out of memory ({exc or 'an allocation failed'}); use a smaller "
+              f"model, batch_size or block_size, or a machine with more memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("numgpt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a disk-full or read-only write a command did not convert itself
+        converted = write_error(exc, exc.filename or "a file")
+        if converted is exc:
+            raise
+        print(f"numgpt: error: {converted}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
