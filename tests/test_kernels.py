@@ -143,13 +143,7 @@ def _cache_case(rng, dtype, lengths, Tn=1, nh=2, hs=8, max_len=12, slots=5, L=2,
 
 
 def _reference_cached(qkv, ck, cv, rows, start, layer, nh):
-    """What the reference path does: gather the rows' caches to the longest length, mask."""
-    Tn = qkv.shape[1]
-    q, _, _ = ops.split_heads(qkv, nh)
-    lengths = start + Tn
-    Tk = int(lengths.max())
-    y = ops.attention_inference(q, ck[layer, rows, :, :Tk], cv[layer, rows, :, :Tk], key_lengths=lengths)
-    return ops.merge_heads(y)
+    return ops.cached_attention(qkv, ck, cv, layer=layer, rows=rows, start=start, n_head=nh)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])

@@ -350,17 +350,22 @@ def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one()
         assert max_diff(logits, want[n + i]) < 1e-12
 
 
-def test_cached_path_calls_the_inference_entry_and_the_forward_the_training_entry(monkeypatch):
-    from numgpt.core import ops
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_cached_path_calls_the_inference_entry_and_the_forward_the_training_entry(monkeypatch, path):
+    from numgpt.core import kernels, ops
 
-    model = tiny_model()
+    model = tiny_model(kernels=path)
     idx = np.random.default_rng(8).integers(0, TINY["vocab_size"], (2, 5))
     used = []
-    for name in ("attention_training", "attention_inference", "attention_reference"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _f=real, _n=name, **kw: used.append(_n) or _f(*a, **kw))
+    module = kernels if path == "fast" else ops  # where the path's entries live
+    names = ("attention_training", "cached_attention") if path == "fast" else \
+        ("attention_training", "attention_inference", "attention_reference")
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=real, _n=name, **kw: used.append(_n) or _f(*a, **kw))
     model.forward_cached(idx, model.new_cache(2))
-    assert set(used) == {"attention_inference"} and len(used) == TINY["n_layer"]
+    inference = "cached_attention" if path == "fast" else "attention_inference"
+    assert set(used) == {inference} and len(used) == TINY["n_layer"]
     used.clear()
     with no_grad():
         model(idx)

@@ -13,6 +13,9 @@ gradient < 1e-4 abs or < 1e-3 relative (to that gradient's largest entry); float
 separate, different output head; a numgpt model whose head does not feed its gradient back
 into ``wte``; attention without the causal mask.
 
+Every numgpt run happens on both op paths (``GPTConfig.kernels``: "fast" compiled kernels and
+"reference" NumPy ops) against the same transformers run; rows are labelled with the path.
+
 Measurements are made once per module (fixtures), asserted by the tests below, and written to
 ``docs/results/model_parity.md`` by the last test. The 124M tests are marked ``slow``.
 """
@@ -29,7 +32,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import numgpt  # noqa: E402
-from numgpt.core import ops# noqa: E402
+from numgpt.core import kernels, ops  # noqa: E402
 from numgpt.core.tensor import Tensor, apply, no_grad  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "model_parity.md"
@@ -38,6 +41,7 @@ TINY = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 TINY_GELU = dict(TINY, activation_function="gelu", layer_norm_epsilon=1e-6)
 GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
 
+PATHS = ("fast", "reference")
 TOL = {"logits64": 1e-5, "loss64": 1e-6, "grad_abs": 1e-4, "grad_rel": 1e-3, "logits32": 1e-4}
 
 
@@ -140,16 +144,28 @@ def passes(rows: list[Row]) -> bool:
 
 # -------------------------------------------------------------------- measurements
 
+def _load(folder: Path, path: str, dtype: str | None = None):
+    model = numgpt.load(folder, dtype=dtype) if dtype else numgpt.load(folder)
+    model.set_kernels(path)
+    return model
+
+
 def _positive(shape: dict, label: str, folder: Path, B: int, T: int, seed: int) -> list[Row]:
-    """float32 logits, then float64 logits/loss/every gradient, for one HF model."""
+    """float32 logits, then float64 logits/loss/every gradient, for one HF model, each numgpt
+    run on both op paths against the one transformers run."""
     hf = make_hf(shape, seed)
     hf.save_pretrained(folder)
     idx, targets = tokens(shape["vocab_size"], B, T, seed)
-    rows = compare(label, "float32", hf_run(hf, idx, targets, grads=False),
-                   numgpt_run(numgpt.load(folder), idx, targets, grads=False))
+    ref32 = hf_run(hf, idx, targets, grads=False)
+    rows = []
+    for path in PATHS:
+        rows += compare(f"{label} [{path}]", "float32", ref32,
+                        numgpt_run(_load(folder, path), idx, targets, grads=False))
     hf.double()
-    model = numgpt.load(folder, dtype="float64")
-    rows += compare(label, "float64", hf_run(hf, idx, targets), numgpt_run(model, idx, targets))
+    ref64 = hf_run(hf, idx, targets)
+    for path in PATHS:
+        rows += compare(f"{label} [{path}]", "float64", ref64,
+                        numgpt_run(_load(folder, path, "float64"), idx, targets))
     return rows
 
 
@@ -162,9 +178,10 @@ def _control_untied_head(folder: Path) -> list[Row]:
                                            + 0.02 * torch.randn(hf.lm_head.weight.shape))
     hf.double()
     idx, targets = tokens(TINY["vocab_size"], 2, 16, 11)
-    return compare("tiny, HF head untied (+N(0,0.02))", "float64", hf_run(hf, idx, targets, grads=False),
-                   numgpt_run(numgpt.load(folder, dtype="float64"), idx, targets, grads=False),
-                   control=True)
+    ref = hf_run(hf, idx, targets, grads=False)
+    return [r for path in PATHS for r in compare(
+        f"tiny, HF head untied (+N(0,0.02)) [{path}]", "float64", ref,
+        numgpt_run(_load(folder, path, "float64"), idx, targets, grads=False), control=True)]
 
 
 def _control_head_not_tied_in_numgpt(folder: Path) -> list[Row]:
@@ -172,31 +189,50 @@ def _control_head_not_tied_in_numgpt(folder: Path) -> list[Row]:
     hf = make_hf(TINY, 12)
     hf.save_pretrained(folder)
     hf.double()
-    model = numgpt.load(folder, dtype="float64")
-    frozen = Tensor(model.wte.weight.data.copy())
-    model.head = lambda x: apply(ops.tied_head, model.ln_f(x), frozen)
     idx, targets = tokens(TINY["vocab_size"], 2, 16, 12)
-    return compare("tiny, numgpt head on a copy of wte", "float64", hf_run(hf, idx, targets),
-                   numgpt_run(model, idx, targets), control=True)
+    ref = hf_run(hf, idx, targets)
+    rows = []
+    for path in PATHS:
+        model = _load(folder, path, "float64")
+        frozen = Tensor(model.wte.weight.data.copy())
+        model.head = lambda x, model=model, frozen=frozen: apply(ops.tied_head, model.ln_f(x), frozen)
+        rows += compare(f"tiny, numgpt head on a copy of wte [{path}]", "float64", ref,
+                        numgpt_run(model, idx, targets), control=True)
+    return rows
+
+
+def _unmasked_training_entry(qkv, *, n_head, block=128):
+    """Attention from qkv (B, T, 3C) with every key visible (no causal mask), forward only."""
+    q, k, v = ops.split_heads(qkv, n_head)  # (B, nh, T, hs) each
+    p, _ = ops.softmax(ops.attention_scores(q, k)[0])  # (B, nh, T, T)
+    return ops.merge_heads(p @ v), None
 
 
 def _control_no_causal_mask(folder: Path) -> list[Row]:
-    """``ops.attention`` replaced by softmax(Q K^T / sqrt hs) V with no mask (forward only)."""
+    """The attention kernel of each path replaced by one without the causal mask: on the
+    reference path ``ops.attention`` (inside ``ops.attention_training``), on the fast path
+    ``kernels.attention_training``."""
     hf = make_hf(TINY, 13)
     hf.save_pretrained(folder)
     hf.double()
-    model = numgpt.load(folder, dtype="float64")
 
     def unmasked(q, k, v, key_lengths=None):  # (B, nh, T, hs) each -> (B, nh, T, hs)
         p, _ = ops.softmax(ops.attention_scores(q, k)[0])  # (B, nh, T, T), every key visible
         return p @ v, None
 
     idx, targets = tokens(TINY["vocab_size"], 2, 16, 13)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "attention", unmasked)
-        got = numgpt_run(model, idx, targets, grads=False)
-    return compare("tiny, causal mask removed", "float64", hf_run(hf, idx, targets, grads=False),
-                   got, control=True)
+    ref = hf_run(hf, idx, targets, grads=False)
+    rows = []
+    for path in PATHS:
+        model = _load(folder, path, "float64")
+        with pytest.MonkeyPatch.context() as mp:
+            if path == "fast":
+                mp.setattr(kernels, "attention_training", _unmasked_training_entry)
+            else:
+                mp.setattr(ops, "attention", unmasked)
+            got = numgpt_run(model, idx, targets, grads=False)
+        rows += compare(f"tiny, causal mask removed [{path}]", "float64", ref, got, control=True)
+    return rows
 
 
 def write_table(rows: list[Row]) -> None:
@@ -253,8 +289,10 @@ def _failures(rows: list[Row]) -> list[str]:
 @pytest.mark.parametrize("config", ["tiny", "tiny-gelu"])
 def test_tiny_model_matches_transformers_float32_and_float64_with_every_gradient(results, config):
     rows = results[config]
-    assert [(r.dtype, r.quantity.split()[0]) for r in rows] == [
-        ("float32", "logits"), ("float64", "logits"), ("float64", "loss"), ("float64", "grad")]
+    per_path64 = [("float64", "logits"), ("float64", "loss"), ("float64", "grad")]
+    assert [(r.dtype, r.quantity.split()[0]) for r in rows] == \
+        [("float32", "logits")] * len(PATHS) + per_path64 * len(PATHS)
+    assert {r.config for r in rows} == {f"{config} [{path}]" for path in PATHS}
     assert passes(rows), _failures(rows)
 
 
@@ -265,20 +303,27 @@ def test_gpt2_124m_shape_matches_transformers_float32_and_float64_with_every_gra
     assert passes(rows), _failures(rows)
 
 
+def _by_path(rows: list[Row]) -> dict[str, list[Row]]:
+    return {path: [r for r in rows if r.config.endswith(f"[{path}]")] for path in PATHS}
+
+
 def test_parity_check_fails_when_the_output_head_is_not_tied_to_wte(results):
-    assert not passes(results["untied"])
-    assert not results["untied"][0].ok  # the logits themselves differ
+    for rows in _by_path(results["untied"]).values():
+        assert not passes(rows)
+        assert not rows[0].ok  # the logits themselves differ
 
 
 def test_parity_check_fails_when_the_head_gradient_does_not_reach_wte(results):
-    rows = {r.quantity.split()[0]: r for r in results["frozen_head"]}
-    assert rows["logits"].ok and rows["loss"].ok  # the forward pass cannot see it ...
-    assert not rows["grad"].ok and "`wte.weight`" in rows["grad"].quantity  # ... the gradient does
+    for path_rows in _by_path(results["frozen_head"]).values():
+        rows = {r.quantity.split()[0]: r for r in path_rows}
+        assert rows["logits"].ok and rows["loss"].ok  # the forward pass cannot see it ...
+        assert not rows["grad"].ok and "`wte.weight`" in rows["grad"].quantity  # ... the gradient does
 
 
 def test_parity_check_fails_when_attention_sees_the_future(results):
-    assert not passes(results["no_mask"])
-    assert not results["no_mask"][0].ok
+    for rows in _by_path(results["no_mask"]).values():
+        assert len(rows) and not passes(rows)
+        assert not rows[0].ok
 
 
 @pytest.mark.slow

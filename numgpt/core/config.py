@@ -36,6 +36,7 @@ class GPTConfig:
     activation: str = "gelu_tanh"  # GPT-2's gelu_new; "gelu" is the exact erf form (nanoGPT)
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"
+    kernels: str = "fast"  # "fast": compiled kernels (core/kernels.py); "reference": the NumPy ops
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -77,6 +78,9 @@ class GPTConfig:
                               f"{self.layer_norm_epsilon}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"config key 'dtype' must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kernels not in ("fast", "reference"):
+            raise ConfigError(f"config key 'kernels' must be 'fast' (compiled kernels) or 'reference' "
+                              f"(the NumPy ops), got {self.kernels!r}")
 
     @property
     def np_dtype(self):

@@ -676,14 +676,14 @@ def attention_inference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
 
 
 def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, *, layer: int,
-                     rows: np.ndarray, start: np.ndarray, n_head: int) -> np.ndarray:
+                     rows: np.ndarray, start: np.ndarray, n_head: int, block: int = 128) -> np.ndarray:
     """Attention of new tokens over a KV cache whose slots hold different lengths (no
     backward: inference only). qkv (A, Tn, 3C) are the new tokens' projections, whose keys
     and values are already written to cache_k, cache_v (L, slots, nh, max_len, hs) at
     positions start[a]..start[a] + Tn of slot rows[a] -> (A, Tn, C), heads merged.
 
-    The reference (``GPT._cached_attention`` on the reference path) gathers the rows'
-    caches up to the longest length and calls ``ops.attention_inference`` with key_lengths.
+    The reference, ``ops.cached_attention``, gathers the rows' caches up to the longest
+    length and calls ``ops.attention_inference`` with key_lengths. ``block`` is unused.
     """
     _check_qkv(qkv, n_head, "cached_attention")
     qkv = np.ascontiguousarray(qkv)
@@ -703,7 +703,7 @@ def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, 
 
 # The reference ops each kernel stands in for on the fast path; every other op is shared.
 FAST_OPS = ("layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
-            "attention_training", "attention_inference")
+            "attention_training", "attention_inference", "cached_attention")
 
 
 class OpPath:

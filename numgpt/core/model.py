@@ -23,6 +23,7 @@ from . import ops
 from ..errors import ConfigError, InputError
 from .checks import check_token_ids
 from .config import PRESETS, GPTConfig
+from .kernels import ops_for
 from .nn import Block, Embedding, LayerNorm, Module, dropout
 from .tensor import Tensor, apply, no_grad
 
@@ -110,11 +111,12 @@ class GPT(Module):
     def __init__(self, config: GPTConfig, seed: int | None = 0):
         self.config = config
         c, dt = config, config.np_dtype
-        self.wte = Embedding(c.vocab_size, c.n_embd, dt)
-        self.wpe = Embedding(c.block_size, c.n_embd, dt)
-        self.h = [Block(c.n_embd, c.n_head, c.bias, c.activation, c.dropout, c.layer_norm_epsilon, dt)
-                  for _ in range(c.n_layer)]
-        self.ln_f = LayerNorm(c.n_embd, c.bias, c.layer_norm_epsilon, dt)
+        self.wte = Embedding(c.vocab_size, c.n_embd, dt, c.kernels)
+        self.wpe = Embedding(c.block_size, c.n_embd, dt, c.kernels)
+        self.h = [Block(c.n_embd, c.n_head, c.bias, c.activation, c.dropout, c.layer_norm_epsilon, dt,
+                        c.kernels) for _ in range(c.n_layer)]
+        self.ln_f = LayerNorm(c.n_embd, c.bias, c.layer_norm_epsilon, dt, c.kernels)
+        self.ops = ops_for(c.kernels)
         self.tokenizer = None  # attached by the loaders
         if seed is not None:
             self.init_weights(np.random.default_rng(seed))
@@ -168,7 +170,7 @@ class GPT(Module):
         logits = self.head(x)
         loss = None
         if targets is not None:
-            loss = apply(ops.cross_entropy, logits, targets=np.asarray(targets), ignore_index=-1)
+            loss = apply(self.ops.cross_entropy, logits, targets=np.asarray(targets), ignore_index=-1)
         return logits, loss
 
     # ----------------------------------------------------------------- inference path
@@ -225,16 +227,23 @@ class GPT(Module):
             for a in range(A):
                 cache.k[layer, rows[a], :, start[a]:start[a] + Tn] = k[a]
                 cache.v[layer, rows[a], :, start[a]:start[a] + Tn] = v[a]
-        lengths = start + Tn
-        Tk = int(lengths.max())
-        keys = cache.k[layer, index, :, :Tk]  # (A, nh, Tk, hs)
-        values = cache.v[layer, index, :, :Tk]
         if probe is not None:
-            _report(probe, layer, q=q, k=k, v=v, cache_k=keys, cache_v=values)
-        same = bool(np.all(lengths == Tk))
-        y = ops.attention_inference(q, keys, values, key_lengths=None if same else lengths,
-                                    block=self.h[layer].attn.attention_block)  # (A, nh, Tn, hs)
-        return Tensor(ops.merge_heads(y))  # (A, Tn, C)
+            Tk = int((start + Tn).max())
+            _report(probe, layer, q=q, k=k, v=v, cache_k=cache.k[layer, index, :, :Tk],
+                    cache_v=cache.v[layer, index, :, :Tk])  # (A, nh, Tk, hs)
+        y = self.ops.cached_attention(qkv.data, cache.k, cache.v, layer=layer, rows=rows, start=start,
+                                      n_head=self.config.n_head,
+                                      block=self.h[layer].attn.attention_block)  # (A, Tn, C)
+        return Tensor(y)
+
+    def set_kernels(self, path: str) -> None:
+        """Switch every layer to the op path ``path`` ("fast" or "reference") and record it in
+        ``config.kernels``; the weights are unchanged."""
+        self.config.kernels = path
+        self.config.__post_init__()  # refuses an unknown path
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops_for(path)
 
     def new_cache(self, slots: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache.allocate(self.config, slots, max_len)

@@ -48,6 +48,13 @@ class Module:
                     if isinstance(item, (Parameter, Module)):
                         yield f"{name}.{i}", item
 
+    def modules(self) -> Iterator["Module"]:
+        """This module and every sub-module, depth first."""
+        yield self
+        for _, child in self.named_children():
+            if isinstance(child, Module):
+                yield from child.modules()
+
     def parameters(self, prefix: str = "") -> dict[str, Parameter]:
         """Flat, namespaced ``{name: Parameter}``, e.g. ``h.0.attn.c_attn.weight``."""
         params: dict[str, Parameter] = {}

@@ -819,6 +819,31 @@ def attention_inference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
     return out
 
 
+def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, *, layer: int,
+                     rows: np.ndarray, start: np.ndarray, n_head: int, block: int = 128) -> np.ndarray:
+    """``attention_inference`` for new tokens whose keys and values are already written into
+    a KV cache (no backward). qkv (A, Tn, 3C): the new tokens' projections; cache_k, cache_v
+    (L, slots, nh, max_len, hs); token i of row a (cache slot rows[a]) sits at position
+    start[a] + i -> (A, Tn, C), heads merged.
+
+    Reads each row's cache up to the longest row's length (a view when the rows are one
+    ascending run of slots, else a gathered copy) and masks the rest with key_lengths.
+    ``kernels.cached_attention`` is the fast path's, reading each slot to its own length.
+    """
+    A, Tn, _ = qkv.shape
+    rows = np.asarray(rows)
+    run = len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+    index = np.s_[int(rows[0]):int(rows[0]) + len(rows)] if run else rows  # (ops.slice shadows slice)
+    lengths = np.asarray(start) + Tn  # (A,)
+    Tk = int(lengths.max())
+    q, _, _ = split_heads(qkv, n_head)  # (A, nh, Tn, hs)
+    keys = cache_k[layer, index, :, :Tk]  # (A, nh, Tk, hs)
+    values = cache_v[layer, index, :, :Tk]
+    same = bool(np.all(lengths == Tk))
+    y = attention_inference(q, keys, values, key_lengths=None if same else lengths, block=block)
+    return merge_heads(y)  # (A, Tn, C)
+
+
 class ReferenceAttention(NamedTuple):
     """Every intermediate of the reference chain, for recorders that store them (trace)."""
     scores: np.ndarray  # S = Q K^T / sqrt(hs), (B, nh, Tq, Tk)
