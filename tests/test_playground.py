@@ -335,6 +335,8 @@ def test_greedy_generation_shows_exactly_the_api_text(page, server):
         assert math.isclose(float(p), math.exp(lp), rel_tol=1e-12)
         assert "probability" in label and label.endswith("%")
     assert page.console_errors() == []
+    page.params(stop="\\n\nthe end")  # one stop string per line; \n typed means a newline
+    assert page.request()["stop"] == ["\n", "the end"]
 
 
 def test_hover_focus_and_click_show_the_api_alternatives(page, server):
