@@ -210,12 +210,12 @@ def test_huge_prompts_do_not_stall_other_clients(bpe_model_path, tmp_path):
         t0 = time.perf_counter()
         normal = _completion_ok(url).status_code
         after = time.perf_counter() - t0
-    ok = statuses == [200] * 4 and probes >= 20 and normal == 200
+    ok = statuses == [200] * 4 and probes >= 16 and normal == 200
     record("5 four clients send 1 MB prompts while others ask",
            f"4 big requests {sorted(set(statuses))}; {probes} /health probes answered meanwhile "
            f"(slowest {worst:.3f} s; a normal request {idle_latency:.3f} s idle, {after:.3f} s "
            f"after; shared busy machine, not gated)",
-           "tokenized off the event loop: other clients keep being answered (>= 20 probes)", ok)
+           "tokenized off the event loop: other clients keep being answered (>= 16 probes)", ok)
 
 
 # ------------------------------------------------- item 6: slow clients, connection limit

@@ -123,9 +123,15 @@ def _encodable(text: str, where: str, param: str | None) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         bad = ord(text[e.start])
+        where, param = _escaped(where), _escaped(param) if param is not None else None
         raise APIError(400, f"{where!r} holds a lone surrogate (U+{bad:04X} at character "
                             f"{e.start}), which is not valid Unicode text; send valid UTF-8",
                        param=param, code="invalid_encoding") from None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with lone surrogates spelled ``\\udXXX``: the answer must be encodable too."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_number(x: Any) -> bool:
