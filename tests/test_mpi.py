@@ -166,12 +166,33 @@ def one_process(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+def records(out, kind: str) -> list[dict]:
+    lines = (Path(out) / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
 def test_two_ranks_equal_one_process_in_float64(two_ranks, one_process):
     (a, meta, _), (b, _, _) = saved(two_ranks), saved(one_process)
     assert meta["step"] == 20
     assert max_diff(a, b) < 1e-12
     assert np.allclose(step_losses(two_ranks), step_losses(one_process), rtol=0, atol=1e-12)
     assert len(step_losses(two_ranks)) == 20  # rank 0 alone wrote the log: no duplicates
+    # the evaluations split their batches over the ranks and sum: the same numbers
+    evals = [(records(out, "eval"), records(out, "final")[0]) for out in (two_ranks, one_process)]
+    (ev2, final2), (ev1, final1) = evals
+    assert [r["step"] for r in ev2] == [r["step"] for r in ev1] == [0, 5, 10, 15, 20]
+    for x, y in zip(ev2, ev1):
+        assert abs(x["val_loss"] - y["val_loss"]) < 1e-12 and abs(x["train_loss"] - y["train_loss"]) < 1e-12
+    assert np.allclose(final2["val_loss_by_position"], final1["val_loss_by_position"], rtol=0, atol=1e-12)
+
+
+def test_two_ranks_equal_one_process_in_float32(mpiexec, data_dir, tmp_path):
+    run = dict(dtype="float32", max_iters=10, lr_decay_iters=10)
+    ok(mpi_train(mpiexec, cfg(data_dir, tmp_path / "two", **run)))
+    train(cfg(data_dir, tmp_path / "one", **run), progress=False)
+    two, one = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
+    assert len(two) == len(one) == 10
+    assert max(abs(x - y) for x, y in zip(two, one)) < 1e-5
 
 
 def test_ranks_that_skip_the_gradient_allreduce_fail_the_gate(mpiexec, data_dir, tmp_path, one_process):
@@ -286,3 +307,27 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(mpiexec, data_dir
     proc = mpi_train(mpiexec, cfg(data_dir, tmp_path, batch_size=3))
     assert proc.returncode == 2
     assert "batch_size 3 does not split evenly over 2 ranks" in proc.stderr
+
+
+# ----------------------------------------------------------------------- without MPI
+
+def test_launched_ranks_reads_the_launchers_environment():
+    from numgpt.train.launch import launched_ranks
+
+    assert launched_ranks({}) == 1
+    assert launched_ranks({"PMI_SIZE": "1"}) == 1
+    assert launched_ranks({"PMI_SIZE": "4"}) == 4
+    assert launched_ranks({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
+
+
+def test_several_processes_without_mpi4py_say_how_to_install_it(monkeypatch):
+    from numgpt.errors import ConfigError
+    from numgpt.train.parallel import Ranks, ranks_from_environment
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"mpi4py is not installed.*pip install 'numgpt\[mpi\]'"):
+        ranks_from_environment(10)
+    monkeypatch.delenv("PMI_SIZE")
+    ranks = ranks_from_environment(10)  # one process: no MPI needed
+    assert type(ranks) is Ranks and ranks.size == 1
