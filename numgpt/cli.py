@@ -54,7 +54,11 @@ def _add_finite_flag(p) -> None:
 
 def _add_gradcheck(sub) -> None:
     p = sub.add_parser("gradcheck", help="run the gradient-check gate over every op and composite")
-    p.add_argument("--out", default="docs/results/gradcheck.md", help="Markdown table to write")
+    p.add_argument("--path", choices=["fast", "reference"], default="fast",
+                   help="op path to check: the compiled kernels (fast, the default everywhere) or "
+                        "the NumPy reference ops")
+    p.add_argument("--out", default=None, help="Markdown table to write (default "
+                   "docs/results/gradcheck.md for reference, docs/results/gradcheck_fast.md for fast)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_gradcheck)
 
@@ -62,9 +66,12 @@ def _add_gradcheck(sub) -> None:
 def _run_gradcheck(args) -> int:
     from .verify import gradcheck
 
-    results = gradcheck.run_gate(seed=args.seed)
+    if args.out is None:
+        args.out = "docs/results/gradcheck.md" if args.path == "reference" else "docs/results/gradcheck_fast.md"
+    print(f"gradient gate on the {args.path} path")
+    results = gradcheck.run_gate(seed=args.seed, path=args.path)
     print(gradcheck.format_table(results))
-    gradcheck.write_table(results, args.out)
+    gradcheck.write_table(results, args.out, op_path=args.path)
     bad = [r for r in results if not r.ok]
     n = sum(1 for r in results if not r.expect_fail)
     print(f"\n{n - sum(1 for r in bad if not r.expect_fail)}/{n} checks pass; "
@@ -188,6 +195,8 @@ def _run_info(args) -> int:
     print("config      " + " ".join(f"{k}={v}" for k, v in d["config"].items()))
     print(f"parameters  {d['parameters']:,}")
     print(f"dtype       {d['dtype']}")
+    print(f"kernels     {d['config'].get('kernels', 'fast')} (the op path: 'fast' compiled kernels or "
+          f"'reference' NumPy ops)")
     if d.get("quantization"):
         q = d["quantization"]
         print(f"quantized   {q['scheme']}: {q['bytes']:,} bytes of weights in memory "

@@ -1,7 +1,9 @@
 """Rung 1 of the verification ladder: the gradient-check gate passes on every op, fails on
 the negative control, and is tight enough to catch a backward that is off by 0.1%.
 
-Writes ``docs/results/gradcheck.md`` from the run.
+The gate runs on both op paths: "reference" (the NumPy ops) and "fast" (the compiled kernels
+where they exist, ``numgpt.core.kernels``), each with its own negative control. Writes
+``docs/results/gradcheck.md`` (reference) and ``docs/results/gradcheck_fast.md`` from the runs.
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ import pytest
 from numgpt.verify import gradcheck
 from numgpt.verify import op_cases as op_table
 
-from numgpt.core import ops
+from numgpt.core import kernels, ops
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "gradcheck.md"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "results"
+RESULTS = {"reference": RESULTS_DIR / "gradcheck.md", "fast": RESULTS_DIR / "gradcheck_fast.md"}
+
+
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def path(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def results():
-    results = gradcheck.run_gate(include_composites=True)
-    gradcheck.write_table(results, RESULTS)
+def results(path):
+    results = gradcheck.run_gate(include_composites=True, path=path)
+    gradcheck.write_table(results, RESULTS[path], op_path=path)
     return results
 
 
@@ -45,12 +53,23 @@ def test_gate_covers_every_op_and_composite_with_at_least_92_checks(results):
         assert op in names, f"no gradient check for ops.{op}"
 
 
-def test_negative_control_fails_by_an_order_one_error(results):
+def test_fast_gate_checks_the_kernels_not_the_reference_ops():
+    """The fast path's op cases run the compiled kernels (each kernel with a backward)."""
+    rng = np.random.default_rng(0)
+    fast = {name.split(":")[0]: op for name, op, *_ in gradcheck.op_cases(rng, "fast")}
+    with_backward = set(kernels.FAST_OPS) - {"attention_inference", "cached_attention"}
+    for name in with_backward:
+        assert fast[name] is getattr(kernels, name), name
+    assert fast["linear"] is ops.linear  # no kernel: the reference op on both paths
+
+
+def test_negative_control_fails_by_an_order_one_error(results, path):
     controls = [r for r in results if r.expect_fail]
     assert len(controls) == 1
     control = controls[0]
     assert not control.passed and control.ok
     assert control.max_abs_err > 0.1
+    assert ("fast" in control.name) == (path == "fast")  # each path has its own control
 
 
 def _scaled_backward(op, factor):
@@ -73,8 +92,9 @@ def test_gate_flags_a_gradient_off_by_a_tenth_of_a_percent(op, inputs, consts):
     assert all(r.max_rel_err > 5e-4 for r in wrong)
 
 
-def test_results_table_is_written(results):
-    text = RESULTS.read_text()
+def test_results_table_is_written(results, path):
+    text = RESULTS[path].read_text()
+    assert f"{path} path" in text
     n = sum(1 for r in results if not r.expect_fail)
     assert f"{n} of {n} checks pass" in text
     assert "fails as it must" in text

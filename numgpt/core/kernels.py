@@ -31,6 +31,7 @@ Shape legend as in ``ops.py``: B, T, C, nh, hs, V, N (flattened rows).
 from __future__ import annotations
 
 import math
+import types as types_module
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -52,6 +53,35 @@ _FAST = {"reassoc", "contract"}
 # numba's default "workqueue" layer may not be entered from two Python threads at once;
 # the data-parallel training workers and the server's threads do exactly that. OpenMP may.
 numba.config.THREADING_LAYER = "omp"
+
+
+# Below this many elements in its largest array a kernel runs its serial build: waking the
+# other threads costs more than the work (and on a busy machine a thread may wait a whole
+# scheduler slice). Both builds compute every element with the same code in the same order,
+# so the results are bit-identical; this picks threads, never the math or the path.
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+class _Kernel:
+    """A kernel compiled twice from one Python function: ``parallel`` (its ``prange`` loop
+    spread over numba's threads) and ``serial`` (the same loop on the calling thread)."""
+
+    def __init__(self, fn, fastmath):
+        self.parallel = njit(parallel=True, cache=True, fastmath=fastmath)(fn)
+        # a distinct qualified name keeps the two builds apart in numba's on-disk cache
+        twin = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                         fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        self.serial = njit(cache=True, fastmath=fastmath)(twin)
+        self.__name__, self.__doc__ = fn.__name__, fn.__doc__
+
+    def __call__(self, *args):
+        work = max((a.size for a in args if isinstance(a, np.ndarray)), default=0)
+        return (self.parallel if work >= PARALLEL_MIN_ELEMENTS else self.serial)(*args)
+
+
+def _kernel(fastmath=False):
+    return lambda fn: _Kernel(fn, fastmath)
 
 
 def set_threads(n: int) -> None:
@@ -136,7 +166,7 @@ def _normal_cdf_fit(x):
 
 # --------------------------------------------------------------------------- layernorm
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def layernorm_forward(out, mean, rstd, x, gamma, beta, eps):
     """``ops.layernorm`` forward: x (N, C), gamma (C,), beta (C,) -> out (N, C), and the
     statistics backward needs, mean (N,) and rstd (N,) (float64). Each row is read from
@@ -158,7 +188,7 @@ def layernorm_forward(out, mean, rstd, x, gamma, beta, eps):
         rstd[i] = r
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def layernorm_backward(dx, dgamma_parts, dbeta_parts, dout, x, mean, rstd, gamma):
     """``ops.layernorm`` backward: dout, x (N, C), mean, rstd (N,), gamma (C,) -> dx (N, C)
     and per-chunk partial sums dgamma_parts, dbeta_parts (P, C) float64, zero on entry.
@@ -191,7 +221,7 @@ def layernorm_backward(dx, dgamma_parts, dbeta_parts, dout, x, mean, rstd, gamma
 
 # ------------------------------------------------------------------------------- GELU
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def gelu_tanh_forward(out, x):
     """``ops.gelu_tanh`` forward, x (n,) -> out (n,): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
     for i in prange(x.shape[0]):
@@ -200,7 +230,7 @@ def gelu_tanh_forward(out, x):
         out[i] = 0.5 * xi * (1.0 + t)
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def gelu_tanh_backward(dx, dout, x):
     """``ops.gelu_tanh`` backward, recomputing tanh from x (nothing saved but x):
     dx = dout (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
@@ -211,7 +241,7 @@ def gelu_tanh_backward(dx, dout, x):
         dx[i] = dout[i] * (0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * du)
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def gelu_forward_fit(out, x):
     """``ops.gelu`` forward for float32, x (n,) -> out (n,) = x Phi(x), Phi from the erfc fit."""
     for i in prange(x.shape[0]):
@@ -219,7 +249,7 @@ def gelu_forward_fit(out, x):
         out[i] = xi * _normal_cdf_fit(xi)
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def gelu_backward_fit(dx, dout, x):
     """``ops.gelu`` backward for float32: dx = dout (Phi(x) + x phi(x)), phi = e^(-x^2/2)/sqrt(2 pi)."""
     for i in prange(x.shape[0]):
@@ -227,7 +257,7 @@ def gelu_backward_fit(dx, dout, x):
         dx[i] = dout[i] * (_normal_cdf_fit(xi) + xi * _INV_SQRT_2PI * _exp(-0.5 * xi * xi))
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def gelu_forward_exact(out, x):
     """``ops.gelu`` forward for float64 (the gates): Phi(x) = erfc(-x / sqrt 2) / 2 from libm,
     exact in both tails."""
@@ -236,7 +266,7 @@ def gelu_forward_exact(out, x):
         out[i] = xi * 0.5 * math.erfc(-xi * _SQRT_HALF)
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def gelu_backward_exact(dx, dout, x):
     """``ops.gelu`` backward for float64: dx = dout (Phi(x) + x phi(x))."""
     for i in prange(x.shape[0]):
@@ -247,7 +277,7 @@ def gelu_backward_exact(dx, dout, x):
 
 # ----------------------------------------------------------------------- cross-entropy
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def cross_entropy_forward(lse, nll, logits, targets, ignore_index):
     """``ops.cross_entropy`` forward: logits (N, V), targets (N,) -> lse (N,) = logsumexp of
     each row and nll (N,) = lse - logits[t] (0 for ignored rows). One pass over the logits
@@ -265,7 +295,7 @@ def cross_entropy_forward(lse, nll, logits, targets, ignore_index):
         nll[i] = 0.0 if t == ignore_index else lse[i] - logits[i, t]
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def cross_entropy_backward(dlogits, logits, lse, targets, ignore_index, c):
     """``ops.cross_entropy`` backward: dlogits (N, V) = c (softmax(z_i) - onehot(t_i)), 0 for
     ignored rows; c = dloss / n. Recomputes softmax from the saved lse in the same sweep."""
@@ -284,7 +314,7 @@ def cross_entropy_backward(dlogits, logits, lse, targets, ignore_index, c):
 
 # --------------------------------------------------------------------------- embedding
 
-@njit(parallel=True, cache=True)
+@_kernel()
 def embedding_backward(dw, ids, dout):
     """``ops.embedding`` backward: dw (V, C) zero on entry += dout (N, C) rows at ids (N,).
 
@@ -340,7 +370,7 @@ def _softmax_times_v(y, s, n, values):
     return mx + math.log(total)
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def attention_forward(out, lse, qkv, n_head, kT, vals, scores, y):
     """``ops.attention_training`` forward, causal: qkv (B, T, 3C) -> out (B, T, C) heads
     merged, and lse (B, nh, T) = each query's log-sum-exp of scores, which is all backward
@@ -368,7 +398,7 @@ def attention_forward(out, lse, qkv, n_head, kT, vals, scores, y):
                 out[b, i, qo + e] = y[bh, e]
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def attention_backward(dqkv, dout, qkv, out, lse, n_head, kT, vT, dkT, dvT, p, dp):
     """``ops.attention_training`` backward: dout, out (B, T, C), qkv (B, T, 3C), lse (B, nh, T)
     -> dqkv (B, T, 3C). Scratch per (b, h): kT, vT, dkT, dvT (B * nh, hs, T), p, dp (B * nh, T).
@@ -417,7 +447,7 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, kT, vT, dkT, dvT, p, d
                 dqkv[b, j, vo + e] = dvT[bh, e, j]
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def cached_attention_kernel(out, qkv, cache_k, cache_v, layer, rows, start, n_head, kT, scores, y):
     """``ops.attention_inference`` over a KV cache: qkv (A, Tn, 3C) holds the new tokens
     (their keys and values already written to the cache), cache_k, cache_v
@@ -448,7 +478,7 @@ def cached_attention_kernel(out, qkv, cache_k, cache_v, layer, rows, start, n_he
                 out[a, i, h * hs + e] = y[ah, e]
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def attention_inference_kernel(out, q, k, v, lengths, kT, scores, y):
     """``ops.attention_inference``: q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) (any strides, so
     head-split views need no copy), lengths (B,) the real keys of each row -> out
@@ -471,7 +501,7 @@ def attention_inference_kernel(out, q, k, v, lengths, kT, scores, y):
 
 # ------------------------------------------------------------------------------ AdamW
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
+@_kernel(fastmath=_FAST)
 def sum_of_squares(grad, piece_start, piece_end, partial):
     """sum g^2 of flat grad (n,) over each piece [piece_start[k], piece_end[k]) -> partial (K,)
     float64; the caller adds the K partials in order (same total for any thread count)."""
@@ -482,7 +512,7 @@ def sum_of_squares(grad, piece_start, piece_end, partial):
         partial[k] = s
 
 
-@njit(parallel=True, cache=True)
+@_kernel()
 def adamw_update(param, grad, exp_avg, exp_avg_sq, piece_start, piece_end, piece_owner,
                  decay, step_size, bc2_sqrt, active, lr, beta1, beta2, eps, grad_scale):
     """``optim.AdamW`` (reference: one NumPy pass per operation per parameter) in one sweep

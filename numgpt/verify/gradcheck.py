@@ -15,6 +15,11 @@ same way through the ``Tensor`` engine, one check per parameter tensor.
 A negative control, an embedding whose backward writes ``dW[ids] += dY`` (dropping all but
 one update of a repeated id), must FAIL the gate by an order-one error; if it passes, the
 gate is not able to see wrong math and the whole run fails.
+
+The gate runs on one op path (``path``): "reference", the NumPy ops, or "fast", where each op
+with a compiled kernel (``numgpt.core.kernels``) is that kernel and the composites are built
+with ``kernels="fast"``. The fast path has its own negative control: the compiled attention
+backward with the row-sum term of dS dropped.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..core import ops
+from ..core import kernels, ops
 from . import op_cases as op_table
 
 __all__ = ["CheckResult", "check_function", "check_op", "op_cases", "run_gate", "write_table",
-           "wrong_embedding", "ABS_TOL", "REL_TOL", "EPS"]
+           "wrong_embedding", "wrong_fast_attention", "ABS_TOL", "REL_TOL", "EPS", "PATHS"]
+
+PATHS = kernels.PATHS
 
 EPS = 1e-6
 ABS_TOL = 1e-7
@@ -127,10 +134,22 @@ def wrong_embedding(w: np.ndarray, *, ids: np.ndarray):
     return out, backward
 
 
-def op_cases(rng: np.random.Generator) -> list[tuple]:
+def wrong_fast_attention(qkv: np.ndarray, *, n_head: int, block: int = 128):
+    """NEGATIVE CONTROL (fast path): the compiled attention, whose backward is given a zero
+    output, so D = rowsum(dP * P) = dout . out drops out of dS = P (dP - D)."""
+    out, right = kernels.attention_training(qkv, n_head=n_head, block=block)
+    lse = right.__closure__[right.__code__.co_freevars.index("lse")].cell_contents
+    return out, kernels._attention_training_backward(np.ascontiguousarray(qkv), np.zeros_like(out),
+                                                     lse, n_head)
+
+
+def op_cases(rng: np.random.Generator, path: str = "reference") -> list[tuple]:
     """(name, op, inputs, consts, input names) for every gate case of the op table
-    (``numgpt.verify.op_cases``), float64 inputs drawn from ``rng`` in table order."""
-    return [(c.name, c.op, c.inputs(rng), c.consts(), c.input_names) for c in op_table.gate_cases()]
+    (``numgpt.verify.op_cases``), float64 inputs drawn from ``rng`` in table order; ``op`` is
+    the op of that name on ``path`` (a kernel on the fast path where one exists)."""
+    namespace = kernels.ops_for(path)
+    return [(c.name, getattr(namespace, c.op.__name__), c.inputs(rng), c.consts(), c.input_names)
+            for c in op_table.gate_cases()]
 
 
 def _module_checks(name: str, module, forward: Callable[[], "object"],
@@ -151,7 +170,7 @@ def _module_checks(name: str, module, forward: Callable[[], "object"],
     return check_function(name, loss, analytic, [p.data for p in params.values()], list(params))
 
 
-def composite_checks(rng: np.random.Generator) -> list[CheckResult]:
+def composite_checks(rng: np.random.Generator, path: str = "reference") -> list[CheckResult]:
     """Whole modules through the Tensor engine: multi-head attention, a pre-LN block with
     both residuals, and a tiny weight-tied GPT with its cross-entropy loss."""
     from ..core.model import GPT, GPTConfig
@@ -164,14 +183,15 @@ def composite_checks(rng: np.random.Generator) -> list[CheckResult]:
 
     results: list[CheckResult] = []
     x = Tensor(rng.standard_normal((2, 4, 8)))
-    attn = CausalSelfAttention(8, 2, dtype=np.float64)
+    attn = CausalSelfAttention(8, 2, dtype=np.float64, kernels=path)
     randomize(attn)
     results += _module_checks("composite: multi-head attention (B=2 T=4 C=8 nh=2)", attn,
                               lambda: attn(x), rng)
-    block = Block(8, 2, activation="gelu_tanh", dtype=np.float64)
+    block = Block(8, 2, activation="gelu_tanh", dtype=np.float64, kernels=path)
     randomize(block)
     results += _module_checks("composite: pre-LN block", block, lambda: block(x), rng)
-    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64",
+                       kernels=path)
     gpt = GPT(config, seed=None)
     randomize(gpt)
     idx, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
@@ -180,17 +200,26 @@ def composite_checks(rng: np.random.Generator) -> list[CheckResult]:
     return results
 
 
-def run_gate(include_composites: bool = True, seed: int = 0) -> list[CheckResult]:
-    """Every op check, the composites, and the negative control; float64 throughout."""
+def run_gate(include_composites: bool = True, seed: int = 0, path: str = "reference") -> list[CheckResult]:
+    """Every op check, the composites, and the negative control, on op path ``path``
+    ("reference" or "fast"); float64 throughout."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}")
     rng = np.random.default_rng(seed)
     results: list[CheckResult] = []
-    for name, op, inputs, consts, names in op_cases(rng):
+    for name, op, inputs, consts, names in op_cases(rng, path):
         results += check_op(name, op, inputs, consts, rng, input_names=names)
     if include_composites:
-        results += composite_checks(rng)
-    w, ids = rng.standard_normal((5, 3)), np.array([[1, 3, 1, 0], [3, 3, 2, 1]])
-    results += check_op("NEGATIVE CONTROL: embedding with dW[ids] += dY", wrong_embedding, [w],
-                        {"ids": ids}, rng, expect_fail=True, input_names=["W"])
+        results += composite_checks(rng, path)
+    if path == "reference":
+        w, ids = rng.standard_normal((5, 3)), np.array([[1, 3, 1, 0], [3, 3, 2, 1]])
+        results += check_op("NEGATIVE CONTROL: embedding with dW[ids] += dY", wrong_embedding, [w],
+                            {"ids": ids}, rng, expect_fail=True, input_names=["W"])
+    else:
+        qkv = rng.standard_normal((2, 4, 3 * 8))
+        results += check_op("NEGATIVE CONTROL: fast attention_training backward without rowsum(dP * P)",
+                            wrong_fast_attention, [qkv], {"n_head": 2}, rng, expect_fail=True,
+                            input_names=["qkv"])
     return results
 
 
@@ -206,10 +235,11 @@ def format_table(results: Sequence[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def write_table(results: Sequence[CheckResult], path: str | Path) -> None:
+def write_table(results: Sequence[CheckResult], path: str | Path, op_path: str = "reference") -> None:
     n_ok = sum(1 for r in results if r.passed and not r.expect_fail)
     n_checks = sum(1 for r in results if not r.expect_fail)
-    header = (f"# Gradient check gate\n\nWritten by `numgpt gradcheck` / `tests/test_gradcheck.py`. "
+    header = (f"# Gradient check gate, {op_path} path\n\nWritten by `numgpt gradcheck --path {op_path}` / "
+              f"`tests/test_gradcheck.py`. "
               f"Central differences in float64, eps {EPS:g}, element passes when abs err < {ABS_TOL:g} "
               f"or rel err < {REL_TOL:g}.\n\n{n_ok} of {n_checks} checks pass; the negative control "
               f"{'fails as it must' if all(not r.passed for r in results if r.expect_fail) else 'PASSED (gate broken)'}"
