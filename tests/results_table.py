@@ -33,7 +33,7 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("case", "numgpt vs reference", "gate", "result")),
     "faults.md": (
         "Fault table: what numgpt survives",
-        "Written by the fault tests (`tests/test_faults_*.py`) through "
+        "Written by the fault tests (`tests/test_faults.py`, `tests/test_faults_serve.py`) through "
         "`tests/results_table.py`, one row per case, each run against the real command or "
         "a real subprocess server.",
         ("case", "what happens", "expected", "result")),

@@ -610,7 +610,7 @@ def test_absurd_config_is_refused_before_allocation_naming_both_sizes(tmp_path):
     config = GPTConfig(vocab_size=10**9, n_embd=768, n_head=12)
     C = 768  # embeddings (V + T) x C, 12 layers of 12 C^2 weights + 13 C gains and biases, ln_f
     params = (10**9 + 1024) * C + 12 * (12 * C * C + 13 * C) + 2 * C
-    with pytest.raises(ConfigError, match=rf"needs {params * 4 / 2**30:,.1f} GiB for its parameters "
+    with pytest.raises(ConfigError, match=rf"needs {params * 4 / 2**40:,.1f} TiB for its parameters "
                                           rf"\({params:,} parameters x 4 bytes\) but this machine has "
                                           r"[\d,.]+ [GM]iB available"):
         checkpoint.check_memory(config, "the model")

@@ -397,7 +397,11 @@ def available_memory() -> int | None:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+    """Bytes in the largest binary unit up to EiB that keeps the number >= 1 (one decimal)."""
+    for unit, scale in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def check_memory(config: GPTConfig, what: str, *, copies: int = 1,

@@ -69,7 +69,9 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32"):
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"transformers could not load {folder}: {exc}") from exc
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
-        raise CheckpointError(f"{folder}: the PyTorch weights file holds objects other than tensors "
+        weights = next((str(folder / n) for n in ("pytorch_model.bin", "model.bin")
+                        if (folder / n).is_file()), f"{folder}'s PyTorch weights file")
+        raise CheckpointError(f"{weights}: the PyTorch weights file holds objects other than tensors "
                               f"(a pickle that could run code); refused, since only tensors are "
                               f"read (weights_only=True). Use a model.safetensors copy from a "
                               f"trusted source") from None
