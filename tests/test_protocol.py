@@ -94,6 +94,10 @@ BAD = [  # body, status, param, code
     ({"prompt": "x", "stop": [""]}, 400, "stop", "invalid_value"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream", "invalid_type"),
     ({"prompt": "x", "stream_options": []}, 400, "stream_options", "invalid_type"),
+    ({"prompt": "x", "stream_options": {"include_usage": 1}}, 400,
+     "stream_options.include_usage", "invalid_type"),
+    ({"prompt": "a" * (32 * 16 + 1)}, 400, "prompt", "prompt_too_long"),  # 32 x context chars
+    ({"prompt": [1] * (8 * 16 + 1), "truncate": True}, 400, "prompt", "prompt_too_long"),
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs", "invalid_value"),
     ({"prompt": "x", "seed": -1}, 400, "seed", "invalid_value"),
     ({"prompt": "x", "seed": 2 ** 64}, 400, "seed", "invalid_value"),
@@ -109,6 +113,35 @@ def test_bad_fields_name_the_field_status_and_code(body, status, param, code):
         parse_completion(body, **LIMITS)
     assert (e.value.status, e.value.param, e.value.code) == (status, param, code)
     assert e.value.message and "\n" not in e.value.message
+
+
+def test_score_only_max_tokens_0_needs_echo_and_may_fill_the_context():
+    spec = parse(prompt=[5] * 16, max_tokens=0, echo=True, logprobs=1)
+    assert spec.max_tokens == 0 and spec.prompts == [[5] * 16]
+    with pytest.raises(APIError) as e:  # one token more than the context
+        parse(prompt=[5] * 17, max_tokens=0, echo=True)
+    assert e.value.code == "context_length_exceeded" and "max_length=16" in e.value.message
+    with pytest.raises(APIError) as e:  # generating needs one free position
+        parse(prompt=[5] * 16, max_tokens=1)
+    assert e.value.code == "context_length_exceeded"
+    assert parse(prompt=[5] * 40, max_tokens=0, echo=True, truncate=True).prompts == [[5] * 16]
+    with pytest.raises(APIError) as e:
+        parse(prompt="x", max_tokens=0)
+    assert e.value.param == "max_tokens" and "echo" in e.value.message
+
+
+def test_lone_surrogates_anywhere_in_a_body_name_their_field():
+    cases = [(b'{"stop": ["ok", "\\ud800"]}', "stop", "'stop[1]'"),
+             (b'{"a": {"b": ["\\udfff"]}}', "a", "'a.b[0]'"),
+             (b'{"\\ud800x": 1}', "\\ud800x", "(a key)"),
+             (b'"\\ud800"', None, "the body")]
+    for raw, param, where in cases:
+        with pytest.raises(APIError) as e:
+            parse_json_body(raw)
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, "invalid_encoding")
+        assert where in e.value.message and "surrogate" in e.value.message
+        json.dumps(e.value.body()).encode("utf-8")  # the answer itself is encodable
+    assert parse_json_body(b'{"prompt": "\\ud83d\\ude00"}') == {"prompt": "\U0001F600"}  # a pair
 
 
 def test_error_messages_name_the_value_and_the_limit():

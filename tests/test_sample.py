@@ -36,7 +36,7 @@ from numgpt.core.model import GPT, GPTConfig  # noqa: E402
 from numgpt.infer.sample import (ContextSlideWarning, SamplingParams, StopMatcher,  # noqa: E402
                            apply_temperature, ascii_mask, check_prompt, filter_logits,
                            generate, generate_batch, sample_rng, select_next, stream,
-                           token_logprobs, top_k_filter, top_p_filter)
+                           token_logprobs, top_k_filter, top_k_ids, top_p_filter)
 from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "generate_parity.md"
@@ -343,6 +343,31 @@ def test_token_logprobs_equal_torch_log_softmax():
     np.testing.assert_allclose(res.top_logprobs, top.values.numpy(), rtol=1e-12)
     one = token_logprobs(x[1], 17, k=2)
     assert one.logprob == pytest.approx(float(ref[1, 17]), rel=1e-12) and one.top_ids.shape == (2,)
+
+
+def test_top_k_ids_is_a_stable_argsort_prefix_including_ties_nan_and_inf():
+    """The partial selection token_logprobs uses gives argsort(-x, stable)[:, :k] exactly:
+    ties in ascending id order, also at the k-th place; rows with -inf and NaN too."""
+    rng = np.random.default_rng(3)
+    V = 1000
+    for trial in range(40):
+        x = rng.normal(size=(6, V))
+        if trial % 2:
+            x = np.round(x * 2) / 2  # heavy ties, including at the boundary
+        x[0, rng.choice(V, 50)] = -np.inf
+        x[1, :] = 0.0  # every entry tied
+        if trial % 5 == 0:
+            x[2, rng.choice(V, 3)] = np.nan
+        for k in (0, 1, 2, 5, 300):
+            np.testing.assert_array_equal(top_k_ids(x, k),
+                                          np.argsort(-x, axis=-1, kind="stable")[:, :k])
+    # negative control: argpartition alone (then sorting the k it picked) breaks ties
+    # by whatever introselect left at the boundary, not by ascending id
+    x = np.zeros((1, V))
+    x[0, ::7] = 1.0
+    naive = np.argpartition(-x, 4, axis=-1)[:, :5]
+    naive = np.take_along_axis(naive, np.argsort(-np.take_along_axis(x, naive, -1), kind="stable"), -1)
+    assert not np.array_equal(naive, np.argsort(-x, axis=-1, kind="stable")[:, :5])
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -254,6 +254,89 @@ def test_generation_reaching_the_context_ends_with_length(served):
     assert out.choices[0].text == offline(served, "q" * 250, 6)
 
 
+def test_the_server_stops_at_the_context_where_numgpt_generate_slides(served):
+    """The one documented difference: past the context, `numgpt generate` slides its window
+    and goes on, the server ends the choice with "length". Up to the context both give the
+    same tokens."""
+    cmd = [sys.executable, "-m", "numgpt", "generate", "--model", str(served.prefix), "--prompt",
+           "q" * 250, "-n", "20", "--temperature", "0", "--json"]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    slid = json.loads(run.stdout.splitlines()[0])["generated_ids"]
+    with served.http() as h:
+        out = h.post("/v1/completions", json={"prompt": "q" * 250, "max_tokens": 20,
+                                              "temperature": 0}).json()
+    choice = out["choices"][0]
+    assert len(slid) == 20 and out["usage"]["completion_tokens"] == 6
+    assert choice["finish_reason"] == "length"
+    assert list(choice["text"].encode()) == slid[:6]  # the same tokens up to the context
+
+
+# ------------------------------------------------- scoring clients (lm-evaluation-harness)
+
+
+def test_models_reports_the_context_as_max_model_len(served):
+    with served.http() as h:
+        (card,) = h.get("/v1/models").json()["data"]
+    assert card["id"] == NAME and card["max_model_len"] == 256
+
+
+def test_score_only_request_max_tokens_0_with_echo(served):
+    """max_tokens 0 + echo + logprobs (what scoring clients send): the prompt's logprobs,
+    nothing generated, and a prompt may fill the whole context."""
+    ids = list(b"Hello there")
+    with served.http() as h:
+        out = h.post("/v1/completions", json={"prompt": [ids, ids[:4]], "max_tokens": 0,
+                                              "echo": True, "logprobs": 1}).json()
+        full = h.post("/v1/completions", json={"prompt": [65] * 256, "max_tokens": 0,
+                                               "echo": True, "logprobs": 0})
+        over = h.post("/v1/completions", json={"prompt": [65] * 256, "max_tokens": 1})
+        bare = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
+    assert [c["text"] for c in out["choices"]] == ["Hello there", "Hell"]
+    assert [c["finish_reason"] for c in out["choices"]] == ["length", "length"]
+    assert out["usage"] == {"prompt_tokens": 15, "completion_tokens": 0, "total_tokens": 15}
+    lp = out["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    logits, _ = served.model(np.asarray([ids]))
+    ref = _log_softmax(logits.data[0])  # (T, V): row t predicts token t + 1
+    np.testing.assert_allclose(lp["token_logprobs"][1:], [ref[t - 1, ids[t]] for t in range(1, 11)],
+                               atol=1e-9)
+    assert out["choices"][1]["logprobs"]["token_logprobs"][1:] == lp["token_logprobs"][1:4]
+    assert full.status_code == 200 and len(full.json()["choices"][0]["logprobs"]["tokens"]) == 256
+    _assert_openai_error(over, 400, param="prompt", code="context_length_exceeded")
+    assert "max_length=256" in over.json()["error"]["message"]  # the flag lm-eval needs
+    _assert_openai_error(bare, 400, param="max_tokens")  # 0 without echo asks for nothing
+
+
+def test_remote_tokenizer_endpoints(served):
+    tok = served.model.tokenizer
+    with served.http() as h:
+        info = h.get("/tokenizer_info").json()
+        ids = h.post("/tokenize", json={"prompt": "Héllo", "add_special_tokens": False}).json()
+        alias = h.post("/tokenize", json={"content": "Héllo"}).json()
+        text = h.post("/detokenize", json={"tokens": tok.encode("Héllo")}).json()
+        bad = [h.post("/tokenize", json={"prompt": 5}), h.post("/detokenize", json={"tokens": [300]}),
+               h.post("/detokenize", json={"tokens": "x"}),
+               h.post("/tokenize", content=b'{"prompt": "\\ud800"}',
+                      headers={"Content-Type": "application/json"})]
+    assert info["max_model_len"] == 256 and info["model_max_length"] == 256
+    assert "eos_token" in info and info["eos_token"] is None  # the byte tokenizer has none
+    assert ids["tokens"] == tok.encode("Héllo") and ids["count"] == 6 and ids["max_model_len"] == 256
+    assert alias["tokens"] == ids["tokens"]
+    assert text == {"prompt": "Héllo", "content": "Héllo"}
+    for r, param in zip(bad, ["prompt", "tokens", "tokens", "prompt"]):
+        _assert_openai_error(r, 400, param=param)
+    no_key = httpx.post(served.url + "/tokenize", json={"prompt": "x"})
+    _assert_openai_error(no_key, 401)  # the tokenizer routes need the key like the rest
+
+
+def test_stream_options_include_usage_is_type_checked(served):
+    with served.http() as h:
+        r = h.post("/v1/completions", json={"prompt": "x", "stream": True,
+                                            "stream_options": {"include_usage": "yes"}})
+    _assert_openai_error(r, 400, param="stream_options.include_usage")
+
+
 # -------------------------------------------------------------------- concurrency
 
 

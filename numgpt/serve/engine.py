@@ -256,11 +256,12 @@ class Engine:
         n = len(r.prompt_ids)
         if n == 0:
             raise InputError("the prompt is empty; give at least one token")
-        if n >= self.max_len:
+        if r.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {r.max_new_tokens}")
+        room = self.max_len if r.max_new_tokens == 0 else self.max_len - 1
+        if n > room:  # a score-only sequence (max_new_tokens 0) may fill the whole slot
             raise InputError(f"the prompt has {n} tokens but the context holds {self.max_len}, "
                              f"leaving no room to generate; shorten the prompt")
-        if r.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
         if r.logprobs is not None and not 0 <= r.logprobs <= MAX_LOGPROBS:
             raise InputError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {r.logprobs}")
         if (r.stop or r.params.ascii_only) and self.tokenizer is None:
@@ -296,7 +297,10 @@ class Engine:
                 if r in failed:
                     raise failed[r]
                 self._start(r)
-                self._advance(r, logits[r])
+                if r.decoder.finished:  # max_new_tokens 0: scored (prompt logprobs) only
+                    self._finish(r, r.decoder.finish_reason)
+                else:
+                    self._advance(r, logits[r])
             except Exception as e:  # a bad sequence fails alone, the batch goes on
                 log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
