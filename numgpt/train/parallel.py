@@ -37,6 +37,7 @@ import hashlib
 import json
 import sys
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -231,12 +232,13 @@ def rank_rows(rows: int, rank: int, ranks: int) -> slice:
 
 
 def _split(batches, workers: int) -> list[list[tuple]]:
-    """Worker w's slices: the w-th contiguous chunk of rows of every ``(x, y, scale)`` piece,
-    each scaled by its share of the piece's rows (``scale`` is the piece's share of the step)."""
+    """Worker w's ``(x, y, scale)`` slices: the w-th contiguous chunk of rows of every
+    ``(x, y, rows)`` piece (this rank's rows of a micro-batch of ``rows`` rows), its loss
+    scaled by (rows in the chunk / rows in the micro-batch) / number of micro-batches."""
     out: list[list[tuple]] = [[] for _ in range(workers)]
-    for x, y, scale in batches:
+    for x, y, of_rows in batches:
         for w, rows in enumerate(np.array_split(np.arange(len(x)), workers)):
-            out[w].append((x[rows], y[rows], scale * len(rows) / len(x)))
+            out[w].append((x[rows], y[rows], len(rows) / of_rows / len(batches)))
     return out
 
 
@@ -274,7 +276,6 @@ class DataParallel:
             from concurrent.futures import ThreadPoolExecutor
 
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="numgpt-train")
-        self._flat: dict = {}  # id(params dict) -> (params, buffer, views)
         self.reduce_seconds = 0.0  # time spent in the gradient allreduce (benchmarks read it)
 
     @property
@@ -294,10 +295,8 @@ class DataParallel:
     # -------------------------------------------------------------- one step
     def local_slices(self, batches) -> list[list[tuple]]:
         """This rank's workers' ``(x, y, scale)`` slices of the global micro-batches."""
-        n = len(batches)
         rows = rank_rows(len(batches[0][0]), self.ranks.rank, self.ranks.size)
-        return _split([(x[rows], y[rows], 1.0 / self.ranks.size / n) for x, y in batches],
-                      self.workers)
+        return _split([(x[rows], y[rows], len(x)) for x, y in batches], self.workers)
 
     def dropout_rngs(self, rng, micro_batches: int) -> list[list]:
         """Per (local worker, micro-batch) dropout generator; see the module docstring."""
@@ -325,7 +324,7 @@ class DataParallel:
         self.ranks.sum(loss, f"the loss of {what}")
         params = optimizer.params
         buffer, views = self._buffer(optimizer)
-        touched = {p for _, into in results for p in into}
+        touched = {p for _, into in results for p in into}  # the same on every rank
         for name, p in params.items():
             view = views[name]
             grads = [into[p] for _, into in results if p in into]
@@ -339,17 +338,21 @@ class DataParallel:
         self.ranks.sum(buffer, f"the gradients of {what}")
         self.reduce_seconds += time.perf_counter() - t0
         for name, p in params.items():
-            p.grad = views[name] if p in touched or self.ranks.size > 1 else None
+            p.grad = views[name] if p in touched else None
         return float(loss[0])
 
-    def _buffer(self, optimizer) -> tuple[np.ndarray, dict]:
-        """The contiguous gradient buffer: the optimizer's own (fast AdamW) or one of ours."""
+    @staticmethod
+    def _buffer(optimizer) -> tuple[np.ndarray, dict]:
+        """The contiguous gradient buffer: the optimizer's own (fast AdamW) or one of ours,
+        made once per optimizer (so a step allocates none)."""
         flat = getattr(optimizer, "flat", None)
         if flat is not None and getattr(flat, "grad", None) is not None:
             return flat.grad, flat.grad_views
-        key = id(optimizer.params)
-        if key not in self._flat or self._flat[key][0] is not optimizer.params:
-            mine = _FlatGradients(optimizer.params)
-            self._flat[key] = (optimizer.params, mine.grad, mine.views)
-        _, buffer, views = self._flat[key]
-        return buffer, views
+        mine = _GRADIENT_BUFFERS.get(optimizer)
+        if mine is None:
+            mine = _GRADIENT_BUFFERS[optimizer] = _FlatGradients(optimizer.params)
+        return mine.grad, mine.views
+
+
+# optimizer -> its _FlatGradients; an entry goes when its optimizer is freed
+_GRADIENT_BUFFERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
