@@ -45,12 +45,13 @@ from .tensor import Tensor
 
 __all__ = ["BLOCK", "SCHEMES", "Q8Matrix", "quantize_q8_0", "matmul", "linear", "embedding",
            "QuantizedLinear", "QuantizedEmbedding", "quantize_model", "is_quantized",
-           "scheme_of", "quantized_state", "build_quantized", "weight_bytes", "refuse_training"]
+           "scheme_of", "quantized_state", "build_quantized", "weight_bytes", "parameter_count",
+           "describe", "refuse_training"]
 
 BLOCK = 32  # values per q8_0 block (GGML's QK8_0)
 SCHEMES = ("q8_0",)
 SMALL_M = 16  # up to this many activation rows the direct kernel beats dequantize + BLAS
-TILE_ELEMENTS = 1 << 20  # weights dequantized per BLAS tile (4 MB of float32)
+TILE_ELEMENTS = 1 << 18  # weights dequantized per BLAS tile (1 MB of float32, stays in L2)
 _FASTMATH = {"reassoc", "contract", "nsz"}  # reassociation lets LLVM vectorize the sums
 
 
@@ -415,6 +416,24 @@ def weight_bytes(model) -> dict[str, int]:
                                           for o, a, _ in _linear_slots(model))
     f = sum(p.data.nbytes for p in model.parameters().values())
     return {"quantized": q, "float": f, "total": q + f}
+
+
+def parameter_count(model) -> int:
+    """Every weight of the model, quantized or not (``num_parameters`` counts float ones)."""
+    n = model.num_parameters()
+    if is_quantized(model):
+        n += model.wte.weight.qs.size + sum(getattr(o, a).weight.qs.size for o, a, _ in _linear_slots(model))
+    return n
+
+
+def describe(model) -> dict | None:
+    """What a checkpoint records and ``numgpt info`` prints about the scheme; None if float."""
+    if not is_quantized(model):
+        return None
+    sizes = weight_bytes(model)
+    return {"scheme": scheme_of(model), "block_size": BLOCK, "scale_dtype": "float16",
+            "layout": "(out, in) matrices, blocks along in", "bytes": sizes["total"],
+            "quantized_bytes": sizes["quantized"], "float_bytes": sizes["float"]}
 
 
 def refuse_training(model, what: str = "training") -> None:

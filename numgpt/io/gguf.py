@@ -49,7 +49,7 @@ from ..core.model import GPT, GPTConfig
 from ..errors import CheckpointError, ConfigError
 from .tokenizer import ByteTokenizer, GPT2Tokenizer, bytes_to_unicode
 
-__all__ = ["write_gguf", "load_gguf", "GGUF_DTYPES", "tensor_names"]
+__all__ = ["write_gguf", "load_gguf", "read_tokenizer", "GGUF_DTYPES", "tensor_names"]
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 INERT_MERGE = "ĀĀ ĀĀ"  # see the module docstring: the byte-level model's placeholder merge
@@ -270,6 +270,17 @@ def _tokenizer(reader, path: Path) -> tuple[object, list[str]]:
     except Exception as e:  # a tokenizer numgpt cannot rebuild should not block the weights
         return None, [f"the GGUF tokenizer could not be rebuilt ({e}); no tokenizer attached"]
     return tok, []
+
+
+def read_tokenizer(path: str | os.PathLike) -> tuple[object, list[str]]:
+    """The tokenizer a GGUF file carries, without reading its tensors: ``(tokenizer|None, notes)``."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return _tokenizer(reader, Path(path))
 
 
 def _reader_for(tensor, path: Path) -> Callable[[], np.ndarray]:
