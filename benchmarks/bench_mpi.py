@@ -102,6 +102,7 @@ def numgpt_worker(args) -> None:
     keep_freed_memory()
     ranks = ranks_from_environment(600)
     model, opt = _numgpt_model(VOCAB[args.workload])
+    opt = _train_optimizer(model)
     parallel = DataParallel(1, ranks)
     times, reduce = [], []
     for i, (x, y) in enumerate(_batches(args, args.warmup + args.steps)):
@@ -116,6 +117,16 @@ def numgpt_worker(args) -> None:
     if ranks.is_root:
         print("RESULT " + json.dumps({"times": times, "reduce": reduce, "alone": alone,
                                       "params": params, "ranks": ranks.size}), flush=True)
+
+
+def _train_optimizer(model):
+    """AdamW as ``numgpt train`` builds it (its default kernels path where the config has one)."""
+    from numgpt.train.config import TrainConfig
+    from numgpt.train.optim import AdamW
+
+    kernels = getattr(TrainConfig(), "kernels", None)
+    return AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
+                 **({"kernels": kernels} if kernels else {}))
 
 
 def _allreduce_alone(ranks, params: int, repeats: int) -> list[float]:
