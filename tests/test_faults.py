@@ -479,8 +479,11 @@ def test_meta_json_with_a_wrong_type_or_missing_key(key, edit, data_dir, tmp_pat
                             "--workers", "1", "--max-iters", "2", "--n-layer", "1", "--n-embd", "16",
                             "--n-head", "2", "--block-size", "16", "--no-plot", "--sample-tokens", "0"],
                            capsys)
-    ok = one_line_error(code, err, "meta.json", key.split()[0], "numgpt prepare")
-    record(f"9 meta.json with {key}", said(code, err),
+    model = checkpoint.save(tiny_model(), tmp_path / "model")
+    sanity = run_cli(["sanity", "--model", model, "--data", bad / "val.bin", "--offset", "20"], capsys)
+    ok = all(one_line_error(c, e, "meta.json", key.split()[0], "numgpt prepare")
+             for c, _, e in ((code, None, err), sanity))
+    record(f"9 meta.json with {key}", f"train: {said(code, err)}; sanity: {said(sanity[0], sanity[2])}",
            "one line naming meta.json, the key and the fix", ok)
 
 

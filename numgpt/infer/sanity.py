@@ -18,7 +18,6 @@ the last position only; probabilities are a float64 softmax.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from ..core.checks import log_softmax64
 from ..errors import InputError
+from ..io.data import read_meta
 from ..io.tokenizer import describe_token
 
 __all__ = ["SanityRow", "SanityReport", "load_tokens", "next_token_checks", "check_offset",
@@ -70,7 +70,7 @@ def _bin_meta(path: Path) -> dict:
     if not meta_path.is_file():
         raise InputError(f"{str(path)!r} has no meta.json beside it, so its dtype and tokenizer "
                          f"are unknown; pass the text file, or a .bin made by `numgpt prepare`")
-    return json.loads(meta_path.read_text(encoding="utf-8"))
+    return read_meta(path.parent)  # every key checked: a wrong one is named, not a KeyError
 
 
 def load_tokens(path, tokenizer) -> np.ndarray:

@@ -27,7 +27,7 @@ from ..core.checks import is_int
 from ..errors import InputError
 from .files import atomic_write, make_folder, temp_path, write_errors
 
-__all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype",
+__all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype", "read_meta",
            "META_FORMAT", "META_VERSION", "SPLITS"]
 
 META_FORMAT = "numgpt-tokens"
@@ -289,8 +289,10 @@ def _publish(out: Path, train_tmp: Path, val_tmp: Path, meta: dict) -> None:
 
 # ---------------------------------------------------------------------------- reading
 
-def _read_meta(folder: Path) -> dict:
-    """meta.json of a ``prepare`` output, or InputError saying what the folder lacks."""
+def read_meta(folder) -> dict:
+    """meta.json of a ``prepare`` output, every key checked, or InputError saying what the
+    folder lacks or which key is wrong."""
+    folder = Path(folder)
     path = folder / "meta.json"
     hint = "run `numgpt prepare` (numgpt.io.data.prepare) to create it"
     if not path.is_file():
@@ -351,7 +353,7 @@ def load_split(folder, split: str) -> np.ndarray:
     since an empty file cannot be mapped). The dtype comes from meta.json.
     """
     folder = Path(folder)
-    meta = _read_meta(folder)
+    meta = read_meta(folder)
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
@@ -407,7 +409,7 @@ class TokenDataset:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.meta = _read_meta(self.folder)
+        self.meta = read_meta(self.folder)
         self.vocab_size = int(self.meta["vocab_size"])
         self.tokenizer_config = self.meta["tokenizer"]
         self.splits = {s: load_split(self.folder, s) for s in SPLITS}
