@@ -653,3 +653,26 @@ def test_a_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(t
     monkeypatch.undo()
     back, meta, _ = checkpoint.load_checkpoint(tmp_path / "ck")
     assert same_weights(old, back) and meta == {"step": 1} and _no_temp_files(tmp_path)
+
+
+def test_tidy_folder_removes_only_the_temporaries_numgpt_leaves(tmp_path):
+    """A crash leaves ``.NAME.<8 random>.tmp`` files (io.files.temp_path); the next run of the
+    folder removes those, a planted symlink among them without following it, and nothing else."""
+    from numgpt.io import recovery
+    from numgpt.io.files import temp_path
+
+    checkpoint.save(tiny_numgpt(), tmp_path / "latest")
+    orphans = [temp_path(tmp_path / "latest.safetensors"), temp_path(tmp_path / "log.jsonl")]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    os.symlink(victim, tmp_path / ".best.json.abcd1234.tmp")
+    others = ["notes.tmp", ".hidden", "latest.json.bak", ".x.short.tmp"]  # not numgpt's pattern
+    for name in others:
+        (tmp_path / name).write_text("user file")
+    notes = recovery.tidy_folder(tmp_path)
+    assert len(notes) == 3 and all("left by an interrupted write" in n for n in notes)
+    assert not any(p.exists() or p.is_symlink() for p in orphans)
+    assert not (tmp_path / ".best.json.abcd1234.tmp").is_symlink() and victim.read_text() == "keep"
+    assert all((tmp_path / name).read_text() == "user file" for name in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["latest.json", "latest.safetensors", "victim.txt", *others])
