@@ -677,7 +677,7 @@ def _run_train(args) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
-    from .train.launch import launched_ranks
+    from .train.launch import launched_rank, launched_ranks
 
     ranks = launched_ranks()  # under `mpiexec -n N`: N processes share the cores
     if cfg.resume:  # the run's saved config, then the file, then the flags
@@ -690,7 +690,7 @@ def _run_train(args) -> int:
         set_blas_threads(args.threads if args.threads is not None else 1)
     from .train import loop as training  # loads NumPy: after the thread count is set
 
-    if cfg.data is None and not cfg.resume and not args.quiet:
+    if cfg.data is None and not cfg.resume and not args.quiet and launched_rank() == 0:
         print("numgpt: no --data given: training a byte-level model on the Python docs (pydoc_data)",
               file=sys.stderr)
     result = training.train(cfg, progress=not args.quiet)

@@ -315,12 +315,13 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(mpiexec, data_dir
 # ----------------------------------------------------------------------- without MPI
 
 def test_launched_ranks_reads_the_launchers_environment():
-    from numgpt.train.launch import launched_ranks
+    from numgpt.train.launch import launched_rank, launched_ranks
 
     assert launched_ranks({}) == 1
     assert launched_ranks({"PMI_SIZE": "1"}) == 1
     assert launched_ranks({"PMI_SIZE": "4"}) == 4
     assert launched_ranks({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
+    assert launched_rank({}) == 0 and launched_rank({"PMI_RANK": "1"}) == 1
 
 
 def test_several_processes_without_mpi4py_say_how_to_install_it(monkeypatch):
