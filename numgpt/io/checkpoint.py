@@ -47,6 +47,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, NumGPTError
 from .files import fsync_dir, fsync_path, make_folder, temp_path, write_errors
 from .recovery import DOC_KEY, weights_doc
+from ..core import quant
 from ..core.model import GPT, GPTConfig
 from .tokenizer import (BPE_FILE_NAMES, ByteTokenizer, GPT2Tokenizer, load_tokenizer, save_files,
                         tokenizer_from_config)
@@ -133,6 +134,8 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
                               f"(Hugging Face) or ckpt.pt (nanoGPT); found {found or 'nothing'}")
     if p.name in (*_HF_WEIGHT_FILES, "config.json") and (p.parent / "config.json").is_file():
         return "hf", p.parent
+    if p.name.endswith(".gguf"):
+        return "gguf", p
     prefix = _prefix_of(p)
     if _with(prefix, ".json").is_file() or _with(prefix, ".safetensors").is_file():
         return "numgpt", prefix
@@ -627,10 +630,35 @@ def _load_numgpt(prefix: Path, dtype: str | None,
                                   f"save interrupted between its two renames; re-save the model")
         extras = {k[len(EXTRA_PREFIX):]: t() for k, t in thunks.items() if k.startswith(EXTRA_PREFIX)}
         params = {k: t for k, t in thunks.items() if not k.startswith(EXTRA_PREFIX)}
-        model = _new_model(config, params, weights, check_finite=check_finite)
+        if doc.get("quantization") is not None:
+            model = _new_quantized_model(config, params, weights, doc["quantization"])
+        else:
+            model = _new_model(config, params, weights, check_finite=check_finite)
     tokenizer, notes = _numgpt_tokenizer(doc, prefix)
     return (_attach(model, "numgpt", prefix, weights, tokenizer, doc_notes + notes), doc["meta"],
             extras)
+
+
+def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path,
+                         scheme: Any) -> GPT:
+    """A model whose matrices stay in their stored blocks (``core.quant``); computes in float32."""
+    name = scheme.get("scheme") if isinstance(scheme, dict) else None
+    if name not in quant.SCHEMES:
+        raise CheckpointError(f"{path}: quantization scheme {name!r} is not one this numgpt reads "
+                              f"({list(quant.SCHEMES)}); upgrade numgpt or re-quantize")
+    if config.dtype != "float32":
+        raise CheckpointError(f"{path}: a {name} model computes in float32; it cannot be loaded "
+                              f"as {config.dtype} (load the float checkpoint it came from)")
+    return quant.build_quantized(GPT(config, seed=None), thunks, str(path))
+
+
+def _load_gguf(path: Path, dtype: str | None) -> GPT:
+    from .gguf import load_gguf
+
+    if dtype == "float64":
+        raise CheckpointError(f"{path}: GGUF holds f32, f16 or q8_0 tensors and numgpt loads it "
+                              f"in float32; convert it to a numgpt checkpoint to cast it")
+    return load_gguf(path)
 
 
 # ---------------------------------------------------------------------- public load
@@ -649,6 +677,8 @@ def load(path: str | os.PathLike, dtype=None, *, check_finite: bool = True) -> G
         return _load_hf(where, dtype, check_finite)
     if fmt == "nanogpt":
         return _load_nanogpt(where, dtype, check_finite)
+    if fmt == "gguf":
+        return _load_gguf(where, dtype)
     return _load_numgpt(where, dtype, check_finite)[0]
 
 
@@ -670,6 +700,10 @@ def find_tokenizer(path: str | os.PathLike) -> tuple[Any, list[str]]:
         return _hf_tokenizer(where, _read_json(where / "config.json", "Hugging Face config"))
     if fmt == "nanogpt":
         return _nanogpt_tokenizer(where)
+    if fmt == "gguf":
+        from .gguf import read_tokenizer
+
+        return read_tokenizer(where)
     return _numgpt_tokenizer(_read_numgpt_doc(where)[0], where)
 
 
@@ -678,8 +712,9 @@ def describe(model: GPT) -> dict:
     source = getattr(model, "source", None) or {"format": "in-memory", "path": None, "notes": []}
     tok = model.tokenizer
     return {"format": source["format"], "path": source["path"], "weights": source.get("weights"),
-            "config": model.config.to_dict(), "parameters": model.num_parameters(),
-            "dtype": str(model.wte.weight.data.dtype),
+            "config": model.config.to_dict(), "parameters": quant.parameter_count(model),
+            "dtype": quant.scheme_of(model) or str(model.wte.weight.data.dtype),
+            "quantization": quant.describe(model),
             "tokenizer": None if tok is None else {"type": type(tok).__name__,
                                                    "vocab_size": tok.vocab_size,
                                                    "config": _tokenizer_config(tok)},
@@ -774,14 +809,19 @@ def save(model: GPT, prefix: str | os.PathLike, *, meta: Mapping[str, Any] | Non
     save_id = uuid.uuid4().hex
     tok = model.tokenizer
     doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "save_id": save_id,
-           "weights": prefix.name + ".safetensors", "parameters": model.num_parameters(),
+           "weights": prefix.name + ".safetensors", "parameters": quant.parameter_count(model),
            "model": model.config.to_dict(), "tokenizer": None if tok is None else tok.to_config(),
            "meta": dict(meta or {})}
+    if quant.is_quantized(model):
+        doc["quantization"] = quant.describe(model)
     try:
         text = json.dumps(doc, indent=2) + "\n"
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"meta must be JSON-serialisable: {e}") from None
-    tensors = {n: np.asarray(p.data, order="C") for n, p in model.parameters().items()}
+    if quant.is_quantized(model):
+        tensors = quant.quantized_state(model)  # NAME.qs int8 + NAME.scales float16 per matrix
+    else:
+        tensors = {n: np.asarray(p.data, order="C") for n, p in model.parameters().items()}
     tensors.update(_extra_tensors(arrays))
     weights, config = _with(prefix, ".safetensors"), _with(prefix, ".json")
     metadata = {"format": "np", "numgpt": FORMAT_NAME, "save_id": save_id, DOC_KEY: text}
