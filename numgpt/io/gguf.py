@@ -244,10 +244,16 @@ def _config(reader, path: Path, shapes: dict[str, tuple]) -> GPTConfig:
                          n_head=int(_field(reader, "gpt2.attention.head_count")), n_embd=n_embd,
                          bias=bool(_field(reader, "numgpt.bias", True)),
                          activation=str(_field(reader, "numgpt.activation", "gelu_tanh")),
-                         layer_norm_epsilon=float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+                         layer_norm_epsilon=_float32_value(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
                          dtype="float32")
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _float32_value(v) -> float:
+    """A float GGUF stored as float32, read back as the shortest decimal that rounds to it
+    (1e-5, not 9.99999974738e-06), so a config survives the round trip unchanged."""
+    return float(str(np.float32(v)))
 
 
 def _tokenizer(reader, path: Path) -> tuple[object, list[str]]:
