@@ -306,6 +306,14 @@ def test_ranks_launched_with_different_configs_are_refused(mpiexec, data_dir, tm
     assert not (tmp_path / "latest.json").exists() and not (tmp_path / "log.jsonl").exists()
 
 
+def test_a_setup_error_on_one_rank_stops_every_rank(mpiexec, data_dir, tmp_path):
+    base = [sys.executable, "-m", "numgpt", "train", "--quiet", *_flags(cfg(data_dir, tmp_path))]
+    cmd = [mpiexec, "-n", "1", *base, ":", "-n", "1", *base, "--data", str(tmp_path / "missing")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 2  # both ranks stop with the error, none waits for the other
+    assert "rank 1 could not set up training" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(mpiexec, data_dir, tmp_path):
     proc = mpi_train(mpiexec, cfg(data_dir, tmp_path, batch_size=3))
     assert proc.returncode == 2

@@ -76,9 +76,9 @@ class Ranks:
         """Stop every rank at once (a failure only this rank saw); nothing to do in one process."""
 
     def agree(self, setup: Callable[[], object], what: str):
-        """Run ``setup`` on every rank; if it raised a ``NumGPTError`` on any rank, raise on
-        all of them (the failing rank its own error, the others one naming it), so no rank is
-        left waiting for a collective its peers never call."""
+        """Run ``setup`` on every rank; if it raised on any rank, raise on all of them (the
+        failing rank its own error, the others a ConfigError naming it), so no rank is left
+        waiting for a collective its peers never call."""
         return setup()
 
 
@@ -127,9 +127,11 @@ class MPIRanks(Ranks):
     def agree(self, setup: Callable[[], object], what: str):
         try:
             value, error = setup(), None
-        except NumGPTError as e:
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
             value, error = None, e
-        failures = self.allgather(None if error is None else str(error), what)
+        described = None if error is None else (
+            str(error) if isinstance(error, NumGPTError) else f"{type(error).__name__}: {error}")
+        failures = self.allgather(described, what)
         if error is not None:
             raise error
         for rank, message in enumerate(failures):
