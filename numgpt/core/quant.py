@@ -22,7 +22,8 @@ next float16, then ``q = round(w / d)``: rounding d up (GGML rounds to nearest) 
 Which kernel runs (``matmul``)
 ------------------------------
 * M <= ``SMALL_M`` rows of activations (batch-1 decode, the server's batched decode):
-  ``_q8_matmul_rows``, a numba kernel with ``prange`` over groups of 4 output rows; each
+  ``q8_matmul_rows``, a numba kernel with ``prange`` over groups of 4 output rows (one
+  thread when the product is under ``SERIAL_MACS`` multiply-adds); each
   block's 32 int8 codes are widened to float32, multiplied with the activations and summed
   in float32, then scaled once per block. Bandwidth: int8 loads only.
 * M > ``SMALL_M`` (prefill, perplexity): compute-bound, so the matrix is dequantized one
@@ -51,6 +52,7 @@ __all__ = ["BLOCK", "SCHEMES", "Q8Matrix", "quantize_q8_0", "matmul", "linear", 
 BLOCK = 32  # values per q8_0 block (GGML's QK8_0)
 SCHEMES = ("q8_0",)
 SMALL_M = 16  # up to this many activation rows the direct kernel beats dequantize + BLAS
+SERIAL_MACS = 1 << 18  # below this many multiply-adds one thread does the whole matmul
 TILE_ELEMENTS = 1 << 18  # weights dequantized per BLAS tile (1 MB of float32, stays in L2)
 _FASTMATH = {"reassoc", "contract", "nsz"}  # reassociation lets LLVM vectorize the sums
 
@@ -156,10 +158,10 @@ def _kernel(name: str) -> Callable:
     return _kernels[name]
 
 
-def _build_matmul_rows():
+def _build_matmul_rows(parallel: bool = True):
     import numba
 
-    @_njit(parallel=True, fastmath=_FASTMATH)
+    @_njit(parallel=parallel, fastmath=_FASTMATH)
     def q8_matmul_rows(x, qs, scales, out):  # x (M, K) f32, qs (N, K) i8, scales (N, K/32) f32 -> out (M, N)
         """out = x @ W^T for W in q8_0 blocks (reference: ``x @ Q8Matrix.dequantize().T``).
 
@@ -228,7 +230,9 @@ def _build_dequantize_rows():
     return q8_dequantize_rows
 
 
-_BUILDERS = {"matmul_rows": _build_matmul_rows, "dequantize_rows": _build_dequantize_rows}
+_BUILDERS = {"matmul_rows": _build_matmul_rows,
+             "matmul_rows_serial": lambda: _build_matmul_rows(parallel=False),
+             "dequantize_rows": _build_dequantize_rows}
 
 
 def _matmul_tiled(x2: np.ndarray, w: Q8Matrix, out: np.ndarray) -> None:
@@ -253,7 +257,8 @@ def matmul(x: np.ndarray, w: Q8Matrix) -> np.ndarray:
     x2 = np.ascontiguousarray(x.reshape(-1, K))  # (M, K)
     out = np.empty((x2.shape[0], N), np.float32)  # (M, N)
     if x2.shape[0] <= SMALL_M:
-        _kernel("matmul_rows")(x2, w.qs, w.scales, out)
+        small = x2.shape[0] * N * K < SERIAL_MACS  # waking threads would cost more than the work
+        _kernel("matmul_rows_serial" if small else "matmul_rows")(x2, w.qs, w.scales, out)
     else:
         _matmul_tiled(x2, w, out)
     return out.reshape(*x.shape[:-1], N)
