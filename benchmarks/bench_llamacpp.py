@@ -1,0 +1,224 @@
+"""numgpt's GGUF in llama.cpp: the same greedy tokens, and decode speed side by side.
+
+Runs only where llama.cpp's binaries are (``--llama-bin``, default /work/llama/build/bin,
+needing ``llama-server`` and ``llama-bench``); never in CI. It builds a GPT-2 with random
+weights (124M shape; ``--quick``: 2 layers, 128 wide) carrying the real GPT-2 tokenizer
+(``--tokenizer``, default ../shared/data/gpt2, which llama.cpp needs to load the file),
+writes it with ``numgpt convert``'s writer as f32 and q8_0 GGUF files, and for each file:
+
+* greedy tokens: numgpt (``numgpt.load`` of the GGUF, ``sample.generate``) and
+  ``llama-server`` (``/completion`` with the prompt given as token ids, temperature 0,
+  ``ignore_eos``) must give the same 20 tokens after the same 32-token prompt;
+* decode tokens/s, batch 1: numgpt ``sample.stream`` on the GGUF-loaded model (rate
+  between the first and last yielded token) and ``llama-bench -p 0 -n N`` (its
+  text-generation test), alternated for ``--repeats`` rounds, medians.
+
+    python benchmarks/bench_llamacpp.py [--llama-bin DIR] [--threads N] [--tokens 64] [--repeats 3] [--quick]
+
+Writes ``docs/results/bench_llamacpp.md`` (not with ``--quick``). Target (issue 14):
+numgpt q8_0 >= 0.8x llama.cpp q8_0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.join(HERE, "..")
+RESULTS = os.path.join(REPO, "docs", "results", "bench_llamacpp.md")
+SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+          "quick": dict(n_layer=2, n_head=4, n_embd=128, block_size=128)}
+PROMPT_LEN, GREEDY_TOKENS = 32, 20
+TARGET = 0.8
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--llama-bin", default="/work/llama/build/bin",
+                   help="folder holding llama-server and llama-bench")
+    p.add_argument("--tokenizer", default=os.path.join(REPO, "..", "shared", "data", "gpt2"),
+                   help="folder with GPT-2 vocab.json + merges.txt")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per timed decode")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small model, 1 round of 16 tokens; writes nothing")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.tokens = 1, 16
+    elif args.out is None:
+        args.out = RESULTS
+    return args
+
+
+def _binary(args, name: str) -> str | None:
+    path = os.path.join(args.llama_bin, name)
+    return path if os.access(path, os.X_OK) else None
+
+
+# ---------------------------------------------------------------------- llama.cpp side
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def llama_greedy(server: str, gguf: str, prompt: list[int], n: int, threads: int) -> list[int]:
+    """Greedy token ids from llama-server for a prompt given as ids (no tokenizer involved)."""
+    port = _free_port()
+    proc = subprocess.Popen([server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1",
+                             "-t", str(threads), "-c", str(len(prompt) + n + 8), "-np", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"llama-server exited: {proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit("llama-server did not become ready in 300 s")
+            time.sleep(0.5)
+        out = _post(base + "/completion", {"prompt": prompt, "n_predict": n, "temperature": 0,
+                                          "top_k": 1, "ignore_eos": True, "cache_prompt": False,
+                                          "return_tokens": True})
+        return list(out["tokens"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def llama_bench(bench: str, gguf: str, n: int, threads: int) -> float:
+    """llama-bench's text-generation rate (tokens/s) for n tokens, one repetition."""
+    done = subprocess.run([bench, "-m", gguf, "-p", "0", "-n", str(n), "-t", str(threads),
+                           "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    rows = json.loads(done.stdout)
+    return float(next(r for r in rows if r.get("n_gen", 0) > 0)["avg_ts"])
+
+
+# ------------------------------------------------------------------------- numgpt side
+
+def numgpt_greedy(model, prompt, n: int) -> list[int]:
+    from numgpt.infer.sample import SamplingParams, generate
+
+    return generate(model, prompt, n, SamplingParams(temperature=0), stop_at_eot=False)
+
+
+def numgpt_decode(model, prompt, n: int) -> float:
+    from numgpt.infer.sample import SamplingParams, stream
+
+    stamps = [time.perf_counter() for _ in stream(model, prompt, n, SamplingParams(temperature=0),
+                                                  stop_at_eot=False)]
+    return (n - 1) / (stamps[-1] - stamps[0])
+
+
+def build(shape: dict, tokenizer_dir: str):
+    """A random-weight GPT-2 with the GPT-2 tokenizer (numgpt's init, std 0.02; the first
+    layer's scale is raised so greedy tokens are decided by clear margins)."""
+    import numpy as np
+
+    from numgpt.core.model import GPT, GPTConfig
+    from numgpt.io.tokenizer import GPT2Tokenizer
+
+    model = GPT(GPTConfig(vocab_size=50257, **shape), seed=0)
+    model.tokenizer = GPT2Tokenizer.from_folder(tokenizer_dir)
+    model.wte.weight.data *= np.float32(5.0)  # logits spread by ~25x: ties are unlikely
+    return model
+
+
+def measure(args, server: str, bench: str) -> list[dict]:
+    import numpy as np
+
+    import numgpt
+    from numgpt.io.gguf import write_gguf
+
+    model = build(SHAPES["quick" if args.quick else "124M"], args.tokenizer)
+    prompt = np.random.default_rng(0).integers(0, 50257, PROMPT_LEN).tolist()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in ("f32", "q8_0"):
+            path = str(write_gguf(model, os.path.join(folder, f"model-{dtype}.gguf"), dtype))
+            ours = numgpt.load(path)
+            mine = numgpt_greedy(ours, prompt, GREEDY_TOKENS)
+            theirs = llama_greedy(server, path, prompt, GREEDY_TOKENS, args.threads)
+            numgpt_decode(ours, prompt, 4)  # warm-up (numba's first call)
+            rates = {"numgpt": [], "llama.cpp": []}
+            for _ in range(args.repeats):
+                rates["numgpt"].append(numgpt_decode(ours, prompt, args.tokens))
+                rates["llama.cpp"].append(llama_bench(bench, path, args.tokens, args.threads))
+            rows.append({"dtype": dtype, "same": mine == theirs, "numgpt_tokens": mine,
+                         "llama_tokens": theirs, "size": os.path.getsize(path),
+                         **{k: statistics.median(v) for k, v in rates.items()}})
+            del ours
+    return rows
+
+
+def report(rows: list[dict], args) -> str:
+    lines = ["# numgpt's GGUF in llama.cpp: greedy tokens and decode speed", "",
+             f"Written by `benchmarks/bench_llamacpp.py` ({'quick, ' if args.quick else ''}"
+             f"{args.threads} threads, {args.tokens} new tokens, median of {args.repeats} "
+             f"alternated rounds; llama.cpp from {args.llama_bin}). Random weights, GPT-2 "
+             f"tokenizer; greedy: {GREEDY_TOKENS} tokens after a {PROMPT_LEN}-token prompt.", "",
+             "| GGUF | file MB | same greedy tokens | numgpt tok/s | llama.cpp tok/s | numgpt / llama.cpp |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['size'] / 1e6:.0f} | {'yes' if r['same'] else 'NO'} | "
+                     f"{r['numgpt']:.1f} | {r['llama.cpp']:.1f} | {r['numgpt'] / r['llama.cpp']:.2f}x |")
+    q8 = next(r for r in rows if r["dtype"] == "q8_0")
+    lines += ["", f"Target: numgpt q8_0 >= {TARGET}x llama.cpp q8_0: "
+              f"{'met' if q8['numgpt'] / q8['llama.cpp'] >= TARGET else 'MISSED'}"]
+    for r in rows:
+        if not r["same"]:
+            lines.append(f"\n{r['dtype']}: numgpt {r['numgpt_tokens']} vs llama.cpp {r['llama_tokens']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    server, bench = _binary(args, "llama-server"), _binary(args, "llama-bench")
+    if server is None or bench is None:
+        print(f"skipped: llama-server and llama-bench not found in {args.llama_bin} "
+              f"(build llama.cpp there or pass --llama-bin)")
+        return 0
+    if not os.path.isfile(os.path.join(args.tokenizer, "vocab.json")):
+        print(f"skipped: no GPT-2 vocab.json + merges.txt in {args.tokenizer} (pass --tokenizer)")
+        return 0
+    sys.path.insert(0, REPO)
+    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    from numgpt.core.threads import set_blas_threads
+
+    set_blas_threads(args.threads)
+    text = report(measure(args, server, bench), args)
+    print(text)
+    if args.out:
+        from numgpt.io.files import atomic_write
+
+        atomic_write(args.out, text)
+        print(f"wrote {os.path.relpath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
