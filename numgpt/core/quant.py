@@ -13,9 +13,10 @@ blocks of ``BLOCK = 32`` values. Block ``b`` of row ``n`` stores 32 int8 codes
 GGML's: a numgpt ``Linear`` weight (in, out) is quantized transposed, the tied ``wte``
 (V, C) is already (out, in) for the head and gives embedding rows directly.
 
-Scales are float16 on disk (GGML's 2 bytes, so a numgpt q8_0 file and a GGUF q8_0 tensor
-hold the same bytes and convert losslessly both ways) and float32 in memory (numba has no
-float16; the widening is exact). Quantization picks ``d = max|w| / 127`` rounded UP to the
+Scales are float16, on disk and in memory, as in GGML: 1.0625 bytes per weight, and a numgpt
+q8_0 file and a GGUF q8_0 tensor hold the same bytes, so they convert losslessly both ways.
+numba has no float16 type, so the kernels read a scale's 16 bits and widen them through a
+65536-entry float32 table (``_HALF_TO_FLOAT``, 256 KB, exact). Quantization picks ``d = max|w| / 127`` rounded UP to the
 next float16, then ``q = round(w / d)``: rounding d up (GGML rounds to nearest) keeps every
 ``|w / d| <= 127`` so no code is clipped, and the error of every value is at most ``d / 2``.
 
@@ -40,7 +41,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError, ShapeError
+from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError
 from .nn import Embedding, Linear, Module, Parameter
 from .tensor import Tensor
 
@@ -60,8 +61,8 @@ _FASTMATH = {"reassoc", "contract", "nsz"}  # reassociation lets LLVM vectorize 
 # --------------------------------------------------------------------- the format
 
 class Q8Matrix:
-    """A matrix W (N, K) in q8_0 blocks: ``qs`` (N, K) int8, ``scales`` (N, K // 32) float32
-    holding float16 values. ``W[n, k] = scales[n, k // 32] * qs[n, k]``."""
+    """A matrix W (N, K) in q8_0 blocks: ``qs`` (N, K) int8, ``scales`` (N, K // 32) float16.
+    ``W[n, k] = scales[n, k // 32] * qs[n, k]``."""
 
     __slots__ = ("qs", "scales")
     scheme = "q8_0"
@@ -74,20 +75,17 @@ class Q8Matrix:
             raise ShapeError(f"q8_0 scales must be {(qs.shape[0], qs.shape[1] // BLOCK)} for codes "
                              f"{qs.shape}, got {scales.shape}")
         self.qs = np.ascontiguousarray(qs)
-        self.scales = np.ascontiguousarray(scales, dtype=np.float32)
+        if scales.dtype != np.float16:
+            raise DTypeError(f"q8_0 scales must be float16 (GGML's), got {scales.dtype}")
+        self.scales = np.ascontiguousarray(scales)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.qs.shape
 
     @property
-    def stored_bytes(self) -> int:
-        """Bytes on disk and in GGUF: one int8 per weight + one float16 per block."""
-        return self.qs.nbytes + 2 * self.scales.size
-
-    @property
     def nbytes(self) -> int:
-        """Bytes in memory (scales widened to float32)."""
+        """Bytes in memory, on disk and in GGUF: one int8 per weight + one float16 per block."""
         return self.qs.nbytes + self.scales.nbytes
 
     def dequantize(self, dtype=np.float64) -> np.ndarray:
@@ -102,12 +100,12 @@ class Q8Matrix:
         ids = np.asarray(ids)
         N, K = self.shape
         q = self.qs[ids.reshape(-1)].reshape(-1, K // BLOCK, BLOCK)  # (n, K/32, 32) int8
-        d = self.scales[ids.reshape(-1)][..., None]  # (n, K/32, 1)
+        d = self.scales[ids.reshape(-1)].astype(np.float32)[..., None]  # (n, K/32, 1)
         return (q * d).reshape(*ids.shape, K)  # int8 * float32 -> float32, exact
 
 
 def _float16_scale_up(amax: np.ndarray) -> np.ndarray:
-    """``amax / 127`` rounded up to a float16 (as float32), so ``|w| / d <= 127`` exactly."""
+    """``amax / 127`` rounded up to a float16, so ``|w| / d <= 127`` exactly."""
     d = (amax.astype(np.float64) / 127.0)
     d16 = d.astype(np.float16)
     low = d16.astype(np.float64) < d
@@ -115,7 +113,7 @@ def _float16_scale_up(amax: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(d16)):
         raise ConfigError(f"a weight of magnitude {float(amax.max()):.3g} exceeds what q8_0 can "
                           f"store (scale above float16's 65504); the model is not quantizable")
-    return d16.astype(np.float32)
+    return d16
 
 
 def quantize_q8_0(w: np.ndarray, rows_per_chunk: int = 4096) -> Q8Matrix:
@@ -129,12 +127,12 @@ def quantize_q8_0(w: np.ndarray, rows_per_chunk: int = 4096) -> Q8Matrix:
                           f"shape {w.shape} (n_embd must be a multiple of {BLOCK})")
     N, K = w.shape
     qs = np.empty((N, K), np.int8)
-    scales = np.empty((N, K // BLOCK), np.float32)
+    scales = np.empty((N, K // BLOCK), np.float16)
     for r0 in range(0, N, rows_per_chunk):
         blocks = w[r0:r0 + rows_per_chunk].astype(np.float64).reshape(-1, K // BLOCK, BLOCK)
         d = _float16_scale_up(np.abs(blocks).max(axis=-1))  # (n, K/32)
         safe = np.where(d > 0, d, 1.0).astype(np.float64)[..., None]  # an all-zero block stays 0
-        q = np.clip(np.rint(blocks / safe), -127, 127)
+        q = np.clip(np.rint(blocks / safe), -127, 127)  # |q| <= 127 anyway: d was rounded up
         qs[r0:r0 + len(blocks)] = q.reshape(-1, K).astype(np.int8)
         scales[r0:r0 + len(blocks)] = d
     return Q8Matrix(qs, scales)
@@ -149,6 +147,8 @@ def _njit(**options):
 
 
 _kernels: dict[str, Callable] = {}
+# float16 bits -> float32 value, for all 65536 patterns: numba reads scales through it
+_HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def _kernel(name: str) -> Callable:
@@ -162,7 +162,7 @@ def _build_matmul_rows(parallel: bool = True):
     import numba
 
     @_njit(parallel=parallel, fastmath=_FASTMATH)
-    def q8_matmul_rows(x, qs, scales, out):  # x (M, K) f32, qs (N, K) i8, scales (N, K/32) f32 -> out (M, N)
+    def q8_matmul_rows(x, qs, scale_bits, half, out):  # x (M, K) f32, qs (N, K) i8, scale_bits (N, K/32) u16 -> out (M, N)
         """out = x @ W^T for W in q8_0 blocks (reference: ``x @ Q8Matrix.dequantize().T``).
 
         prange over groups of 4 output rows: the 4 rows share each activation load, and
@@ -190,10 +190,10 @@ def _build_matmul_rows(parallel: bool = True):
                             s1 += np.float32(qs[n + 1, base + j]) * xv
                             s2 += np.float32(qs[n + 2, base + j]) * xv
                             s3 += np.float32(qs[n + 3, base + j]) * xv
-                        a0 += scales[n, b] * s0
-                        a1 += scales[n + 1, b] * s1
-                        a2 += scales[n + 2, b] * s2
-                        a3 += scales[n + 3, b] * s3
+                        a0 += half[scale_bits[n, b]] * s0
+                        a1 += half[scale_bits[n + 1, b]] * s1
+                        a2 += half[scale_bits[n + 2, b]] * s2
+                        a3 += half[scale_bits[n + 3, b]] * s3
                     out[m, n] = a0
                     out[m, n + 1] = a1
                     out[m, n + 2] = a2
@@ -206,7 +206,7 @@ def _build_matmul_rows(parallel: bool = True):
                             s = np.float32(0.0)
                             for j in range(32):
                                 s += np.float32(qs[r, 32 * b + j]) * x[m, 32 * b + j]
-                            acc += scales[r, b] * s
+                            acc += half[scale_bits[r, b]] * s
                         out[m, r] = acc
 
     return q8_matmul_rows
@@ -216,14 +216,14 @@ def _build_dequantize_rows():
     import numba
 
     @_njit(parallel=True)
-    def q8_dequantize_rows(qs, scales, r0, out):  # qs (N, K) i8, scales (N, K/32) -> out (R, K) f32
+    def q8_dequantize_rows(qs, scale_bits, half, r0, out):  # qs (N, K) i8, scale_bits (N, K/32) u16 -> out (R, K) f32
         """Rows r0 .. r0+R of W into ``out`` (one BLAS tile; reference: ``Q8Matrix.dequantize``)."""
         R, K = out.shape
         for r in numba.prange(R):
             src = qs[r0 + r]
             dst = out[r]
             for b in range(K // 32):
-                d = scales[r0 + r, b]
+                d = half[scale_bits[r0 + r, b]]
                 for j in range(32):
                     dst[32 * b + j] = d * np.float32(src[32 * b + j])
 
@@ -243,7 +243,7 @@ def _matmul_tiled(x2: np.ndarray, w: Q8Matrix, out: np.ndarray) -> None:
     dequantize_rows = _kernel("dequantize_rows")
     for r0 in range(0, N, tile_rows):
         tile = buf[:min(tile_rows, N - r0)]  # (R, K)
-        dequantize_rows(w.qs, w.scales, r0, tile)
+        dequantize_rows(w.qs, w.scales.view(np.uint16), _HALF_TO_FLOAT, r0, tile)
         np.matmul(x2, tile.T, out=out[:, r0:r0 + len(tile)])  # (M, K) @ (K, R) -> (M, R)
 
 
@@ -258,7 +258,8 @@ def matmul(x: np.ndarray, w: Q8Matrix) -> np.ndarray:
     out = np.empty((x2.shape[0], N), np.float32)  # (M, N)
     if x2.shape[0] <= SMALL_M:
         small = x2.shape[0] * N * K < SERIAL_MACS  # waking threads would cost more than the work
-        _kernel("matmul_rows_serial" if small else "matmul_rows")(x2, w.qs, w.scales, out)
+        _kernel("matmul_rows_serial" if small else "matmul_rows")(
+            x2, w.qs, w.scales.view(np.uint16), _HALF_TO_FLOAT, out)
     else:
         _matmul_tiled(x2, w, out)
     return out.reshape(*x.shape[:-1], N)
@@ -366,7 +367,7 @@ def quantized_state(model) -> dict[str, np.ndarray]:
     matrices.append(("wte.weight", model.wte.weight))
     for name, w in matrices:
         state[f"{name}.qs"] = w.qs
-        state[f"{name}.scales"] = w.scales.astype(np.float16)  # exact: they are float16 values
+        state[f"{name}.scales"] = w.scales
     return state
 
 
@@ -410,7 +411,7 @@ def _read_q8(read, name: str, shape: tuple[int, int], where: str) -> Q8Matrix:
     if qs.dtype != np.int8 or tuple(qs.shape) != want[0] or tuple(scales.shape) != want[1]:
         raise CheckpointError(f"{where}: {name!r} q8_0 blocks have codes {qs.dtype} {qs.shape} and "
                               f"scales {scales.shape}; expected int8 {want[0]} and {want[1]}")
-    return Q8Matrix(qs, scales.astype(np.float32))
+    return Q8Matrix(qs, scales)
 
 
 def weight_bytes(model) -> dict[str, int]:

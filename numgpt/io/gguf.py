@@ -85,7 +85,7 @@ def _q8_bytes(w: quant.Q8Matrix) -> np.ndarray:
     """GGML's q8_0 bytes of W (N, K): (N, K/32 * 34) uint8, blocks of float16 d + 32 int8."""
     N, K = w.shape
     blocks = np.empty((N, K // quant.BLOCK), _Q8_BLOCK)
-    blocks["d"] = w.scales.astype(np.float16)  # exact: the scales are float16 values
+    blocks["d"] = w.scales
     blocks["qs"] = w.qs.reshape(N, K // quant.BLOCK, quant.BLOCK)
     return blocks.view(np.uint8).reshape(N, -1)
 
@@ -317,7 +317,7 @@ def _reader_for(tensor, path: Path) -> Callable[[], np.ndarray]:
 def _q8(blocks: np.ndarray) -> quant.Q8Matrix:
     N, nb = blocks.shape
     return quant.Q8Matrix(np.ascontiguousarray(blocks["qs"]).reshape(N, nb * quant.BLOCK),
-                          blocks["d"].astype(np.float32))
+                          np.ascontiguousarray(blocks["d"]))
 
 
 def load_gguf(path: str | os.PathLike) -> GPT:
