@@ -201,12 +201,18 @@ def _compare(case: str, lm_eval_metrics: dict, ours: dict) -> None:
         assert theirs == pytest.approx(mine, rel=TOL, abs=0), name
 
 
-def test_lm_eval_remote_tokenizer_equals_numgpt_eval(setup, server, ours):
-    """Only base_url: lm-eval's default tokenizer_backend ("auto") finds /tokenizer_info and
-    /tokenize and uses the server's tokenizer; its default max_length is left alone."""
-    folder, prefix, lambada, gen = setup
+@pytest.fixture(scope="module")
+def remote_run(setup, server) -> tuple[object, dict]:
+    """Both tasks in one lm-eval run with only base_url: its default tokenizer_backend
+    ("auto") finds /tokenizer_info and /tokenize and uses the server's tokenizer; its
+    default max_length is left alone."""
+    folder, _, lambada, gen = setup
     tasks = _write_tasks(folder, lambada, gen)
-    lm, res = _lm_eval(server + "/v1/completions", tasks, ["numgpt_lambada"])
+    return _lm_eval(server + "/v1/completions", tasks, ["numgpt_lambada", "numgpt_generate"])
+
+
+def test_lm_eval_remote_tokenizer_equals_numgpt_eval(remote_run, ours):
+    lm, res = remote_run
     assert lm.tokenizer_backend == "remote"
     _compare(f"lm-eval local-completions, remote tokenizer: LAMBADA, {ours['examples']} passages",
              res["results"]["numgpt_lambada"], ours)
@@ -223,10 +229,9 @@ def test_lm_eval_local_hf_tokenizer_equals_numgpt_eval(setup, server, ours, gpt2
              res["results"]["numgpt_lambada"], ours)
 
 
-def test_lm_eval_generate_until_equals_numgpt_generate(setup, server):
-    folder, prefix, lambada, gen = setup
-    tasks = _write_tasks(folder, lambada, gen)
-    _, res = _lm_eval(server + "/v1/completions", tasks, ["numgpt_generate"])
+def test_lm_eval_generate_until_equals_numgpt_generate(setup, remote_run):
+    _, prefix, _, _ = setup
+    _, res = remote_run
     answers = {s["doc"]["prompt"]: s["resps"][0][0] for s in res["samples"]["numgpt_generate"]}
     ours = {}
     for prompt in PROMPTS:
