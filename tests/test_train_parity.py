@@ -16,6 +16,10 @@ Gates (each writes its table under ``docs/results/``):
 Negative controls: the same checks fail for a numgpt step that decays the LayerNorm and
 bias parameters too, and for one that skips clipping; the overfit check fails when the
 targets are fresh random tokens every step (nothing to memorise).
+
+The one-step and curve gates (and their controls) run on both op paths: the model built with
+``kernels="fast"`` and the fused flat-buffer AdamW, and ``kernels="reference"`` with the NumPy
+AdamW. The fast path's tables are ``*_fast.md`` beside the reference path's.
 """
 
 from __future__ import annotations
@@ -52,11 +56,24 @@ OVERFIT_TARGET, OVERFIT_STEPS = 0.5, 500
 
 # ------------------------------------------------------------------------ references
 
-def make_pair(shape: dict, dtype: str, seed: int, bias: bool = True):
+PATHS = ("reference", "fast")
+
+
+@pytest.fixture(scope="module", params=PATHS)
+def path(request) -> str:
+    """The op path (GPTConfig.kernels, AdamW kernels) of numgpt's side."""
+    return request.param
+
+
+def _table(name: str, path: str) -> str:
+    return name if path == "reference" else name.replace(".md", "_fast.md")
+
+
+def make_pair(shape: dict, dtype: str, seed: int, bias: bool = True, path: str = "reference"):
     """A numgpt GPT with perturbed (non-trivial) biases and LayerNorms, and a dropout-free
     ``GPT2LMHeadModel`` holding exactly the same weights."""
-    model = GPT(GPTConfig(**shape, bias=bias, dropout=0.0, activation="gelu_tanh", dtype=dtype),
-                seed=seed)
+    model = GPT(GPTConfig(**shape, bias=bias, dropout=0.0, activation="gelu_tanh", dtype=dtype,
+                          kernels=path), seed=seed)
     rng = np.random.default_rng(seed + 1)
     for name, p in model.parameters().items():
         if p.data.ndim == 1:
@@ -105,7 +122,7 @@ def hf_params(hf) -> dict[str, np.ndarray]:
 def wrong_groups(model: GPT, lr: float, betas, weight_decay: float) -> AdamW:
     """Negative control: every parameter decayed, LayerNorm gains and biases included."""
     return AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
-                 no_decay=lambda name, p: False)
+                 no_decay=lambda name, p: False, kernels=model.config.kernels)
 
 
 def _write(name: str, lines: list[str]) -> None:
@@ -123,13 +140,13 @@ STEP_HYPER = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
 STEP_CLIP = 0.5
 
 
-def one_step(make_optimizer=None, grad_clip: float = STEP_CLIP) -> dict:
+def one_step(make_optimizer=None, grad_clip: float = STEP_CLIP, path: str = "reference") -> dict:
     """Both sides take one step from the same weights on one (4, 16) batch, float64."""
-    model, hf = make_pair(STEP_SHAPE, "float64", seed=3)
+    model, hf = make_pair(STEP_SHAPE, "float64", seed=3, path=path)
     before = {n: p.data.copy() for n, p in model.parameters().items()}
     rng = np.random.default_rng(4)
     x, y = rng.integers(0, 97, (4, 16)), rng.integers(0, 97, (4, 16))
-    opt = (make_optimizer or (lambda m: AdamW(m.parameters(), **STEP_HYPER)))(model)
+    opt = (make_optimizer or (lambda m: AdamW(m.parameters(), **STEP_HYPER, kernels=path)))(model)
     stats = train_step(model, opt, [(x, y)], lr=STEP_HYPER["lr"], grad_clip=grad_clip)
     ref_loss = torch_step(hf, torch_optimizer(hf, **STEP_HYPER), x, y, STEP_HYPER["lr"], STEP_CLIP)
     ref = hf_params(hf)
@@ -142,10 +159,10 @@ def one_step(make_optimizer=None, grad_clip: float = STEP_CLIP) -> dict:
 
 
 @pytest.fixture(scope="module")
-def step_results() -> dict:
-    return {"positive": one_step(),
-            "wrong decay group": one_step(lambda m: wrong_groups(m, **STEP_HYPER)),
-            "no clipping": one_step(grad_clip=0.0)}
+def step_results(path) -> dict:
+    return {"path": path, "positive": one_step(path=path),
+            "wrong decay group": one_step(lambda m: wrong_groups(m, **STEP_HYPER), path=path),
+            "no clipping": one_step(grad_clip=0.0, path=path)}
 
 
 def test_one_training_step_matches_pytorch_for_every_parameter(step_results):
@@ -167,7 +184,7 @@ def test_one_step_check_fails_for_a_broken_step(step_results, control):
 
 def _write_step_table(results: dict) -> None:
     pos = results["positive"]
-    lines = ["# One training step against PyTorch (float64)", "",
+    lines = [f"# One training step against PyTorch (float64, {results['path']} path)", "",
              "Written by `tests/test_train_parity.py`. numgpt's `train_step` and a "
              "`transformers.GPT2LMHeadModel` with the same weights take one step on the same "
              f"(4, 16) batch: mean cross-entropy, clip the global norm to {STEP_CLIP} (the pre-clip "
@@ -188,7 +205,7 @@ def _write_step_table(results: dict) -> None:
         worst = max(results[name]["rows"], key=lambda r: r["diff"])
         lines.append(f"| {name} | {worst['name']} | {worst['diff']:.2e} | "
                      f"{'yes' if worst['diff'] > STEP_TOL else 'NO'} |")
-    _write("train_step_parity.md", lines)
+    _write(_table("train_step_parity.md", results["path"]), lines)
 
 
 # ------------------------------------------------------------------ gate 3: overfit
@@ -260,13 +277,13 @@ def _corpus() -> np.ndarray:
 
 
 def curve(make_optimizer=None, clip: float | None = None, warmup: int | None = None,
-          with_torch: bool = True) -> dict:
+          with_torch: bool = True, path: str = "reference") -> dict:
     """100 steps from the same float32 weights on the same batches; numgpt (and PyTorch).
     ``make_optimizer``, ``clip`` and ``warmup`` break numgpt's side for the controls."""
     c = CURVE
-    model, hf = make_pair(CURVE_SHAPE, "float32", seed=11)
+    model, hf = make_pair(CURVE_SHAPE, "float32", seed=11, path=path)
     opt = (make_optimizer or (lambda m: AdamW(m.parameters(), lr=c["lr"], betas=c["betas"],
-                                              weight_decay=c["weight_decay"])))(model)
+                                              weight_decay=c["weight_decay"], kernels=path)))(model)
     topt = torch_optimizer(hf, c["lr"], c["betas"], c["weight_decay"])
     data, rng = _corpus(), np.random.default_rng(12)
     out = {"numgpt": [], "torch": [], "lr": [], "clipped": 0}
@@ -291,14 +308,15 @@ BLIND_SPOT = "wrong decay group"  # too small to see at 0.05; the one-step gate 
 
 
 @pytest.fixture(scope="module")
-def curve_results() -> dict:
-    pos = curve()
+def curve_results(path) -> dict:
+    pos = curve(path=path)
     c = CURVE
-    broken = {"no clipping": curve(clip=0.0, with_torch=False),
-              "no warmup": curve(warmup=0, with_torch=False),
+    broken = {"no clipping": curve(clip=0.0, with_torch=False, path=path),
+              "no warmup": curve(warmup=0, with_torch=False, path=path),
               BLIND_SPOT: curve(lambda m: wrong_groups(m, c["lr"], c["betas"], c["weight_decay"]),
-                                with_torch=False)}
-    return {"positive": pos, **{k: {**v, "torch": pos["torch"]} for k, v in broken.items()}}
+                                with_torch=False, path=path)}
+    return {"path": path, "positive": pos,
+            **{k: {**v, "torch": pos["torch"]} for k, v in broken.items()}}
 
 
 def _diffs(res: dict) -> np.ndarray:
@@ -321,7 +339,7 @@ def test_curve_check_fails_for_a_broken_optimizer_setup(curve_results, control):
 def _write_curve_table(results: dict) -> None:
     pos, c = results["positive"], CURVE
     d = _diffs(pos)
-    lines = ["# 100-step loss curve against PyTorch (float32 both)", "",
+    lines = [f"# 100-step loss curve against PyTorch (float32 both, {results['path']} path)", "",
              "Written by `tests/test_train_parity.py`. numgpt's `train_step` and a "
              "`transformers.GPT2LMHeadModel` with the same initial weights train on the same batches "
              "of the standard library's pydoc topics (bytes): "
@@ -347,4 +365,4 @@ def _write_curve_table(results: dict) -> None:
                   f"weight-decay group) moves the curve by at most {dd.max():.4f} in {c['steps']} steps, "
                   f"under the {CURVE_TOL} tolerance. The one-step gate (`train_step_parity.md`, "
                   f"tolerance 1e-5) is the check that catches it."]
-    _write("curve_parity.md", lines)
+    _write(_table("curve_parity.md", results["path"]), lines)

@@ -10,7 +10,8 @@ import sys
 
 __all__ = ["set_blas_threads"]
 
-BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# NUMBA_NUM_THREADS: the fast path's kernels (core/kernels.py) obey the same count
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def set_blas_threads(n: int, *, openmp: int | None = None, warn: bool = True) -> None:

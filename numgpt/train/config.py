@@ -71,6 +71,8 @@ class TrainConfig:
     activation: str = _f("gelu", "'gelu' (exact erf, nanoGPT) or 'gelu_tanh' (GPT-2)")
     dropout: float = _f(0.0, "dropout probability while training")
     dtype: str = _f("float32", "'float32' or 'float64'")
+    kernels: str = _f("fast", "op path: 'fast' (compiled kernels, fused AdamW) or 'reference' "
+                              "(the NumPy ops every kernel is checked against)")
     seed: int = _f(1337, "seed of the init, the batches, dropout and the evaluation batches")
     # ------------------------------------------------------------ optimization
     batch_size: int = _f(12, "sequences per micro-batch")
@@ -143,7 +145,8 @@ class TrainConfig:
         comes from the data). GPTConfig validates the shape: the one place that does."""
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd, bias=self.bias,
-                         dropout=self.dropout, activation=self.activation, dtype=self.dtype)
+                         dropout=self.dropout, activation=self.activation, dtype=self.dtype,
+                         kernels=self.kernels)
 
     @property
     def decay_iters(self) -> int:

@@ -63,7 +63,7 @@ from ..io.files import atomic_write, make_folder, write_errors
 from ..io.recovery import tidy_folder
 from ..io.tokenizer import ByteTokenizer, tokenizer_from_config
 from .config import ARCH_KEYS, TrainConfig, resume_config
-from .optim import AdamW, clip_grad_norm, lr_schedule
+from .optim import AdamW, lr_schedule
 from .parallel import DataParallel, Ranks, check_split, fingerprint, rank_rows, ranks_from_environment
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats", "DataParallel",
@@ -206,7 +206,7 @@ def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.
             parallel.close()
     _check_finite("loss", total, step, lr)
     means = grad_group_means(params) if group_stats else None
-    norm = clip_grad_norm(params, grad_clip) if grad_clip > 0 else global_grad_norm(params)
+    norm = optimizer.clip_grad_norm(grad_clip)  # fast AdamW: applied inside its one sweep
     _check_finite("gradient norm", norm, step, lr)
     optimizer.step(lr=lr)
     return StepStats(total, norm, lr, means)
@@ -357,7 +357,8 @@ class _Run:
         self.step, self.best_val, self.last_val = 0, None, None
         self.model = self._build_model()
         self.optimizer = AdamW(self.model.parameters(), lr=cfg.learning_rate,
-                               betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+                               betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                               kernels=cfg.kernels)
         if cfg.resume:
             self._restore()
 
@@ -624,6 +625,11 @@ def train(config: TrainConfig | dict, *, progress: bool = True,
     keep_freed_memory()
     ranks = ranks_from_environment(cfg.rank_timeout)
     run = _Run(cfg, progress, ranks)
+    if progress and ranks.is_root:
+        print(f"numgpt: kernels={cfg.kernels} ("
+              + ("compiled kernels and the fused AdamW; --kernels reference runs the NumPy ops"
+                 if cfg.kernels == "fast" else "the NumPy reference ops; --kernels fast is faster")
+              + ")", file=sys.stderr, flush=True)
     try:
         losses = _loop(run, on_step)
         return _finish(run, losses)
