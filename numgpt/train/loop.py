@@ -339,7 +339,7 @@ class _Run:
         self.schedule = lr_schedule("cosine" if cfg.decay_lr else "constant",
                                     learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
                                     lr_decay_iters=cfg.decay_iters, min_lr=cfg.min_lr)
-        self.log_file = self._open_log() if root else None
+        self.log_file = ranks.agree(self._open_log if root else lambda: None, "open the log")
 
     def _data_dir(self) -> Path:
         cfg = self.cfg
