@@ -25,6 +25,7 @@ from .checks import check_token_ids
 from .config import PRESETS, GPTConfig
 from .kernels import ops_for
 from .nn import Block, Embedding, LayerNorm, Module, dropout
+from .quant import QuantizedEmbedding
 from .tensor import Tensor, apply, no_grad
 
 __all__ = ["GPTConfig", "GPT", "KVCache", "PRESETS", "Probe", "PROBE_POINTS"]
@@ -154,7 +155,10 @@ class GPT(Module):
         return dropout(x, self.config.dropout, rng)
 
     def head(self, x: Tensor) -> Tensor:
-        """Final LayerNorm then the tied head: (B, T, C) -> (B, T, V)."""
+        """Final LayerNorm then the tied head: (B, T, C) -> (B, T, V). A quantized table
+        multiplies by its own q8_0 blocks (``core.quant``), inference only."""
+        if isinstance(self.wte, QuantizedEmbedding):
+            return self.wte.head(self.ln_f(x))
         return apply(ops.tied_head, self.ln_f(x), self.wte.weight)
 
     def forward(self, idx: np.ndarray, targets: np.ndarray | None = None,
