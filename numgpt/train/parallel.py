@@ -69,7 +69,7 @@ class Ranks:
         return bool(flag)
 
     def allgather(self, value, what: str) -> list:
-        """``[value of rank 0, value of rank 1, ...]`` on every rank (picklable values)."""
+        """``[value of rank 0, value of rank 1, ...]`` on every rank (JSON-able values)."""
         return [value]
 
     def abort(self, reason: str) -> None:
@@ -160,6 +160,7 @@ class MPIRanks(Ranks):
             time.sleep(0.001)
 
     def _answer_pings(self) -> None:
+        self._sent = [r for r in self._sent if not r.Test()]  # forget delivered ones
         while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self._PING):
             status = self.MPI.Status()
             self.comm.recv(source=self.MPI.ANY_SOURCE, tag=self._PING, status=status)
