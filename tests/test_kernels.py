@@ -256,3 +256,9 @@ def test_write_results_table():
         "gradient, relative to the reference's largest magnitude.\n\n"
         "| kernel | dtype | worst relative error | bound |\n|---|---|---|---|\n"
         + "\n".join(_ROWS) + "\n")
+
+
+def test_compile_all_runs_both_builds_of_every_kernel():
+    """The warm-up users (and benchmarks) call to compile or load every kernel up front."""
+    assert kernels.compile_all() > 0
+    assert kernels.PARALLEL_MIN_ELEMENTS == 1 << 15  # restored after forcing each build

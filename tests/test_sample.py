@@ -120,9 +120,13 @@ def hf_greedy(shape: dict, folder: Path, seed: int):
 def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
     expected, margin = hf_greedy(SHAPES[name], tmp_path, seed=SEEDS[name])
     model = numgpt.load(tmp_path)  # float32, as saved
-    got = generate(model, PROMPT, N_NEW, GREEDY)
-    rows = [f"| {name} | float32 | {N_NEW} | {len(set(expected))} | {margin:.2e} | "
-            f"{sum(a == b for a, b in zip(got, expected))}/{N_NEW} | {'PASS' if got == expected else 'FAIL'} |"]
+    got, rows = {}, []
+    for path in ("reference", "fast"):  # both op paths (GPTConfig.kernels); the control on fast
+        model.set_kernels(path)
+        got[path] = tokens = generate(model, PROMPT, N_NEW, GREEDY)
+        rows.append(f"| {name} [{path}] | float32 | {N_NEW} | {len(set(expected))} | {margin:.2e} | "
+                    f"{sum(a == b for a, b in zip(tokens, expected))}/{N_NEW} | "
+                    f"{'PASS' if tokens == expected else 'FAIL'} |")
     if name == "124M":  # negative control: a slightly perturbed model must not match
         p = model.parameters()["h.0.mlp.c_fc.weight"]
         p.data += np.random.default_rng(0).normal(0, INIT_SCALE, p.data.shape).astype(p.data.dtype)
@@ -140,7 +144,7 @@ def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
                  "|---|---|---|---|---|---|---|\n" + "\n".join(_parity_rows[k] for k in sorted(_parity_rows)) + "\n")
     assert margin > 1e-3, "argmax margins too thin for a float32 comparison; use float64"
     assert len(set(expected)) > 1, "degenerate output: raise the init scale"
-    assert got == expected
+    assert got == {"reference": expected, "fast": expected}
 
 
 def test_cached_greedy_equals_uncached_reference_and_stream():
