@@ -16,7 +16,7 @@ slows all alike, medians of ``--repeats`` rounds:
 
 Peak memory: separate subprocesses each load one checkpoint (numgpt float32, numgpt q8_0,
 saved to a temporary folder) and generate 16 tokens; each reports its peak RSS
-(``ru_maxrss``) and its RSS just before loading (interpreter + NumPy + numba), so the table
+(``VmHWM``) and its peak just before loading (the interpreter and imports), so the table
 shows the whole process and the part the model adds.
 
     python benchmarks/bench_quant.py [--threads N] [--tokens 64] [--repeats 5] [--skip-medium] [--quick]
@@ -187,7 +187,6 @@ def peak_kb():  # VmHWM: this process's peak RSS (ru_maxrss keeps the parent's a
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 from numgpt.core import quant
 from numgpt.infer.sample import SamplingParams, generate
-q = quant.quantize_q8_0(np.ones((32, 32), np.float32)); quant.matmul(np.ones((1, 32), np.float32), q)
 before = peak_kb()
 model = numgpt.load(sys.argv[1])
 generate(model, list(range(16)), 16, SamplingParams(temperature=0))
@@ -197,10 +196,9 @@ print(json.dumps({"before_kb": before, "peak_kb": peak}))
 
 
 def measure_memory(name: str, threads: int) -> dict:
-    """Peak RSS of one process per representation, each loading a numgpt checkpoint.
-
-    Every child loads NumPy, numba and a compiled kernel before the model, so the baseline
-    is the same for both and the difference is the model's."""
+    """Peak RSS (VmHWM) of one process per representation, each importing numgpt, loading a
+    numgpt checkpoint and generating: each does only what it needs (the compiled kernels
+    are loaded on first use, inside the measured part)."""
     import torch
     import transformers
 
