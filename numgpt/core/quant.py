@@ -61,32 +61,65 @@ _FASTMATH = {"reassoc", "contract", "nsz"}  # reassociation lets LLVM vectorize 
 # --------------------------------------------------------------------- the format
 
 class Q8Matrix:
-    """A matrix W (N, K) in q8_0 blocks: ``qs`` (N, K) int8, ``scales`` (N, K // 32) float16.
-    ``W[n, k] = scales[n, k // 32] * qs[n, k]``."""
+    """A matrix W (N, K) in q8_0 blocks: codes (N, K) int8 and ``scales`` (N, K // 32)
+    float16, ``W[n, k] = scales[n, k // 32] * codes[n, k]``.
 
-    __slots__ = ("qs", "scales")
+    In memory the codes of each group of 4 rows are interleaved block by block (GGML's
+    "repacked" CPU layout): ``packed[g, b, r, :]`` are the 32 codes of block b of row
+    4g + r, so the kernel reads the 4 rows' block b as 128 contiguous bytes and the whole
+    matrix as one sequential stream (4 separate row streams defeat the hardware prefetcher:
+    twice slower). The last ``N % 4`` rows (``tail``) stay row by row. ``qs`` gives the
+    plain (N, K) codes back (a copy), which files store.
+    """
+
+    __slots__ = ("data", "scales")
     scheme = "q8_0"
 
-    def __init__(self, qs: np.ndarray, scales: np.ndarray):
+    def __init__(self, qs: np.ndarray, scales: np.ndarray, *, take: bool = False):
+        """``qs`` (N, K) int8 codes row by row. ``take=True`` interleaves them in place (the
+        caller gives the array up: loaders, so no second copy is made); otherwise a copy."""
         if qs.dtype != np.int8 or qs.ndim != 2 or qs.shape[1] % BLOCK:
             raise ShapeError(f"q8_0 codes must be int8 (N, K) with K a multiple of {BLOCK}, "
                              f"got {qs.dtype} {qs.shape}")
         if scales.shape != (qs.shape[0], qs.shape[1] // BLOCK):
             raise ShapeError(f"q8_0 scales must be {(qs.shape[0], qs.shape[1] // BLOCK)} for codes "
                              f"{qs.shape}, got {scales.shape}")
-        self.qs = np.ascontiguousarray(qs)
         if scales.dtype != np.float16:
             raise DTypeError(f"q8_0 scales must be float16 (GGML's), got {scales.dtype}")
+        self.data = qs if (take and qs.flags.c_contiguous) else np.array(qs, order="C")
+        _interleave_groups(self.data)
         self.scales = np.ascontiguousarray(scales)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qs.shape
+        return self.data.shape
+
+    @property
+    def groups(self) -> int:
+        return self.data.shape[0] // 4
+
+    @property
+    def packed(self) -> np.ndarray:
+        """(N // 4, K / 32, 4, 32) int8 view: block b of row 4g + r at ``[g, b, r]``."""
+        N, K = self.shape
+        return self.data[:4 * self.groups].reshape(self.groups, K // BLOCK, 4, BLOCK)
+
+    @property
+    def tail(self) -> np.ndarray:
+        """The last N % 4 rows, (N % 4, K) int8, row by row."""
+        return self.data[4 * self.groups:]
+
+    @property
+    def qs(self) -> np.ndarray:
+        """The codes row by row, (N, K) int8 (a copy: what files store)."""
+        N, K = self.shape
+        rows = self.packed.transpose(0, 2, 1, 3).reshape(4 * self.groups, K)  # (4G, K)
+        return np.concatenate([rows, self.tail])
 
     @property
     def nbytes(self) -> int:
         """Bytes in memory, on disk and in GGUF: one int8 per weight + one float16 per block."""
-        return self.qs.nbytes + self.scales.nbytes
+        return self.data.nbytes + self.scales.nbytes
 
     def dequantize(self, dtype=np.float64) -> np.ndarray:
         """The full matrix W (N, K) the blocks stand for. For tests and export only:
@@ -98,10 +131,27 @@ class Q8Matrix:
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows ``W[ids]``: ids (...) -> (..., K) float32 (only those rows)."""
         ids = np.asarray(ids)
+        flat = ids.reshape(-1)
         N, K = self.shape
-        q = self.qs[ids.reshape(-1)].reshape(-1, K // BLOCK, BLOCK)  # (n, K/32, 32) int8
-        d = self.scales[ids.reshape(-1)].astype(np.float32)[..., None]  # (n, K/32, 1)
+        G = self.groups
+        q = np.empty((len(flat), K // BLOCK, BLOCK), np.int8)  # (n, K/32, 32)
+        grouped = flat < 4 * G
+        g_ids = flat[grouped]
+        q[grouped] = self.packed[g_ids // 4, :, g_ids % 4]  # (n_g, K/32, 32)
+        q[~grouped] = self.tail[flat[~grouped] - 4 * G].reshape(-1, K // BLOCK, BLOCK)
+        d = self.scales[flat].astype(np.float32)[..., None]  # (n, K/32, 1)
         return (q * d).reshape(*ids.shape, K)  # int8 * float32 -> float32, exact
+
+
+def _interleave_groups(data: np.ndarray, groups_per_chunk: int = 1024) -> None:
+    """Reorder the codes of each group of 4 rows of ``data`` (N, K) in place from (row, block,
+    32) to (block, row, 32), a chunk of groups at a time (a temporary of one chunk)."""
+    N, K = data.shape
+    flat = data.reshape(-1)  # a view: data is C-contiguous
+    for g0 in range(0, N // 4, groups_per_chunk):
+        g1 = min(N // 4, g0 + groups_per_chunk)
+        chunk = flat[4 * g0 * K:4 * g1 * K]
+        chunk[...] = chunk.reshape(g1 - g0, 4, K // BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(-1)
 
 
 def _float16_scale_up(amax: np.ndarray) -> np.ndarray:
@@ -135,7 +185,7 @@ def quantize_q8_0(w: np.ndarray, rows_per_chunk: int = 4096) -> Q8Matrix:
         q = np.clip(np.rint(blocks / safe), -127, 127)  # |q| <= 127 anyway: d was rounded up
         qs[r0:r0 + len(blocks)] = q.reshape(-1, K).astype(np.int8)
         scales[r0:r0 + len(blocks)] = d
-    return Q8Matrix(qs, scales)
+    return Q8Matrix(qs, scales, take=True)
 
 
 # ----------------------------------------------------------------------- kernels
@@ -162,52 +212,58 @@ def _build_matmul_rows(parallel: bool = True):
     import numba
 
     @_njit(parallel=parallel, fastmath=_FASTMATH)
-    def q8_matmul_rows(x, qs, scale_bits, half, out):  # x (M, K) f32, qs (N, K) i8, scale_bits (N, K/32) u16 -> out (M, N)
+    def q8_matmul_rows(x, packed, tail, scale_bits, half, out):
         """out = x @ W^T for W in q8_0 blocks (reference: ``x @ Q8Matrix.dequantize().T``).
 
-        prange over groups of 4 output rows: the 4 rows share each activation load, and
-        each row is read from memory once for all M activation rows (it stays in L1)."""
+        x (M, K) f32; packed (G, K/32, 4, 32) i8: block b of row 4g + r at [g, b, r];
+        tail (N - 4G, K) i8; scale_bits (N, K/32) u16 (float16 bits, widened by ``half``,
+        65536 f32); out (M, N) f32. prange over the groups of 4 rows: the group's block b is
+        128 contiguous bytes, each widened to float32 and multiplied with the block's 32
+        activations (shared by the 4 rows), summed in float32 and scaled once per block.
+        A group is read from memory once for all M rows of x (it stays in L1)."""
         M, K = x.shape
-        N = qs.shape[0]
-        n_blocks = K // 32
-        for g in numba.prange((N + 3) // 4):
+        G, n_blocks = packed.shape[0], packed.shape[1]
+        for g in numba.prange(G):
             n = 4 * g
-            if n + 4 <= N:
-                for m in range(M):
-                    a0 = np.float32(0.0)
-                    a1 = np.float32(0.0)
-                    a2 = np.float32(0.0)
-                    a3 = np.float32(0.0)
-                    for b in range(n_blocks):
-                        s0 = np.float32(0.0)
-                        s1 = np.float32(0.0)
-                        s2 = np.float32(0.0)
-                        s3 = np.float32(0.0)
-                        base = 32 * b
-                        for j in range(32):
-                            xv = x[m, base + j]
-                            s0 += np.float32(qs[n, base + j]) * xv
-                            s1 += np.float32(qs[n + 1, base + j]) * xv
-                            s2 += np.float32(qs[n + 2, base + j]) * xv
-                            s3 += np.float32(qs[n + 3, base + j]) * xv
-                        a0 += half[scale_bits[n, b]] * s0
-                        a1 += half[scale_bits[n + 1, b]] * s1
-                        a2 += half[scale_bits[n + 2, b]] * s2
-                        a3 += half[scale_bits[n + 3, b]] * s3
-                    out[m, n] = a0
-                    out[m, n + 1] = a1
-                    out[m, n + 2] = a2
-                    out[m, n + 3] = a3
-            else:  # the last 1-3 rows when N is not a multiple of 4
-                for r in range(n, N):
-                    for m in range(M):
-                        acc = np.float32(0.0)
-                        for b in range(n_blocks):
-                            s = np.float32(0.0)
-                            for j in range(32):
-                                s += np.float32(qs[r, 32 * b + j]) * x[m, 32 * b + j]
-                            acc += half[scale_bits[r, b]] * s
-                        out[m, r] = acc
+            for m in range(M):
+                xm = x[m]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for b in range(n_blocks):
+                    block = packed[g, b]  # (4, 32)
+                    base = 32 * b
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    s2 = np.float32(0.0)
+                    s3 = np.float32(0.0)
+                    for j in range(32):
+                        xv = xm[base + j]
+                        s0 += np.float32(block[0, j]) * xv
+                        s1 += np.float32(block[1, j]) * xv
+                        s2 += np.float32(block[2, j]) * xv
+                        s3 += np.float32(block[3, j]) * xv
+                    a0 += half[scale_bits[n, b]] * s0
+                    a1 += half[scale_bits[n + 1, b]] * s1
+                    a2 += half[scale_bits[n + 2, b]] * s2
+                    a3 += half[scale_bits[n + 3, b]] * s3
+                out[m, n] = a0
+                out[m, n + 1] = a1
+                out[m, n + 2] = a2
+                out[m, n + 3] = a3
+        for t in range(tail.shape[0]):  # the last N % 4 rows, row by row
+            r = 4 * G + t
+            row = tail[t]
+            for m in range(M):
+                xm = x[m]
+                acc = np.float32(0.0)
+                for b in range(n_blocks):
+                    s = np.float32(0.0)
+                    for j in range(32 * b, 32 * b + 32):
+                        s += np.float32(row[j]) * xm[j]
+                    acc += half[scale_bits[r, b]] * s
+                out[m, r] = acc
 
     return q8_matmul_rows
 
@@ -216,16 +272,24 @@ def _build_dequantize_rows():
     import numba
 
     @_njit(parallel=True)
-    def q8_dequantize_rows(qs, scale_bits, half, r0, out):  # qs (N, K) i8, scale_bits (N, K/32) u16 -> out (R, K) f32
-        """Rows r0 .. r0+R of W into ``out`` (one BLAS tile; reference: ``Q8Matrix.dequantize``)."""
+    def q8_dequantize_rows(packed, tail, scale_bits, half, r0, out):
+        """Rows r0 .. r0+R of W into ``out`` (R, K) f32 (one BLAS tile; reference:
+        ``Q8Matrix.dequantize``). Same arguments as ``q8_matmul_rows``."""
         R, K = out.shape
-        for r in numba.prange(R):
-            src = qs[r0 + r]
-            dst = out[r]
+        G = packed.shape[0]
+        for i in numba.prange(R):
+            r = r0 + i
+            dst = out[i]
             for b in range(K // 32):
-                d = half[scale_bits[r0 + r, b]]
-                for j in range(32):
-                    dst[32 * b + j] = d * np.float32(src[32 * b + j])
+                d = half[scale_bits[r, b]]
+                if r < 4 * G:
+                    src = packed[r // 4, b, r % 4]  # (32,)
+                    for j in range(32):
+                        dst[32 * b + j] = d * np.float32(src[j])
+                else:
+                    row = tail[r - 4 * G]
+                    for j in range(32):
+                        dst[32 * b + j] = d * np.float32(row[32 * b + j])
 
     return q8_dequantize_rows
 
@@ -243,7 +307,7 @@ def _matmul_tiled(x2: np.ndarray, w: Q8Matrix, out: np.ndarray) -> None:
     dequantize_rows = _kernel("dequantize_rows")
     for r0 in range(0, N, tile_rows):
         tile = buf[:min(tile_rows, N - r0)]  # (R, K)
-        dequantize_rows(w.qs, w.scales.view(np.uint16), _HALF_TO_FLOAT, r0, tile)
+        dequantize_rows(w.packed, w.tail, w.scales.view(np.uint16), _HALF_TO_FLOAT, r0, tile)
         np.matmul(x2, tile.T, out=out[:, r0:r0 + len(tile)])  # (M, K) @ (K, R) -> (M, R)
 
 
@@ -259,7 +323,7 @@ def matmul(x: np.ndarray, w: Q8Matrix) -> np.ndarray:
     if x2.shape[0] <= SMALL_M:
         small = x2.shape[0] * N * K < SERIAL_MACS  # waking threads would cost more than the work
         _kernel("matmul_rows_serial" if small else "matmul_rows")(
-            x2, w.qs, w.scales.view(np.uint16), _HALF_TO_FLOAT, out)
+            x2, w.packed, w.tail, w.scales.view(np.uint16), _HALF_TO_FLOAT, out)
     else:
         _matmul_tiled(x2, w, out)
     return out.reshape(*x.shape[:-1], N)
@@ -388,7 +452,7 @@ def build_quantized(model, read: Mapping[str, Callable[[], np.ndarray]], where: 
         setattr(owner, attr, QuantizedLinear(q, bias))
     model.wte = QuantizedEmbedding(_read_q8(read, "wte.weight", (c.vocab_size, c.n_embd), where))
     params = model.parameters()
-    stored = {k for k in read if not k.endswith((".qs", ".scales"))}
+    stored = {k for k in read if not k.endswith((".qs", ".scales", ".q8_0"))}
     missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
     if missing or unexpected:
         raise CheckpointError(f"{where}: quantized checkpoint keys do not match the config: "
@@ -403,15 +467,22 @@ def build_quantized(model, read: Mapping[str, Callable[[], np.ndarray]], where: 
 
 
 def _read_q8(read, name: str, shape: tuple[int, int], where: str) -> Q8Matrix:
+    """The matrix ``name`` from ``read``: a ready ``Q8Matrix`` under ``NAME.q8_0`` (GGUF), or
+    its codes and scales under ``NAME.qs`` / ``NAME.scales`` (numgpt checkpoints)."""
+    want = (tuple(shape), (shape[0], shape[1] // BLOCK))
+    if f"{name}.q8_0" in read:
+        m = read[f"{name}.q8_0"]()
+        if m.shape != want[0]:
+            raise CheckpointError(f"{where}: {name!r} is {m.shape}, expected {want[0]}")
+        return m
     for key in (f"{name}.qs", f"{name}.scales"):
         if key not in read:
             raise CheckpointError(f"{where}: quantized checkpoint lacks {key!r}")
     qs, scales = read[f"{name}.qs"](), read[f"{name}.scales"]()
-    want = (tuple(shape), (shape[0], shape[1] // BLOCK))
     if qs.dtype != np.int8 or tuple(qs.shape) != want[0] or tuple(scales.shape) != want[1]:
         raise CheckpointError(f"{where}: {name!r} q8_0 blocks have codes {qs.dtype} {qs.shape} and "
                               f"scales {scales.shape}; expected int8 {want[0]} and {want[1]}")
-    return Q8Matrix(qs, scales)
+    return Q8Matrix(qs, scales, take=True)  # read fresh from the file: interleaved in place
 
 
 def weight_bytes(model) -> dict[str, int]:
@@ -428,7 +499,7 @@ def parameter_count(model) -> int:
     """Every weight of the model, quantized or not (``num_parameters`` counts float ones)."""
     n = model.num_parameters()
     if is_quantized(model):
-        n += model.wte.weight.qs.size + sum(getattr(o, a).weight.qs.size for o, a, _ in _linear_slots(model))
+        n += model.wte.weight.data.size + sum(getattr(o, a).weight.data.size for o, a, _ in _linear_slots(model))
     return n
 
 

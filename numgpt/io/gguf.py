@@ -317,7 +317,7 @@ def _reader_for(tensor, path: Path) -> Callable[[], np.ndarray]:
 def _q8(blocks: np.ndarray) -> quant.Q8Matrix:
     N, nb = blocks.shape
     return quant.Q8Matrix(np.ascontiguousarray(blocks["qs"]).reshape(N, nb * quant.BLOCK),
-                          np.ascontiguousarray(blocks["d"]))
+                          np.ascontiguousarray(blocks["d"]), take=True)
 
 
 def load_gguf(path: str | os.PathLike) -> GPT:
@@ -386,7 +386,7 @@ def _fill_float(model: GPT, by_name: dict, names: dict, path: Path) -> None:
 
 
 def _quantized_reads(by_name: dict, names: dict) -> dict[str, Callable[[], np.ndarray]]:
-    """The ``quant.build_quantized`` view of a GGUF: NAME.qs / NAME.scales for matrices
+    """The ``quant.build_quantized`` view of a GGUF: NAME.q8_0 -> Q8Matrix for matrices
     (float ones quantized), float32 arrays for the rest."""
     read: dict[str, Callable] = {}
     for name, gguf_name in names.items():
@@ -398,7 +398,5 @@ def _quantized_reads(by_name: dict, names: dict) -> dict[str, Callable[[], np.nd
         def matrix(r=r) -> quant.Q8Matrix:
             return _q8(r()) if r.kind == "Q8_0" else quant.quantize_q8_0(_as_float(r, False))
 
-        cache: dict = {}
-        read[f"{name}.qs"] = lambda m=matrix, c=cache: c.setdefault("m", m()).qs
-        read[f"{name}.scales"] = lambda c=cache: c.pop("m").scales
+        read[f"{name}.q8_0"] = matrix
     return read
