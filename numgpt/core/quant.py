@@ -24,7 +24,8 @@ Which kernel runs (``matmul``)
 ------------------------------
 * M <= ``SMALL_M`` rows of activations (batch-1 decode, the server's batched decode):
   ``q8_matmul_rows``, a numba kernel with ``prange`` over groups of 4 output rows (one
-  thread when the product is under ``SERIAL_MACS`` multiply-adds); each
+  thread when the product is under ``SERIAL_MACS`` multiply-adds), whose codes are
+  interleaved in memory so a matrix streams as one sequence (``Q8Matrix``); each
   block's 32 int8 codes are widened to float32, multiplied with the activations and summed
   in float32, then scaled once per block. Bandwidth: int8 loads only.
 * M > ``SMALL_M`` (prefill, perplexity): compute-bound, so the matrix is dequantized one
