@@ -58,6 +58,7 @@ def test_fast_gate_checks_the_kernels_not_the_reference_ops():
     rng = np.random.default_rng(0)
     fast = {name.split(":")[0]: op for name, op, *_ in gradcheck.op_cases(rng, "fast")}
     with_backward = set(kernels.FAST_OPS) - {"attention_inference", "cached_attention"}
+    assert {"layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding"} <= with_backward
     for name in with_backward:
         assert fast[name] is getattr(kernels, name), name
     assert fast["linear"] is ops.linear  # no kernel: the reference op on both paths

@@ -174,12 +174,12 @@ class AdamW:
                 self.steps[name] += 1
         t = np.array([max(self.steps[n], 1) for n in self.params], dtype=np.float64)
         decay = np.array([self.decay_for(n) for n in self.params], dtype=np.float64)
-        step_size = self.lr / (1 - b1 ** t)
-        bc2_sqrt = (1 - b2 ** t) ** 0.5
+        dt = flat.data.dtype  # every scalar in the buffers' dtype (see adamw_update)
         kernels.adamw_update(flat.data, flat.grad, flat.exp_avg, flat.exp_avg_sq,
                              flat.piece_start, flat.piece_end, flat.piece_owner,
-                             decay, step_size, bc2_sqrt, active, self.lr, b1, b2,
-                             self.eps, self._grad_scale)
+                             (1 - self.lr * decay).astype(dt), (self.lr / (1 - b1 ** t)).astype(dt),
+                             ((1 - b2 ** t) ** 0.5).astype(dt), active, dt.type(1 - b1), dt.type(b2),
+                             dt.type(1 - b2), dt.type(self.eps), dt.type(self._grad_scale))
         self._grad_scale = 1.0
         flat.gathered = False
 
