@@ -11,7 +11,10 @@ writes it with ``numgpt convert``'s writer as f32 and q8_0 GGUF files, and for e
   ``ignore_eos``) must give the same 20 tokens after the same 32-token prompt;
 * decode tokens/s, batch 1: numgpt ``sample.stream`` on the GGUF-loaded model (rate
   between the first and last yielded token) and ``llama-bench -p 0 -n N`` (its
-  text-generation test), alternated for ``--repeats`` rounds, medians.
+  text-generation test), alternated for ``--repeats`` rounds, medians;
+
+and checks a byte-level model's GGUF (vocab 256): llama.cpp loads it, tokenizes text into
+its UTF-8 bytes and gives numgpt's greedy tokens.
 
     python benchmarks/bench_llamacpp.py [--llama-bin DIR] [--threads N] [--tokens 64] [--repeats 3] [--quick]
 
@@ -175,7 +178,46 @@ def measure(args, server: str, bench: str) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], args) -> str:
+def byte_level_check(args, server: str) -> dict:
+    """A byte-level model (vocab 256, no BPE) in llama.cpp: its GGUF loads, llama-server's
+    /tokenize gives the text's UTF-8 bytes as ids (numgpt's ByteTokenizer), and greedy
+    tokens equal numgpt's."""
+    from numgpt.core.model import GPT, GPTConfig
+    from numgpt.io.gguf import write_gguf
+    from numgpt.io.tokenizer import ByteTokenizer
+
+    import numgpt
+
+    model = GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128), seed=1)
+    model.tokenizer = ByteTokenizer()
+    text = "ROMEO: Hello, world!\nÀ bientôt"
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(write_gguf(model, os.path.join(folder, "bytes.gguf"), "q8_0"))
+        prompt = list(text.encode("utf-8"))
+        mine = numgpt_greedy(numgpt.load(path), prompt, GREEDY_TOKENS)
+        port = _free_port()
+        proc = subprocess.Popen([server, "-m", path, "--port", str(port), "--host", "127.0.0.1",
+                                 "-t", str(args.threads), "-c", "128", "-np", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(600):
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=5):
+                        break
+                except OSError:
+                    time.sleep(0.5)
+            ids = _post(base + "/tokenize", {"content": text})["tokens"]
+            theirs = _post(base + "/completion", {"prompt": prompt, "n_predict": GREEDY_TOKENS,
+                                                  "temperature": 0, "top_k": 1, "ignore_eos": True,
+                                                  "cache_prompt": False, "return_tokens": True})["tokens"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return {"tokenize_is_bytes": ids == prompt, "same": mine == list(theirs)}
+
+
+def report(rows: list[dict], args, byte_level: dict | None = None) -> str:
     lines = ["# numgpt's GGUF in llama.cpp: greedy tokens and decode speed", "",
              f"Written by `benchmarks/bench_llamacpp.py` ({'quick, ' if args.quick else ''}"
              f"{args.threads} threads, {args.tokens} new tokens, median of {args.repeats} "
@@ -189,6 +231,11 @@ def report(rows: list[dict], args) -> str:
     q8 = next(r for r in rows if r["dtype"] == "q8_0")
     lines += ["", f"Target: numgpt q8_0 >= {TARGET}x llama.cpp q8_0: "
               f"{'met' if q8['numgpt'] / q8['llama.cpp'] >= TARGET else 'MISSED'}"]
+    if byte_level is not None:
+        lines += ["", f"Byte-level model (vocab 256, q8_0 GGUF with the 256 byte tokens and one inert "
+                  f"merge): llama.cpp loads it; its /tokenize gives the UTF-8 bytes as ids: "
+                  f"{'yes' if byte_level['tokenize_is_bytes'] else 'NO'}; same {GREEDY_TOKENS} greedy "
+                  f"tokens as numgpt: {'yes' if byte_level['same'] else 'NO'}."]
     for r in rows:
         if not r["same"]:
             lines.append(f"\n{r['dtype']}: numgpt {r['numgpt_tokens']} vs llama.cpp {r['llama_tokens']}")
@@ -210,7 +257,7 @@ def main(argv=None) -> int:
     from numgpt.core.threads import set_blas_threads
 
     set_blas_threads(args.threads)
-    text = report(measure(args, server, bench), args)
+    text = report(measure(args, server, bench), args, byte_level_check(args, server))
     print(text)
     if args.out:
         from numgpt.io.files import atomic_write
