@@ -489,3 +489,15 @@ def test_a_q8_0_process_never_holds_the_float32_weights(tmp_path):
         added[kind] = json.loads(done.stdout.strip().splitlines()[-1])
     assert added["f32"] >= f32_bytes, added  # the measurement sees float32 weights
     assert added["q8"] <= 0.45 * f32_bytes, (added, f32_bytes)
+
+
+def test_batched_decode_of_a_quantized_model_equals_one_sequence_at_a_time():
+    """generate_batch (one forward_cached over several cache rows per step, as the server
+    runs) gives each prompt the tokens generate gives it alone: the kernel's M > 1 path."""
+    from numgpt.infer.sample import SamplingParams, generate, generate_batch
+
+    q = _small_quantized()
+    prompts = [[1, 2, 3], [200, 7], [9, 9, 9, 9, 9], [42]]
+    greedy = SamplingParams(temperature=0)
+    batched = generate_batch(q, prompts, 6, greedy, stop_at_eot=False)
+    assert batched == [generate(q, p, 6, greedy, stop_at_eot=False) for p in prompts]
