@@ -53,6 +53,8 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per implementation")
     p.add_argument("--skip-medium", action="store_true", help="time the 124M shape only")
     p.add_argument("--quick", action="store_true", help="2 rounds of 16 tokens, 124M only; writes nothing")
+    p.add_argument("--kernels", choices=["fast", "reference"], default="fast",
+                   help="numgpt's op path (default fast)")
     p.add_argument("--out", default=None, help="markdown output (default docs/results/bench_decode.md)")
     args = p.parse_args(argv)
     if args.quick:
@@ -154,7 +156,12 @@ def build(shape: dict, folder: str):
                                      initializer_range=0.05)
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.save_pretrained(folder)
-    return hf, numgpt.load(folder)
+    model = numgpt.load(folder)
+    model.set_kernels(KERNELS)
+    return hf, model
+
+
+KERNELS = "fast"  # numgpt's op path, from --kernels
 
 
 def check_same_tokens(hf, model, prompt) -> None:
@@ -251,16 +258,22 @@ def report(rows: list[dict], args) -> str:
 
 
 def main(argv=None) -> int:
+    global KERNELS
     args = _parse(argv)
+    KERNELS = args.kernels
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py
     from numgpt.core.threads import set_blas_threads
 
     set_blas_threads(args.threads)  # before NumPy loads
     import torch
+    from machine import Machine
 
     torch.set_num_threads(args.threads)
+    machine = Machine.measure(args.threads, quick=args.quick)
+    print(machine.describe(), flush=True)
     rows = [measure_shape(name, args) for name in (["124M"] if args.skip_medium else list(SHAPES))]
-    text = report(rows, args)
+    text = report(rows, args) + f"\n- {machine.describe()}; numgpt kernels={KERNELS}\n"
     print(text)
     if args.out:
         tmp = args.out + ".tmp"

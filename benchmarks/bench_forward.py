@@ -24,6 +24,11 @@ before this process imports anything heavy, that import numgpt only, load the sa
 ``model.safetensors`` with ``numgpt.load`` and run one 1024-token forward:
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (and the kernel's VmHWM as a cross-check).
 
+numgpt runs the op path ``--kernels`` (default fast); "numgpt forward [reference]" is the same
+model switched to the NumPy reference ops for the same call. For each thread count the run
+also measures the float32 GEMM peak (``benchmarks/machine.py``) and reports the forward's
+FLOP rate as a share of it (issue 11 target: >= 75% of the peak, and >= 1.2x sdpa).
+
     python benchmarks/bench_forward.py [--threads 1,2] [--repeats 3] [--quick]
 
 Prints the tables and writes them to ``docs/results/bench_forward.md``. Targets (issue 3):
@@ -53,6 +58,8 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=1024, help="prompt length (<= 1024)")
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated dtypes to time")
     p.add_argument("--quick", action="store_true", help="1 repeat, 256 tokens (a smoke run)")
+    p.add_argument("--kernels", choices=["fast", "reference"], default="fast",
+                   help="numgpt's op path (default fast)")
     p.add_argument("--out", default=None,
                    help=f"where the markdown goes (default {os.path.relpath(RESULTS)}; --quick "
                         "writes nothing unless --out is given)")
@@ -216,12 +223,20 @@ def contestants(folder: str, dtype: str, idx) -> dict:
     from numgpt.core.tensor import no_grad
 
     model = load_numgpt(folder, dtype)
+    model.set_kernels(KERNELS)
     hf = {attn: _hf_model(folder, attn, dtype) for attn in HF_ATTENTION}
     ids = torch.from_numpy(idx)
 
     def numgpt_forward():
         with no_grad():
             return model(idx)[0].data  # (1, T, V)
+
+    def numgpt_reference():
+        model.set_kernels("reference")
+        try:
+            return numgpt_forward()
+        finally:
+            model.set_kernels(KERNELS)
 
     def numgpt_prefill():
         return model.forward_cached(idx, model.new_cache(1, idx.shape[1]))  # (1, V)
@@ -244,6 +259,7 @@ def contestants(folder: str, dtype: str, idx) -> dict:
     diff = float(np.max(np.abs(numgpt_prefill() - ours[:, -1])))
     assert diff < limit, f"prefill logits differ from the full forward by {diff:.3g}"
     calls = {"numgpt forward": ("all logits (1, T, V)", numgpt_forward),
+             "numgpt forward [reference]": ("all logits (1, T, V)", numgpt_reference),
              "numgpt forward_cached prefill": ("last position only (1, V)", numgpt_prefill)}
     for attn, m in hf.items():
         calls[f"transformers {attn}"] = ("all logits (1, T, V)", transformers_call(m))
@@ -275,6 +291,15 @@ def time_interleaved(calls: dict, repeats: int) -> dict[str, dict[str, float]]:
             for name, rs in runs.items()}
 
 
+KERNELS = "fast"  # numgpt's op path, from --kernels
+
+
+def forward_flops(T: int, L: int = 12, C: int = 768, V: int = 50257) -> float:
+    """Multiply-adds x 2 of one causal forward of T tokens: the 12 C^2 weights of each layer
+    per token, the tied head, and causal attention (Q K^T and P V over T^2 / 2 pairs)."""
+    return 2.0 * T * (L * 12 * C * C + C * V) + L * 2.0 * T * T * C
+
+
 def run_timings(args, folder: str) -> tuple[dict, list[str]]:
     """{(dtype, threads): {"times": ..., "outputs": ...}} and the thread report lines."""
     import numpy as np
@@ -286,6 +311,10 @@ def run_timings(args, folder: str) -> tuple[dict, list[str]]:
         calls = contestants(folder, dtype, idx)
         for n in args.threads:
             line = set_threads(n)
+            from machine import gemm_peak
+            peak = gemm_peak(1024 if args.quick else 2048)
+            line += f"; measured float32 GEMM peak {peak:.0f} GFLOP/s"
+            PEAKS[n] = peak
             print(f"  {line}")
             if line not in thread_lines:
                 thread_lines.append(line)
@@ -309,6 +338,21 @@ def _time_rows(timings: dict) -> list[list[str]]:
     return [[dtype, str(n), name, t["outputs"][name], f"{s['median']:.3f}", f"{s['min']:.3f}",
              f"{s['user']:.3f}", f"{s['sys']:.3f}"]
             for (dtype, n), t in timings.items() for name, s in t["times"].items()]
+
+
+PEAKS: dict[int, float] = {}  # threads -> measured float32 GEMM GFLOP/s
+
+
+def _peak_rows(timings: dict, tokens: int) -> list[list[str]]:
+    rows = []
+    for (dtype, n), t in timings.items():
+        if dtype != "float32":
+            continue
+        for name in ("numgpt forward", "numgpt forward [reference]", "transformers sdpa"):
+            if name in t["times"]:
+                rate = forward_flops(tokens) / t["times"][name]["median"] / 1e9
+                rows.append([str(n), name, f"{rate:.0f}", f"{PEAKS[n]:.0f}", f"{100 * rate / PEAKS[n]:.0f}%"])
+    return rows
 
 
 def _ratio_rows(timings: dict) -> list[list[str]]:
@@ -350,6 +394,12 @@ def report(args, env: dict, thread_lines: list[str], timings: dict, memory: dict
     lines += _table(_ratio_rows(timings), ["dtype", "threads", "ratio", "by median wall",
                                            "by median user CPU", "target", "met (wall)",
                                            "met (user CPU)"])
+    lines += ["", f"## float32 FLOP rate as a share of the measured GEMM peak (target >= {PEAK_TARGET:.0%})", "",
+              f"FLOPs of one causal {args.tokens}-token forward: {forward_flops(args.tokens) / 1e9:.1f} G "
+              "(12 C^2 weights per layer per token, the tied head, causal attention)", ""]
+    lines += _table(_peak_rows(timings, args.tokens), ["threads", "implementation", "GFLOP/s",
+                                                       "GEMM peak GFLOP/s", "share of peak"])
+    lines += [f"", f"numgpt kernels path: {KERNELS}"]
     lines += ["", "## Peak memory of a 124M float32 inference process", "",
               "A fresh subprocess imports numgpt (no torch), loads the saved `model.safetensors` "
               f"with `numgpt.load` and runs one {args.tokens}-token forward; MB.", ""]
@@ -393,8 +443,14 @@ def _load() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+PEAK_TARGET = 0.75
+
+
 def main(argv=None) -> int:
+    global KERNELS
     args = _parse(argv)
+    KERNELS = args.kernels
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py
     if args.memory_child:
         memory_child(*args.memory_child, args.tokens)
         return 0
