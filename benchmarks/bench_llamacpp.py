@@ -217,9 +217,10 @@ def byte_level_check(args, server: str) -> dict:
     return {"tokenize_is_bytes": ids == prompt, "same": mine == list(theirs)}
 
 
-def report(rows: list[dict], args, byte_level: dict | None = None) -> str:
+def report(rows: list[dict], args, byte_level: dict | None = None, machine=None) -> str:
     lines = ["# numgpt's GGUF in llama.cpp: greedy tokens and decode speed", "",
              f"Written by `benchmarks/bench_llamacpp.py` ({'quick, ' if args.quick else ''}"
+             f"{machine.describe() + '; ' if machine else ''}"
              f"{args.threads} threads, {args.tokens} new tokens, median of {args.repeats} "
              f"alternated rounds; llama.cpp from {args.llama_bin}). Random weights, GPT-2 "
              f"tokenizer; greedy: {GREEDY_TOKENS} tokens after a {PROMPT_LEN}-token prompt.", "",
@@ -257,7 +258,12 @@ def main(argv=None) -> int:
     from numgpt.core.threads import set_blas_threads
 
     set_blas_threads(args.threads)
-    text = report(measure(args, server, bench), args, byte_level_check(args, server))
+    sys.path.insert(0, HERE)  # machine.py
+    from machine import Machine
+
+    machine = Machine.measure(args.threads, quick=args.quick)
+    print(machine.describe(), flush=True)
+    text = report(measure(args, server, bench), args, byte_level_check(args, server), machine)
     print(text)
     if args.out:
         from numgpt.io.files import atomic_write

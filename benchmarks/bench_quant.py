@@ -227,19 +227,9 @@ def measure_memory(name: str, threads: int) -> dict:
 
 # ------------------------------------------------------------------------- report
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def report(rows: list[dict], memory: dict | None, args) -> str:
+def report(rows: list[dict], memory: dict | None, args, machine) -> str:
     lines = ["# q8_0 decode: numgpt q8_0 vs numgpt float32 vs transformers float32 (batch 1)", "",
-             f"Written by `benchmarks/bench_quant.py` on {cpu_model()} ({os.cpu_count()} cpus; "
+             f"Written by `benchmarks/bench_quant.py` ({machine.describe()}; "
              f"{args.threads} threads for BLAS, numba and torch; {args.tokens} new tokens after a "
              f"{PROMPT_LEN}-token prompt; median of {args.repeats} interleaved rounds). Random "
              f"weights; the ceiling is the read bandwidth measured in the same rounds divided by "
@@ -282,10 +272,15 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, HERE)  # machine.py
+    from machine import Machine
+
+    machine = Machine.measure(args.threads, quick=args.quick)
+    print(machine.describe(), flush=True)
     shapes = ["quick"] if args.quick else (["124M"] if args.skip_medium else ["124M", "medium"])
     rows = [measure_shape(name, args) for name in shapes]
     memory = measure_memory(shapes[0], args.threads)
-    text = report(rows, memory, args)
+    text = report(rows, memory, args, machine)
     print(text)
     if args.out:
         from numgpt.io.files import atomic_write
