@@ -16,9 +16,10 @@ GGML's: a numgpt ``Linear`` weight (in, out) is quantized transposed, the tied `
 Scales are float16, on disk and in memory, as in GGML: 1.0625 bytes per weight, and a numgpt
 q8_0 file and a GGUF q8_0 tensor hold the same bytes, so they convert losslessly both ways.
 numba has no float16 type, so the kernels read a scale's 16 bits and widen them through a
-65536-entry float32 table (``_HALF_TO_FLOAT``, 256 KB, exact). Quantization picks ``d = max|w| / 127`` rounded UP to the
-next float16, then ``q = round(w / d)``: rounding d up (GGML rounds to nearest) keeps every
-``|w / d| <= 127`` so no code is clipped, and the error of every value is at most ``d / 2``.
+65536-entry float32 table (``_HALF_TO_FLOAT``, 256 KB, exact). Quantization picks
+``d = max|w| / 127`` rounded UP to the next float16, then ``q = round(w / d)``: rounding d
+up (GGML rounds to nearest) keeps every ``|w / d| <= 127`` so no code is clipped, and the
+error of every value is at most ``d / 2``. GGML reads such blocks like its own.
 
 Which kernel runs (``matmul``)
 ------------------------------
@@ -29,8 +30,12 @@ Which kernel runs (``matmul``)
   block's 32 int8 codes are widened to float32, multiplied with the activations and summed
   in float32, then scaled once per block. Bandwidth: int8 loads only.
 * M > ``SMALL_M`` (prefill, perplexity): compute-bound, so the matrix is dequantized one
-  tile of ``TILE_ELEMENTS`` weights at a time into a reused float32 buffer (a few MB,
-  never the whole matrix) and multiplied by BLAS, as GGML's BLAS backend does for batches.
+  tile of ``TILE_ELEMENTS`` weights at a time into a reused float32 buffer (1 MB, never
+  the whole matrix) and multiplied by BLAS, as GGML's BLAS backend does for batches.
+
+Why float32 activations (llama.cpp quantizes them to int8 too and uses integer dot
+products, about 2x faster again): the kernel then computes exactly ``x @ dequantize(W)^T``
+to float32 rounding, the gate the tests hold it to; the weights are the only approximation.
 
 Both are exact for the numbers stored: q * d is exact in float32 (8-bit times 11-bit
 significands), so the only rounding is float32 accumulation (tests/test_quant.py).
@@ -43,7 +48,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError
-from .nn import Embedding, Linear, Module, Parameter
+from .nn import Linear, Module, Parameter
 from .tensor import Tensor
 
 __all__ = ["BLOCK", "SCHEMES", "Q8Matrix", "quantize_q8_0", "matmul", "linear", "embedding",
