@@ -34,7 +34,7 @@ Which kernel runs (``matmul``)
   the whole matrix) and multiplied by BLAS, as GGML's BLAS backend does for batches.
 
 Why float32 activations (llama.cpp quantizes them to int8 too and uses integer dot
-products, about 2x faster again): the kernel then computes exactly ``x @ dequantize(W)^T``
+products, faster still): the kernel then computes exactly ``x @ dequantize(W)^T``
 to float32 rounding, the gate the tests hold it to; the weights are the only approximation.
 
 Both are exact for the numbers stored: q * d is exact in float32 (8-bit times 11-bit
