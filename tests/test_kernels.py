@@ -64,6 +64,8 @@ def _cases(dtype, rng):
         ("cross_entropy", kernels.cross_entropy, ops.cross_entropy, [r(3, 5, 37, scale=3.0)],
          {"targets": targets, "ignore_index": -1}),
         ("embedding", kernels.embedding, ops.embedding, [r(9, 70)], {"ids": ids}),
+        ("tied_head (few rows)", kernels.tied_head, ops.tied_head, [r(4, 24), r(301, 24)], {}),
+        ("tied_head (many rows)", kernels.tied_head, ops.tied_head, [r(5, 20, 24), r(301, 24)], {}),
         ("attention_training", kernels.attention_training, ops.attention_training, [r(2, 13, 3 * 24)], {"n_head": 3}),
         ("attention_training (T=1)", kernels.attention_training, ops.attention_training, [r(3, 1, 3 * 8)], {"n_head": 2}),
     ]

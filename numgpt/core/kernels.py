@@ -451,6 +451,17 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, kT, vT, dkT, dvT, p, d
                 dqkv[b, j, vo + e] = dvT[bh, e, j]
 
 
+@njit(cache=True, fastmath=_FAST)
+def _scores_from_rows(s, q, keys, n, scale):
+    """s[:n] = (q . keys[j]) * scale for j < n: q (hs,), keys (>= n, hs) read row by row (one
+    query reads each key once, so transposing the keys first would only add a pass)."""
+    for j in range(n):
+        d = 0.0
+        for e in range(q.shape[0]):
+            d += q[e] * keys[j, e]
+        s[j] = d * scale
+
+
 @_kernel(fastmath=_FAST)
 def cached_attention_kernel(out, qkv, cache_k, cache_v, layer, rows, start, n_head, kT, scores, y):
     """``ops.attention_inference`` over a KV cache: qkv (A, Tn, 3C) holds the new tokens
@@ -471,12 +482,16 @@ def cached_attention_kernel(out, qkv, cache_k, cache_v, layer, rows, start, n_he
         a, h = ah // n_head, ah % n_head
         keys = cache_k[layer, rows[a], h]  # (max_len, hs)
         n_all = start[a] + Tn
-        for j in range(n_all):
-            for e in range(hs):
-                kT[ah, e, j] = keys[j, e]
+        if Tn > 1:  # several queries share each key: transpose once (see _scores)
+            for j in range(n_all):
+                for e in range(hs):
+                    kT[ah, e, j] = keys[j, e]
         for i in range(Tn):
             n = start[a] + i + 1
-            _scores(scores[ah], qkv[a, i, h * hs:(h + 1) * hs], kT[ah], n, scale)
+            if Tn > 1:
+                _scores(scores[ah], qkv[a, i, h * hs:(h + 1) * hs], kT[ah], n, scale)
+            else:
+                _scores_from_rows(scores[ah], qkv[a, i, h * hs:(h + 1) * hs], keys, n, scale)
             _softmax_times_v(y[ah], scores[ah], n, cache_v[layer, rows[a], h])
             for e in range(hs):
                 out[a, i, h * hs + e] = y[ah, e]
@@ -662,6 +677,35 @@ def embedding(w: np.ndarray, *, ids: np.ndarray):
     return out, backward
 
 
+# Rows up to which the tied head multiplies the embedding from the left (see tied_head).
+FEW_ROWS = 64
+
+
+def tied_head(x: np.ndarray, w_e: np.ndarray):
+    """``ops.tied_head`` on the fast path: x (..., C), W_e (V, C) -> (..., V) = x W_e^T.
+
+    Not a compiled kernel but the same product ordered for BLAS: for a few rows (decode: one
+    row per cache slot) OpenBLAS repacks the large (C, V) operand on every call of
+    ``x @ W_e.T``, and ``(W_e @ x^T)^T`` streams W_e as it is stored instead (measured 1.3x
+    faster at 4 to 16 rows, equal at 1 and 256). Up to ``FEW_ROWS`` rows it takes that order
+    (and copies the small (N, V) result to C order); more rows run the reference op. The
+    backward is the reference's. tests/test_kernels.py checks both against ``ops.tied_head``.
+    """
+    N = int(np.prod(x.shape[:-1]))
+    if N > FEW_ROWS or w_e.ndim != 2 or x.shape[-1] != w_e.shape[-1]:
+        return ops.tied_head(x, w_e)  # (its checks name a shape mismatch)
+    ops._check_float(x, w_e)
+    x2 = x.reshape(N, w_e.shape[1])  # (N, C)
+    out = np.ascontiguousarray((w_e @ x2.T).T)  # (V, C) @ (C, N) -> (V, N) -> (N, V)
+
+    def backward(dout):  # as ops.tied_head
+        d2 = dout.reshape(-1, w_e.shape[0])  # (N, V)
+        dx = (d2 @ w_e).reshape(x.shape)  # (N, V) @ (V, C) -> (..., C)
+        dw = d2.T @ x2  # (V, N) @ (N, C) -> (V, C)
+        return dx, dw
+    return out.reshape(*x.shape[:-1], w_e.shape[0]), backward
+
+
 def _check_qkv(qkv: np.ndarray, n_head: int, name: str) -> None:
     ops._check_float(qkv)
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
@@ -749,7 +793,7 @@ def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, 
 # attention_training is not among them: its kernel (below) equals the reference on every gate
 # but, one query row at a time, it measured slower on the training shapes (T 64, hs 32) than
 # the reference's blocked BLAS products, so the fast path keeps ops.attention_training.
-FAST_OPS = ("layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
+FAST_OPS = ("layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding", "tied_head",
             "attention_inference", "cached_attention")
 
 

@@ -159,7 +159,7 @@ class GPT(Module):
         multiplies by its own q8_0 blocks (``core.quant``), inference only."""
         if isinstance(self.wte, QuantizedEmbedding):
             return self.wte.head(self.ln_f(x))
-        return apply(ops.tied_head, self.ln_f(x), self.wte.weight)
+        return apply(self.ops.tied_head, self.ln_f(x), self.wte.weight)
 
     def forward(self, idx: np.ndarray, targets: np.ndarray | None = None,
                 rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor | None]:
