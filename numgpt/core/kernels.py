@@ -67,12 +67,14 @@ class _Kernel:
     spread over numba's threads) and ``serial`` (the same loop on the calling thread)."""
 
     def __init__(self, fn, fastmath):
-        self.parallel = njit(parallel=True, cache=True, fastmath=fastmath)(fn)
+        # nogil: the data-parallel training workers and the server call kernels from several
+        # Python threads at once, as they call NumPy (which releases the GIL too)
+        self.parallel = njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)(fn)
         # a distinct qualified name keeps the two builds apart in numba's on-disk cache
         twin = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                                          fn.__defaults__, fn.__closure__)
         twin.__qualname__ = fn.__qualname__ + "_serial"
-        self.serial = njit(cache=True, fastmath=fastmath)(twin)
+        self.serial = njit(cache=True, nogil=True, fastmath=fastmath)(twin)
         self.__name__, self.__doc__ = fn.__name__, fn.__doc__
 
     def __call__(self, *args):
