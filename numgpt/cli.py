@@ -121,6 +121,18 @@ def _run_gguf_convert(args) -> int:
     return 0
 
 
+def _tokenizer_with_files(model, dst: str) -> None:
+    """A GPT-2 tokenizer read from a GGUF has no files; a numgpt checkpoint records a
+    tokenizer by its folder, so write them to DST.tokenizer/ and point the model there."""
+    from .io.tokenizer import GPT2Tokenizer, save_files
+
+    tok = model.tokenizer
+    if isinstance(tok, GPT2Tokenizer) and tok.path is None:
+        folder = Path(str(dst) + ".tokenizer")
+        save_files(tok, folder)
+        model.tokenizer = GPT2Tokenizer.from_folder(folder)
+
+
 def _run_convert(args) -> int:
     from .io import checkpoint
 
@@ -140,10 +152,12 @@ def _run_convert(args) -> int:
         wrote = f"Hugging Face folder {out}/ (config.json + model.safetensors"
         wrote += " + tokenizer files)" if model.tokenizer is not None else ")"
     else:
+        _tokenizer_with_files(model, args.dst)
         out = checkpoint.save(model, args.dst)
         wrote = f"numgpt checkpoint {out}.json + {out}.safetensors"
-    print(f"wrote {wrote}: {model.num_parameters():,} parameters, "
-          f"{checkpoint.describe(model)['dtype']}, from {model.source['format']} {args.src}")
+    d = checkpoint.describe(model)
+    print(f"wrote {wrote}: {d['parameters']:,} parameters, {d['dtype']}, from "
+          f"{model.source['format']} {args.src}")
     return 0
 
 
@@ -164,6 +178,7 @@ def _run_quantize(args) -> int:
     if args.scheme not in quant.SCHEMES:
         raise InputError(f"--scheme {args.scheme!r} is not supported; choose one of {list(quant.SCHEMES)}")
     model = quant.quantize_model(checkpoint.load(args.model), args.scheme)
+    _tokenizer_with_files(model, args.out)
     out = checkpoint.save(model, args.out)
     sizes = quant.weight_bytes(model)
     print(f"wrote {args.scheme} checkpoint {out}.json + {out}.safetensors: "

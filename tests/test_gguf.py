@@ -276,3 +276,23 @@ def test_other_architectures_and_tensor_types_are_refused(tmp_path):
         load_gguf(q4)
     with pytest.raises(ConfigError, match="GGUF dtype"):
         write_gguf(_model(), tmp_path / "x.gguf", "q4_0")
+
+
+# ------------------------------------------------------------ from GGUF to other formats
+
+def test_cli_converts_a_bpe_gguf_to_numgpt_and_hf_keeping_the_tokenizer(tmp_path, gpt2_tokenizer_dir):
+    """A GGUF's tokenizer has no files: convert writes them beside the numgpt checkpoint; a
+    quantized model goes to a Hugging Face folder as the float32 values its blocks hold."""
+    from numgpt import cli
+
+    m = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=64), seed=0)
+    m.tokenizer = GPT2Tokenizer.from_folder(gpt2_tokenizer_dir)
+    src = write_gguf(m, tmp_path / "m.gguf", "q8_0")
+    assert cli.main(["convert", str(src), str(tmp_path / "ck")]) == 0
+    back = numgpt.load(tmp_path / "ck")
+    assert quant.scheme_of(back) == "q8_0" and back.tokenizer.encode("Hello.") == [15496, 13]
+    assert cli.main(["convert", str(src), str(tmp_path / "hf") + "/"]) == 0
+    hf = numgpt.load(tmp_path / "hf")
+    assert not quant.is_quantized(hf)
+    ids = np.array([[15496, 13, 50256, 7]])
+    np.testing.assert_allclose(_logits(hf, ids), _logits(back, ids), rtol=1e-5, atol=1e-6)

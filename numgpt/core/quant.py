@@ -54,7 +54,7 @@ from .tensor import Tensor
 __all__ = ["BLOCK", "SCHEMES", "Q8Matrix", "quantize_q8_0", "matmul", "linear", "embedding",
            "QuantizedLinear", "QuantizedEmbedding", "quantize_model", "is_quantized",
            "scheme_of", "quantized_state", "build_quantized", "weight_bytes", "parameter_count",
-           "describe", "refuse_training"]
+           "describe", "dequantize_model", "refuse_training"]
 
 BLOCK = 32  # values per q8_0 block (GGML's QK8_0)
 SCHEMES = ("q8_0",)
@@ -499,6 +499,23 @@ def weight_bytes(model) -> dict[str, int]:
                                           for o, a, _ in _linear_slots(model))
     f = sum(p.data.nbytes for p in model.parameters().values())
     return {"quantized": q, "float": f, "total": q + f}
+
+
+def dequantize_model(model):
+    """A float32 model holding the values a quantized model's blocks stand for, for writing
+    formats that have no q8_0 (a Hugging Face folder). Export only: inference never needs it."""
+    from .model import GPT  # model.py imports this module
+
+    out = GPT(model.config.__class__.from_dict(model.config.to_dict()), seed=None)
+    params = out.parameters()
+    for name, p in model.parameters().items():
+        params[name].data[...] = p.data
+    out.wte.weight.data[...] = model.wte.weight.dequantize(np.float32)
+    for owner, attr, name in _linear_slots(model):
+        params[f"{name}.weight"].data[...] = getattr(owner, attr).weight.dequantize(np.float32).T
+    out.tokenizer = model.tokenizer
+    out.source = getattr(model, "source", None)
+    return out
 
 
 def parameter_count(model) -> int:

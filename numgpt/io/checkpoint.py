@@ -880,6 +880,8 @@ def export_hf(model: GPT, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     _target_folder(folder, "a Hugging Face model")
     weights, config = folder / "model.safetensors", folder / "config.json"
+    if quant.is_quantized(model):  # transformers has no q8_0: write the values the blocks hold
+        model = quant.dequantize_model(model)
     tensors = _hf_tensors(model)
     text = json.dumps(_hf_config_json(model), indent=2) + "\n"
     kept = f"the previous files in {str(folder)!r}, if any, are kept"
