@@ -18,8 +18,8 @@ gate is not able to see wrong math and the whole run fails.
 
 The gate runs on one op path (``path``): "reference", the NumPy ops, or "fast", where each op
 with a compiled kernel (``numgpt.core.kernels``) is that kernel and the composites are built
-with ``kernels="fast"``. The fast path has its own negative control: the compiled attention
-backward with the row-sum term of dS dropped.
+with ``kernels="fast"``. The fast path has its own negative control: the compiled LayerNorm
+backward handed 1/var where it needs the saved 1/std.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..core import kernels, ops
 from . import op_cases as op_table
 
 __all__ = ["CheckResult", "check_function", "check_op", "op_cases", "run_gate", "write_table",
-           "wrong_embedding", "wrong_fast_attention", "ABS_TOL", "REL_TOL", "EPS", "PATHS"]
+           "wrong_embedding", "wrong_fast_layernorm", "ABS_TOL", "REL_TOL", "EPS", "PATHS"]
 
 PATHS = kernels.PATHS
 
@@ -134,13 +134,20 @@ def wrong_embedding(w: np.ndarray, *, ids: np.ndarray):
     return out, backward
 
 
-def wrong_fast_attention(qkv: np.ndarray, *, n_head: int, block: int = 128):
-    """NEGATIVE CONTROL (fast path): the compiled attention, whose backward is given a zero
-    output, so D = rowsum(dP * P) = dout . out drops out of dS = P (dP - D)."""
-    out, right = kernels.attention_training(qkv, n_head=n_head, block=block)
-    lse = right.__closure__[right.__code__.co_freevars.index("lse")].cell_contents
-    return out, kernels._attention_training_backward(np.ascontiguousarray(qkv), np.zeros_like(out),
-                                                     lse, n_head)
+def wrong_fast_layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None, *,
+                         eps: float = 1e-5):
+    """NEGATIVE CONTROL (fast path): the compiled LayerNorm whose backward kernel is handed
+    1 / (var + eps) where it needs the saved 1 / sqrt(var + eps) (a wrong saved statistic)."""
+    out, right = kernels.layernorm(x, gamma, beta, eps=eps)
+    cells = dict(zip(right.__code__.co_freevars, (c.cell_contents for c in right.__closure__)))
+    x2, mean, rstd = cells["x2"], cells["mean"], cells["rstd"]
+
+    def backward(dout):
+        dx = np.empty_like(x2)
+        parts = np.zeros((1, x.shape[-1])), np.zeros((1, x.shape[-1]))
+        kernels.layernorm_backward(dx, *parts, dout.reshape(x2.shape), x2, mean, rstd * rstd, gamma)
+        return dx.reshape(x.shape), parts[0].sum(axis=0), None if beta is None else parts[1].sum(axis=0)
+    return out, backward
 
 
 def op_cases(rng: np.random.Generator, path: str = "reference") -> list[tuple]:
@@ -216,10 +223,13 @@ def run_gate(include_composites: bool = True, seed: int = 0, path: str = "refere
         results += check_op("NEGATIVE CONTROL: embedding with dW[ids] += dY", wrong_embedding, [w],
                             {"ids": ids}, rng, expect_fail=True, input_names=["W"])
     else:
-        qkv = rng.standard_normal((2, 4, 3 * 8))
-        results += check_op("NEGATIVE CONTROL: fast attention_training backward without rowsum(dP * P)",
-                            wrong_fast_attention, [qkv], {"n_head": 2}, rng, expect_fail=True,
-                            input_names=["qkv"])
+        x, gamma = 3.0 * rng.standard_normal((3, 8)) + 1.0, 1.0 + 0.1 * rng.standard_normal(8)
+
+        def control(x, *, eps):  # dx only: the input whose gradient uses 1/std
+            out, backward = wrong_fast_layernorm(x, gamma, eps=eps)
+            return out, lambda dout: backward(dout)[:1]
+        results += check_op("NEGATIVE CONTROL: fast layernorm backward given 1/var for 1/std",
+                            control, [x], {"eps": 1e-5}, rng, expect_fail=True, input_names=["x"])
     return results
 
 
