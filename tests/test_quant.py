@@ -515,3 +515,38 @@ def test_batched_decode_of_a_quantized_model_equals_one_sequence_at_a_time():
     greedy = SamplingParams(temperature=0)
     batched = generate_batch(q, prompts, 6, greedy, stop_at_eot=False)
     assert batched == [generate(q, p, 6, greedy, stop_at_eot=False) for p in prompts]
+
+
+def test_bytes_per_parameter_matches_a_quantized_model_in_memory():
+    """The arithmetic the loader's memory check uses equals what a quantized model holds."""
+    q = _small_quantized()
+    sizes = quant.weight_bytes(q)
+    assert quant.bytes_per_parameter(q.config) * quant.parameter_count(q) == pytest.approx(
+        sizes["total"], rel=1e-12)
+
+
+def test_a_quantized_checkpoint_with_non_finite_scales_is_refused_unless_asked(tmp_path):
+    """The float parts of a q8_0 file (block scales, biases, LayerNorms, wpe) get the same
+    finite check as a float checkpoint; --skip-finite-check loads it anyway."""
+    from safetensors.numpy import load_file, save_file
+
+    prefix = checkpoint.save(_small_quantized(), tmp_path / "q8")
+    weights = tmp_path / "q8.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(weights))
+    tensors["h.0.mlp.c_fc.weight.scales"][0, 0] = np.float16(np.nan)
+    save_file(tensors, str(weights), metadata=metadata)
+    with pytest.raises(checkpoint.CheckpointError, match=r"'h\.0\.mlp\.c_fc\.weight\.scales'.*NaN"):
+        numgpt.load(prefix)
+    back = numgpt.load(prefix, check_finite=False)
+    assert quant.is_quantized(back) and np.isnan(back.h[0].mlp.c_fc.weight.scales).sum() == 1
+
+
+def test_a_quantized_checkpoint_too_big_for_memory_is_refused_before_allocation(tmp_path, monkeypatch):
+    prefix = checkpoint.save(_small_quantized(), tmp_path / "q8")
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
+    with pytest.raises(checkpoint.CheckpointError, match="available"):
+        numgpt.load(prefix)

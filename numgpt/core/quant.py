@@ -54,6 +54,7 @@ from .tensor import Tensor
 __all__ = ["BLOCK", "SCHEMES", "Q8Matrix", "quantize_q8_0", "matmul", "linear", "embedding",
            "QuantizedLinear", "QuantizedEmbedding", "quantize_model", "is_quantized",
            "scheme_of", "quantized_state", "build_quantized", "weight_bytes", "parameter_count",
+           "bytes_per_parameter",
            "describe", "dequantize_model", "refuse_training"]
 
 BLOCK = 32  # values per q8_0 block (GGML's QK8_0)
@@ -524,6 +525,17 @@ def parameter_count(model) -> int:
     if is_quantized(model):
         n += model.wte.weight.data.size + sum(getattr(o, a).weight.data.size for o, a, _ in _linear_slots(model))
     return n
+
+
+def bytes_per_parameter(config, scheme: str = "q8_0") -> float:
+    """Average bytes per parameter of ``config`` quantized with ``scheme``, by arithmetic alone
+    (so a loader can check memory before allocating): the block matrices and the tied
+    ``wte`` at 1 + 2/BLOCK bytes per weight, everything else float32."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of {list(SCHEMES)}")
+    C, total = config.n_embd, config.parameter_count()
+    matrices = config.n_layer * 12 * C * C + config.vocab_size * C
+    return (matrices * (1 + 2 / BLOCK) + (total - matrices) * 4) / total
 
 
 def describe(model) -> dict | None:

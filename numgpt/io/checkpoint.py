@@ -408,15 +408,18 @@ def _gib(n: int) -> str:
 
 
 def check_memory(config: GPTConfig, what: str, *, copies: int = 1,
-                 role: str = "its parameters", error=ConfigError) -> None:
+                 role: str = "its parameters", error=ConfigError,
+                 bytes_per_parameter: float | None = None) -> None:
     """Refuse ``config`` when ``copies`` x its parameter memory exceeds the available memory,
-    naming both numbers (``error``: the exception class for this boundary)."""
-    need, have = config.parameter_bytes() * copies, available_memory()
+    naming both numbers (``error``: the exception class for this boundary). A quantized model
+    passes its average ``bytes_per_parameter`` (default: the config's dtype)."""
+    per = np.dtype(config.np_dtype).itemsize if bytes_per_parameter is None else bytes_per_parameter
+    need, have = int(config.parameter_count() * per * copies), available_memory()
     if have is None or need <= have:
         return
     times = f" x {copies}" if copies > 1 else ""
     raise error(f"{what} needs {_gib(need)} for {role} ({config.parameter_count():,} parameters "
-                f"x {np.dtype(config.np_dtype).itemsize} bytes{times}) but this machine has "
+                f"x {per:.4g} bytes{times}) but this machine has "
                 f"{_gib(have)} available; use smaller n_layer / n_embd / vocab_size / block_size "
                 f"(or float32), or a machine with more memory")
 
@@ -631,7 +634,7 @@ def _load_numgpt(prefix: Path, dtype: str | None,
         extras = {k[len(EXTRA_PREFIX):]: t() for k, t in thunks.items() if k.startswith(EXTRA_PREFIX)}
         params = {k: t for k, t in thunks.items() if not k.startswith(EXTRA_PREFIX)}
         if doc.get("quantization") is not None:
-            model = _new_quantized_model(config, params, weights, doc["quantization"])
+            model = _new_quantized_model(config, params, weights, doc["quantization"], check_finite)
         else:
             model = _new_model(config, params, weights, check_finite=check_finite)
     tokenizer, notes = _numgpt_tokenizer(doc, prefix)
@@ -640,8 +643,10 @@ def _load_numgpt(prefix: Path, dtype: str | None,
 
 
 def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path,
-                         scheme: Any) -> GPT:
-    """A model whose matrices stay in their stored blocks (``core.quant``); computes in float32."""
+                         scheme: Any, check_finite: bool = True) -> GPT:
+    """A model whose matrices stay in their stored blocks (``core.quant``); computes in float32.
+    The same boundary checks as a float model: memory before allocation, and every stored
+    float (block scales, biases, LayerNorms, ``wpe``) finite unless ``check_finite=False``."""
     name = scheme.get("scheme") if isinstance(scheme, dict) else None
     if name not in quant.SCHEMES:
         raise CheckpointError(f"{path}: quantization scheme {name!r} is not one this numgpt reads "
@@ -649,7 +654,21 @@ def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path
     if config.dtype != "float32":
         raise CheckpointError(f"{path}: a {name} model computes in float32; it cannot be loaded "
                               f"as {config.dtype} (load the float checkpoint it came from)")
+    check_memory(config, f"the model in {path}", error=CheckpointError,
+                 bytes_per_parameter=quant.bytes_per_parameter(config, name))
+    if check_finite:
+        thunks = {key: _finite_after(read, key, path) for key, read in thunks.items()}
     return quant.build_quantized(GPT(config, seed=None), thunks, str(path))
+
+
+def _finite_after(read: Thunk, name: str, path: Path) -> Callable[[], np.ndarray]:
+    """``read`` followed by the finite check of what it returns."""
+    def checked() -> np.ndarray:
+        a = read()
+        _check_finite(a, name, path)
+        return a
+
+    return checked
 
 
 def _load_gguf(path: Path, dtype: str | None) -> GPT:
