@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 
 from ..errors import ConfigError, ShapeError
 from . import ops
+from .threads import let_openmp_threads_sleep
 
 __all__ = ["PATHS", "FAST_OPS", "OpPath", "ops_for", "set_threads", "compile_all",
            "layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
@@ -53,6 +54,7 @@ _FAST = {"reassoc", "contract"}
 # numba's default "workqueue" layer may not be entered from two Python threads at once;
 # the data-parallel training workers and the server's threads do exactly that. OpenMP may.
 numba.config.THREADING_LAYER = "omp"
+let_openmp_threads_sleep()  # before the pool starts: its spinning threads starve BLAS
 
 
 # Below this many elements in its largest array a kernel runs its serial build: waking the

@@ -200,6 +200,10 @@ def quantize_q8_0(w: np.ndarray, rows_per_chunk: int = 4096) -> Q8Matrix:
 def _njit(**options):
     import numba  # imported on first use, so float-only programs never pay for it
 
+    from .threads import let_openmp_threads_sleep
+
+    let_openmp_threads_sleep()  # before numba's pool starts: spinning threads starve BLAS
+
     return numba.njit(cache=True, **options)
 
 
