@@ -1,6 +1,6 @@
 """numgpt's GGUF in llama.cpp: the same greedy tokens, and decode speed side by side.
 
-Runs only where llama.cpp's binaries are (``--llama-bin``, default /work/llama/build/bin,
+Runs only where llama.cpp's binaries are (``--llama-bin``, default: the folder of ``llama-bench`` on PATH,
 needing ``llama-server`` and ``llama-bench``); never in CI. It builds a GPT-2 with random
 weights (124M shape; ``--quick``: 2 layers, 128 wide) carrying the real GPT-2 tokenizer
 (``--tokenizer``, default ../shared/data/gpt2, which llama.cpp needs to load the file),
@@ -44,9 +44,17 @@ PROMPT_LEN, GREEDY_TOKENS = 32, 20
 TARGET = 0.8
 
 
+def _on_path(binary: str) -> str | None:
+    """The folder holding ``binary`` on PATH (None: the llama.cpp column is skipped)."""
+    import shutil
+
+    found = shutil.which(binary)
+    return os.path.dirname(found) if found else None
+
+
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--llama-bin", default="/work/llama/build/bin",
+    p.add_argument("--llama-bin", default=_on_path("llama-bench"),
                    help="folder holding llama-server and llama-bench")
     p.add_argument("--tokenizer", default=os.path.join(REPO, "..", "shared", "data", "gpt2"),
                    help="folder with GPT-2 vocab.json + merges.txt")
@@ -64,6 +72,8 @@ def _parse(argv=None) -> argparse.Namespace:
 
 
 def _binary(args, name: str) -> str | None:
+    if not args.llama_bin:
+        return None
     path = os.path.join(args.llama_bin, name)
     return path if os.access(path, os.X_OK) else None
 

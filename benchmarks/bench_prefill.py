@@ -9,7 +9,7 @@ alternate for ``--repeats`` rounds; medians. Also printed: the machine (``machin
 numgpt's prefill FLOP rate as a share of the measured GEMM peak.
 
 llama.cpp is not a dependency: ``--llama-bin DIR`` names the folder holding ``llama-bench``
-(default /work/llama/build/bin); without it the llama.cpp column is skipped with the reason.
+(default: the folder of ``llama-bench`` on PATH); without it the llama.cpp column is skipped with the reason.
 Target (issue 11): numgpt at least as fast as llama.cpp f32.
 
     python benchmarks/bench_prefill.py [--llama-bin DIR] [--threads N] [--tokens 512] [--quick]
@@ -34,9 +34,17 @@ REPO = os.path.join(HERE, "..")
 RESULTS = os.path.join(REPO, "docs", "results", "bench_prefill.md")
 
 
+def _on_path(binary: str) -> str | None:
+    """The folder holding ``binary`` on PATH (None: the llama.cpp column is skipped)."""
+    import shutil
+
+    found = shutil.which(binary)
+    return os.path.dirname(found) if found else None
+
+
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--llama-bin", default="/work/llama/build/bin", help="folder holding llama-bench")
+    p.add_argument("--llama-bin", default=_on_path("llama-bench"), help="folder holding llama-bench")
     p.add_argument("--tokenizer", default=os.path.join(REPO, "..", "shared", "data", "gpt2"),
                    help="folder with GPT-2 vocab.json + merges.txt")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -89,8 +97,9 @@ def main(argv=None) -> int:
 
     machine = Machine.measure(args.threads, quick=args.quick)
     print(machine.describe(), flush=True)
-    bench = os.path.join(args.llama_bin, "llama-bench")
-    skip = None if os.access(bench, os.X_OK) else f"no executable llama-bench in {args.llama_bin}"
+    bench = os.path.join(args.llama_bin or "", "llama-bench")
+    skip = None if args.llama_bin and os.access(bench, os.X_OK) else \
+        f"no executable llama-bench in {args.llama_bin or 'PATH (pass --llama-bin DIR)'}"
     if not os.path.isdir(args.tokenizer):
         sys.exit(f"GPT-2 tokenizer folder {args.tokenizer} not found (give --tokenizer)")
     shape = SHAPES["quick" if args.quick else "124M"]

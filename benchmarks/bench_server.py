@@ -12,7 +12,7 @@ vocabulary (needs ``../shared/data/gpt2``, or ``$NUMGPT_SHARED_DATA``; skipped w
 
 llama.cpp beside numgpt (issue 11): for the GPT-2-vocabulary model the same weights are
 written as an f32 GGUF (numgpt's writer) and served by ``llama-server -np 16`` (16 parallel
-slots, ``--llama-bin DIR``, default /work/llama/build/bin); the same clients hit its
+slots, ``--llama-bin DIR``, default: the folder of ``llama-server`` on PATH); the same clients hit its
 OpenAI-compatible ``/v1/completions``. Without the binary its rows are skipped with the
 reason. Targets: 16 clients >= 8x one client, and above llama.cpp at 16 clients.
 
@@ -222,6 +222,12 @@ def write_results(rows: list[dict], path: Path, notes: list[str]) -> None:
     atomic_write(path, text)
 
 
+def _on_path(binary: str) -> str | None:
+    """The folder holding ``binary`` on PATH (None: the llama.cpp rows are skipped)."""
+    found = shutil.which(binary)
+    return os.path.dirname(found) if found else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens-small", type=int, default=128, help="tokens per client, small model")
@@ -230,7 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="the server's --threads (BLAS threads); 0 leaves the BLAS default")
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_server.md"))
-    p.add_argument("--llama-bin", default="/work/llama/build/bin",
+    p.add_argument("--llama-bin", default=_on_path("llama-server"),
                    help="folder holding llama-server (its rows are skipped without it)")
     p.add_argument("--quick", action="store_true",
                    help="a few seconds' run that proves the script works; its timings mean "
@@ -247,8 +253,8 @@ def main(argv=None) -> int:
         rows += bench_model("small (0.8M, bytes)", _small_model(tmp), args.tokens_small,
                           args.threads)
         vocab = _shared_gpt2()
-        llama = os.path.join(args.llama_bin, "llama-server")
-        if not os.access(llama, os.X_OK):
+        llama = os.path.join(args.llama_bin or "", "llama-server")
+        if not args.llama_bin or not os.access(llama, os.X_OK):
             llama = None
             notes.append(f"llama.cpp rows skipped: no executable llama-server in {args.llama_bin}.")
         if vocab is None:
