@@ -451,6 +451,10 @@ def main(argv=None) -> int:
     args = _parse(argv)
     KERNELS = args.kernels
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from numgpt.core.threads import let_openmp_threads_sleep
+
+    let_openmp_threads_sleep()  # before torch loads OpenMP: both sides share the setting
     if args.memory_child:
         memory_child(*args.memory_child, args.tokens)
         return 0

@@ -11,6 +11,10 @@ stays light and does not pull in the checkpoint or training code:
 
 __version__ = "0.1.0"
 
+from .core.threads import let_openmp_threads_sleep  # noqa: E402
+
+let_openmp_threads_sleep()  # before any OpenMP library loads (see core/threads.py)
+
 __all__ = ["load", "generate", "perplexity", "train", "__version__"]
 
 

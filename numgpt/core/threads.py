@@ -22,6 +22,7 @@ def set_blas_threads(n: int, *, openmp: int | None = None, warn: bool = True) ->
         print("numgpt: warning: NumPy is already loaded; --threads has no effect", file=sys.stderr)
     for var in BLAS_THREAD_VARS:
         os.environ[var] = str(n)
+    let_openmp_threads_sleep()
     if openmp is not None:
         os.environ["OMP_NUM_THREADS"] = str(openmp)
 
@@ -33,6 +34,8 @@ def let_openmp_threads_sleep() -> None:
     The kernels run between BLAS calls, and OpenBLAS has threads of its own: on a 2-core
     machine the pool's spinning threads took the cores the next matrix product needed
     (124M decode with 2 threads: 9.5 tokens/s spinning, 44.6 with ``GOMP_SPINCOUNT=0``).
-    Must run before the pool starts (the first parallel kernel); a user's own setting wins.
-    It changes which thread waits how, never the math."""
+    GNU OpenMP reads it once, when the first library that uses it loads, and a process
+    holds one copy (PyTorch's, when torch was imported first): so ``import numgpt`` and
+    ``set_blas_threads`` call this too, before anything heavy loads. A user's own setting
+    wins. It changes which thread waits how, never the math."""
     os.environ.setdefault("GOMP_SPINCOUNT", "0")
