@@ -416,10 +416,9 @@ def _write(path: str, text: str) -> None:
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from numgpt.io.files import atomic_write
+
+    atomic_write(path, text)
 
 
 def _environment() -> dict:

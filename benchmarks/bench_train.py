@@ -387,11 +387,11 @@ def main(argv=None) -> int:
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         if args.append and path.is_file():  # keep the title once, add this run's sections
             text = path.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + text.split("\n", 2)[2]
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        from numgpt.io.files import atomic_write
+
+        atomic_write(path, text + "\n")
         print(f"\nwritten to {path}")
     return 0
 

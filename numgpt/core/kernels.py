@@ -642,13 +642,8 @@ def gelu(x: np.ndarray):
 def cross_entropy(logits: np.ndarray, *, targets: np.ndarray, ignore_index: int = -1):
     """``ops.cross_entropy`` on the fast path: one forward kernel (max, exponentials, their sum,
     the loss) and one backward sweep (softmax times dloss / n, minus it at the targets)."""
-    ops._check_float(logits)
     targets = np.asarray(targets)
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise TypeError(f"cross_entropy targets must be integers, got dtype {targets.dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ShapeError(f"cross_entropy: targets {targets.shape} do not match logits {logits.shape} "
-                         f"(expected targets of shape {logits.shape[:-1]})")
+    ops.check_cross_entropy_inputs(logits, targets)
     V = logits.shape[-1]
     z = _rows(logits)  # (N, V)
     t = np.ascontiguousarray(targets.reshape(-1), dtype=np.int64)  # (N,)

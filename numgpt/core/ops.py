@@ -440,18 +440,23 @@ def log_softmax(x: np.ndarray):
     return out, backward
 
 
+def check_cross_entropy_inputs(logits: np.ndarray, targets: np.ndarray) -> None:
+    """Float logits (..., V) and integer targets of shape (...): the rule both paths check."""
+    _check_float(logits)
+    if not np.issubdtype(np.asarray(targets).dtype, np.integer):
+        raise DTypeError(f"cross_entropy targets must be integers, got dtype {np.asarray(targets).dtype}")
+    if np.shape(targets) != logits.shape[:-1]:
+        raise ShapeError(f"cross_entropy: targets {np.shape(targets)} do not match logits {logits.shape} "
+                         f"(expected targets of shape {logits.shape[:-1]})")
+
+
 def cross_entropy(logits: np.ndarray, *, targets: np.ndarray, ignore_index: int = -1):
     """Fused softmax cross-entropy, mean over the targets that are not ``ignore_index``.
 
     logits (..., V), targets (...) int -> scalar.  loss = mean_i(logsumexp(z_i) - z_i[t_i]).
     d loss / d z_i = (softmax(z_i) - onehot(t_i)) / n for counted rows, 0 for ignored ones.
     """
-    _check_float(logits)
-    if not np.issubdtype(np.asarray(targets).dtype, np.integer):
-        raise DTypeError(f"cross_entropy targets must be integers, got dtype {np.asarray(targets).dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ShapeError(f"cross_entropy: targets {targets.shape} do not match logits {logits.shape} "
-                         f"(expected targets of shape {logits.shape[:-1]})")
+    check_cross_entropy_inputs(logits, targets)
     V = logits.shape[-1]
     z = logits.reshape(-1, V)  # (N, V)
     t = targets.reshape(-1)  # (N,)
