@@ -69,12 +69,7 @@ def _parse(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------- timers
 
-def numgpt_decode(model, prompt, n: int) -> float:
-    from numgpt.infer.sample import SamplingParams, stream
-
-    stamps = [time.perf_counter() for _ in stream(model, prompt, n, SamplingParams(temperature=0))]
-    return (n - 1) / (stamps[-1] - stamps[0])
-
+from bench_decode import numgpt_decode  # noqa: E402  (same timer; scripts run from benchmarks/)
 
 def numgpt_batched_decode(model, prompt, n: int) -> float:
     """Tokens/s summed over BATCH sequences decoding together (one forward_cached per step)."""
