@@ -37,3 +37,53 @@ def shakespeare_path() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found (set NUMGPT_SHARED_DATA to the folder holding it)")
     return path
+
+
+# -- results tables: written into docs/results/ only when asked (python -m pytest --write-results)
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import results_table  # noqa: E402  (tests/results_table.py)
+
+REPO = Path(__file__).resolve().parents[1]
+LAST_TEST = "test_results_clean.py::test_test_run_leaves_the_git_tree_as_it_found_it"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--write-results", action="store_true", default=False,
+                     help="write the results tables and screenshots into docs/results/ "
+                          "(default: a temporary folder of the session; the tables are "
+                          "written and checked either way)")
+
+
+def pytest_configure(config):
+    if config.getoption("--write-results"):
+        results_table.configure(results_table.RESULTS)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="numgpt-results-"))
+        config._numgpt_results_tmp = folder
+        results_table.configure(folder)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_numgpt_results_tmp", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_sessionstart(session):
+    # compared by tests/test_results_clean.py, which runs last
+    session.config._numgpt_git_status = results_table.git_status(REPO)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The clean-tree check runs last, after every test that could have written a file."""
+    last = [item for item in items if item.nodeid.endswith(LAST_TEST)]
+    items[:] = [item for item in items if item not in last] + last
+
+
+@pytest.fixture(scope="session")
+def results_dir() -> Path:
+    """The folder this session writes results into (``results_table.results_dir()``)."""
+    return results_table.results_dir()

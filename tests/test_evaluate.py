@@ -40,7 +40,7 @@ from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 import results_table  # noqa: E402  (tests/results_table.py)
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "eval_parity.md"
+RESULTS = results_table.results_dir() / "eval_parity.md"  # docs/results/ under --write-results
 REL_TOL = 1e-6
 COURSE_TOL = 1e-12  # the course-protocol gate, float64 against float64
 BLOCK = 64
@@ -56,8 +56,7 @@ def record(name: str, ours: dict, ref: dict, tol: float = REL_TOL) -> None:
     ok = all(abs(ours[k] - ref[k]) <= tol * abs(ref[k]) for k in ref)
     verdict = ("PASSED: check is blind" if ok else "FAIL as required") if name.startswith("control") \
         else ("PASS" if ok else "FAIL")
-    results_table.record(RESULTS.name, name, "; ".join(cells), f"{tol:g}", verdict,
-                         folder=RESULTS.parent)
+    results_table.record(RESULTS.name, name, "; ".join(cells), f"{tol:g}", verdict)
 
 
 def assert_close(ours: dict, ref: dict, tol: float = REL_TOL) -> None:

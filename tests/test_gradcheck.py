@@ -8,7 +8,6 @@ where they exist, ``numgpt.core.kernels``), each with its own negative control. 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,9 @@ from numgpt.verify import op_cases as op_table
 
 from numgpt.core import kernels, ops
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "results"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS_DIR = results_table.results_dir()  # docs/results/ under --write-results
 RESULTS = {"reference": RESULTS_DIR / "gradcheck.md", "fast": RESULTS_DIR / "gradcheck_fast.md"}
 
 
@@ -100,3 +101,25 @@ def test_results_table_is_written(results, path):
     assert f"{n} of {n} checks pass" in text
     assert "fails as it must" in text
     assert text.count("\n| ") == len(results) + 1  # header row plus one row per check
+
+
+def test_cli_gradcheck_prints_the_table_and_writes_no_file_without_out(tmp_path, monkeypatch, capsys):
+    """`numgpt gradcheck` run from any folder used to write ./docs/results/gradcheck_fast.md there."""
+    from numgpt import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["gradcheck", "--path", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "NEGATIVE CONTROL" in out and "negative control FAILED as it must" in out
+    assert "written" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_gradcheck_writes_the_table_with_out(tmp_path, capsys):
+    from numgpt import cli
+
+    target = tmp_path / "tables" / "gc.md"
+    assert cli.main(["gradcheck", "--path", "reference", "--out", str(target)]) == 0
+    assert f"table written to {target}" in capsys.readouterr().out
+    text = target.read_text()
+    assert text.startswith("# Gradient check gate, reference path") and "NEGATIVE CONTROL" in text

@@ -14,14 +14,15 @@ without bias correction each fail the same comparison.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from numgpt.core import kernels, ops
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "kernel_parity.md"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir() / "kernel_parity.md"  # docs/results/ under --write-results
 TOLERANCE = {np.float32: 5e-6, np.float64: 1e-13}
 _ROWS: list[str] = []
 

@@ -35,7 +35,9 @@ import numgpt  # noqa: E402
 from numgpt.core import kernels, ops  # noqa: E402
 from numgpt.core.tensor import Tensor, apply, no_grad  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "model_parity.md"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir() / "model_parity.md"  # docs/results/ under --write-results
 
 TINY = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 TINY_GELU = dict(TINY, activation_function="gelu", layer_norm_epsilon=1e-6)

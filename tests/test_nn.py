@@ -19,7 +19,6 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -33,7 +32,9 @@ from numgpt.core.tensor import Tensor, apply
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "layer_parity.md"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir() / "layer_parity.md"  # docs/results/ under --write-results
 FORWARD_TOL = 1e-5  # max abs diff
 GRAD_TOL = 1e-4  # max rel diff
 TINY = np.finfo(np.float64).tiny

@@ -7,7 +7,6 @@ table to ``docs/results/adamw_parity.md``.
 import json
 import math
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,9 @@ from numgpt.train.optim import AdamW, clip_grad_norm, get_lr, lr_schedule
 
 torch = pytest.importorskip("torch")
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "adamw_parity.md"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir() / "adamw_parity.md"  # docs/results/ under --write-results
 TOL = 1e-6
 N_STEPS = 10
 CONFIGS = {

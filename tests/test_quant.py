@@ -32,7 +32,9 @@ from numgpt.infer.evaluate import token_nll
 from numgpt.io import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "docs" / "results" / "quant_quality.md"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir() / "quant_quality.md"  # docs/results/ under --write-results
 U32 = 2.0 ** -24  # float32 unit roundoff
 
 

@@ -39,7 +39,9 @@ from numgpt.infer.sample import (ContextSlideWarning, SamplingParams, StopMatche
                            token_logprobs, top_k_filter, top_k_ids, top_p_filter)
 from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "generate_parity.md"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir() / "generate_parity.md"  # docs/results/ under --write-results
 GREEDY = SamplingParams(temperature=0)
 
 

@@ -39,7 +39,9 @@ from numgpt.verify.reference import record_transformers  # noqa: E402
 from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "docs" / "results" / "trace_compare.md"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir() / "trace_compare.md"  # docs/results/ under --write-results
 HELLO = [15496, 13]
 STEPS = 10
 MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, n_positions=64)

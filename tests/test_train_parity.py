@@ -25,7 +25,6 @@ AdamW. The fast path's tables are ``*_fast.md`` beside the reference path's.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +47,9 @@ def _torch_one_thread():
     yield
     torch.set_num_threads(before)
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+import results_table  # noqa: E402  (tests/results_table.py)
+
+RESULTS = results_table.results_dir()  # docs/results/ under --write-results
 STEP_TOL = 1e-5
 CURVE_TOL = 0.05
 OVERFIT_TARGET, OVERFIT_STEPS = 0.5, 500

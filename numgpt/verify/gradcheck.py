@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..core import kernels, ops
+from ..io.files import atomic_write, make_folder
 from . import op_cases as op_table
 
 __all__ = ["CheckResult", "check_function", "check_op", "op_cases", "run_gate", "write_table",
@@ -255,6 +256,6 @@ def write_table(results: Sequence[CheckResult], path: str | Path, op_path: str =
               f"{'fails as it must' if all(not r.passed for r in results if r.expect_fail) else 'PASSED (gate broken)'}"
               ".\n\n")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + format_table(results) + "\n")
+    make_folder(path.parent, "the gradient-check table")
+    atomic_write(path, header + format_table(results) + "\n")
 
