@@ -88,8 +88,7 @@ PREFIX, a GPT-2 .gguf) and write it as a numgpt checkpoint, a Hugging Face folde
 file for llama.cpp.
 Output format rule (when --format is not given): DST ending in .gguf -> GGUF (llama.cpp's
 GPT-2 layout; --dtype f32, f16 or q8_0, default f32); DST that is an existing folder or
-ends with '/' -> Hugging Face folder (config.json + model.safetensors, + vocab.json +
-merges.txt for a BPE model);
+ends with '/' -> Hugging Face folder (config.json + model.safetensors + tokenizer files);
 anything else -> numgpt checkpoint DST.json + DST.safetensors (a trailing .json or
 .safetensors on DST is dropped)."""
 
@@ -97,7 +96,7 @@ anything else -> numgpt checkpoint DST.json + DST.safetensors (a trailing .json 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to numgpt, Hugging Face or GGUF format",
                        description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or run folder, or .gguf")
+    p.add_argument("src", metavar="SRC", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or .gguf")
     p.add_argument("dst", metavar="DST", help="output PREFIX (numgpt), FOLDER/ (hf) or FILE.gguf")
     p.add_argument("--format", choices=["numgpt", "hf", "gguf"], default=None,
                    help="output format (default: from DST, see above)")
@@ -122,9 +121,20 @@ def _run_gguf_convert(args) -> int:
     return 0
 
 
+def _tokenizer_with_files(model, dst: str) -> None:
+    """A GPT-2 tokenizer read from a GGUF has no files; a numgpt checkpoint records a
+    tokenizer by its folder, so write them to DST.tokenizer/ and point the model there."""
+    from .io.tokenizer import GPT2Tokenizer, save_files
+
+    tok = model.tokenizer
+    if isinstance(tok, GPT2Tokenizer) and tok.path is None:
+        folder = Path(str(dst) + ".tokenizer")
+        save_files(tok, folder)
+        model.tokenizer = GPT2Tokenizer.from_folder(folder)
+
+
 def _run_convert(args) -> int:
     from .io import checkpoint
-    from .io.tokenizer import ByteTokenizer, GPT2Tokenizer
 
     fmt = args.format or ("gguf" if args.dst.endswith(".gguf") else
                           "hf" if args.dst.endswith(("/", "\\")) or Path(args.dst).is_dir() else "numgpt")
@@ -139,13 +149,10 @@ def _run_convert(args) -> int:
     model = checkpoint.load(args.src, dtype=args.dtype, check_finite=not args.skip_finite_check)
     if fmt == "hf":
         out = checkpoint.export_hf(model, args.dst)
-        bpe = isinstance(model.tokenizer, GPT2Tokenizer)  # the only tokenizer with files
-        wrote = (f"Hugging Face folder {out}/ (config.json + model.safetensors"
-                 + (" + vocab.json + merges.txt)" if bpe else ")"))
-        if isinstance(model.tokenizer, ByteTokenizer):
-            wrote += ("; the byte tokenizer has no files: config.json names it (numgpt_tokenizer: "
-                      "bytes) for numgpt, and transformers loads no tokenizer from the folder")
+        wrote = f"Hugging Face folder {out}/ (config.json + model.safetensors"
+        wrote += " + tokenizer files)" if model.tokenizer is not None else ")"
     else:
+        _tokenizer_with_files(model, args.dst)
         out = checkpoint.save(model, args.dst)
         wrote = f"numgpt checkpoint {out}.json + {out}.safetensors"
     d = checkpoint.describe(model)
@@ -157,7 +164,7 @@ def _run_convert(args) -> int:
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="store a model's matrices as 8-bit blocks (q8_0) for "
                        "smaller, faster inference")
-    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or run folder, or .gguf")
+    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or .gguf")
     p.add_argument("out", metavar="OUT", help="output numgpt checkpoint PREFIX")
     p.add_argument("--scheme", default="q8_0",
                    help="q8_0: blocks of 32 int8 weights sharing one float16 scale (GGML's layout)")
@@ -171,6 +178,7 @@ def _run_quantize(args) -> int:
     if args.scheme not in quant.SCHEMES:
         raise InputError(f"--scheme {args.scheme!r} is not supported; choose one of {list(quant.SCHEMES)}")
     model = quant.quantize_model(checkpoint.load(args.model), args.scheme)
+    _tokenizer_with_files(model, args.out)
     out = checkpoint.save(model, args.out)
     sizes = quant.weight_bytes(model)
     print(f"wrote {args.scheme} checkpoint {out}.json + {out}.safetensors: "
@@ -181,7 +189,7 @@ def _run_quantize(args) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show a checkpoint's format, config, size, dtype and tokenizer")
-    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or run folder, or .gguf")
+    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, or numgpt PREFIX")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_finite_flag(p)
     p.set_defaults(run=_run_info)
@@ -220,8 +228,7 @@ def _add_tokenize(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PATH", help="checkpoint whose tokenizer to use")
     src.add_argument("--tokenizer", metavar="SPEC",
-                     help="'bytes', 'gpt2' (GPT-2's BPE, shipped with numgpt), or a folder with "
-                          "vocab.json + merges.txt")
+                     help="'bytes', or a folder with vocab.json + merges.txt")
     p.add_argument("--decode", action="store_true",
                    help="TEXT is token ids, as a JSON list '[15496, 13]' or '15496 13'")
     p.add_argument("--plain", action="store_true",
@@ -269,7 +276,7 @@ def _run_tokenize(args) -> int:
         tok, notes = checkpoint.find_tokenizer(args.model)
         if tok is None:
             raise InputError(f"{args.model} has no tokenizer ({'; '.join(notes)}); "
-                             f"pass --tokenizer bytes, --tokenizer gpt2 or --tokenizer FOLDER")
+                             f"pass --tokenizer bytes or --tokenizer FOLDER")
     else:
         tok = tokenizer.load_tokenizer(args.tokenizer)
     text = " ".join(args.text) if args.text else sys.stdin.read()
@@ -298,8 +305,7 @@ def _positive_float(text: str) -> float:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible completions API")
-    p.add_argument("--model", required=True,
-                   help="numgpt checkpoint or run folder (its best checkpoint), HF folder or nanoGPT ckpt.pt")
+    p.add_argument("--model", required=True, help="numgpt checkpoint, HF folder or nanoGPT ckpt.pt")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
@@ -368,18 +374,16 @@ def _load_for_use(path: str, dtype: str | None, tokenizer_spec: str | None,
     if tokenizer_spec is not None:
         model.tokenizer = tokenizer.load_tokenizer(tokenizer_spec)
     if model.tokenizer is None:
-        raise InputError(f"{path} has no tokenizer; pass --tokenizer bytes, --tokenizer gpt2 or "
-                         f"--tokenizer FOLDER (a folder with vocab.json + merges.txt)")
+        raise InputError(f"{path} has no tokenizer; pass --tokenizer bytes or --tokenizer FOLDER "
+                         f"(a folder with vocab.json + merges.txt)")
     return model
 
 
 def _add_model_flags(p) -> None:
     p.add_argument("--model", required=True, metavar="PATH",
-                   help="numgpt checkpoint PREFIX or run folder (its best checkpoint), Hugging "
-                        "Face folder, or nanoGPT ckpt.pt")
+                   help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="override the model's tokenizer: 'bytes', 'gpt2' (shipped with numgpt) or a "
-                        "folder with vocab.json + merges.txt")
+                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="compute dtype (default: the stored one)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -517,8 +521,7 @@ def _add_trace(sub) -> None:
     p = sub.add_parser("trace", help="record the 12 validation checkpoints of a greedy run to .npz")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PATH",
-                     help="numgpt checkpoint PREFIX or run folder (its best checkpoint), Hugging "
-                          "Face folder, or nanoGPT ckpt.pt")
+                     help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
     src.add_argument("--reference-hf", metavar="FOLDER",
                      help="record with transformers instead (the reference engine; needs "
                           "pip install 'numgpt[reference]')")
@@ -528,8 +531,7 @@ def _add_trace(sub) -> None:
     p.add_argument("-n", "--steps", dest="n_steps", type=int, default=10,
                    help="greedy tokens to generate, one recorded pass each (default 10)")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="override the model's tokenizer: 'bytes', 'gpt2' (shipped with numgpt) or a "
-                        "folder with vocab.json + merges.txt")
+                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype (default float32, what the tolerances are for)")
     p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the recording")
@@ -556,7 +558,7 @@ def _run_trace(args) -> int:
         ids = _parse_ids(args.ids)
     elif tok is None:
         raise InputError(f"{args.model or args.reference_hf} has no tokenizer to encode --prompt; "
-                         f"pass --ids, or --tokenizer bytes / gpt2 / FOLDER")
+                         f"pass --ids, or --tokenizer bytes / --tokenizer FOLDER")
     else:
         ids = tok.encode(args.prompt)
     if args.reference_hf is not None:
@@ -599,8 +601,7 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text files into train.bin/val.bin + meta.json for training")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, concatenated in order")
     p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
-                   help="'bytes' (default), 'gpt2' (GPT-2's BPE, shipped with numgpt), a folder with "
-                        "vocab.json + merges.txt, or a model whose tokenizer to use")
+                   help="'bytes' (default), a folder with vocab.json + merges.txt, or a model whose tokenizer to use")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens kept for validation (default 0.1)")
     p.add_argument("--block-size", type=int, default=None,
@@ -622,7 +623,7 @@ def _prepare_tokenizer(spec: str):
             raise first from None
         if tok is None:
             raise InputError(f"{spec} carries no tokenizer ({'; '.join(notes)}); pass --tokenizer "
-                             f"bytes, gpt2, or a folder with vocab.json + merges.txt") from None
+                             f"bytes or a folder with vocab.json + merges.txt") from None
         return tok
 
 
