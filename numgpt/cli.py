@@ -364,6 +364,27 @@ def _run_serve(args) -> int:
 
 # ------------------------------------------------------------------ generate, eval
 
+# The one escape rule for stop strings typed by hand (llama.cpp's CLI processes the same
+# escapes in its prompts and reverse prompts): --stop here and the playground's stop box
+# (serve/static/playground.js, unescapeStop) turn these two-character sequences into one
+# character; any other backslash stays as typed. The HTTP API takes JSON strings as they are.
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def unescape(text: str) -> str:
+    """``text`` with ``\\n``, ``\\t``, ``\\r``, ``\\\\``, ``\\"`` and ``\\'`` made into the characters
+    they name, read left to right (``\\\\n`` is a backslash then ``n``)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPES:
+            out.append(ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def _load_for_use(path: str, dtype: str | None, tokenizer_spec: str | None,
                   check_finite: bool = True):
     """The model at ``path`` with a usable tokenizer (``--tokenizer`` overrides the stored one)."""
@@ -404,8 +425,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="same seed, same tokens")
     p.add_argument("--ascii-only", action="store_true",
                    help="only draw tokens made of printable ASCII and newline")
-    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
-                   help="end a sample at this text, not printed (newlines: --stop $'\\n\\n' in bash)")
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR", type=unescape,
+                   help="end a sample at this text, not printed; the escapes \\n \\t \\r \\\\ \\\" \\' "
+                        "are read as the characters they name (--stop '\\n' stops at a newline; "
+                        "'\\\\n' is a backslash and n)")
     p.add_argument("--num-samples", type=int, default=1, metavar="M", help="independent samples (default 1)")
     p.add_argument("--window", type=int, default=None,
                    help="tokens kept when the context passes block_size (default block_size // 2)")

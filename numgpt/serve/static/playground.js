@@ -118,8 +118,17 @@ function numberOr(id, fallback, parse) {
   return Number.isNaN(v) ? raw : v;  // a non-number goes to the server, which names it
 }
 
+// The escape rule of `numgpt generate --stop` (numgpt/cli.py, unescape): \n \t \r \\ \" \'
+// become the character they name, read left to right; any other backslash stays as typed.
+const ESCAPES = { n: "\n", t: "\t", r: "\r", "\\": "\\", '"': '"', "'": "'" };
+
+function unescapeStop(text) {
+  return text.replace(/\\([ntr\\"'])/g, (_, c) => ESCAPES[c]);
+}
+
+// One stop string per line of the box.
 function stopStrings() {
-  return $("stop").value.split("\n").filter((s) => s !== "").map((s) => s.replace(/\\n/g, "\n"));
+  return $("stop").value.split("\n").filter((s) => s !== "").map(unescapeStop);
 }
 
 // The exact body the page sends; the copy buttons reproduce it.
