@@ -11,6 +11,7 @@ stays light and does not pull in the checkpoint or training code:
 
 __version__ = "0.1.0"
 
+from .core import submodules_on_first_use  # noqa: E402
 from .core.threads import let_openmp_threads_sleep  # noqa: E402
 
 let_openmp_threads_sleep()  # before any OpenMP library loads (see core/threads.py)
@@ -37,4 +38,7 @@ def __getattr__(name: str):
         # a callable package: numgpt.train(config) runs training. (``from . import train``
         # would ask this very __getattr__ for "train" first and recurse.)
         return importlib.import_module(".train", __name__)
-    raise AttributeError(f"module 'numgpt' has no attribute {name!r}")
+    return _subpackage(name)  # numgpt.verify, numgpt.io, ... on first use
+
+
+_subpackage = submodules_on_first_use(__name__)

@@ -19,3 +19,7 @@ class _CallableTrainPackage(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableTrainPackage
+
+from ..core import submodules_on_first_use  # noqa: E402
+
+__getattr__ = submodules_on_first_use(__name__)  # numgpt.train.MODULE on first use
