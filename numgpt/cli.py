@@ -489,7 +489,9 @@ def _add_eval(sub) -> None:
                    help="use only the first N LAMBADA examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true",
-                   help='print {"text": {tokens, nll, perplexity}, "lambada": {..., examples, accuracy}}')
+                   help='print {"text": {tokens, nll, perplexity, ...}, "lambada": {examples, tokens, nll, '
+                        'perplexity (per target token), word_perplexity (per example: what '
+                        'lm-evaluation-harness calls perplexity), accuracy}}')
     p.set_defaults(run=_run_eval)
 
 
@@ -533,7 +535,8 @@ def _run_eval(args) -> int:
     if "lambada" in results:
         r = results["lambada"]
         print(f"lambada  {r['examples']:,} examples ({r['tokens']:,} target tokens)  nll {r['nll']:.6f}  "
-              f"perplexity {r['perplexity']:.4f} (per word {r['word_perplexity']:.4f})  "
+              f"perplexity per token {r['perplexity']:.4f}, per word {r['word_perplexity']:.4f} "
+              f"(lm-eval's perplexity)  "
               f"accuracy {100 * r['accuracy']:.2f}%")
     return 0
 

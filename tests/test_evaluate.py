@@ -440,3 +440,27 @@ def test_cli_eval_needs_a_task_and_reports_missing_files(bpe, capsys):
     assert "--text FILE and/or --lambada FILE" in capsys.readouterr().err
     assert main(["eval", "--model", str(folder), "--text", "/nonexistent/file.txt"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_prints_both_lambada_perplexities_labelled(bpe, lambada_texts, tok, tmp_path, capsys):
+    """The per-token perplexity and the per-word one (lm-eval's "perplexity") are both printed
+    and named, each equal to the course oracle's; the JSON carries both under their keys."""
+    import re
+
+    hf, _, folder = bpe
+    lam_file = tmp_path / "l.jsonl"
+    lam_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in lambada_texts))
+    ref = ref_lambada(hf, lambada_texts[:4], tok.encode)
+    args = ["eval", "--model", str(folder), "--lambada", str(lam_file), "--max-examples", "4",
+            "--no-progress"]
+    assert main(args) == 0
+    line = capsys.readouterr().out
+    found = re.search(r"perplexity per token ([\d.]+), per word ([\d.]+) \(lm-eval's perplexity\)", line)
+    assert found, line
+    assert float(found.group(1)) == pytest.approx(ref["perplexity"], rel=1e-4)
+    assert float(found.group(2)) == pytest.approx(ref["word_perplexity"], rel=1e-4)
+    assert ref["word_perplexity"] > 1.5 * ref["perplexity"]  # the two differ: labels matter
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["lambada"]
+    assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-9)
+    assert out["word_perplexity"] == pytest.approx(ref["word_perplexity"], rel=1e-9)
