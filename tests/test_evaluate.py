@@ -464,3 +464,36 @@ def test_cli_eval_prints_both_lambada_perplexities_labelled(bpe, lambada_texts, 
     out = json.loads(capsys.readouterr().out)["lambada"]
     assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-9)
     assert out["word_perplexity"] == pytest.approx(ref["word_perplexity"], rel=1e-9)
+
+
+def _contexts(n_tokens: int, block_size: int, stride: int) -> tuple[dict[int, int], set[int]]:
+    """token -> tokens of left context it is scored with; and the tokens the first window scores."""
+    plan = windows(n_tokens, block_size, stride)
+    seen = {t: t - w.begin for w in plan for t in range(w.score_from, w.end + 1)}
+    return seen, set(range(plan[0].score_from, plan[0].end + 1))
+
+
+def test_readme_states_the_stride_rule_the_code_runs():
+    """The README's perplexity paragraph (it said `block_size - stride` .. `block_size - 1`
+    tokens of context and a stride below block_size) against windows() on a small grid."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = " ".join(readme[readme.index("**Perplexity protocol.**"):].split("\n\n")[0].split())
+    bounds = re.search(r"sees between `([^`]+)` and `([^`]+)` tokens of left context", text)
+    assert bounds, "the README's perplexity paragraph lost its context bounds"
+    assert "The stride may be 1 to `block_size`" in text
+    assert "The first window scores tokens 1 to `block_size`" in text
+    for L, stride, n in [(4, 2, 10), (4, 4, 10), (4, 1, 7), (8, 3, 40), (16, 16, 50), (16, 5, 100)]:
+        env = {"block_size": L, "stride": stride}
+        lo, hi = (eval(b, {}, env) for b in bounds.groups())  # noqa: S307 (README arithmetic)
+        seen, first = _contexts(n, L, stride)
+        assert sorted(seen) == list(range(1, n))  # every token from the second on, once
+        assert first == set(range(1, L + 1))
+        later = [c for t, c in seen.items() if t not in first]
+        assert later and min(later) >= lo and max(later) <= hi, (L, stride, later, lo, hi)
+        assert hi in later  # the bounds are tight where the text runs long enough
+        if stride > 1:
+            assert lo in later
+    with pytest.raises(InputError, match="stride must lie in"):
+        windows(10, 4, 5)
