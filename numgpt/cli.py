@@ -317,7 +317,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens-limit", type=_positive_int, default=None,
                    help="largest max_tokens a request may ask for (default: the context length)")
     p.add_argument("--model-name", default=None,
-                   help="the model id clients send (default: the model path's last part)")
+                   help="the model's name in answers and /v1/models; requests may name any model "
+                        "(default: the path's last part, or its folder for best/latest/ckpt.pt)")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
     p.add_argument("--max-prompt-chars", type=_positive_int, default=None,
                    help="characters per prompt, checked before tokenizing (default 32 x context)")
@@ -335,6 +336,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="BLAS threads for the model (default: the BLAS library's choice); "
                         "1 is fastest on a machine whose cores are busy with other work")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated Host names answered besides IP addresses, localhost and "
+                        "--host ('*': any); others get 400 (DNS rebinding)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=_run_serve)
 
@@ -358,7 +362,8 @@ def _run_serve(args) -> int:
         max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
         max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-        max_connections=args.max_connections, grace_period_s=args.grace_period)
+        max_connections=args.max_connections, grace_period_s=args.grace_period,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
     return app.serve(config, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -1,4 +1,5 @@
-"""The server's share of the fault table (issue 10: items 3-serve, 5, 6, 7, 10, 12), each case
+"""The server's share of the fault table (issue 10: items 3-serve, 5, 6, 7, 10, 12; issue 20:
+groups 4 and 8), each case
 against a real ``numgpt serve`` subprocess driven over raw sockets or httpx, as a hostile
 client or a careless operator would. Every case writes its row (what happened, what is
 expected, PASS/FAIL) to ``docs/results/faults.md`` through ``tests/results_table.py``.
@@ -79,7 +80,7 @@ def _post_raw(url: str, body: bytes, path: str = "/v1/completions") -> httpx.Res
 def _open_upload(url: str, declared: int, sent: int, path: str = "/v1/completions") -> socket.socket:
     """A connection that announces a ``declared``-byte JSON body and sends ``sent`` bytes of it."""
     s = socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT)
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               f"Content-Length: {declared}\r\n\r\n".encode() + b" " * sent)
     return s
 
@@ -225,7 +226,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(server):
     url, proc, _ = server
     silent = socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT)
     partial = socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT)
-    partial.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+    partial.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never finish
     half = _open_upload(url, 100_000, 50_000)
     outcomes = []
     for name, s in (("silent", silent), ("half headers", partial), ("half body", half)):
@@ -411,6 +412,158 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_path, tmp_path):
            f"{'a traceback' if 'Traceback' in logged else 'no traceback'} in the log",
            "stops accepting, the stream finishes, the stuck upload is cancelled after "
            "--grace-period (one log line), exit 0", ok)
+
+
+# ---------------------------------------------- issue 20 group 8: the server's edges
+
+
+def test_a_dns_rebinding_host_is_refused_and_allowed_hosts_admits_it(server, model_path, tmp_path):
+    """A page on evil.example whose name an attacker re-points at 127.0.0.1 sends
+    ``Host: evil.example`` to the keyless loopback server; only IP addresses, loopback
+    names and ``--allowed-hosts`` are answered."""
+    url, _, _ = server
+    evil = {"Host": "evil.example:8000"}
+    page = httpx.get(url + "/", headers=evil, timeout=30)
+    api = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                     headers=evil, timeout=30)
+    named = httpx.get(url + "/health", headers={"Host": f"localhost:{_port(url)}"}, timeout=30)
+    err = api.json().get("error", {}) if api.status_code == 400 else {}
+    with serve_subprocess(model_path, tmp_path / "allowed.log", "--allowed-hosts",
+                          "models.example,evil.example") as (url2, _):
+        allowed = httpx.get(url2 + "/health", headers=evil, timeout=30).status_code
+        other = httpx.get(url2 + "/health", headers={"Host": "other.example"}, timeout=30).status_code
+    ok = (page.status_code == 400 and api.status_code == 400
+          and err.get("code") == "host_not_allowed" and "--allowed-hosts" in err.get("message", "")
+          and named.status_code == 200 and _completion_ok(url).status_code == 200
+          and (allowed, other) == (200, 400))
+    record("20.8 Host: evil.example (DNS rebinding) to a keyless server on 127.0.0.1",
+           f"page {page.status_code}, API {api.status_code} {err.get('code')}; localhost and "
+           f"127.0.0.1 {named.status_code}; with --allowed-hosts evil.example: {allowed} "
+           f"(other.example {other})",
+           "400 host_not_allowed naming --allowed-hosts; IPs, loopback names and the allowed "
+           "names answered", ok)
+
+
+def test_sigterm_past_the_grace_period_answers_json_and_logs_no_traceback(tmp_path):
+    """Requests still running when --grace-period ends: a plain one gets a JSON 503, a
+    stream an error event and a proper end, and the log holds no traceback (it held "Task
+    exception was never retrieved", and the plain client got a text/plain 500)."""
+    m = GPT(GPTConfig(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128), seed=3)
+    m.tokenizer = ByteTokenizer()
+    path = save(m, tmp_path / "slow")
+    log = tmp_path / "server.log"
+    long = {"prompt": "Once", "max_tokens": 240, "n": 16}  # 3840 steps in one slot: seconds
+    with serve_subprocess(path, log, "--grace-period", "1", "--max-batch", "1",
+                          "--log-level", "info") as (url, proc):
+        seen: dict = {}
+
+        def ask(name: str, body: dict) -> None:
+            try:
+                r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+                seen[name] = r
+            except httpx.HTTPError as e:
+                seen[name] = e
+
+        clients = [threading.Thread(target=ask, args=("plain", long)),
+                   threading.Thread(target=ask, args=("stream", {**long, "stream": True}))]
+        for c in clients:
+            c.start()
+        deadline = time.monotonic() + 60  # a busy machine may take a while to start them
+        while "numgpt_active_slots 1" not in httpx.get(url + "/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "the requests never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            code = None
+        for c in clients:
+            c.join(30)
+    logged = log.read_text()
+    plain, stream = seen.get("plain"), seen.get("stream")
+    plain_ok = (isinstance(plain, httpx.Response) and plain.status_code == 503
+                and plain.headers.get("content-type") == "application/json"
+                and plain.json()["error"]["code"] == "shutting_down")
+    events = ([e for e in stream.text.split("\n\n") if e]
+              if isinstance(stream, httpx.Response) else [])
+    last = json.loads(events[-1][len("data: "):]) if events else {}
+    stream_ok = (isinstance(stream, httpx.Response) and stream.status_code == 200
+                 and last.get("error", {}).get("code") == "shutting_down")
+    noise = [w for w in ("Traceback", "never retrieved", "ASGI callable returned") if w in logged]
+    describe = (lambda r: f"{r.status_code} {r.headers.get('content-type')}"
+                if isinstance(r, httpx.Response) else type(r).__name__)
+    record("20.8 SIGTERM with a plain request and a stream running past --grace-period",
+           f"exit {code}; plain: {describe(plain)}; stream: {describe(stream)}, last event "
+           f"{'an error ' + last['error']['code'] if 'error' in last else 'cut'}; log: "
+           f"{', '.join(noise) if noise else 'no traceback'}",
+           "plain: 503 JSON shutting_down; stream: an error event, then the body ends; no "
+           "traceback; exit 0", code == 0 and plain_ok and stream_ok and not noise)
+
+
+def test_internals_checks_the_character_cap_before_tokenizing(server):
+    url, _, _ = server
+    r = httpx.post(url + "/v1/internals", json={"prompt": "a" * (MAX_CHARS + 1)}, timeout=30)
+    msg = r.json().get("error", {}).get("message", "")
+    ok = r.status_code == 400 and f"{MAX_CHARS + 1} characters" in msg and "--max-prompt-chars" in msg
+    record("20.8 /v1/internals prompt past --max-prompt-chars",
+           f"{r.status_code}: {msg}", "400 naming the character cap, before tokenizing", ok)
+
+
+def test_every_static_response_carries_the_pages_security_headers(server):
+    url, _, _ = server
+    want = {"content-security-policy": "default-src 'self'; frame-ancestors 'none'",
+            "x-frame-options": "DENY", "x-content-type-options": "nosniff"}
+    missing = {}
+    for path in ("/", "/static/index.html", "/static/playground.js", "/static/playground.css"):
+        r = httpx.get(url + path, timeout=30)
+        wrong = [k for k, v in want.items() if r.headers.get(k) != v]
+        if r.status_code != 200 or wrong:
+            missing[path] = f"{r.status_code} {wrong}"
+    record("20.8 security headers on the page and on /static/ files",
+           f"missing: {missing}" if missing else "CSP with frame-ancestors 'none', "
+           "X-Frame-Options DENY and nosniff on /, /static/index.html, .js, .css",
+           "the same headers on every static response", not missing)
+
+
+# ------------------------------------------- issue 20 group 4: non-finite log-probabilities
+
+
+def test_a_model_whose_logits_overflow_gets_one_clear_error_and_strict_json(tmp_path):
+    """ln_f.weight = 3e38 passes the finite-weight check at load; the forward pass gives
+    NaN logits. Plain and echo-scoring requests were a 500 with a traceback in the log,
+    the stream sent ``NaN`` (not JSON), and greedy generation sent NUL bytes."""
+    m = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32), seed=5)
+    m.tokenizer = ByteTokenizer()
+    m.ln_f.weight.data[:] = 3e38
+    path = save(m, tmp_path / "overflow")
+    log = tmp_path / "server.log"
+    plain = {"prompt": "Hi", "max_tokens": 3}
+    cases = {"plain": plain, "greedy": {**plain, "temperature": 0},
+             "logprobs": {**plain, "logprobs": 1},
+             "echo-scoring": {"prompt": "Hello", "max_tokens": 0, "echo": True, "logprobs": 1}}
+    with serve_subprocess(path, log, "--log-level", "info") as (url, _):
+        answers = {k: _post_raw(url, json.dumps(b).encode()) for k, b in cases.items()}
+        stream = _post_raw(url, json.dumps({**plain, "stream": True, "logprobs": 1}).encode())
+        alive = httpx.get(url + "/health", timeout=30).status_code
+    codes = {k: (r.status_code, r.json().get("error", {}).get("code")
+                 if r.headers.get("content-type") == "application/json" else r.text[:20])
+             for k, r in answers.items()}
+    strict = True
+    try:
+        events = [json.loads(e[len("data: "):], parse_constant=lambda c: 1 / 0)
+                  for e in stream.text.split("\n\n") if e]
+    except (ValueError, ZeroDivisionError):
+        strict, events = False, []
+    last = events[-1].get("error", {}).get("code") if events else None
+    logged = log.read_text()
+    ok = (all(c == (500, "non_finite_logits") for c in codes.values()) and strict
+          and last == "non_finite_logits" and "Traceback" not in logged and alive == 200)
+    record("20.4 model whose logits overflow (ln_f.weight = 3e38): plain, greedy, logprobs, "
+           "echo-scoring, stream",
+           f"{codes}; stream {'strict JSON' if strict else 'not JSON (NaN)'}, last event "
+           f"{last}; {'a traceback' if 'Traceback' in logged else 'no traceback'} in the log",
+           "500 non_finite_logits naming the overflow, strict JSON everywhere, no traceback",
+           ok)
 
 
 # ------------------------------------------------------------ the shared table writer

@@ -267,12 +267,17 @@ def test_internals_endpoint_limits_and_public_page():
     from numgpt.serve.app import ServerConfig, create_app
 
     with TestClient(create_app(ServerConfig(model_name=NAME, api_key=KEY), model=_byte_model()),
-                    raise_server_exceptions=False) as client:
+                    raise_server_exceptions=False, base_url="http://localhost") as client:
         auth = {"Authorization": f"Bearer {KEY}"}
         page = client.get("/")
         assert page.status_code == 200 and 'data-api-key="required"' in page.text
-        assert page.headers["content-security-policy"] == "default-src 'self'"
-        assert client.get("/static/playground.js").status_code == 200
+        # the page and every file it loads: own files only, never framed by another site
+        for r in [page] + [client.get(f"/static/{f}") for f in
+                           ("index.html", "playground.js", "playground.css", "favicon.svg")]:
+            assert r.status_code == 200, r.url
+            assert r.headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'"
+            assert r.headers["x-frame-options"] == "DENY", r.url
+            assert r.headers["x-content-type-options"] == "nosniff", r.url
         assert client.post("/v1/internals", json={"prompt": "x"}).status_code == 401
         ok = client.post("/v1/internals", json={"prompt": "y" * 64, "layer": 2}, headers=auth)
         assert ok.status_code == 200
@@ -283,10 +288,13 @@ def test_internals_endpoint_limits_and_public_page():
         for request, code in (({"prompt": "y" * 65}, "prompt_too_long"),
                               ({"prompt": "y", "layer": 3}, "invalid_value"),
                               ({"prompt": ["a", "b"]}, "invalid_prompt"),
-                              ({"prompt": "y", "model": "other"}, "model_not_found")):
+                              ({"prompt": "y", "model": 7}, "invalid_type")):
             r = client.post("/v1/internals", json=request, headers=auth)
-            assert r.status_code in (400, 404) and r.json()["error"]["code"] == code, r.text
-    with TestClient(create_app(ServerConfig(model_name=NAME), model=_byte_model())) as client:
+            assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+        other = client.post("/v1/internals", json={"prompt": "y", "model": "other"}, headers=auth)
+        assert other.status_code == 200 and other.json()["model"] == NAME  # any name: this model
+    with TestClient(create_app(ServerConfig(model_name=NAME), model=_byte_model()),
+                    base_url="http://localhost") as client:
         assert 'data-api-key="none"' in client.get("/").text
 
 

@@ -19,7 +19,7 @@ from numgpt.serve.protocol import (MAX_STOP, SSE_DONE, APIError, CompletionFold,
 
 TOK = ByteTokenizer()
 NAME = "tiny"
-LIMITS = dict(model_name=NAME, tokenizer=TOK, vocab_size=256, context=16, max_tokens_limit=20,
+LIMITS = dict(tokenizer=TOK, vocab_size=256, context=16, max_tokens_limit=20,
               max_n=4, max_sequences=8)
 
 
@@ -103,7 +103,6 @@ BAD = [  # body, status, param, code
     ({"prompt": "x", "seed": 2 ** 64}, 400, "seed", "invalid_value"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix", "invalid_value"),
     ({"prompt": "x", "model": 7}, 400, "model", "invalid_type"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found"),
 ]
 
 
@@ -113,6 +112,45 @@ def test_bad_fields_name_the_field_status_and_code(body, status, param, code):
         parse_completion(body, **LIMITS)
     assert (e.value.status, e.value.param, e.value.code) == (status, param, code)
     assert e.value.message and "\n" not in e.value.message
+
+
+def test_any_model_name_is_accepted_and_the_answer_names_the_served_model():
+    """A server of one model answers whatever ``model`` a request names (the README's
+    snippets send "gpt2" to a server of runs/mine/best), or none; the answer names the
+    model it served. Only a ``model`` that is not a string is refused."""
+    for model in ("gpt2", "gpt-4", "", NAME, None):
+        body = {"prompt": "Hi"} if model is None else {"prompt": "Hi", "model": model}
+        assert parse_completion(body, **LIMITS).prompts == [[72, 105]]
+        assert protocol.parse_tokenize(body, max_chars=10) == "Hi"
+        assert protocol.parse_internals(body, tokenizer=TOK, vocab_size=256, n_layer=2,
+                                        max_tokens=8).ids == [72, 105]
+    f = fold(spec())
+    events(f, [(0, FinishEvent("stop", "", 1))])
+    assert f.response()["model"] == NAME
+    with pytest.raises(APIError) as e:  # control: the type is still checked
+        parse(prompt="x", model=["gpt2"])
+    assert (e.value.status, e.value.param) == (400, "model")
+
+
+def test_internals_checks_the_character_cap_before_tokenizing():
+    class Counting(ByteTokenizer):
+        calls = 0
+
+        def encode(self, text, allow_special=False):
+            Counting.calls += 1
+            return super().encode(text, allow_special=allow_special)
+
+    tok = Counting()
+    kw = dict(tokenizer=tok, vocab_size=256, n_layer=2, max_tokens=8, max_chars=100)
+    with pytest.raises(APIError) as e:
+        protocol.parse_internals({"prompt": "y" * 101}, **kw)
+    assert (e.value.status, e.value.code) == (400, "prompt_too_long")
+    assert "101 characters" in e.value.message and "--max-prompt-chars" in e.value.message
+    assert Counting.calls == 0, "tokenized a prompt already known to be too long"
+    with pytest.raises(APIError) as e:  # under the character cap: tokenized, then counted
+        protocol.parse_internals({"prompt": "y" * 100}, **kw)
+    assert e.value.code == "prompt_too_long" and "100 tokens" in e.value.message
+    assert Counting.calls == 1
 
 
 def test_score_only_max_tokens_0_needs_echo_and_may_fill_the_context():
@@ -293,6 +331,55 @@ def test_a_failed_sequence_ends_the_answer_with_an_error():
     with pytest.raises(APIError) as e:
         plain.response()
     assert (e.value.status, e.value.code) == (500, "generation_failed")
+
+
+def test_a_failure_the_engine_explains_is_told_to_the_client():
+    """A sequence whose logits were not finite ends with the engine's one-line message and
+    code (it is about the model, not the server's internals); other failures stay generic."""
+    why = "the model's logits for generated token 1 are not finite (3 of 256 are NaN or infinite)"
+    bad = FinishEvent("error", "", 0, why, "non_finite_logits")
+    f = fold(spec(n=2, stream=True))
+    sent = events(f, [(1, TokenEvent(33, "!", 0)), (0, bad)])
+    assert data(sent)[-1] == {"error": {"message": why, "type": "server_error", "param": None,
+                                        "code": "non_finite_logits"}}
+    plain = fold(spec(n=2))
+    events(plain, [(1, bad)])
+    with pytest.raises(APIError) as e:
+        plain.response()
+    assert (e.value.status, e.value.code, e.value.message) == (500, "non_finite_logits", why)
+
+
+def test_logprobs_are_floored_at_minus_9999_and_every_event_is_strict_json():
+    """-inf (a probability that underflowed to 0) and anything below -9999 are sent as
+    -9999.0, vLLM's clamp; a NaN that reached the event writer would raise, not be sent."""
+    assert protocol.LOGPROB_FLOOR == -9999.0
+    inf = float("-inf")
+    f = fold(spec(echo=True, logprobs=1, stream=True))
+    sent = events(f, [(0, PromptEvent([None, inf], [None, ((105, inf), (104, -1e30))])),
+                      (0, TokenEvent(33, "!", 0, -12000.0, ((33, -12000.0), (65, -0.5)))),
+                      (0, FinishEvent("stop", "", 1))])
+    chunks = [json.loads(s[len("data: "):], parse_constant=pytest.fail) for s in sent
+              if s != SSE_DONE]
+    echo, token = chunks[0]["choices"][0]["logprobs"], chunks[1]["choices"][0]["logprobs"]
+    assert echo["token_logprobs"] == [None, -9999.0]
+    assert echo["top_logprobs"][1] == {"i": -9999.0, "h": -9999.0}
+    assert token["token_logprobs"] == [-9999.0] and token["top_logprobs"] == [{"!": -9999.0, "A": -0.5}]
+    with pytest.raises(ValueError):  # the writer itself refuses what JSON cannot hold
+        protocol.sse({"x": float("nan")})
+    assert protocol.sse({"x": -9999.0}) == 'data: {"x": -9999.0}\n\n'
+
+
+def test_non_finite_internals_are_a_500_not_a_body():
+    import numpy as np
+
+    s = protocol.InternalsSpec([72, 105], 0)
+    ok = protocol.internals_json(NAME, TOK, s, np.full((1, 2, 2), 0.5), np.ones((3, 2)))
+    assert ok["attention"] == [[[0.5, 0.5], [0.5, 0.5]]]  # control
+    for att, norms in ((np.full((1, 2, 2), np.nan), np.ones((3, 2))),
+                       (np.full((1, 2, 2), 0.5), np.full((3, 2), np.inf))):
+        with pytest.raises(APIError) as e:
+            protocol.internals_json(NAME, TOK, s, att, norms)
+        assert (e.value.status, e.value.code) == (500, "non_finite_internals")
 
 
 def test_a_successful_answer_is_not_mistaken_for_a_failure():

@@ -91,6 +91,8 @@ def _log_softmax(z):
 
 
 def test_health_models_and_auth(served):
+    """Every API route needs the key; the probes /health and /metrics do not (load
+    balancers and Prometheus call them without credentials, as with llama-server and vLLM)."""
     with served.http() as h:
         assert h.get("/health").json()["status"] == "ok"
         models = h.get("/v1/models").json()
@@ -99,7 +101,11 @@ def test_health_models_and_auth(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
         _assert_openai_error(r, 401, code="invalid_api_key")
-        _assert_openai_error(httpx.get(served.url + "/health", headers=headers), 401)
+        _assert_openai_error(httpx.get(served.url + "/v1/models", headers=headers), 401)
+        health = httpx.get(served.url + "/health", headers=headers)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        probe = httpx.get(served.url + "/metrics", headers=headers)
+        assert probe.status_code == 200 and "numgpt_tokens_generated_total" in probe.text
     with pytest.raises(openai.AuthenticationError):
         served.client(key="wrong").completions.create(model=NAME, prompt="x", max_tokens=1)
 
@@ -480,7 +486,6 @@ BAD_BODIES = [
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "model": 7}, 400, "model"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
 
@@ -518,6 +523,33 @@ def test_bad_bodies_get_openai_errors(served):
         _assert_openai_error(h.get("/v1/completions", headers=auth), 405)
 
 
+def test_any_model_name_gets_this_model_and_the_answer_names_it(served):
+    """The README's snippets send "gpt2"; a server of one model answers whatever a request
+    calls it (as llama-server does) and names its own model in the answer."""
+    want = offline(served, "Hi", 3)
+    for model in ("gpt2", "gpt-4", NAME):
+        out = served.client().completions.create(model=model, prompt="Hi", max_tokens=3,
+                                                 temperature=0)
+        assert out.model == NAME and out.choices[0].text == want
+    with served.http() as h:
+        bare = h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        tokens = h.post("/tokenize", json={"prompt": "Hi", "model": "gpt2"})
+    assert bare.json()["model"] == NAME and bare.json()["choices"][0]["text"] == want
+    assert tokens.json()["tokens"] == [72, 105]
+
+
+def test_chat_completions_says_this_server_serves_completions(served):
+    with served.http() as h:
+        r = h.post("/v1/chat/completions", json={"model": "gpt2", "messages": [
+            {"role": "user", "content": "Hi"}]})
+    _assert_openai_error(r, 404, code="not_found")
+    assert "/v1/completions" in r.json()["error"]["message"]
+    assert "no route" not in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="/v1/completions"):
+        served.client().chat.completions.create(model="gpt2", messages=[
+            {"role": "user", "content": "Hi"}])
+
+
 def test_unknown_fields_are_ignored(served):
     with served.http() as h:
         r = h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0,
@@ -549,7 +581,8 @@ def app_client():
 
     def make(config=None, model=None):
         app = serve_app.create_app(config or serve_app.ServerConfig(model_name=NAME), model=model)
-        client = TestClient(app, raise_server_exceptions=False)
+        # a loopback name: TestClient's own "testserver" is not an allowed Host
+        client = TestClient(app, raise_server_exceptions=False, base_url="http://localhost")
         client.__enter__()
         made.append(client)
         return client, app.state.numgpt
@@ -598,6 +631,82 @@ def test_a_model_that_fails_to_load_is_reported(app_client, tmp_path):
     r = client.get("/health")
     _assert_openai_error(r, 503)
     assert "failed to load" in r.json()["error"]["message"]
+
+
+def test_a_run_folders_checkpoint_is_named_after_the_run(app_client, tmp_path):
+    """Without --model-name the model is named after its path, and a run's best/latest
+    checkpoint (or a nanoGPT ckpt.pt, an HF weights file) after the folder, not "best"."""
+    from numgpt.serve import app as serve_app
+
+    names = {"runs/mine/best": "mine", "runs/mine/latest": "mine", "runs/mine/best.json": "mine",
+             "out/ckpt.pt": "out", "gpt2/model.safetensors": "gpt2", "gpt2": "gpt2",
+             "tiny.gguf": "tiny", "ckpts/gpt2-medium": "gpt2-medium", "m.q8_0": "m.q8_0"}
+    assert {p: serve_app.default_model_name(p) for p in names} == names
+    prefix = save(_tiny_model(64), tmp_path / "runs" / "mine" / "best")
+    client, state = app_client(serve_app.ServerConfig(model_path=str(prefix)))
+    _wait(lambda: state.ready)
+    assert client.get("/v1/models").json()["data"][0]["id"] == "mine"
+    out = client.post("/v1/completions", json={"model": "gpt2", "prompt": "x", "max_tokens": 1})
+    assert out.status_code == 200 and out.json()["model"] == "mine"
+
+
+def test_the_host_header_must_name_this_server(app_client):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends
+    ``Host: evil.example``. Only IP addresses, loopback names and --allowed-hosts are
+    answered, on every route (the page included), before the API key is looked at."""
+    from numgpt.errors import ConfigError
+    from numgpt.serve import app as serve_app
+
+    client, _ = app_client(serve_app.ServerConfig(model_name=NAME, api_key=KEY,
+                                                  allowed_hosts=("Models.Example.org",)),
+                           model=_tiny_model(64))
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "10.1.2.3",
+                 "models.example.org:443", "MODELS.example.org."):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    for path in ("/health", "/v1/models", "/", "/static/playground.js"):
+        r = client.get(path, headers={"Host": "evil.example:8000"})
+        _assert_openai_error(r, 400, code="host_not_allowed")
+        msg = r.json()["error"]["message"]
+        assert "'evil.example'" in msg and "--allowed-hosts evil.example" in msg
+    r = client.post("/v1/completions", json={"prompt": "x"}, headers={"Host": "evil.example"})
+    _assert_openai_error(r, 400, code="host_not_allowed")  # before the key: no 401 to learn from
+    anyone, _ = app_client(serve_app.ServerConfig(model_name=NAME, allowed_hosts=("*",)),
+                           model=_tiny_model(64))
+    assert anyone.get("/health", headers={"Host": "evil.example"}).status_code == 200
+    for bad in ("http://x.org", "x.org:80", "", "a/b"):
+        with pytest.raises(ConfigError, match="--allowed-hosts"):
+            serve_app.ServerConfig(allowed_hosts=(bad,))
+
+
+def _overflowing_model() -> GPT:
+    """Finite weights whose forward pass overflows float32: ln_f's scale 3e38 (the finite
+    weight check passes it; the logits come out inf - inf = NaN)."""
+    m = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32), seed=5)
+    m.tokenizer = ByteTokenizer()
+    m.ln_f.weight.data[:] = 3e38
+    return m
+
+
+def test_non_finite_logits_are_one_clear_error_never_nan_or_a_traceback(app_client, caplog):
+    client, _ = app_client(model=_overflowing_model())
+    plain = {"prompt": "Hi", "max_tokens": 3}
+    bodies = [plain, {**plain, "temperature": 0}, {**plain, "logprobs": 2},
+              {"prompt": "Hello", "max_tokens": 0, "echo": True, "logprobs": 1}]
+    with caplog.at_level("INFO"):
+        for body in bodies:
+            r = client.post("/v1/completions", json=body)
+            _assert_openai_error(r, 500, code="non_finite_logits")
+            assert "not finite" in r.json()["error"]["message"], body
+        stream = client.post("/v1/completions", json={**plain, "stream": True, "logprobs": 1})
+    assert stream.status_code == 200
+    events = [e[len("data: "):] for e in stream.text.split("\n\n") if e]
+    parsed = [json.loads(e, parse_constant=pytest.fail) for e in events]  # strict JSON only
+    assert parsed[-1]["error"]["code"] == "non_finite_logits"
+    assert "Traceback" not in caplog.text
+    assert sum("not finite" in r.message for r in caplog.records) == len(bodies) + 1
+    # control: the same weights without the overflow answer normally
+    healthy, _ = app_client(model=_tiny_model(64))
+    assert healthy.post("/v1/completions", json={**plain, "logprobs": 2}).status_code == 200
 
 
 def test_unexpected_errors_become_a_generic_500(app_client, monkeypatch):

@@ -10,9 +10,15 @@ Routes::
     GET  /health           200 once the model is loaded, 503 before (or if loading failed)
     GET  /metrics          Prometheus text format
     POST /v1/internals     one short prompt's attention probabilities and residual norms
-    GET  /                 the playground page (static files under /static/, served without
-                           the API key: they hold nothing secret, and every call the page
-                           makes carries the key the user types)
+    POST /v1/chat/completions  not served: a 404 in OpenAI's shape pointing to /v1/completions
+    GET  /                 the playground page (static files under /static/)
+
+The API key guards every route except the page (it holds nothing secret, and every call
+it makes carries the key the user types) and the probes ``/health`` and ``/metrics``, which
+load balancers and Prometheus call without credentials (as llama-server and vLLM leave them).
+Before the key, the Host header is checked against ``allowed_hosts`` (DNS rebinding: a web
+page whose name an attacker points at 127.0.0.1 must not reach a keyless local server).
+A request may name any ``model``: this server has one and answers with it.
 
 This module is the HTTP side: routes, the API key, body limits, streaming, startup. What a
 request may say and what an answer looks like is ``numgpt.serve.protocol`` (pure Python).
@@ -27,20 +33,23 @@ clients: request headers must arrive within ``header_timeout_s`` and a body with
 ``body_timeout_s`` (408), at most ``max_connections`` are served at once (503 past it), and
 prompts are capped in characters and tokens. JSON decoding and tokenizing run on a worker
 thread, never on the event loop. SIGTERM and SIGINT stop accepting, let in-flight requests
-finish for ``grace_period_s`` (then cancel them) and exit 0.
+finish for ``grace_period_s``, then cancel them (a request not yet answered gets a JSON 503,
+a stream an error event and its end) and exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
+import os
 import secrets
 import signal
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -58,20 +67,39 @@ from .metrics import CONTENT_TYPE, Counter, Registry
 from .protocol import (PROMPT_CHARS_PER_CONTEXT, PROMPT_TOKENS_PER_CONTEXT, APIError,
                        CompletionFold, CompletionSpec, detokenize_json, error_body,
                        internals_json, parse_completion, parse_detokenize, parse_internals,
-                       parse_json_body, parse_tokenize, tokenize_json, tokenizer_info)
+                       parse_json_body, parse_tokenize, sse, tokenize_json, tokenizer_info)
 
-__all__ = ["ServerConfig", "create_app", "serve"]
+__all__ = ["ServerConfig", "create_app", "serve", "default_model_name", "LOOPBACK_HOSTS"]
 
 log = logging.getLogger("numgpt.serve.app")
 
 STATIC = Path(__file__).resolve().parent / "static"  # the playground page, shipped as package data
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host names always answered
+
+# a checkpoint file's or prefix's last part that says nothing about the model: the folder does
+_GENERIC_NAMES = ("best", "latest", "ckpt", "model", "pytorch_model", "config")
+_FILE_SUFFIXES = (".json", ".safetensors", ".gguf", ".pt", ".bin")
+
+
+def default_model_name(path: str | os.PathLike) -> str:
+    """The name a server gives the model at ``path`` when ``--model-name`` is not set: its
+    last part without a file suffix, or the folder's name when that part is generic, so a
+    run's ``runs/mine/best`` (or ``latest``) is ``mine``, ``out/ckpt.pt`` is ``out``, a
+    Hugging Face folder ``gpt2`` (or its ``model.safetensors``) is ``gpt2``, and
+    ``tiny.gguf`` is ``tiny``."""
+    p = Path(os.path.abspath(path))
+    name = p.stem if p.suffix in _FILE_SUFFIXES else p.name
+    if name in _GENERIC_NAMES and p.parent.name:
+        name = p.parent.name
+    return name or "numgpt"
 
 
 @dataclass
 class ServerConfig:
     """Everything ``numgpt serve`` is told.
 
-    model_name: the id clients send as ``model`` (default: the model path's last part).
+    model_name: the model's name in answers and /v1/models (default:
+        ``default_model_name(model_path)``). Requests may send any ``model``.
     api_key: required as ``Authorization: Bearer KEY`` when set (compared as UTF-8 bytes);
         an empty key is refused, it would silently turn authentication off.
     max_tokens_limit: largest ``max_tokens`` accepted (default: the model's block_size).
@@ -82,6 +110,9 @@ class ServerConfig:
     max_connections: connections served at once; past it a request is answered 503.
     grace_period_s: on SIGTERM/SIGINT, how long in-flight requests may run before they
         are cancelled.
+    allowed_hosts: Host header names answered besides ``LOOPBACK_HOSTS`` and IP addresses
+        (which DNS rebinding cannot use: it needs a name); ``("*",)`` answers any.
+        ``serve`` adds the name it binds to.
     """
 
     model_path: str | None = None
@@ -99,6 +130,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0
     max_connections: int = 128
     grace_period_s: float = 10.0
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -111,6 +143,29 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "grace_period_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        for host in self.allowed_hosts:
+            if host != "*" and (not host.strip() or "/" in host
+                                or _host_name(host) != host.strip().lower().rstrip(".")):
+                raise ConfigError(f"--allowed-hosts takes host names such as example.com or "
+                                  f"'*', got {host!r}; leave out the scheme, port and path")
+        self.allowed_hosts = tuple(h if h == "*" else _host_name(h) for h in self.allowed_hosts)
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name without its port, lower case: ``[::1]:8000`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    name, colon, port = host.rpartition(":")
+    return (name if colon and port.isdigit() else host).rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ errors and bodies
@@ -239,7 +294,7 @@ class _State:
     def model_name(self) -> str:
         if self.config.model_name:
             return self.config.model_name
-        return Path(self.config.model_path).name if self.config.model_path else "numgpt"
+        return default_model_name(self.config.model_path) if self.config.model_path else "numgpt"
 
     @property
     def ready(self) -> bool:
@@ -284,7 +339,7 @@ class _State:
 
     def limits(self) -> dict:
         c, m = self.config, self.model.config
-        return dict(model_name=self.model_name, tokenizer=self.model.tokenizer,
+        return dict(tokenizer=self.model.tokenizer,
                     vocab_size=m.vocab_size, context=self.engine.max_len,
                     max_tokens_limit=c.max_tokens_limit or m.block_size, max_n=c.max_n,
                     max_sequences=c.max_queue, max_prompt_chars=self.max_prompt_chars,
@@ -337,7 +392,7 @@ async def tokenize(request: HTTPRequest) -> Response:
     state = _state(request)
     _require_ready(state)
     body = await _read_json(request, state.config)
-    text = parse_tokenize(body, model_name=state.model_name, max_chars=state.max_prompt_chars)
+    text = parse_tokenize(body, max_chars=state.max_prompt_chars)
     ids = await asyncio.to_thread(state.model.tokenizer.encode, text, allow_special=True)
     return JSONResponse(tokenize_json(ids, state.engine.max_len))
 
@@ -349,8 +404,7 @@ async def detokenize(request: HTTPRequest) -> Response:
     _require_ready(state)
     body = await _read_json(request, state.config)
     tok = state.model.tokenizer
-    ids = parse_detokenize(body, model_name=state.model_name,
-                           vocab_size=state.model.config.vocab_size)
+    ids = parse_detokenize(body, vocab_size=state.model.config.vocab_size)
     text = await asyncio.to_thread(tok.decode, [t for t in ids if t < tok.vocab_size])
     return JSONResponse(detokenize_json(text))
 
@@ -396,14 +450,20 @@ async def inspect_internals(request: HTTPRequest) -> Response:
     _require_ready(state)
     body = await _read_json(request, state.config)
     m = state.model.config
-    spec = await asyncio.to_thread(parse_internals, body, model_name=state.model_name,
-                                   tokenizer=state.model.tokenizer, vocab_size=m.vocab_size,
-                                   n_layer=m.n_layer,
-                                   max_tokens=min(internals.MAX_TOKENS, m.block_size))
+    spec = await asyncio.to_thread(parse_internals, body, tokenizer=state.model.tokenizer,
+                                   vocab_size=m.vocab_size, n_layer=m.n_layer,
+                                   max_tokens=min(internals.MAX_TOKENS, m.block_size),
+                                   max_chars=state.max_prompt_chars)  # before tokenizing
     async with state.internals_lock:
         seen = await asyncio.to_thread(internals.inspect, state.model, spec.ids, spec.layer)
     return JSONResponse(internals_json(state.model_name, state.model.tokenizer, spec,
                                        seen.attention, seen.residual_norms))
+
+
+async def chat_completions(request: HTTPRequest) -> Response:
+    """POST /v1/chat/completions: not served yet; an OpenAI-shaped 404 that says what is."""
+    raise APIError(404, "this server serves text completions only: POST /v1/completions with a "
+                        "'prompt'; /v1/chat/completions is not available", code="not_found")
 
 
 async def playground(request: HTTPRequest) -> Response:
@@ -414,9 +474,20 @@ async def playground(request: HTTPRequest) -> Response:
     return HTMLResponse(page, headers=_PAGE_HEADERS)
 
 
-# the page loads only its own files and talks only to this server (works offline)
-_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'",
-                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+# on the page and each of its files: it loads only its own files and talks only to this
+# server (works offline), and no other site may frame it (clickjacking)
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+                 "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                 "Cache-Control": "no-cache"}
+
+
+class _PageFiles(StaticFiles):
+    """The playground's static files, each answered with the page's security headers."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(_PAGE_HEADERS)
+        return response
 
 
 async def _until_disconnect(request: HTTPRequest, work) -> Any:
@@ -431,19 +502,29 @@ async def _until_disconnect(request: HTTPRequest, work) -> Any:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            task.cancel()
             return None
         return task.result()
-    finally:
-        watcher.cancel()
+    finally:  # also when this request is cancelled (shutdown): no task outlives it
+        for t in (task, watcher):
+            _discard(t)
+
+
+def _discard(task: asyncio.Future) -> None:
+    """Cancel a task nobody will await, or read its exception if it already ended, so
+    asyncio never logs "Task exception was never retrieved" for it."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
 
 
 # --------------------------------------------------------------------- middleware
 
 
 class _Guard:
-    """Outermost app logic: API-key check, request counting by status, and the catch-all
-    that turns any unexpected exception into a generic 500 (traceback only in the log)."""
+    """Outermost app logic: Host check, API-key check, request counting by status, the
+    catch-all that turns any unexpected exception into a generic 500 (traceback only in
+    the log), and the answer to a request the shutdown cancels."""
 
     def __init__(self, app, state: _State):
         self.app, self.state = app, state
@@ -451,14 +532,26 @@ class _Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {"code": 500, "started": False}
+        status = {"code": 500, "started": False, "ended": False, "stream": False}
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
+                status["stream"] = any(k == b"content-type" and v.startswith(b"text/event-stream")
+                                       for k, v in message["headers"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                status["ended"] = True
             await send(message)
 
         try:
+            host = _refused_host(scope, self.state.config.allowed_hosts)
+            if host is not None:
+                resp = _error_response(
+                    400, f"the Host header names {host!r}, which this server does not answer "
+                         f"to (it answers IP addresses, {', '.join(LOOPBACK_HOSTS)} and "
+                         f"--allowed-hosts); if the name is yours, start it with "
+                         f"--allowed-hosts {host} (or '*' for any name)", code="host_not_allowed")
+                return await resp(scope, receive, send_counted)
             key = self.state.config.api_key
             if key and not _public(scope.get("path", "")) and not _authorized(scope, key):
                 resp = _error_response(401, "missing or wrong API key: send the header "
@@ -471,9 +564,9 @@ class _Guard:
             log.info("client disconnected during the upload of %s %s", scope.get("method"),
                      scope.get("path"))
         except asyncio.CancelledError:  # shutdown's grace period ran out: the task ends here
-            status["code"] = 499
             log.info("cancelled %s %s: the shutdown grace period ran out", scope.get("method"),
                      scope.get("path"))
+            await _answer_cancelled(status, scope, receive, send_counted)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not status["started"]:
@@ -486,9 +579,44 @@ class _Guard:
             self.state.requests.inc(path=known, status=str(status["code"]))
 
 
+async def _answer_cancelled(status: dict, scope, receive, send) -> None:
+    """Tell the client of a request cancelled at shutdown, in JSON: a 503 if nothing was
+    sent yet, else (a stream) an error event and the end of the body. The client may be
+    gone already; then there is nobody to tell."""
+    message = (f"the server is shutting down and this request did not finish within its "
+               f"grace period (numgpt serve --grace-period); retry on another server")
+    try:
+        if not status["started"]:
+            await _error_response(503, message, type="server_error", code="shutting_down",
+                                  headers={"Connection": "close"})(scope, receive, send)
+        elif not status["ended"]:
+            tail = sse(error_body(message, "server_error", None, "shutting_down")) \
+                if status["stream"] else ""
+            await send({"type": "http.response.body", "body": tail.encode(),
+                        "more_body": False})
+    except Exception:  # the connection is closed: nothing left to answer
+        pass
+
+
+def _refused_host(scope, allowed: tuple[str, ...]) -> str | None:
+    """The Host header's name if this server must not answer it, else None. Answered:
+    IP addresses (rebinding needs a name), the loopback names, ``allowed`` (``*``: any),
+    and a request without a Host header (HTTP/1.0; browsers always send one)."""
+    if "*" in allowed:
+        return None
+    raw = dict(scope.get("headers") or []).get(b"host")
+    if raw is None:
+        return None
+    name = _host_name(raw.decode("latin-1"))
+    if _is_ip(name) or name in LOOPBACK_HOSTS or name in allowed:
+        return None
+    return name
+
+
 def _public(path: str) -> bool:
-    """The playground's page and static files need no key; every API route does."""
-    return path == "/" or path.startswith("/static/")
+    """No key for the playground's page and static files, nor the probes that load
+    balancers and Prometheus call without credentials; every other route needs it."""
+    return path in ("/", "/health", "/metrics") or path.startswith("/static/")
 
 
 def _authorized(scope, key: str) -> bool:
@@ -511,7 +639,7 @@ async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
 
 
 _PATHS = ("/v1/completions", "/v1/models", "/v1/internals", "/health", "/metrics", "/",
-          "/tokenizer_info", "/tokenize", "/detokenize")
+          "/tokenizer_info", "/tokenize", "/detokenize", "/v1/chat/completions")
 
 
 def create_app(config: ServerConfig, model=None) -> Starlette:
@@ -535,8 +663,9 @@ def create_app(config: ServerConfig, model=None) -> Starlette:
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]),
               Route("/v1/internals", inspect_internals, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/", playground, methods=["GET"]),
-              Mount("/static", StaticFiles(directory=STATIC), name="static")]
+              Mount("/static", _PageFiles(directory=STATIC), name="static")]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: _api_error, HTTPException: _http_error})
     app.state.numgpt = state
@@ -550,6 +679,8 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     graceful stop, 1 if the model failed to load)."""
     import uvicorn
 
+    if host and not _is_ip(host):  # the name it binds to is answered
+        config = replace(config, allowed_hosts=(*config.allowed_hosts, host))
     app = create_app(config)
     server = _graceful_server_class()(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=True,

@@ -26,6 +26,12 @@ Each ``Request`` reports through its ``emit`` callback, called on the worker thr
 ``PromptEvent`` (prompt logprobs, only when asked), ``TokenEvent`` per released token, and
 exactly one ``FinishEvent`` (reason ``stop``, ``length``, ``cancelled`` or ``error``).
 
+The model's logits are checked for each sequence before its decoder sees them: a checkpoint
+can hold finite weights whose forward pass overflows float32 (a LayerNorm scale of 3e38),
+and NaN logits would otherwise be sampled as token 0 and sent as ``NaN`` log-probabilities,
+which is not JSON. Such a sequence ends with reason ``error`` and ``code``
+``NON_FINITE_LOGITS``, a one-line message meant for the client; the others go on.
+
 Shapes: ``A`` active slots, ``V`` vocabulary size, ``T`` prompt length.
 """
 
@@ -46,7 +52,7 @@ from ..infer.sample import SamplingParams, allowed_tokens, token_logprobs
 from .metrics import Counter, Gauge, Histogram, Registry
 
 __all__ = ["Engine", "EngineMetrics", "Request", "TokenEvent", "PromptEvent", "FinishEvent",
-           "QueueFull", "MAX_LOGPROBS"]
+           "QueueFull", "NonFiniteLogits", "MAX_LOGPROBS", "NON_FINITE_LOGITS"]
 
 log = logging.getLogger("numgpt.serve.engine")
 
@@ -55,6 +61,23 @@ MAX_LOGPROBS = 5  # OpenAI's limit on top alternatives per token
 
 class QueueFull(NumGPTError):
     """The engine's waiting queue has no room; the caller should retry later (HTTP 503)."""
+
+
+NON_FINITE_LOGITS = "non_finite_logits"  # FinishEvent.code of a sequence whose logits overflowed
+
+
+class NonFiniteLogits(NumGPTError):
+    """The model's logits for a sequence hold NaN or infinity (its weights overflow)."""
+
+
+def check_finite_logits(logits: np.ndarray, where: str) -> None:
+    """NonFiniteLogits naming ``where`` unless every logit (V,) or (T, V) is finite."""
+    if not np.isfinite(logits).all():
+        bad = int(np.count_nonzero(~np.isfinite(logits)))
+        raise NonFiniteLogits(
+            f"the model's logits {where} are not finite ({bad} of {logits.size} are NaN or "
+            f"infinite): its forward pass overflows float32, though each weight is finite "
+            f"(for example a LayerNorm scale near 3e38); fix or re-export the checkpoint")
 
 
 # ---------------------------------------------------------------------------- events
@@ -84,6 +107,7 @@ class FinishEvent:
     text: str
     completion_tokens: int
     message: str = ""
+    code: str = ""  # set (e.g. NON_FINITE_LOGITS) when ``message`` is meant for the client
 
 
 Event = TokenEvent | PromptEvent | FinishEvent
@@ -301,6 +325,9 @@ class Engine:
                     self._finish(r, r.decoder.finish_reason)
                 else:
                     self._advance(r, logits[r])
+            except NonFiniteLogits as e:  # the model's fault, said in one line
+                log.error("%s", e)
+                self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
             except Exception as e:  # a bad sequence fails alone, the batch goes on
                 log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
@@ -365,6 +392,11 @@ class Engine:
                 failed[r] = e
             return
         if every:
+            try:
+                check_finite_logits(out[0], "over the prompt")  # (T, V)
+            except NonFiniteLogits as e:
+                failed[group[0]] = e
+                return
             self._emit_prompt_logprobs(group[0], out[0])  # (T, V)
             out = out[:, -1]  # (G, V)
         for r, row in zip(group, out):
@@ -408,12 +440,17 @@ class Engine:
             r = self._slots[s]
             if r.cancelled:
                 self._finish(r, "cancelled")
-            else:
+                continue
+            try:
                 self._advance(r, logits[i])
+            except NonFiniteLogits as e:  # this row only: the batch goes on
+                log.error("%s", e)
+                self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
 
     def _advance(self, r: Request, logits: np.ndarray) -> None:
         """Hand the sequence its logits (V,): send the tokens its decoder releases, and
         finish it when the decoder has."""
+        check_finite_logits(logits, f"for generated token {r.generated + 1}")
         released = r.decoder.step(logits)
         self.metrics.tokens.inc()
         for token in released:
@@ -421,7 +458,7 @@ class Engine:
         if r.decoder.finished:
             self._finish(r, r.decoder.finish_reason)
 
-    def _finish(self, r: Request, reason: str, message: str = "") -> None:
+    def _finish(self, r: Request, reason: str, message: str = "", code: str = "") -> None:
         """End a sequence once: free its slot and send its FinishEvent."""
         if r.done:
             return
@@ -432,7 +469,7 @@ class Engine:
         tail = r.decoder.close(reason) if r.decoder is not None else ""
         self.metrics.finished.inc(reason=reason)
         self.metrics.active.set(self.active)
-        self._send(r, FinishEvent(reason, tail, r.generated, message))
+        self._send(r, FinishEvent(reason, tail, r.generated, message, code))
 
     def _fail_all(self, message: str) -> None:
         for r in [s for s in self._slots if s is not None]:

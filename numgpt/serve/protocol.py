@@ -12,7 +12,15 @@ Every error is OpenAI's JSON shape ``{"error": {"message", "type", "param", "cod
 (``error_body``). Every string anywhere in a body must be valid Unicode text (a lone
 surrogate such as ``"\\ud800"`` is refused with 400 naming the field). Extensions beyond OpenAI's fields: ``top_k`` (int, 0 or -1 for no limit),
 ``truncate`` (bool: keep the end of a prompt that is too long for the context), ``ascii_only``
-(bool). Unknown fields are ignored, as OpenAI does.
+(bool). Unknown fields are ignored, as OpenAI does. ``model`` is optional and may name any
+model: a server of one model answers every request with it, as llama-server does, and names
+it in the answer.
+
+Every body and server-sent event out is strict JSON (no ``NaN`` or ``Infinity``). A
+log-probability below ``LOGPROB_FLOOR`` (-9999), minus infinity included (a probability
+that underflowed to 0), is sent as -9999.0: vLLM's clamp, so clients that sum or compare
+logprobs (lm-evaluation-harness) get finite numbers, where ``null`` would break their sums.
+NaN never gets this far: the engine fails a sequence whose logits are not finite.
 """
 
 from __future__ import annotations
@@ -22,18 +30,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from ..core.checks import check_token_ids, is_int
 from ..errors import InputError, NumGPTError
 from ..infer.sample import SamplingParams
 from .engine import MAX_LOGPROBS, FinishEvent, PromptEvent, TokenEvent
 
-__all__ = ["MAX_STOP", "PROMPT_CHARS_PER_CONTEXT", "PROMPT_TOKENS_PER_CONTEXT", "APIError",
+__all__ = ["MAX_STOP", "LOGPROB_FLOOR", "PROMPT_CHARS_PER_CONTEXT", "PROMPT_TOKENS_PER_CONTEXT", "APIError",
            "error_body", "CompletionSpec", "parse_json_body", "parse_completion",
            "parse_tokenize", "parse_detokenize", "tokenizer_info", "tokenize_json",
            "detokenize_json", "token_str", "Logprobs", "choice_json", "sse", "SSE_DONE",
            "Choice", "CompletionFold", "InternalsSpec", "parse_internals", "internals_json"]
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+LOGPROB_FLOOR = -9999.0  # vLLM's clamp: lower log-probabilities (and -inf) are sent as this
 SSE_DONE = "data: [DONE]\n\n"  # the stream's last event
 # Default prompt caps, per prompt, as multiples of the context: a prompt longer than the
 # context is only useful with "truncate", and tokenizing megabytes for it wastes a core.
@@ -60,7 +71,11 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _generation_failed() -> APIError:
+def _generation_failed(ev: FinishEvent | None = None) -> APIError:
+    """The answer to a failed sequence: the engine's own message when it is meant for the
+    client (``ev.code`` set, e.g. non-finite logits), else a generic one (details in the log)."""
+    if ev is not None and ev.code:
+        return APIError(500, ev.message, type="server_error", code=ev.code)
     return APIError(500, "generation failed; see the server log", type="server_error",
                     code="generation_failed")
 
@@ -259,25 +274,24 @@ def _parse_sampling(body: dict) -> SamplingParams:
                           seed=seed)
 
 
-def _check_object_and_model(body: Any, model_name: str) -> None:
-    """A request body is a JSON object naming this server's model (or none)."""
+def _check_object_and_model(body: Any) -> None:
+    """A request body is a JSON object; its ``model``, if given, is a string. Any name is
+    accepted: this server has one model and answers with it whatever a client calls it
+    (llama-server does the same; clients such as the README's send ``"gpt2"``)."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_body")
-    model = _typed(body, "model", lambda v: isinstance(v, str), "a string", model_name)
-    if model != model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves "
-                            f"{model_name!r}", param="model", code="model_not_found")
+    _typed(body, "model", lambda v: isinstance(v, str), "a string", None)
 
 
-def parse_completion(body: Any, *, model_name: str, tokenizer, vocab_size: int, context: int,
+def parse_completion(body: Any, *, tokenizer, vocab_size: int, context: int,
                      max_tokens_limit: int, max_n: int, max_sequences: int,
                      max_prompt_chars: int | None = None,
                      max_prompt_tokens: int | None = None) -> CompletionSpec:
     """Validate an OpenAI completion request body; APIError names the first bad field.
     Prompt caps default to ``PROMPT_CHARS_PER_CONTEXT`` / ``PROMPT_TOKENS_PER_CONTEXT``
     times the context. ``max_tokens: 0`` is accepted with ``echo`` (score the prompt only)."""
-    _check_object_and_model(body, model_name)
+    _check_object_and_model(body)
     if body.get("suffix") is not None:
         raise _bad("suffix", "'suffix' (insertion) is not supported by this server")
     ids, texts = _parse_prompt(body.get("prompt"), tokenizer, vocab_size,
@@ -340,11 +354,12 @@ class Logprobs:
 
     def add(self, tokenizer, token_id: int, logprob: float | None, top, offset: int) -> None:
         self.tokens.append(token_str(tokenizer, token_id))
+        logprob = _floored(logprob)
         self.token_logprobs.append(logprob)
         if top is None:
             self.top_logprobs.append(None)
         else:  # OpenAI always includes the sampled token among the alternatives
-            alts = {token_str(tokenizer, t): lp for t, lp in top}
+            alts = {token_str(tokenizer, t): _floored(lp) for t, lp in top}
             alts.setdefault(self.tokens[-1], logprob)
             self.top_logprobs.append(alts)
         self.text_offset.append(offset)
@@ -359,6 +374,12 @@ class Logprobs:
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
                 "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+def _floored(logprob: float | None) -> float | None:
+    """A log-probability as sent: at least ``LOGPROB_FLOOR`` (so -inf is -9999.0)."""
+    assert logprob is None or not math.isnan(logprob), "NaN logprob: the engine checks logits"
+    return None if logprob is None else max(float(logprob), LOGPROB_FLOOR)
 
 
 def _prompt_logprobs(tokenizer, ids: list[int], ev: PromptEvent | None) -> Logprobs:
@@ -380,8 +401,9 @@ def choice_json(text: str, index: int, logprobs: Logprobs | None,
 
 
 def sse(body: dict) -> str:
-    """One server-sent event carrying a JSON body."""
-    return f"data: {json.dumps(body)}\n\n"
+    """One server-sent event carrying a JSON body: strict JSON, like every plain answer
+    (``NaN`` or ``Infinity`` raise ValueError here instead of reaching a client's parser)."""
+    return f"data: {json.dumps(body, allow_nan=False)}\n\n"
 
 
 @dataclass
@@ -419,6 +441,7 @@ class CompletionFold:
         self.prompt_events: dict[int, PromptEvent] = {}
         self.remaining = len(self.choices)
         self.failed = False  # a sequence ended in "error" or "cancelled"
+        self.failure: FinishEvent | None = None  # the first such FinishEvent
 
     @property
     def done(self) -> bool:
@@ -443,7 +466,7 @@ class CompletionFold:
         """The whole non-streamed body; APIError 500 if a sequence failed."""
         assert self.done, "response() before every choice finished"
         if self.failed:
-            raise _generation_failed()
+            raise _generation_failed(self.failure)
         choices = [choice_json("".join(c.text), c.index, c.logprobs, c.finish.reason)
                    for c in self.choices]
         return self._body(choices, self.usage())
@@ -482,8 +505,8 @@ class CompletionFold:
     def _finish(self, c: Choice, ev: FinishEvent) -> list[str]:
         c.finish, self.remaining = ev, self.remaining - 1
         if ev.reason in ("error", "cancelled"):
-            self.failed = True
-            return [sse(_generation_failed().body())] if self.spec.stream else []
+            self.failed, self.failure = True, self.failure or ev
+            return [sse(_generation_failed(ev).body())] if self.spec.stream else []
         c.text.append(ev.text)
         out = self._chunk([choice_json(ev.text, c.index, None, ev.reason)])
         if self.remaining == 0 and self.spec.stream:
@@ -523,12 +546,12 @@ def tokenizer_info(tokenizer, context: int) -> dict:
             "max_model_len": context}
 
 
-def parse_tokenize(body: Any, *, model_name: str, max_chars: int) -> str:
+def parse_tokenize(body: Any, *, max_chars: int) -> str:
     """POST /tokenize: ``{"prompt": str, "add_special_tokens": bool}`` (vLLM; llama.cpp sends
     ``content``). The text to encode. ``add_special_tokens`` asks for a BOS token, which
     GPT-2 never adds, so it changes nothing; ``<|endoftext|>`` in the text is always the
     special token, as in every numgpt prompt."""
-    _check_object_and_model(body, model_name)
+    _check_object_and_model(body)
     key = "prompt" if "prompt" in body else "content"
     text = body.get(key)
     if not isinstance(text, str):
@@ -539,10 +562,10 @@ def parse_tokenize(body: Any, *, model_name: str, max_chars: int) -> str:
     return text
 
 
-def parse_detokenize(body: Any, *, model_name: str, vocab_size: int) -> list[int]:
+def parse_detokenize(body: Any, *, vocab_size: int) -> list[int]:
     """POST /detokenize: ``{"tokens": [int, ...]}`` (vLLM and llama.cpp). The ids, checked
     against the vocabulary."""
-    _check_object_and_model(body, model_name)
+    _check_object_and_model(body)
     ids = body.get("tokens")
     if not isinstance(ids, list) or not all(is_int(t) for t in ids):
         raise APIError(400, "'tokens' must be a list of token ids", param="tokens",
@@ -579,12 +602,13 @@ class InternalsSpec:
     layer: int
 
 
-def parse_internals(body: Any, *, model_name: str, tokenizer, vocab_size: int, n_layer: int,
-                    max_tokens: int) -> InternalsSpec:
+def parse_internals(body: Any, *, tokenizer, vocab_size: int, n_layer: int, max_tokens: int,
+                    max_chars: int | None = None) -> InternalsSpec:
     """``{"prompt": str | [ids], "layer": int (default 0), "model": str}``; the prompt must
-    encode to at most ``max_tokens`` tokens (the endpoint stays cheap and its answer small)."""
-    _check_object_and_model(body, model_name)
-    prompts, _ = _parse_prompt(body.get("prompt"), tokenizer, vocab_size)
+    encode to at most ``max_tokens`` tokens (the endpoint stays cheap and its answer small),
+    and a text prompt hold at most ``max_chars`` characters, checked before tokenizing."""
+    _check_object_and_model(body)
+    prompts, _ = _parse_prompt(body.get("prompt"), tokenizer, vocab_size, max_chars)
     if len(prompts) != 1:
         raise _bad("prompt", f"'prompt' must be one prompt (a string or a list of token ids), "
                              f"got {len(prompts)}", code="invalid_prompt")
@@ -604,7 +628,13 @@ def internals_json(model_name: str, tokenizer, spec: InternalsSpec, attention,
     row = query position, column = key position (0 above the diagonal); residual_norms
     (L + 1, T): the residual stream's L2 norm per position, row 0 the embeddings, row l + 1
     block l's output. Numbers are the model's values widened to float64, so JSON keeps
-    them exactly."""
+    them exactly; a value that is not finite (the model's forward pass overflowed) is a
+    500 naming that, not a body JSON cannot hold."""
+    if not (np.isfinite(attention).all() and np.isfinite(residual_norms).all()):
+        raise APIError(500, "the model's attention or residual stream is not finite (NaN or "
+                            "infinity) for this prompt: its forward pass overflows float32, "
+                            "though each weight is finite; fix or re-export the checkpoint",
+                       type="server_error", code="non_finite_internals")
     return {"object": "internals", "model": model_name,
             "tokens": [token_str(tokenizer, t) for t in spec.ids], "token_ids": list(spec.ids),
             "n_layer": int(residual_norms.shape[0]) - 1, "n_head": int(attention.shape[0]),
