@@ -673,6 +673,11 @@ def test_the_host_header_must_name_this_server(app_client):
     anyone, _ = app_client(serve_app.ServerConfig(model_name=NAME, allowed_hosts=("*",)),
                            model=_tiny_model(64))
     assert anyone.get("/health", headers={"Host": "evil.example"}).status_code == 200
+    # `numgpt serve --host NAME` answers that name too; an address needs no entry
+    base = serve_app.ServerConfig(allowed_hosts=("a.example",))
+    assert serve_app._answering(base, "Box.LAN").allowed_hosts == ("a.example", "box.lan")
+    assert serve_app._answering(base, "0.0.0.0").allowed_hosts == ("a.example",)
+    assert serve_app._answering(base, "::1").allowed_hosts == ("a.example",)
     for bad in ("http://x.org", "x.org:80", "", "a/b"):
         with pytest.raises(ConfigError, match="--allowed-hosts"):
             serve_app.ServerConfig(allowed_hosts=(bad,))

@@ -679,9 +679,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     graceful stop, 1 if the model failed to load)."""
     import uvicorn
 
-    if host and not _is_ip(host):  # the name it binds to is answered
-        config = replace(config, allowed_hosts=(*config.allowed_hosts, host))
-    app = create_app(config)
+    app = create_app(_answering(config, host))
     server = _graceful_server_class()(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=True,
         http=_header_timeout_protocol(config.header_timeout_s),
@@ -696,6 +694,14 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     app.state.numgpt.on_load_failed = stop_on_failure
     server.run()
     return 1 if failed else 0
+
+
+def _answering(config: ServerConfig, host: str) -> ServerConfig:
+    """``config`` with the name the server binds to among its allowed Host names (an IP
+    address needs no entry: every IP address is answered)."""
+    if host and not _is_ip(host) and host.lower() not in config.allowed_hosts:
+        return replace(config, allowed_hosts=(*config.allowed_hosts, host))
+    return config
 
 
 def _graceful_server_class():

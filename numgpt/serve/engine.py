@@ -77,7 +77,7 @@ def check_finite_logits(logits: np.ndarray, where: str) -> None:
         raise NonFiniteLogits(
             f"the model's logits {where} are not finite ({bad} of {logits.size} are NaN or "
             f"infinite): its forward pass overflows float32, though each weight is finite "
-            f"(for example a LayerNorm scale near 3e38); fix or re-export the checkpoint")
+            f"(for example a LayerNorm scale near 3e38); this checkpoint's weights need fixing")
 
 
 # ---------------------------------------------------------------------------- events

@@ -633,7 +633,7 @@ def internals_json(model_name: str, tokenizer, spec: InternalsSpec, attention,
     if not (np.isfinite(attention).all() and np.isfinite(residual_norms).all()):
         raise APIError(500, "the model's attention or residual stream is not finite (NaN or "
                             "infinity) for this prompt: its forward pass overflows float32, "
-                            "though each weight is finite; fix or re-export the checkpoint",
+                            "though each weight is finite; this checkpoint's weights need fixing",
                        type="server_error", code="non_finite_internals")
     return {"object": "internals", "model": model_name,
             "tokens": [token_str(tokenizer, t) for t in spec.ids], "token_ids": list(spec.ids),
