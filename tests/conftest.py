@@ -55,6 +55,9 @@ def pytest_addoption(parser):
                      help="write the results tables and screenshots into docs/results/ "
                           "(default: a temporary folder of the session; the tables are "
                           "written and checked either way)")
+    parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
+                     help="tests/test_fuzz.py: N generated examples per fuzz target instead "
+                          "of the default suite's small budget (the issue's cases run either way)")
 
 
 def pytest_configure(config):

@@ -1,0 +1,556 @@
+"""Mutations of valid model files, and the hypothesis strategies that draw them, for the
+fuzz suite (``tests/test_fuzz.py``).
+
+A case is ``(base, ops)``: ``base`` names a valid tiny file written by ``tests/model_files.py``
+(``Bases``), ``ops`` a tuple of edits applied in order. Structured edits change the file's
+parts and re-encode them (a GGUF's key/values and tensor infos through
+``model_files.encode_gguf``, a safetensors header, a JSON document, a nanoGPT dict before
+``torch.save``); raw edits then change bytes (flip, truncate, insert, delete, or overwrite
+one header field of a GGUF, e.g. an array length, with a hostile integer). An op names its
+target by name (a key, a tensor) or by an integer taken modulo the number of targets, so
+hypothesis can draw targets without knowing the file. ``describe(case)`` is the one-line
+form the failure reports and the findings use.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from hypothesis import strategies as st
+
+import model_files as mf
+from model_files import T
+
+# ------------------------------------------------------------------------ base files
+
+
+@dataclass
+class Bases:
+    """The valid files every case starts from, written once into ``folder``."""
+
+    folder: Path
+
+    def __post_init__(self):
+        from numgpt.core import quant
+
+        f = self.folder
+        self.gguf = {dtype: mf.read_gguf_parts(mf.gguf_file(f / f"base-{dtype}.gguf", dtype))
+                     for dtype in ("f32", "f16", "q8_0")}
+        self.gguf["empty"] = mf.GGUFParts()
+        self.numgpt = {"f32": _numgpt_parts(mf.numgpt_checkpoint(f / "base-f32")),
+                       "q8_0": _numgpt_parts(mf.numgpt_checkpoint(
+                           f / "base-q8_0", quant.quantize_model(mf.tiny_model(), "q8_0")))}
+        hf = mf.hf_folder(f / "base-hf")
+        self.hf = {"f32": (json.loads((hf / "config.json").read_text()),
+                           _read_safetensors(hf / "model.safetensors"))}
+
+    def nanogpt(self) -> dict:
+        """A fresh nanoGPT checkpoint dict (torch tensors), as ``model_files.nanogpt_ckpt`` saves."""
+        import torch
+
+        path = self.folder / "base-ckpt.pt"
+        if not path.exists():
+            mf.nanogpt_ckpt(path)
+        return torch.load(path, weights_only=True)
+
+
+def _read_safetensors(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _numgpt_parts(prefix: Path) -> tuple[dict, tuple[dict, bytes]]:
+    doc = json.loads(Path(f"{prefix}.json").read_text())
+    return doc, _read_safetensors(Path(f"{prefix}.safetensors"))
+
+
+# -------------------------------------------------------------------- shared helpers
+
+def _pick(items: list, target):
+    """``items[target]`` for an int (modulo the length), else the item equal to ``target``
+    (or whose first element / ``name`` is ``target``)."""
+    if isinstance(target, int):
+        return items[target % len(items)] if items else None
+    for it in items:
+        key = it[0] if isinstance(it, list) else it.get("name") if isinstance(it, dict) else it
+        if key == target or it == target:
+            return it
+    return None
+
+
+RAW_OPS = ("flip", "truncate", "insert", "delete")
+
+
+def _raw_op(data: bytes, op: tuple) -> bytes | None:
+    """Byte-level edits shared by every format; None when ``op`` is not one of them."""
+    kind = op[0]
+    if kind == "flip" and data:
+        pos = op[1] % len(data)
+        return data[:pos] + bytes([data[pos] ^ (1 << (op[2] % 8))]) + data[pos + 1:]
+    if kind == "truncate":
+        return data[:op[1] % (len(data) + 1)] if op[1] >= 0 else data[:op[1]]
+    if kind == "insert":
+        pos = op[1] % (len(data) + 1)
+        return data[:pos] + op[2] + data[pos:]
+    if kind == "delete" and data:
+        pos = op[1] % len(data)
+        return data[:pos] + data[pos + op[2]:]
+    if kind in ("flip", "delete"):
+        return data
+    return None
+
+
+def _poison_bytes(data: bytes, at: int, dtype: str, value: float) -> bytes:
+    with np.errstate(over="ignore"):
+        raw = np.array([value], dtype=dtype).tobytes()
+    return data[:at] + raw + data[at + len(raw):]
+
+
+# ------------------------------------------------------------------------------ GGUF
+
+GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
+
+
+def gguf_fields(parts: mf.GGUFParts) -> list[tuple[int, str, str]]:
+    """Every header field of ``encode_gguf(parts)`` a count or value can be overwritten in:
+    ``(byte offset, struct format, label)``; for arrays the first three elements only."""
+    out = [(4, "<I", "version"), (8, "<Q", "tensor_count"), (16, "<Q", "kv_count")]
+    pos = 24
+
+    def value(vtype, v, label):
+        nonlocal pos
+        if vtype == T.STRING:
+            out.append((pos, "<Q", f"{label}.len"))
+        elif vtype == T.ARRAY:
+            sub, items = v
+            out.extend([(pos, "<I", f"{label}.item_type"), (pos + 4, "<Q", f"{label}.count")])
+            p = pos + 12
+            for i, item in enumerate(items[:3]):
+                pos = p
+                value(sub, item, f"{label}[{i}]")
+                p += len(mf._value(sub, item))
+        elif vtype in mf._SCALAR:
+            out.append((pos, mf._SCALAR[vtype], label))
+
+    for k, vtype, v in parts.kvs:
+        name = k.decode("utf-8", "replace") if isinstance(k, bytes) else k
+        out.append((pos, "<Q", f"{name}.key_len"))
+        pos += len(mf._string(k))
+        out.append((pos, "<I", f"{name}.type"))
+        start = pos + 4
+        pos = start
+        value(vtype, v, name)
+        pos = start + len(mf._value(vtype, v))
+    for t in parts.tensors:
+        name = t["name"].decode("utf-8", "replace") if isinstance(t["name"], bytes) else t["name"]
+        out.append((pos, "<Q", f"{name}.name_len"))
+        pos += len(mf._string(t["name"]))
+        out.append((pos, "<I", f"{name}.n_dims"))
+        pos += 4
+        for i in range(len(t["dims"])):
+            out.append((pos, "<Q", f"{name}.dims[{i}]"))
+            pos += 8
+        out += [(pos, "<I", f"{name}.type"), (pos + 4, "<Q", f"{name}.offset")]
+        pos += 12
+    return out
+
+
+def _overwrite(data: bytes, at: int, fmt: str, value) -> bytes:
+    if fmt in ("<f", "<d"):
+        with np.errstate(over="ignore"):  # past float32's range is inf, as a cast gives
+            raw = np.array([float(value)], dtype=fmt.replace("<f", "<f4").replace("<d", "<f8")).tobytes()
+    else:
+        fmt = "<B" if fmt == "<?" else fmt
+        size = struct.calcsize(fmt)
+        raw = (int(value) % (1 << (8 * size))).to_bytes(size, "little")
+    return data[:at] + raw + data[at + len(raw):]
+
+
+_GGML_ITEM = {GGML_F32: ("<f4", 4), GGML_F16: ("<f2", 2), GGML_Q8_0: ("<f2", 34)}
+
+
+def _gguf_structured(parts: mf.GGUFParts, op: tuple) -> bool:
+    kind = op[0]
+    if kind == "kv_set":
+        kv = _pick(parts.kvs, op[1])
+        if kv is None:
+            parts.kvs.append([op[1], op[2], op[3]])
+        else:
+            kv[1], kv[2] = op[2], op[3]
+    elif kind == "kv_add":
+        parts.kvs.append([op[1], op[2], op[3]])
+    elif kind == "kv_drop":
+        kv = _pick(parts.kvs, op[1])
+        parts.kvs = [x for x in parts.kvs if x is not kv]
+    elif kind == "tensor_set":
+        t = _pick(parts.tensors, op[1])
+        if t is not None:
+            t[op[2]] = op[3]
+    elif kind == "tensor_drop":
+        t = _pick(parts.tensors, op[1])
+        parts.tensors = [x for x in parts.tensors if x is not t]
+    elif kind == "tensor_dup":
+        t = _pick(parts.tensors, op[1])
+        if t is not None:
+            parts.tensors.append(dict(t))
+    elif kind == "overlap":  # tensor op[2] starts where tensor op[1] does
+        a, b = _pick(parts.tensors, op[1]), _pick(parts.tensors, op[2])
+        if a is not None and b is not None:
+            b["offset"] = a["offset"]
+    elif kind == "poison":  # the first value (f32/f16) or first block scale (q8_0) of a tensor
+        t = _pick(parts.tensors, op[1])
+        if t is not None and t["type"] in _GGML_ITEM and t["offset"] < len(parts.data):
+            dtype, _ = _GGML_ITEM[t["type"]]
+            parts.data = _poison_bytes(parts.data, t["offset"], dtype, op[2])
+    else:
+        return False
+    return True
+
+
+def gguf_bytes(bases: Bases, base: str, ops: tuple) -> bytes:
+    parts = copy.deepcopy(bases.gguf[base])
+    raw_ops = [op for op in ops if not _gguf_structured(parts, op)]
+    data = mf.encode_gguf(parts)
+    fields = gguf_fields(parts)
+    for op in raw_ops:
+        if op[0] == "field":
+            f = (_pick(fields, op[1]) if isinstance(op[1], int)
+                 else next((x for x in fields if x[2] == op[1]), None))
+            if f is not None:
+                data = _overwrite(data, f[0], f[1], op[2])
+        else:
+            data = _raw_op(data, op)
+    return data
+
+
+def write_gguf_case(bases: Bases, case: tuple, folder: Path) -> Path:
+    path = folder / "case.gguf"
+    path.write_bytes(gguf_bytes(bases, *case))
+    return path
+
+
+# ----------------------------------------------- safetensors + JSON (numgpt and HF)
+
+def _json_path(doc: dict, target) -> tuple[dict, str] | None:
+    """(the dict holding a leaf, its key): by index over every leaf, or a ``a.b`` path."""
+    leaves = []
+
+    def walk(d):
+        for k, v in d.items():
+            leaves.append((d, k))
+            if isinstance(v, dict):
+                walk(v)
+
+    walk(doc)
+    if isinstance(target, int):
+        return leaves[target % len(leaves)] if leaves else None
+    *outer, last = target.split(".")
+    d = doc
+    for k in outer:
+        d = d.get(k) if isinstance(d, dict) else None
+    return (d, last) if isinstance(d, dict) else None
+
+
+def _st_structured(header: dict, data: bytearray, op: tuple) -> bool:
+    kind = op[0]
+    names = sorted(k for k in header if k != "__metadata__")
+    if kind == "st_set":
+        name = _pick(names, op[1])
+        if name is not None and isinstance(header[name], dict):
+            header[name][op[2]] = op[3]
+    elif kind == "st_meta":
+        meta = header.setdefault("__metadata__", {})
+        if isinstance(meta, dict):
+            meta[op[1]] = op[2]
+    elif kind == "st_drop":
+        header.pop(_pick(names, op[1]), None)
+    elif kind == "st_dup":  # a second name for the same bytes
+        name = _pick(names, op[1])
+        if name is not None:
+            header[name + ".copy"] = copy.deepcopy(header[name])
+    elif kind == "poison":
+        name = _pick(names, op[1])
+        entry = header.get(name)
+        dtypes = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": None}
+        if isinstance(entry, dict) and entry.get("dtype") in dtypes and dtypes[entry["dtype"]]:
+            at = entry["data_offsets"][0]
+            with np.errstate(over="ignore"):
+                raw = np.array([op[2]], dtype=dtypes[entry["dtype"]]).tobytes()
+            data[at:at + len(raw)] = raw
+    else:
+        return False
+    return True
+
+
+def _json_structured(doc: dict, op: tuple) -> bool:
+    kind = op[0]
+    if kind == "json_set":
+        where = _json_path(doc, op[1])
+        if where is not None:
+            where[0][where[1]] = op[2]
+    elif kind == "json_del":
+        where = _json_path(doc, op[1])
+        if where is not None:
+            where[0].pop(where[1], None)
+    elif kind == "json_add":
+        doc[op[1]] = op[2]
+    else:
+        return False
+    return True
+
+
+def _dump_json(doc) -> bytes:
+    return json.dumps(doc, indent=2).encode()  # NaN/Infinity as Python writes them
+
+
+def _st_bytes(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def json_weights_bytes(doc: dict, st: tuple[dict, bytes], ops: tuple) -> tuple[bytes, bytes]:
+    """The (JSON document, safetensors) bytes of a numgpt checkpoint or HF folder after ``ops``.
+    Raw ops carry the file they edit as their last element: ``"json"`` or ``"weights"``."""
+    doc, (header, data) = copy.deepcopy(doc), (copy.deepcopy(st[0]), bytearray(st[1]))
+    raw_ops = [op for op in ops
+               if not (_json_structured(doc, op) or _st_structured(header, data, op))]
+    files = {"json": _dump_json(doc), "weights": _st_bytes(header, bytes(data))}
+    for op in raw_ops:
+        which = op[-1]
+        if op[0] == "header_len":  # the safetensors header's length field
+            files["weights"] = _overwrite(files["weights"], 0, "<Q", op[1])
+        else:
+            files[which] = _raw_op(files[which], op[:-1])
+    return files["json"], files["weights"]
+
+
+def write_numgpt_case(bases: Bases, case: tuple, folder: Path) -> Path:
+    base, ops = case
+    doc, weights = json_weights_bytes(*bases.numgpt[base], ops)
+    (folder / "case.json").write_bytes(doc)
+    (folder / "case.safetensors").write_bytes(weights)
+    return folder / "case"
+
+
+def write_hf_case(bases: Bases, case: tuple, folder: Path) -> Path:
+    base, ops = case
+    doc, weights = json_weights_bytes(*bases.hf[base], ops)
+    hf = folder / "hf"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_bytes(doc)
+    (hf / "model.safetensors").write_bytes(weights)
+    return hf
+
+
+# --------------------------------------------------------------------------- nanoGPT
+
+_TORCH_DTYPES = ("int32", "int64", "int8", "uint8", "bool", "float16", "bfloat16", "float64",
+                 "complex64")
+
+
+def nanogpt_object(ckpt: dict, ops: tuple) -> tuple[object, list[tuple]]:
+    """The object to ``torch.save`` after the structured ops, and the raw ops left."""
+    import torch
+
+    raw = []
+    for op in ops:
+        kind = op[0]
+        state = ckpt.get("model") if isinstance(ckpt, dict) else None
+        args = ckpt.get("model_args") if isinstance(ckpt, dict) else None
+        names = sorted(state) if isinstance(state, dict) else []
+        if kind == "args_set" and isinstance(args, dict):
+            key = op[1] if isinstance(op[1], str) else _pick(sorted(args), op[1])
+            args[key] = op[2]
+        elif kind == "args_del" and isinstance(args, dict):
+            args.pop(_pick(sorted(args), op[1]), None)
+        elif kind == "top_set" and isinstance(ckpt, dict):
+            ckpt[op[1]] = op[2]
+        elif kind == "tensor_dtype" and names:
+            name = _pick(names, op[1])
+            state[name] = state[name].to(getattr(torch, op[2]))
+        elif kind == "tensor_shape" and names:
+            state[_pick(names, op[1])] = torch.zeros(op[2])
+        elif kind == "tensor_value" and names:  # not a tensor at all
+            state[_pick(names, op[1])] = op[2]
+        elif kind == "tensor_drop" and names:
+            state.pop(_pick(names, op[1]))
+        elif kind == "poison" and names:
+            name = _pick(names, op[1])
+            t = state[name].clone()
+            if t.is_floating_point() and t.numel():
+                with np.errstate(over="ignore"):  # past the dtype's range is inf, as a cast gives
+                    t.view(-1)[0] = float(np.array(op[2], dtype=str(t.dtype).split(".")[1]
+                                                   if t.dtype != torch.bfloat16 else "float32"))
+                state[name] = t
+        elif kind in RAW_OPS:
+            raw.append(op)
+    return ckpt, raw
+
+
+def write_nanogpt_case(bases: Bases, case: tuple, folder: Path) -> Path:
+    import io
+
+    import torch
+
+    _, ops = case
+    obj, raw_ops = nanogpt_object(bases.nanogpt(), ops)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    for op in raw_ops:
+        data = _raw_op(data, op)
+    path = folder / "ckpt.pt"
+    path.write_bytes(data)
+    return path
+
+
+def describe(case: tuple) -> str:
+    base, ops = case
+    text = f"{base}: " + "; ".join(" ".join(_short(x) for x in op) for op in ops)
+    return text if len(text) < 400 else text[:400] + "..."
+
+
+def _short(x) -> str:
+    r = repr(x)
+    return r if len(r) < 80 else r[:60] + f"...({len(r)} chars)"
+
+
+# ---------------------------------------------------------------------- strategies
+
+# integers a hostile header is made of: the edges of every width, and a few sizes
+EDGE_INTS = [0, 1, 2, 3, 7, 31, 32, 33, 255, 256, 65535, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1,
+             2 ** 32, 2 ** 40, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1]
+SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 2.5, 1e-45, 3e38, -1.0, 1e300]
+
+edge_ints = st.sampled_from(EDGE_INTS) | st.integers(0, 2 ** 64 - 1) | st.integers(0, 300)
+floats = st.sampled_from(SPECIAL_FLOATS) | st.floats(allow_nan=True, allow_infinity=True)
+floats32 = st.sampled_from([x for x in SPECIAL_FLOATS if not math.isfinite(x) or abs(x) < 3.4e38]
+                           ) | st.floats(width=32)
+raw_bytes = st.binary(min_size=1, max_size=16) | st.sampled_from(
+    [b"\xff", b"\xfe\xff", b"\xc3", b"\xed\xa0\x80", b"\x00", b"GGUF", b"{", b'"'])
+gguf_strings = st.text(max_size=12) | raw_bytes | st.sampled_from(
+    ["gpt2", "llama", "", "gelu", "gelu_tanh", "relu", "true", "false", "1024", "1e-5", "nan"])
+
+_INT_RANGES = {T.UINT8: (0, 255), T.INT8: (-128, 127), T.UINT16: (0, 65535),
+               T.INT16: (-32768, 32767), T.UINT32: (0, 2 ** 32 - 1),
+               T.INT32: (-2 ** 31, 2 ** 31 - 1), T.UINT64: (0, 2 ** 64 - 1),
+               T.INT64: (-2 ** 63, 2 ** 63 - 1)}
+
+
+def _scalar(vtype: int):
+    if vtype in _INT_RANGES:
+        lo, hi = _INT_RANGES[vtype]
+        return st.sampled_from([v for v in EDGE_INTS + [-1, lo] if lo <= v <= hi]) | st.integers(lo, hi)
+    if vtype == T.FLOAT32:
+        return floats32
+    if vtype == T.FLOAT64:
+        return floats
+    if vtype == T.BOOL:
+        return st.booleans()
+    return gguf_strings
+
+
+def gguf_value():
+    """(type, value) of a GGUF key/value: any scalar type, a string, or a short array."""
+    scalar_types = st.sampled_from(sorted(_INT_RANGES) + [T.FLOAT32, T.FLOAT64, T.BOOL, T.STRING])
+    scalar = scalar_types.flatmap(lambda t: st.tuples(st.just(t), _scalar(t)))
+    array = scalar_types.flatmap(lambda t: st.tuples(
+        st.just(T.ARRAY), st.tuples(st.just(t), st.lists(_scalar(t), max_size=4))))
+    return scalar | array
+
+
+GGUF_KEYS = ["general.architecture", "general.alignment", "gpt2.context_length",
+             "gpt2.embedding_length", "gpt2.feed_forward_length", "gpt2.block_count",
+             "gpt2.attention.head_count", "gpt2.attention.layer_norm_epsilon",
+             "numgpt.activation", "numgpt.bias", "numgpt.tokenizer", "tokenizer.ggml.model",
+             "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+             "tokenizer.ggml.eos_token_id"]
+TENSOR_NAMES = ["token_embd.weight", "position_embd.weight", "blk.0.attn_qkv.weight",
+                "blk.1.ffn_down.weight", "output_norm.weight", "output.weight", "blk.2.attn_norm.weight"]
+target = st.integers(0, 10 ** 6)
+dims = st.lists(st.sampled_from([0, 1, 16, 31, 32, 96, 256, 2 ** 32, 2 ** 40, 2 ** 63]) | st.integers(0, 300),
+                max_size=5)
+raw_op = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10 ** 7), st.integers(0, 7)),
+    st.tuples(st.just("truncate"), st.integers(0, 10 ** 7)),
+    st.tuples(st.just("insert"), st.integers(0, 10 ** 7), raw_bytes),
+    st.tuples(st.just("delete"), st.integers(0, 10 ** 7), st.integers(1, 64)))
+header_raw_op = st.one_of(  # byte edits aimed at the first 2 KiB, where the header is
+    st.tuples(st.just("flip"), st.integers(0, 2048), st.integers(0, 7)),
+    st.tuples(st.just("insert"), st.integers(0, 2048), raw_bytes),
+    st.tuples(st.just("delete"), st.integers(0, 2048), st.integers(1, 16)))
+
+gguf_op = st.one_of(
+    st.tuples(st.just("field"), target, edge_ints | floats),
+    st.tuples(st.just("kv_set"), target | st.sampled_from(GGUF_KEYS), gguf_value()).map(
+        lambda t: (t[0], t[1], *t[2])),
+    st.tuples(st.just("kv_add"), st.sampled_from(GGUF_KEYS) | gguf_strings, gguf_value()).map(
+        lambda t: (t[0], t[1], *t[2])),
+    st.tuples(st.just("kv_drop"), target | st.sampled_from(GGUF_KEYS)),
+    st.tuples(st.just("tensor_set"), target, st.just("dims"), dims),
+    st.tuples(st.just("tensor_set"), target, st.just("type"),
+              st.sampled_from([0, 1, 2, 8, 30, 39, 2 ** 31]) | st.integers(0, 2 ** 32 - 1)),
+    st.tuples(st.just("tensor_set"), target, st.just("offset"), edge_ints),
+    st.tuples(st.just("tensor_set"), target, st.just("name"), st.sampled_from(TENSOR_NAMES) | gguf_strings),
+    st.tuples(st.just("tensor_drop"), target),
+    st.tuples(st.just("tensor_dup"), target),
+    st.tuples(st.just("overlap"), target, target),
+    st.tuples(st.just("poison"), target, floats),
+    raw_op, header_raw_op)
+
+gguf_case = st.tuples(st.sampled_from(["f32", "f16", "q8_0"]),
+                      st.lists(gguf_op, min_size=1, max_size=3).map(tuple))
+
+# JSON values a hostile config is made of
+json_scalar = st.one_of(
+    st.sampled_from([10 ** 12, 10 ** 100, 2 ** 63, -1, 0, 1, 2.5, 1e308, 1e-300, True, False,
+                     None, "", "gelu", "float16", "true", "x" * 100, math.nan, math.inf]),
+    st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True), st.text(max_size=10))
+json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+
+ST_DTYPES = ["F32", "F16", "BF16", "F64", "I32", "I64", "I8", "U8", "BOOL", "F8_E4M3", "C64", "X"]
+st_op = st.one_of(
+    st.tuples(st.just("st_set"), target, st.just("dtype"), st.sampled_from(ST_DTYPES) | json_value),
+    st.tuples(st.just("st_set"), target, st.just("shape"), st.lists(edge_ints, max_size=4) | json_value),
+    st.tuples(st.just("st_set"), target, st.just("data_offsets"),
+              st.lists(edge_ints, min_size=2, max_size=2) | json_value),
+    st.tuples(st.just("st_meta"), st.sampled_from(["save_id", "numgpt_doc", "format", "numgpt"]),
+              st.text(max_size=20) | st.sampled_from(["{}", "[]", '{"format": 1}', "nan"])),
+    st.tuples(st.just("st_drop"), target),
+    st.tuples(st.just("st_dup"), target),
+    st.tuples(st.just("poison"), target, floats),
+    st.tuples(st.just("header_len"), edge_ints))
+json_op = st.one_of(
+    st.tuples(st.just("json_set"), target, json_value),
+    st.tuples(st.just("json_del"), target),
+    st.tuples(st.just("json_add"), st.text(max_size=8) | st.sampled_from(["n_inner", "quantization"]),
+              json_value))
+file_raw_op = st.tuples(raw_op | header_raw_op, st.sampled_from(["json", "weights"])).map(
+    lambda t: (*t[0], t[1]))
+json_weights_op = st.one_of(json_op, st_op, file_raw_op)
+
+numgpt_case = st.tuples(st.sampled_from(["f32", "q8_0"]),
+                        st.lists(json_weights_op, min_size=1, max_size=3).map(tuple))
+hf_case = st.tuples(st.just("f32"), st.lists(json_weights_op, min_size=1, max_size=3).map(tuple))
+
+NANOGPT_ARGS = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout"]
+python_value = json_value | st.sampled_from([b"bytes", (1, 2), 1 + 2j])
+nanogpt_op = st.one_of(
+    st.tuples(st.just("args_set"), st.sampled_from(NANOGPT_ARGS) | target, python_value),
+    st.tuples(st.just("args_del"), target),
+    st.tuples(st.just("top_set"), st.sampled_from(["model", "model_args", "iter_num"]), python_value),
+    st.tuples(st.just("tensor_dtype"), target, st.sampled_from(_TORCH_DTYPES)),
+    st.tuples(st.just("tensor_shape"), target, st.lists(st.integers(0, 64), max_size=3).map(tuple)),
+    st.tuples(st.just("tensor_value"), target, python_value),
+    st.tuples(st.just("tensor_drop"), target),
+    st.tuples(st.just("poison"), target, floats),
+    raw_op, header_raw_op)
+nanogpt_case = st.tuples(st.just("f32"), st.lists(nanogpt_op, min_size=1, max_size=3).map(tuple))
