@@ -61,6 +61,14 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "`numgpt serve` vs `numgpt eval` / `numgpt generate` on the same model and file. "
         "Relative gate per row.",
         ("case", "numgpt vs reference", "gate", "result")),
+    "inspect_parity.md": (
+        "Look inside: hook points and inspect tools vs TransformerLens",
+        "Written by `tests/test_hooks.py` and `tests/test_inspect.py` through "
+        "`tests/results_table.py`. Each row runs numgpt and TransformerLens 4.x's "
+        "`TransformerBridge` (raw numerics) on one random-weight GPT-2 folder written with "
+        "`save_pretrained` and compares them (max abs difference); negative-control rows "
+        "must FAIL the gate to PASS.",
+        ("case", "max abs diff vs TransformerLens", "gate", "result")),
     "faults.md": (
         "Fault table: what numgpt survives",
         "Written by the fault tests (`tests/test_faults.py`, `tests/test_faults_serve.py`) through "

@@ -23,6 +23,7 @@ from . import ops
 from ..errors import ConfigError, InputError
 from .checks import check_token_ids
 from .config import PRESETS, GPTConfig
+from .hooks import Hooks
 from .kernels import ops_for
 from .nn import Block, Embedding, LayerNorm, Module, dropout
 from .quant import QuantizedEmbedding
@@ -81,10 +82,22 @@ PROBE_POINTS = {
 }
 
 
-def _report(probe: Probe, layer: int, **arrays) -> None:
-    """Hand each named intermediate (Tensor or ndarray) to the probe as an ndarray."""
-    for name, value in arrays.items():
-        probe(name, layer, value.data if isinstance(value, Tensor) else value)
+# Each probe name is a hook point (core/hooks.py); True: heads axis first, as the probe shows it.
+_PROBE_HOOKS = {"ln_1": ("ln1.hook_out", False), "q": ("attn.hook_q", True),
+                "k": ("attn.hook_k", True), "v": ("attn.hook_v", True),
+                "cache_k": ("attn.hook_cache_k", False), "cache_v": ("attn.hook_cache_v", False),
+                "attn_out": ("hook_attn_out", False), "mlp_out": ("hook_mlp_out", False),
+                "block_out": ("hook_resid_post", False)}
+
+
+def _probe_hooks(probe: Probe, n_layer: int) -> Hooks:
+    """The probe as hooks: ``probe(name, layer, array)`` at each of ``PROBE_POINTS``."""
+    def report(name: str, heads: bool):
+        def fn(activation, hook):
+            probe(name, hook.layer(), activation.transpose(0, 2, 1, 3) if heads else activation)
+        return fn
+    return Hooks([(f"blocks.{layer}.{point}", report(name, heads)) for layer in range(n_layer)
+                  for name, (point, heads) in _PROBE_HOOKS.items()], n_layer)
 
 
 def _check_rows(rows, n: int, slots: int) -> np.ndarray:
@@ -157,9 +170,13 @@ class GPT(Module):
     def head(self, x: Tensor) -> Tensor:
         """Final LayerNorm then the tied head: (B, T, C) -> (B, T, V). A quantized table
         multiplies by its own q8_0 blocks (``core.quant``), inference only."""
+        return self.unembed(self.ln_f(x))
+
+    def unembed(self, h: Tensor) -> Tensor:
+        """The tied head alone: (..., C) -> (..., V), ``h @ wte^T``."""
         if isinstance(self.wte, QuantizedEmbedding):
-            return self.wte.head(self.ln_f(x))
-        return apply(self.ops.tied_head, self.ln_f(x), self.wte.weight)
+            return self.wte.head(h)
+        return apply(self.ops.tied_head, h, self.wte.weight)
 
     def forward(self, idx: np.ndarray, targets: np.ndarray | None = None,
                 rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor | None]:
@@ -179,18 +196,19 @@ class GPT(Module):
 
     # ----------------------------------------------------------------- inference path
     def forward_cached(self, idx: np.ndarray, cache: KVCache, rows=None,
-                       all_logits: bool = False, probe: Probe | None = None) -> np.ndarray:
+                       all_logits: bool = False, probe: Probe | None = None,
+                       hooks: "Hooks | list | None" = None) -> np.ndarray:
         """Run new tokens through the model, reading and extending the KV cache.
 
         idx (A, Tn): Tn new tokens for each of A cache slots ``rows`` (default 0..A-1); row
         a continues from position ``cache.lengths[rows[a]]``. Returns logits (A, V) for the
         last new token of each row, or (A, Tn, V) with ``all_logits``. No graph is built.
 
-        ``probe``, when given, is called as ``probe(name, layer, array)`` with the
-        intermediates of every layer as this same code computes them (see ``PROBE_POINTS``);
-        the arrays may be views into the cache, so a probe that keeps them must copy.
-        ``numgpt.verify.trace`` records validation checkpoints this way. None (the default) costs
-        one ``is None`` test per layer.
+        ``hooks`` (a ``core.hooks.Hooks`` or ``[(name, fn), ...]``) runs the pass through the
+        named hook points (``_hooked_layers``); ``probe``, the older view of the same points,
+        is called as ``probe(name, layer, array)`` (see ``PROBE_POINTS``); arrays handed out
+        may be views into the cache, so a probe that keeps them must copy. With neither (the
+        default) the pass is the fused fast path and never touches the hook machinery.
         """
         idx = self._check_ids(idx)  # shape and ids first, so a 1-D idx is not read as rows
         rows = _check_rows(rows, len(idx), cache.slots)
@@ -199,31 +217,35 @@ class GPT(Module):
         if int(np.max(start)) + idx.shape[1] > cache.max_len:
             raise InputError(f"cache holds {cache.max_len} positions; {int(np.max(start))} are used "
                              f"and {idx.shape[1]} more were given")
+        if probe is not None and hooks is not None:
+            raise InputError("forward_cached takes a probe or hooks, not both; pass the probe's "
+                             "points as hooks (numgpt.core.hooks)")
         positions = start[:, None] + np.arange(idx.shape[1])  # (A, Tn)
         with no_grad():
-            x = self.embed(idx, positions)
-            for layer, block in enumerate(self.h):
-                a = block.attn
-                h = block.ln_1(x)
-                y = self._cached_attention(a.c_attn(h), cache, layer, rows, start, probe)  # (A, Tn, C)
-                attn_out = a.c_proj(y)
-                x = x + attn_out
-                mlp_out = block.mlp(block.ln_2(x))
-                x = x + mlp_out
-                if probe is not None:
-                    _report(probe, layer, ln_1=h, attn_out=attn_out, mlp_out=mlp_out, block_out=x)
-            if not all_logits:
-                x = x[:, -1]  # (A, C): logits only where they are needed
-            logits = self.head(x).data
+            if hooks is None and probe is None:
+                x = self.embed(idx, positions)
+                for layer, block in enumerate(self.h):
+                    a = block.attn
+                    qkv = a.c_attn(block.ln_1(x))  # (A, Tn, 3C)
+                    self._write_cache(qkv.data, cache, layer, rows, start)
+                    x = x + a.c_proj(self._fused_attention(qkv.data, cache, layer, rows, start))
+                    x = x + block.mlp(block.ln_2(x))
+                if not all_logits:
+                    x = x[:, -1]  # (A, C): logits only where they are needed
+                logits = self.head(x).data
+            else:
+                if not isinstance(hooks, Hooks):
+                    hooks = Hooks(hooks, self.config.n_layer) if probe is None else \
+                        _probe_hooks(probe, self.config.n_layer)
+                logits = self._hooked_layers(idx, positions, cache, rows, start, all_logits, hooks)
         cache.lengths[rows] = start + idx.shape[1]
         return logits
 
-    def _cached_attention(self, qkv: Tensor, cache: KVCache, layer: int, rows: np.ndarray,
-                          start: np.ndarray, probe: Probe | None = None) -> Tensor:
-        """Write the new keys/values at each row's position, attend over the row's cache."""
+    def _write_cache(self, qkv: np.ndarray, cache: KVCache, layer: int, rows: np.ndarray,
+                     start: np.ndarray) -> None:
+        """Write the new keys/values of qkv (A, Tn, 3C) at each row's position."""
         A, Tn, _ = qkv.shape
-        q, k, v = ops.split_heads(qkv.data, self.config.n_head)  # views, (A, nh, Tn, hs)
-        index = _as_index(rows)
+        _, k, v = ops.split_heads(qkv, self.config.n_head)  # views, (A, nh, Tn, hs)
         if Tn == 1:  # one token per row, rows may sit at different positions
             cache.k[layer, rows, :, start] = k[:, :, 0]  # (A, nh, hs)
             cache.v[layer, rows, :, start] = v[:, :, 0]
@@ -231,14 +253,111 @@ class GPT(Module):
             for a in range(A):
                 cache.k[layer, rows[a], :, start[a]:start[a] + Tn] = k[a]
                 cache.v[layer, rows[a], :, start[a]:start[a] + Tn] = v[a]
-        if probe is not None:
-            Tk = int((start + Tn).max())
-            _report(probe, layer, q=q, k=k, v=v, cache_k=cache.k[layer, index, :, :Tk],
-                    cache_v=cache.v[layer, index, :, :Tk])  # (A, nh, Tk, hs)
-        y = self.ops.cached_attention(qkv.data, cache.k, cache.v, layer=layer, rows=rows, start=start,
+
+    def _fused_attention(self, qkv: np.ndarray, cache: KVCache, layer: int, rows: np.ndarray,
+                         start: np.ndarray) -> Tensor:
+        """The inference entry over the row's cache (keys already written): (A, Tn, C)."""
+        y = self.ops.cached_attention(qkv, cache.k, cache.v, layer=layer, rows=rows, start=start,
                                       n_head=self.config.n_head,
                                       block=self.h[layer].attn.attention_block)  # (A, Tn, C)
         return Tensor(y)
+
+    # ------------------------------------------------------------------ hook points
+    def _hooked_layers(self, idx: np.ndarray, positions: np.ndarray, cache: KVCache,
+                       rows: np.ndarray, start: np.ndarray, all_logits: bool, hooks: Hooks) -> np.ndarray:
+        """``forward_cached``'s pass with every hook point of ``core.hooks`` in its place.
+
+        The one definition of where each named activation sits. Same layers and ops as the
+        fused pass (bit-identical logits while no hook replaces anything), except where a
+        point needs more: a layer with a per-head hook runs the unfused attention chain, a
+        LayerNorm with a ``hook_normalized`` forms its output from the normalized array.
+        """
+        H = hooks
+        x = H("hook_embed", self.wte(idx).data) + H("hook_pos_embed", self.wpe(positions).data)
+        for layer, block in enumerate(self.h):
+            p = f"blocks.{layer}."
+            x = H(p + "hook_resid_pre", x)
+            h = self._hooked_norm(block.ln_1, x, H, p + "ln1")
+            qkv = block.attn.c_attn(Tensor(h)).data  # (A, Tn, 3C)
+            y = self._hooked_attention(qkv, cache, layer, rows, start, H, p + "attn.")  # (A, Tn, C)
+            attn_out = H(p + "hook_attn_out", block.attn.c_proj(Tensor(y)).data)
+            x = H(p + "hook_resid_mid", x + attn_out)
+            h = self._hooked_norm(block.ln_2, x, H, p + "ln2")
+            mlp = block.mlp
+            pre = H(p + "mlp.hook_pre", mlp.c_fc(Tensor(h)).data)  # (A, Tn, 4C)
+            post = H(p + "mlp.hook_post", apply(getattr(mlp.ops, mlp.activation), Tensor(pre)).data)
+            mlp_out = H(p + "hook_mlp_out", mlp.c_proj(Tensor(post)).data)
+            x = H(p + "hook_resid_post", x + mlp_out)
+        h = self._hooked_norm(self.ln_f, x, H, "ln_final")
+        if not all_logits:
+            h = h[:, -1]  # (A, C)
+        return self.unembed(Tensor(h)).data
+
+    @staticmethod
+    def _hooked_norm(ln: LayerNorm, x: np.ndarray, H: Hooks, name: str) -> np.ndarray:
+        """LayerNorm with ``{name}.hook_normalized`` ((x - mean) / sqrt(var + eps)) and
+        ``{name}.hook_out``; the normalized array is formed only when hooked."""
+        if H.wants(name + ".hook_normalized"):
+            centred = x - x.mean(axis=-1, keepdims=True)
+            scale = np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + x.dtype.type(ln.eps))
+            normalized = H(name + ".hook_normalized", centred / scale)
+            out = normalized * ln.weight.data
+            if ln.bias is not None:
+                out = out + ln.bias.data
+        else:
+            out = ln(Tensor(x)).data
+        return H(name + ".hook_out", out)
+
+    def _hooked_attention(self, qkv: np.ndarray, cache: KVCache, layer: int, rows: np.ndarray,
+                          start: np.ndarray, H: Hooks, p: str) -> np.ndarray:
+        """Attention with hook points: q/k/v before the cache write, then the fused kernel,
+        or the unfused chain when a per-head point of this layer is hooked. -> (A, Tn, C)."""
+        q, k, v = ops.split_heads(qkv, self.config.n_head)  # views of qkv, (A, nh, Tn, hs)
+        for name, view in (("hook_q", q), ("hook_k", k), ("hook_v", v)):
+            seen = view.transpose(0, 2, 1, 3)  # (A, Tn, nh, hs), a view: in-place edits land in qkv
+            new = H(p + name, seen)
+            if new is not seen:
+                seen[...] = new
+        self._write_cache(qkv, cache, layer, rows, start)
+        lengths = start + qkv.shape[1]  # (A,)
+        Tk, index = int(lengths.max()), _as_index(rows)
+        H(p + "hook_cache_k", cache.k[layer, index, :, :Tk])  # (A, nh, Tk, hs)
+        H(p + "hook_cache_v", cache.v[layer, index, :, :Tk])
+        if layer not in H.head_layers:
+            return self._fused_attention(qkv, cache, layer, rows, start).data
+        keys, values = cache.k[layer, index, :, :Tk], cache.v[layer, index, :, :Tk]
+        same = bool(np.all(lengths == Tk))
+        scores, _ = ops.attention_scores(q, keys)  # (A, nh, Tn, Tk)
+        scores, _ = ops.causal_mask(scores, key_lengths=None if same else lengths,
+                                    fill=np.finfo(scores.dtype).min)
+        pattern, _ = ops.softmax(H(p + "hook_attn_scores", scores))
+        pattern = H(p + "hook_pattern", pattern)
+        z = H(p + "hook_z", (pattern @ values).transpose(0, 2, 1, 3))  # (A, nh, Tn, hs) -> (A, Tn, nh, hs)
+        return z.reshape(*z.shape[:2], -1)  # (A, Tn, C), heads side by side
+
+    def run_with_hooks(self, ids, hooks=()) -> np.ndarray:
+        """One pass over ids (B, T) or (T,) from an empty cache with ``hooks`` =
+        ``[(name, fn), ...]`` (see ``core.hooks``) -> logits (B, T, V)."""
+        idx = np.asarray(ids)
+        idx = idx[None] if idx.ndim == 1 else idx
+        if idx.ndim != 2 or idx.shape[1] == 0:
+            raise InputError(f"token ids must be a non-empty (B, T) or (T,) integer array, got "
+                             f"shape {np.shape(ids)}")
+        return self.forward_cached(idx, self.new_cache(len(idx), idx.shape[1]), all_logits=True,
+                                   hooks=Hooks(hooks, self.config.n_layer))
+
+    def run_with_cache(self, ids, names=None, hooks=()) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``run_with_hooks`` that also keeps a copy of the activations at ``names`` (None:
+        every hook point; a list of names; or a predicate name -> bool), after ``hooks`` ran
+        -> (logits (B, T, V), {name: array})."""
+        store: dict[str, np.ndarray] = {}
+
+        def keep(activation, hook):
+            store[hook.name] = activation.copy()
+        chosen = [(lambda n: True, keep)] if names is None else (
+            [(names, keep)] if callable(names) or isinstance(names, str) else [(n, keep) for n in names])
+        logits = self.run_with_hooks(ids, [*hooks, *chosen])
+        return logits, store
 
     def set_kernels(self, path: str) -> None:
         """Switch every layer to the op path ``path`` ("fast" or "reference") and record it in

@@ -39,8 +39,10 @@ Tn new tokens this step (T at step 0, 1 after), Tk = tokens in the cache after i
 ``meta/prompt_ids`` and ``meta/n_steps`` describe the run. Files are plain ``.npz`` (no
 pickle; strings are unicode arrays), written atomically.
 
-How numgpt fills them: ``GPT.forward_cached(..., probe=...)`` reports checkpoints 1, 2, 3,
-5, 6 and 7 from the same code that serves generation (nothing is recomputed). The fused
+How numgpt fills them: checkpoints 1, 2, 3, 5, 6 and 7 are named hook points of block 0
+(``HOOKED``: ``blocks.0.ln1.hook_out``, ``blocks.0.attn.hook_q``, ... see core/hooks.py),
+read by ``GPT.forward_cached(..., hooks=...)`` with the fused attention kernel still in
+place (nothing is recomputed). The fused
 attention kernel never hands out its scores, so checkpoint 4 is computed from the
 recorded q and cached keys with the reference chain (``ops.attention_reference_steps``:
 ``attention_scores``, ``causal_mask``, ``softmax``); an error inside the inference entry
@@ -160,15 +162,25 @@ def generated(ids: list[int], tokenizer) -> dict:
     return {"gen/12_ids": np.asarray(ids, dtype=np.int64), "gen/12_text": np.array(text)}
 
 
-class _Block0:
-    """A ``forward_cached`` probe that keeps copies of block 0's intermediates."""
+# Checkpoints 1-3 and 5-7 are hook points of block 0 (core/hooks.py); True: the trace
+# stores them heads first, (1, nh, Tn, hs), where the hook point is (1, Tn, nh, hs).
+HOOKED = {"01_ln1": ("blocks.0.ln1.hook_out", False), "02_q": ("blocks.0.attn.hook_q", True),
+          "02_k": ("blocks.0.attn.hook_k", True), "02_v": ("blocks.0.attn.hook_v", True),
+          "03_cache_k": ("blocks.0.attn.hook_cache_k", False),
+          "03_cache_v": ("blocks.0.attn.hook_cache_v", False),
+          "05_attn_out": ("blocks.0.hook_attn_out", False),
+          "06_mlp_out": ("blocks.0.hook_mlp_out", False),
+          "07_block_out": ("blocks.0.hook_resid_post", False)}
 
-    def __init__(self):
-        self.seen: dict[str, np.ndarray] = {}
 
-    def __call__(self, name: str, layer: int, array: np.ndarray) -> None:
-        if layer == 0:
-            self.seen[name] = array.copy()  # the cache arrays are views that later steps overwrite
+def _block0_hooks(seen: dict) -> list:
+    """Hooks that keep copies of block 0's checkpoints in ``seen`` under their trace keys
+    (copies: the cache arrays are views that later steps overwrite)."""
+    def keep(key: str, heads: bool):
+        def fn(activation, hook):
+            seen[key] = (activation.transpose(0, 2, 1, 3) if heads else activation).copy()
+        return fn
+    return [(name, keep(key, heads)) for key, (name, heads) in HOOKED.items()]
 
 
 def _attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,14 +195,11 @@ def _attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.
 
 
 def _step_arrays(seen: Mapping[str, np.ndarray], logits: np.ndarray) -> dict[str, np.ndarray]:
-    """The checkpoint arrays of one step, from block 0's probe and logits (1, Tn, V)."""
-    scores, probs = _attention(seen["q"], seen["cache_k"], seen["cache_v"])
+    """The checkpoint arrays of one step, from block 0's hook points and logits (1, Tn, V)."""
+    scores, probs = _attention(seen["02_q"], seen["03_cache_k"], seen["03_cache_v"])
     last = logits[:, -1].copy()  # (1, V): the selection, checkpoint 9
     return {
-        "01_ln1": seen["ln_1"], "02_q": seen["q"], "02_k": seen["k"], "02_v": seen["v"],
-        "03_cache_k": seen["cache_k"], "03_cache_v": seen["cache_v"],
-        "04_scores": scores, "04_probs": probs, "05_attn_out": seen["attn_out"],
-        "06_mlp_out": seen["mlp_out"], "07_block_out": seen["block_out"],
+        **seen, "04_scores": scores, "04_probs": probs,
         "08_logits": logits, "09_last_logits": last,
         "10_argmax": np.argmax(last, axis=-1).astype(np.int64),  # (1,)
         "11_probs": ops.softmax(last)[0],  # (1, V)
@@ -212,9 +221,9 @@ def record(model, prompt_ids, n_steps: int, tokenizer=None) -> dict[str, np.ndar
     new = np.asarray([ids], dtype=np.int64)  # (1, T)
     picked: list[int] = []
     for step in range(n_steps):
-        probe = _Block0()
-        logits = model.forward_cached(new, cache, all_logits=True, probe=probe)  # (1, Tn, V)
-        arrays = _step_arrays(probe.seen, logits)
+        seen: dict[str, np.ndarray] = {}
+        logits = model.forward_cached(new, cache, all_logits=True, hooks=_block0_hooks(seen))  # (1, Tn, V)
+        arrays = _step_arrays(seen, logits)
         trace.update({step_key(step, k): v for k, v in arrays.items()})
         picked.append(int(arrays["10_argmax"][0]))
         new = np.asarray([[picked[-1]]], dtype=np.int64)  # (1, 1)
