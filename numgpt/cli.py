@@ -96,7 +96,7 @@ anything else -> numgpt checkpoint DST.json + DST.safetensors (a trailing .json 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to numgpt, Hugging Face or GGUF format",
                        description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or .gguf")
+    p.add_argument("src", metavar="SRC", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or run folder, or .gguf")
     p.add_argument("dst", metavar="DST", help="output PREFIX (numgpt), FOLDER/ (hf) or FILE.gguf")
     p.add_argument("--format", choices=["numgpt", "hf", "gguf"], default=None,
                    help="output format (default: from DST, see above)")
@@ -121,18 +121,6 @@ def _run_gguf_convert(args) -> int:
     return 0
 
 
-def _tokenizer_with_files(model, dst: str) -> None:
-    """A GPT-2 tokenizer read from a GGUF has no files; a numgpt checkpoint records a
-    tokenizer by its folder, so write them to DST.tokenizer/ and point the model there."""
-    from .io.tokenizer import GPT2Tokenizer, save_files
-
-    tok = model.tokenizer
-    if isinstance(tok, GPT2Tokenizer) and tok.path is None:
-        folder = Path(str(dst) + ".tokenizer")
-        save_files(tok, folder)
-        model.tokenizer = GPT2Tokenizer.from_folder(folder)
-
-
 def _run_convert(args) -> int:
     from .io import checkpoint
 
@@ -152,7 +140,6 @@ def _run_convert(args) -> int:
         wrote = f"Hugging Face folder {out}/ (config.json + model.safetensors"
         wrote += " + tokenizer files)" if model.tokenizer is not None else ")"
     else:
-        _tokenizer_with_files(model, args.dst)
         out = checkpoint.save(model, args.dst)
         wrote = f"numgpt checkpoint {out}.json + {out}.safetensors"
     d = checkpoint.describe(model)
@@ -164,7 +151,7 @@ def _run_convert(args) -> int:
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="store a model's matrices as 8-bit blocks (q8_0) for "
                        "smaller, faster inference")
-    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or .gguf")
+    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or run folder, or .gguf")
     p.add_argument("out", metavar="OUT", help="output numgpt checkpoint PREFIX")
     p.add_argument("--scheme", default="q8_0",
                    help="q8_0: blocks of 32 int8 weights sharing one float16 scale (GGML's layout)")
@@ -178,7 +165,6 @@ def _run_quantize(args) -> int:
     if args.scheme not in quant.SCHEMES:
         raise InputError(f"--scheme {args.scheme!r} is not supported; choose one of {list(quant.SCHEMES)}")
     model = quant.quantize_model(checkpoint.load(args.model), args.scheme)
-    _tokenizer_with_files(model, args.out)
     out = checkpoint.save(model, args.out)
     sizes = quant.weight_bytes(model)
     print(f"wrote {args.scheme} checkpoint {out}.json + {out}.safetensors: "
@@ -189,7 +175,7 @@ def _run_quantize(args) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show a checkpoint's format, config, size, dtype and tokenizer")
-    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, or numgpt PREFIX")
+    p.add_argument("model", metavar="MODEL", help="HF folder, nanoGPT ckpt.pt, numgpt PREFIX or run folder, or .gguf")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_finite_flag(p)
     p.set_defaults(run=_run_info)
@@ -228,7 +214,8 @@ def _add_tokenize(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PATH", help="checkpoint whose tokenizer to use")
     src.add_argument("--tokenizer", metavar="SPEC",
-                     help="'bytes', or a folder with vocab.json + merges.txt")
+                     help="'bytes', 'gpt2' (GPT-2's BPE, shipped with numgpt), or a folder with "
+                          "vocab.json + merges.txt")
     p.add_argument("--decode", action="store_true",
                    help="TEXT is token ids, as a JSON list '[15496, 13]' or '15496 13'")
     p.add_argument("--plain", action="store_true",
@@ -276,7 +263,7 @@ def _run_tokenize(args) -> int:
         tok, notes = checkpoint.find_tokenizer(args.model)
         if tok is None:
             raise InputError(f"{args.model} has no tokenizer ({'; '.join(notes)}); "
-                             f"pass --tokenizer bytes or --tokenizer FOLDER")
+                             f"pass --tokenizer bytes, --tokenizer gpt2 or --tokenizer FOLDER")
     else:
         tok = tokenizer.load_tokenizer(args.tokenizer)
     text = " ".join(args.text) if args.text else sys.stdin.read()
@@ -305,7 +292,8 @@ def _positive_float(text: str) -> float:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible completions API")
-    p.add_argument("--model", required=True, help="numgpt checkpoint, HF folder or nanoGPT ckpt.pt")
+    p.add_argument("--model", required=True,
+                   help="numgpt checkpoint or run folder (its best checkpoint), HF folder or nanoGPT ckpt.pt")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
@@ -400,16 +388,18 @@ def _load_for_use(path: str, dtype: str | None, tokenizer_spec: str | None,
     if tokenizer_spec is not None:
         model.tokenizer = tokenizer.load_tokenizer(tokenizer_spec)
     if model.tokenizer is None:
-        raise InputError(f"{path} has no tokenizer; pass --tokenizer bytes or --tokenizer FOLDER "
-                         f"(a folder with vocab.json + merges.txt)")
+        raise InputError(f"{path} has no tokenizer; pass --tokenizer bytes, --tokenizer gpt2 or "
+                         f"--tokenizer FOLDER (a folder with vocab.json + merges.txt)")
     return model
 
 
 def _add_model_flags(p) -> None:
     p.add_argument("--model", required=True, metavar="PATH",
-                   help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
+                   help="numgpt checkpoint PREFIX or run folder (its best checkpoint), Hugging "
+                        "Face folder, or nanoGPT ckpt.pt")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
+                   help="override the model's tokenizer: 'bytes', 'gpt2' (shipped with numgpt) or a "
+                        "folder with vocab.json + merges.txt")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="compute dtype (default: the stored one)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -552,7 +542,8 @@ def _add_trace(sub) -> None:
     p = sub.add_parser("trace", help="record the 12 validation checkpoints of a greedy run to .npz")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PATH",
-                     help="numgpt checkpoint PREFIX, Hugging Face folder, or nanoGPT ckpt.pt")
+                     help="numgpt checkpoint PREFIX or run folder (its best checkpoint), Hugging "
+                          "Face folder, or nanoGPT ckpt.pt")
     src.add_argument("--reference-hf", metavar="FOLDER",
                      help="record with transformers instead (the reference engine; needs "
                           "pip install 'numgpt[reference]')")
@@ -562,7 +553,8 @@ def _add_trace(sub) -> None:
     p.add_argument("-n", "--steps", dest="n_steps", type=int, default=10,
                    help="greedy tokens to generate, one recorded pass each (default 10)")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="override the model's tokenizer: 'bytes' or a folder with vocab.json + merges.txt")
+                   help="override the model's tokenizer: 'bytes', 'gpt2' (shipped with numgpt) or a "
+                        "folder with vocab.json + merges.txt")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype (default float32, what the tolerances are for)")
     p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the recording")
@@ -589,7 +581,7 @@ def _run_trace(args) -> int:
         ids = _parse_ids(args.ids)
     elif tok is None:
         raise InputError(f"{args.model or args.reference_hf} has no tokenizer to encode --prompt; "
-                         f"pass --ids, or --tokenizer bytes / --tokenizer FOLDER")
+                         f"pass --ids, or --tokenizer bytes / gpt2 / FOLDER")
     else:
         ids = tok.encode(args.prompt)
     if args.reference_hf is not None:
@@ -632,7 +624,8 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text files into train.bin/val.bin + meta.json for training")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, concatenated in order")
     p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
-                   help="'bytes' (default), a folder with vocab.json + merges.txt, or a model whose tokenizer to use")
+                   help="'bytes' (default), 'gpt2' (GPT-2's BPE, shipped with numgpt), a folder with "
+                        "vocab.json + merges.txt, or a model whose tokenizer to use")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens kept for validation (default 0.1)")
     p.add_argument("--block-size", type=int, default=None,
@@ -654,7 +647,7 @@ def _prepare_tokenizer(spec: str):
             raise first from None
         if tok is None:
             raise InputError(f"{spec} carries no tokenizer ({'; '.join(notes)}); pass --tokenizer "
-                             f"bytes or a folder with vocab.json + merges.txt") from None
+                             f"bytes, gpt2, or a folder with vocab.json + merges.txt") from None
         return tok
 
 

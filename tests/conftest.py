@@ -1,8 +1,9 @@
 """Shared test fixtures.
 
-Test data (GPT-2 BPE files, tinyshakespeare) lives OUTSIDE the repo in ``../shared/data``
-(or wherever ``NUMGPT_SHARED_DATA`` points) and is never copied in; tests that need it
-skip with the reason when it is absent.
+Test data (tinyshakespeare) lives OUTSIDE the repo in ``../shared/data`` (or wherever
+``NUMGPT_SHARED_DATA`` points) and is never copied in; tests that need it skip with the
+reason when it is absent. The GPT-2 BPE files ship inside the package (``numgpt/io/gpt2/``),
+so no test skips for want of them.
 """
 
 import os
@@ -21,12 +22,33 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir() -> Path:
-    """Folder with the real GPT-2 ``vocab.json`` + ``merges.txt``."""
-    folder = shared_data_dir() / "gpt2"
-    missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
-    if missing:
-        pytest.skip(f"GPT-2 tokenizer files {missing} not found in {folder} "
-                    f"(set NUMGPT_SHARED_DATA to the folder holding gpt2/)")
+    """Folder with the real GPT-2 ``vocab.json`` + ``merges.txt``: the copy that ships in the
+    package (``numgpt/io/gpt2/``; tests/test_tokenizer.py checks it is byte-identical to
+    ``../shared/data/gpt2`` where that exists), else the shared one."""
+    from numgpt.io.tokenizer import PACKAGED_GPT2
+
+    names = ("vocab.json", "merges.txt")
+    for folder in (PACKAGED_GPT2, shared_data_dir() / "gpt2"):
+        if all((folder / n).is_file() for n in names):
+            return folder
+    pytest.skip(f"GPT-2 tokenizer files {list(names)} are neither in the package ({PACKAGED_GPT2}, "
+                f"a broken checkout) nor in {shared_data_dir() / 'gpt2'}")
+
+
+@pytest.fixture(scope="session")
+def custom_bpe_dir(gpt2_tokenizer_dir, tmp_path_factory) -> Path:
+    """A valid BPE folder that is NOT GPT-2's: GPT-2's first 1000 merges, then <|endoftext|>
+    (id 1256). numgpt records it by its files, never by the name "gpt2"."""
+    import json
+
+    vocab = json.loads((gpt2_tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    merges = [m for m in (gpt2_tokenizer_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
+              if m and not m.startswith("#version")][:1000]
+    kept = {t: i for t, i in vocab.items() if i < 256 + len(merges)}
+    kept["<|endoftext|>"] = 256 + len(merges)
+    folder = tmp_path_factory.mktemp("custom_bpe")
+    (folder / "vocab.json").write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
     return folder
 
 

@@ -414,14 +414,16 @@ def test_missing_paths_and_wrong_formats_are_refused(tmp_path):
         checkpoint.save(tiny_numgpt(), tmp_path / "x", meta={"bad": object()})
 
 
-def test_missing_recorded_tokenizer_is_a_note_not_a_failure(tmp_path, gpt2_tokenizer_dir):
+def test_missing_recorded_tokenizer_is_a_note_not_a_failure(tmp_path, custom_bpe_dir):
+    """The checkpoint's own copy of its tokenizer files deleted: the weights still load, with a
+    note. (Before, the checkpoint recorded the folder the files were read from, and deleting
+    that folder did this; now a save copies them, see the fine-tuning test below.)"""
     import shutil
 
-    folder = Path(shutil.copytree(gpt2_tokenizer_dir, tmp_path / "tok"))
     model = tiny_numgpt()
-    model.tokenizer = GPT2Tokenizer.from_folder(folder)
+    model.tokenizer = GPT2Tokenizer.from_folder(custom_bpe_dir)
     checkpoint.save(model, tmp_path / "ck")
-    shutil.rmtree(folder)
+    shutil.rmtree(tmp_path / "ck.tokenizer")
     back = numgpt.load(tmp_path / "ck")
     assert back.tokenizer is None and "could not be loaded" in back.source["notes"][0]
     assert same_weights(model, back)
@@ -676,3 +678,127 @@ def test_tidy_folder_removes_only_the_temporaries_numgpt_leaves(tmp_path):
     assert all((tmp_path / name).read_text() == "user file" for name in others)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["latest.json", "latest.safetensors", "victim.txt", *others])
+
+
+# ------------------------------------ fine-tuned checkpoints and run folders (issue 21)
+
+FT_TEXT = "The quick brown fox jumps over the lazy dog. Hello. I'm a little late to the party.\n" * 30
+
+
+def _finetune(tmp_path, tokenizer_dir: Path, vocab_size: int) -> tuple[Path, Path]:
+    """A few steps of `numgpt train --init` from a random-weight Hugging Face folder holding
+    ``tokenizer_dir``'s BPE files; returns (base folder, run folder)."""
+    from numgpt.io.data import prepare
+    from numgpt.train.loop import train
+
+    base = tmp_path / "base"
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16,
+                          bias=True, activation="gelu_tanh"), seed=1)
+    model.tokenizer = GPT2Tokenizer.from_folder(tokenizer_dir)
+    checkpoint.export_hf(model, base)
+    (tmp_path / "in.txt").write_text(FT_TEXT, encoding="utf-8")
+    prepare([tmp_path / "in.txt"], GPT2Tokenizer.from_folder(base), tmp_path / "data", progress=False)
+    train({"data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "init": str(base),
+           "max_iters": 3, "eval_interval": 0, "eval_iters": 1, "batch_size": 2, "block_size": 16,
+           "warmup_iters": 1, "sample_tokens": 0, "plot": False, "workers": 1}, progress=False)
+    return base, tmp_path / "run"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "custom"])
+def test_fine_tuned_run_survives_moving_it_and_deleting_its_base(tmp_path, gpt2_tokenizer_dir,
+                                                                 custom_bpe_dir, kind, capsys):
+    """Issue 21 group 4: best.json recorded the tokenizer as the base folder's absolute path
+    and copied nothing, so this load had no tokenizer; and its train_config held the
+    from-scratch defaults (n_layer 4, n_embd 128), not the model trained."""
+    import shutil
+
+    from numgpt.train.config import TrainConfig
+
+    tok_dir, vocab = (gpt2_tokenizer_dir, 50257) if kind == "gpt2" else (custom_bpe_dir, 1257)
+    reference = GPT2Tokenizer.from_folder(tok_dir)
+    base, run = _finetune(tmp_path, tok_dir, vocab)
+    moved = Path(shutil.move(str(run), str(tmp_path / "elsewhere" / "ft")))
+    shutil.rmtree(base)
+    shutil.rmtree(tmp_path / "data")
+    doc = json.loads((moved / "best.json").read_text())
+    if kind == "gpt2":  # by name: numgpt ships these files
+        assert doc["tokenizer"] == {"type": "gpt2-bpe", "name": "gpt2"}
+        assert not (moved / "best.tokenizer").exists()
+    else:  # a copy beside the checkpoint, named relative to it
+        assert doc["tokenizer"] == {"type": "gpt2-bpe", "path": "best.tokenizer"}
+    model = numgpt.load(moved / "best")
+    assert model.tokenizer is not None and model.tokenizer.vocab_size == vocab
+    text = "Hello. I'm a little late"
+    assert model.tokenizer.encode(text) == reference.encode(text)
+    assert main(["generate", "--model", str(moved / "best"), "--prompt", "Hello.", "-n", "4",
+                 "--temperature", "0", "--json", "--no-eot"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_ids"] == reference.encode("Hello.") and len(out["generated_ids"]) == 4
+    # the stored config describes the model trained, not the defaults
+    trained = doc["model"]
+    saved = doc["meta"]["train_config"]
+    keys = ("n_layer", "n_head", "n_embd", "bias", "activation")
+    assert {k: saved[k] for k in keys} == {k: trained[k] for k in keys} == {
+        "n_layer": 2, "n_head": 2, "n_embd": 16, "bias": True, "activation": "gelu_tanh"}
+    defaults = TrainConfig()
+    assert any(getattr(defaults, k) != trained[k] for k in keys)  # the old record would differ
+
+
+def test_fine_tuned_run_resumes_with_the_recorded_model(tmp_path, gpt2_tokenizer_dir):
+    """The model keys now recorded from the --init model do not stop --resume, nor do the
+    from-scratch defaults that runs saved before this change recorded."""
+    from numgpt.train.config import resume_config
+    from numgpt.train.loop import train
+
+    _, run = _finetune(tmp_path, gpt2_tokenizer_dir, 50257)
+    result = train(resume_config(run, {"max_iters": 4}), progress=False)
+    assert result.step == 4 and result.model.config.n_layer == 2
+    latest = run / "latest.json"  # as an older numgpt wrote it: the defaults
+    doc = json.loads(latest.read_text())
+    doc["meta"]["train_config"].update(n_layer=4, n_head=4, n_embd=128, bias=False, activation="gelu")
+    latest.write_text(json.dumps(doc))
+    result = train(resume_config(run, {"max_iters": 5}), progress=False)
+    assert result.step == 5 and result.model.config.n_layer == 2
+    saved = json.loads(latest.read_text())["meta"]["train_config"]
+    assert (saved["n_layer"], saved["n_embd"]) == (2, 16)  # recorded right from now on
+
+
+def _run_folder(tmp_path) -> tuple[Path, GPT, GPT]:
+    """What `numgpt train --out RUN` leaves: RUN/best.* and RUN/latest.* (different weights)."""
+    run = tmp_path / "runs" / "mine"
+    best, latest = tiny_numgpt(seed=1), tiny_numgpt(seed=2)
+    for m in (best, latest):
+        m.tokenizer = ByteTokenizer()
+    checkpoint.save(best, run / "best")
+    checkpoint.save(latest, run / "latest")
+    return run, best, latest
+
+
+def test_a_run_folder_means_its_best_checkpoint_then_latest(tmp_path, capsys):
+    """Issue 21 group 5: `--model runs/mine` was refused ('holds no checkpoint')."""
+    run, best, latest = _run_folder(tmp_path)
+    assert same_weights(numgpt.load(run), best)
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(run / "best") and info["format"] == "numgpt"
+    assert main(["tokenize", "--model", str(run), "hi"]) == 0
+    assert json.loads(capsys.readouterr().out) == [104, 105]
+    assert capsys.readouterr().err == ""  # best exists: nothing to say
+    for suffix in (".json", ".safetensors"):
+        (run / f"best{suffix}").unlink()
+    assert same_weights(numgpt.load(run), latest)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no best checkpoint" in err and str(run / "latest") in err
+
+
+def test_a_folder_that_is_no_checkpoint_names_what_was_looked_for(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hi")
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("numgpt: error: folder") and err.count("\n") == 1
+    for looked_for in ("config.json", "ckpt.pt", "best.json", "latest.json", "readme.txt"):
+        assert looked_for in err
+    with pytest.raises(CheckpointError, match="run folder"):
+        numgpt.load(folder)

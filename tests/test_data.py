@@ -1,7 +1,6 @@
 """prepare -> token files -> batches: round trips, streaming equivalence, bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +9,6 @@ import regex
 from numgpt.io.data import TokenDataset, get_batch, load_split, prepare
 from numgpt.errors import InputError
 from numgpt.io.tokenizer import GPT2_PATTERN, ByteTokenizer, GPT2Tokenizer
-
-GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
-SHAKESPEARE = GPT2_DIR.parent / "tinyshakespeare.txt"
 
 # multi-byte characters (2, 3, 4 bytes), whitespace runs, \r\n, tabs, unicode spaces,
 # contractions and digits: the places a naive chunk boundary would change the ids
@@ -119,11 +115,9 @@ def test_streaming_equals_encoding_whole_text(tmp_path, tokenizer, chunk_bytes):
     assert all_ids(tmp_path / "out").tolist() == tokenizer.encode(TRICKY)
 
 
-def test_streaming_with_real_gpt2_bpe(tmp_path):
-    if not (GPT2_DIR / "vocab.json").is_file() or not SHAKESPEARE.is_file():
-        pytest.skip(f"GPT-2 vocab/merges or tinyshakespeare not found under {GPT2_DIR.parent}")
-    tok = GPT2Tokenizer.from_folder(GPT2_DIR)
-    text = TRICKY + SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+def test_streaming_with_real_gpt2_bpe(tmp_path, gpt2_tokenizer_dir, shakespeare_path):
+    tok = GPT2Tokenizer.from_folder(gpt2_tokenizer_dir)
+    text = TRICKY + shakespeare_path.read_text(encoding="utf-8")[:200_000]
     src = write(tmp_path, "a.txt", text)
     for chunk_bytes in (13, 4096):
         prepare([src], tok, tmp_path / "out", val_fraction=0.0, progress=False,

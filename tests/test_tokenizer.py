@@ -6,8 +6,10 @@ import socket
 import numpy as np
 import pytest
 
+from conftest import shared_data_dir
 from numgpt.errors import CheckpointError, ConfigError, InputError
 from numgpt.io.tokenizer import (
+    PACKAGED_GPT2,
     ByteTokenizer,
     GPT2Tokenizer,
     describe_token,
@@ -268,15 +270,21 @@ def test_loading_fetches_nothing(gpt2_tokenizer_dir, monkeypatch):
 # ------------------------------------------------------------ config and save_files
 
 
-def test_config_round_trip_for_both_tokenizers(gpt2, gpt2_tokenizer_dir, tmp_path):
+def test_config_round_trip_for_both_tokenizers(gpt2, custom_bpe_dir):
+    """GPT-2's own files are recorded by name, wherever they were read from (was: by their
+    absolute path, so a checkpoint broke when that folder moved); other BPE files by path."""
     assert isinstance(tokenizer_from_config(ByteTokenizer().to_config()), ByteTokenizer)
     cfg = gpt2.to_config()
-    assert cfg == {"type": "gpt2-bpe", "path": str(gpt2_tokenizer_dir.resolve())}
+    assert cfg == {"type": "gpt2-bpe", "name": "gpt2"}
     assert tokenizer_from_config(json.loads(json.dumps(cfg))).encode("Hello.") == [15496, 13]
+    other = GPT2Tokenizer.from_folder(custom_bpe_dir)
+    assert other.builtin is None and other.vocab_size == 1257
+    assert other.to_config() == {"type": "gpt2-bpe", "path": str(custom_bpe_dir.resolve())}
+    assert tokenizer_from_config(other.to_config()).encode("Hello.") == other.encode("Hello.")
     # a relative path resolves against the folder holding the config
-    rel = tokenizer_from_config({"type": "gpt2-bpe", "path": "gpt2"},
-                                base_dir=gpt2_tokenizer_dir.parent)
-    assert rel.encode("Hello.") == [15496, 13]
+    rel = tokenizer_from_config({"type": "gpt2-bpe", "path": custom_bpe_dir.name},
+                                base_dir=custom_bpe_dir.parent)
+    assert rel.encode("Hello. I'm late") == other.encode("Hello. I'm late")
     assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
 
 
@@ -284,6 +292,8 @@ def test_config_round_trip_for_both_tokenizers(gpt2, gpt2_tokenizer_dir, tmp_pat
     ({"type": "sentencepiece"}, "unknown tokenizer type"),
     ({"type": "bytes", "path": "x"}, "unknown keys"),
     ({"type": "gpt2-bpe"}, "needs a string 'path'"),
+    ({"type": "gpt2-bpe", "name": "gpt3"}, "'name' must be 'gpt2'"),
+    ({"type": "gpt2-bpe", "name": "gpt2", "path": "x"}, "comes without 'path'"),
     ("bytes", "mapping"),
 ])
 def test_bad_tokenizer_config_is_a_config_error(cfg, match):
@@ -315,3 +325,58 @@ def test_describe_token_is_readable(gpt2):
     assert describe_token(gpt2, 447) == "b'\\xe2\\x80'"  # first 2 bytes of a 3-byte char
     assert describe_token(ByteTokenizer(), 0xE2) == "b'\\xe2'"
     assert describe_token(ByteTokenizer(), ord("a")) == "'a'"
+
+
+# ------------------------------------------------------------ the files in the package
+
+
+def test_packaged_gpt2_files_are_the_shared_ones_byte_for_byte():
+    shared = shared_data_dir() / "gpt2"
+    if not all((shared / n).is_file() for n in ("vocab.json", "merges.txt")):
+        pytest.skip(f"no GPT-2 files in {shared} to compare the packaged copy with")
+    for name in ("vocab.json", "merges.txt"):
+        assert (PACKAGED_GPT2 / name).read_bytes() == (shared / name).read_bytes(), name
+    licence = (PACKAGED_GPT2 / "LICENSE").read_text(encoding="utf-8")
+    assert "Modified MIT License" in licence and "Copyright (c) 2019 OpenAI" in licence
+    assert "github.com/openai/gpt-2" in licence
+
+
+def test_spec_gpt2_is_the_packaged_bpe_with_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder called gpt2 here: the name alone must do
+    tok = load_tokenizer("gpt2")
+    assert isinstance(tok, GPT2Tokenizer) and tok.vocab_size == 50257 and tok.eot_id == 50256
+    assert tok.encode("Hello.") == [15496, 13]
+    assert tok.builtin == "gpt2" and tok.path == PACKAGED_GPT2.resolve()
+    assert tokenizer_from_config({"type": "gpt2-bpe", "name": "gpt2"}).encode("Hello.") == [15496, 13]
+    # a folder named gpt2 is reached by a path, not by the bare name
+    with pytest.raises(InputError, match="does not exist"):
+        load_tokenizer("./gpt2")
+
+
+def test_gpt2_is_recognised_by_content_in_any_naming(gpt2_tokenizer_dir, custom_bpe_dir, tmp_path):
+    """OpenAI's names, a #version header and re-spaced JSON are the same tokenizer; one
+    merge fewer is not."""
+    vocab, merges = read_files(gpt2_tokenizer_dir)
+    openai = tmp_path / "openai"
+    openai.mkdir()
+    (openai / "encoder.json").write_text(json.dumps(vocab, indent=1), encoding="utf-8")
+    (openai / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    assert load_tokenizer(openai).to_config() == {"type": "gpt2-bpe", "name": "gpt2"}
+    # in-memory text (a GGUF's tokenizer) is recognised too
+    text = GPT2Tokenizer(json.dumps(vocab), "\n".join(merges))
+    assert text.to_config() == {"type": "gpt2-bpe", "name": "gpt2"}
+    # negative control: a different BPE keeps its path
+    other = load_tokenizer(custom_bpe_dir)
+    assert other.builtin is None and other.to_config()["path"] == str(custom_bpe_dir.resolve())
+
+
+def test_package_data_declares_the_gpt2_folder():
+    """setuptools ships what pyproject's package-data names: the glob must cover the files."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    root = PACKAGED_GPT2.parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = data["tool"]["setuptools"]["package-data"]["numgpt.io"]
+    for name in ("vocab.json", "merges.txt", "LICENSE"):
+        assert any(fnmatch.fnmatch(f"gpt2/{name}", g) for g in globs), name

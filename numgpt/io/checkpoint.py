@@ -8,10 +8,12 @@ Three sources, told apart by what is on disk (``detect_format``):
 * ``nanogpt``: a nanoGPT ``ckpt.pt`` (``model_args`` + ``model`` state dict, read with
   torch's ``weights_only=True``). Its ``nn.Linear`` weights are ``(out, in)``: transposed
   here, and only here.
-* ``numgpt``: ``<prefix>.json`` (format, version, model config, tokenizer config, caller's
-  metadata) + ``<prefix>.safetensors`` (parameters by their numgpt names, plus optional
-  extra arrays under ``extra/``, e.g. optimizer moments, and a copy of the ``.json``
-  document in its header). No pickle anywhere.
+* ``numgpt``: ``<prefix>.json`` (format, version, model config, tokenizer config: a name,
+  or ``<prefix>.tokenizer/`` holding a copy of its files; caller's metadata) +
+  ``<prefix>.safetensors`` (parameters by their numgpt names, plus optional extra arrays
+  under ``extra/``, e.g. optimizer moments, and a copy of the ``.json`` document in its
+  header). No pickle anywhere. A run folder of ``numgpt train`` is its ``best`` checkpoint
+  (``resolve_run_folder``).
 
 Every load checks, and names the file and key when it refuses: missing keys, unexpected
 keys, shapes (expected vs found), truncated or corrupt files, non-GPT-2 architectures,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -52,7 +55,8 @@ from ..core.model import GPT, GPTConfig
 from .tokenizer import (BPE_FILE_NAMES, ByteTokenizer, GPT2Tokenizer, load_tokenizer, save_files,
                         tokenizer_from_config)
 
-__all__ = ["load", "save", "load_checkpoint", "export_hf", "detect_format", "find_tokenizer",
+__all__ = ["load", "save", "load_checkpoint", "export_hf", "detect_format", "resolve_run_folder",
+           "RUN_CHECKPOINTS", "find_tokenizer",
            "describe", "check_memory", "available_memory", "FORMAT_NAME", "FORMAT_VERSION",
            "EXTRA_PREFIX", "SAVE_POINTS", "save_hooks"]
 
@@ -120,10 +124,31 @@ def _with(prefix: Path, suffix: str) -> Path:
     return prefix.with_name(prefix.name + suffix)
 
 
+RUN_CHECKPOINTS = ("best", "latest")  # what a run folder (`numgpt train --out`) holds, in order
+
+
+def resolve_run_folder(path: str | os.PathLike, *, announce: bool = True) -> Path:
+    """A run folder (``numgpt train --out DIR``) means its ``best`` checkpoint, or ``latest``
+    when no evaluation has saved a best yet (said in one line on stderr when ``announce``);
+    any other path comes back unchanged."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").is_file() or (p / "ckpt.pt").is_file():
+        return p
+    for name in RUN_CHECKPOINTS:
+        prefix = p / name
+        if _with(prefix, ".json").is_file() or _with(prefix, ".safetensors").is_file():
+            if name != RUN_CHECKPOINTS[0] and announce:
+                print(f"numgpt: note: {str(p)!r} has no {RUN_CHECKPOINTS[0]} checkpoint yet (no "
+                      f"evaluation has finished); using {str(prefix)!r}", file=sys.stderr)
+            return prefix
+    return p
+
+
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     """What kind of checkpoint ``path`` is: ``("hf", folder)``, ``("nanogpt", file)`` or
-    ``("numgpt", prefix)``. CheckpointError (naming what was looked for) if none."""
-    p = Path(path)
+    ``("numgpt", prefix)`` (a run folder is its best checkpoint, ``resolve_run_folder``).
+    CheckpointError (naming what was looked for) if none."""
+    p = resolve_run_folder(path, announce=False)
     if p.is_dir():
         if (p / "config.json").is_file():
             return "hf", p
@@ -131,7 +156,8 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
             return "nanogpt", p / "ckpt.pt"
         found = sorted(x.name for x in p.iterdir())[:12]
         raise CheckpointError(f"folder {str(p)!r} holds no checkpoint: expected config.json "
-                              f"(Hugging Face) or ckpt.pt (nanoGPT); found {found or 'nothing'}")
+                              f"(Hugging Face), ckpt.pt (nanoGPT), or best.json / latest.json "
+                              f"(a numgpt run folder); found {found or 'nothing'}")
     if p.name in (*_HF_WEIGHT_FILES, "config.json") and (p.parent / "config.json").is_file():
         return "hf", p.parent
     if p.name.endswith(".gguf"):
@@ -688,9 +714,10 @@ def load(path: str | os.PathLike, dtype=None, *, check_finite: bool = True) -> G
     ``dtype`` (None, "float32", "float64" or a numpy dtype) casts the weights; None keeps
     the stored dtype (float16/bfloat16 files become float32). ``check_finite=False`` skips
     the scan that refuses NaN or infinite weights (one pass over them). The model carries
-    ``config``, ``tokenizer`` (None if the source has none) and ``source``.
+    ``config``, ``tokenizer`` (None if the source has none) and ``source``. A run folder
+    (``numgpt train --out``) loads its best checkpoint (``resolve_run_folder``).
     """
-    fmt, where = detect_format(path)
+    fmt, where = detect_format(resolve_run_folder(path))
     dtype = _dtype_name(dtype)
     if fmt == "hf":
         return _load_hf(where, dtype, check_finite)
@@ -714,7 +741,7 @@ def load_checkpoint(prefix: str | os.PathLike, *,
 
 def find_tokenizer(path: str | os.PathLike) -> tuple[Any, list[str]]:
     """The tokenizer a checkpoint carries, without reading its weights: ``(tokenizer|None, notes)``."""
-    fmt, where = detect_format(path)
+    fmt, where = detect_format(resolve_run_folder(path))
     if fmt == "hf":
         return _hf_tokenizer(where, _read_json(where / "config.json", "Hugging Face config"))
     if fmt == "nanogpt":
@@ -815,21 +842,36 @@ def _extra_tensors(arrays: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     return out
 
 
+def _record_tokenizer(tok, prefix: Path) -> dict | None:
+    """What a checkpoint records about its tokenizer, so that it stays usable wherever it is
+    moved: the byte tokenizer and GPT-2's own BPE by name (numgpt ships both); any other BPE
+    as a copy of its files in ``PREFIX.tokenizer/``, recorded relative to the checkpoint (a
+    fine-tuned model keeps its vocabulary when the model it started from is deleted). The
+    copy is written before the weights, so a crash leaves the tokenizer the save needs."""
+    if tok is None:
+        return None
+    if not isinstance(tok, GPT2Tokenizer) or tok.builtin is not None:
+        return tok.to_config()
+    folder = _with(prefix, ".tokenizer")
+    save_files(tok, folder)
+    return {"type": "gpt2-bpe", "path": folder.name}
+
+
 def save(model: GPT, prefix: str | os.PathLike, *, meta: Mapping[str, Any] | None = None,
          arrays: Mapping[str, Any] | None = None) -> Path:
     """Write ``<prefix>.json`` + ``<prefix>.safetensors`` atomically; returns the prefix.
 
     ``meta``: JSON-able dict stored under ``"meta"`` (step, losses, train config...).
     ``arrays``: extra ``{name: ndarray}`` stored under ``extra/<name>`` (optimizer moments).
-    ``load_checkpoint(prefix)`` gives back ``(model, meta, arrays)``.
+    ``load_checkpoint(prefix)`` gives back ``(model, meta, arrays)``. The tokenizer is
+    recorded by name, or its files copied to ``<prefix>.tokenizer/`` (``_record_tokenizer``).
     """
     prefix = _prefix_of(Path(prefix))
     _target_folder(prefix.parent, "a checkpoint")
     save_id = uuid.uuid4().hex
-    tok = model.tokenizer
     doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "save_id": save_id,
            "weights": prefix.name + ".safetensors", "parameters": quant.parameter_count(model),
-           "model": model.config.to_dict(), "tokenizer": None if tok is None else tok.to_config(),
+           "model": model.config.to_dict(), "tokenizer": _record_tokenizer(model.tokenizer, prefix),
            "meta": dict(meta or {})}
     if quant.is_quantized(model):
         doc["quantization"] = quant.describe(model)

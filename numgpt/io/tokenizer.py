@@ -8,6 +8,8 @@ Two tokenizers share one small interface (``encode``, ``decode``, ``decode_bytes
 - ``GPT2Tokenizer``: GPT-2's byte-level BPE (vocab 50257), built from LOCAL files only
   (``vocab.json`` + ``merges.txt``, or OpenAI's ``encoder.json`` + ``vocab.bpe``) on top
   of ``tiktoken``. Nothing is ever downloaded: we hand tiktoken the rank table ourselves.
+  GPT-2's own files ship inside the package (``numgpt/io/gpt2/``, with OpenAI's licence),
+  so the spec ``"gpt2"`` needs no folder.
 
 Why tiktoken's ranks can come straight from the vocab ids: GPT-2's vocabulary lists the 256
 single bytes first (ids 0..255) and then one token per merge, in merge order (id 256 + k
@@ -15,13 +17,17 @@ for merge line k), then ``<|endoftext|>`` (50256). tiktoken merges, at each step
 adjacent pair whose concatenation has the lowest rank; with rank == id that is exactly
 the merge order. ``GPT2Tokenizer`` checks that the files obey this before trusting them.
 
-A model records its tokenizer with ``to_config()``; ``tokenizer_from_config`` and
-``load_tokenizer`` rebuild it; ``save_files`` copies the BPE files into an exported model
-folder so that folder is self-contained.
+A model records its tokenizer with ``to_config()``: by name when it is one numgpt ships
+(``{"type": "bytes"}``, or ``{"type": "gpt2-bpe", "name": "gpt2"}`` for any files whose
+vocabulary and merges equal GPT-2's, wherever they lie), else by the folder of its files.
+``tokenizer_from_config`` and ``load_tokenizer`` rebuild it; ``save_files`` copies the BPE
+files into a folder (an exported model, a checkpoint's own copy) so it is self-contained.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,7 +37,7 @@ import numpy as np
 
 from ..core.checks import check_token_ids
 from ..errors import CheckpointError, ConfigError, InputError
-from .files import atomic_write
+from .files import atomic_write, make_folder
 
 __all__ = [
     "Tokenizer",
@@ -39,6 +45,7 @@ __all__ = [
     "GPT2Tokenizer",
     "GPT2_PATTERN",
     "ENDOFTEXT",
+    "PACKAGED_GPT2",
     "BPE_FILE_NAMES",
     "bytes_to_unicode",
     "load_tokenizer",
@@ -53,6 +60,9 @@ ENDOFTEXT = "<|endoftext|>"
 # other-symbol runs (each optionally led by one space), then whitespace. BPE never merges
 # across these pieces.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# GPT-2's vocab.json + merges.txt as shipped in the package (package data; see its LICENSE).
+PACKAGED_GPT2 = Path(__file__).with_name("gpt2")
 
 # (vocab file, merges file) pairs we accept, in order of preference.
 BPE_FILE_NAMES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
@@ -160,7 +170,7 @@ def _find_bpe_files(folder: Path) -> tuple[Path, Path]:
     if not folder.is_dir():
         raise InputError(f"tokenizer folder {str(folder)!r} does not exist or is not a "
                          f"folder; expected a folder holding vocab.json + merges.txt "
-                         f"(or encoder.json + vocab.bpe), or the spec 'bytes'")
+                         f"(or encoder.json + vocab.bpe), or the spec 'bytes' or 'gpt2'")
     for vocab_name, merges_name in BPE_FILE_NAMES:
         if (folder / vocab_name).is_file() and (folder / merges_name).is_file():
             return folder / vocab_name, folder / merges_name
@@ -259,6 +269,30 @@ def _rank_tables(vocab: Mapping[str, int], n_merges: int,
     return ranks, specials
 
 
+def _identity(vocab: Mapping[str, int], n_merges: int) -> str:
+    """A digest of what decides every id: the tokens in id order and how many are merges
+    (the merge lines are checked to follow id order, so they add nothing). Two files that
+    spell the same tokenizer differently (JSON spacing, a #version header, OpenAI's or
+    Hugging Face's names) get the same digest."""
+    tokens = [""] * len(vocab)
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    text = json.dumps([tokens, n_merges], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_identity() -> str | None:
+    """The digest of the packaged GPT-2 files; None if they are missing (a broken install)."""
+    try:
+        vocab_path, merges_path = _find_bpe_files(PACKAGED_GPT2)
+        vocab = _read_vocab(vocab_path.read_text(encoding="utf-8"), str(vocab_path))
+        merges = _parse_merges(merges_path.read_text(encoding="utf-8"), str(merges_path))
+    except (OSError, InputError, CheckpointError):
+        return None
+    return _identity(vocab, len(merges))
+
+
 class GPT2Tokenizer:
     """GPT-2 byte-level BPE from local files, encoded by tiktoken.
 
@@ -269,6 +303,9 @@ class GPT2Tokenizer:
     it is the special token ``eot_id`` (50256), in training data, evaluation text, prompts
     and server requests alike. ``encode(text, allow_special=False)`` spells it out as seven
     ordinary tokens instead (tiktoken's ``encode_ordinary``), for text that merely quotes it.
+
+    ``builtin`` is ``"gpt2"`` when the files hold GPT-2's own vocabulary and merges (the
+    files numgpt ships, wherever these were read from), else None.
     """
 
     def __init__(self, vocab_text: str, merges_text: str, *,
@@ -284,6 +321,7 @@ class GPT2Tokenizer:
         self.path = Path(source).resolve() if source is not None else None
         self.vocab_size = len(vocab)
         self.eot_id = specials.get(ENDOFTEXT)
+        self.builtin = "gpt2" if _identity(vocab, len(merges)) == _packaged_identity() else None
         self._encoding = _make_encoding(name, ranks, specials)
 
     @classmethod
@@ -322,18 +360,25 @@ class GPT2Tokenizer:
         return self.decode_bytes([token_id])
 
     def to_config(self) -> dict:
-        """Serialisable description, inverse of ``tokenizer_from_config``."""
+        """Serialisable description, inverse of ``tokenizer_from_config``: GPT-2's own BPE by
+        name (``{"type": "gpt2-bpe", "name": "gpt2"}``, so a checkpoint does not depend on
+        where the files were), any other by the folder it was read from."""
+        if self.builtin is not None:
+            return {"type": "gpt2-bpe", "name": self.builtin}
         if self.path is None:
             raise ConfigError("this GPT2Tokenizer was built from in-memory text, not a "
                               "folder; call save_files(tokenizer, folder) and load that")
         return {"type": "gpt2-bpe", "path": str(self.path)}
 
     def save_files(self, folder: str | os.PathLike) -> None:
-        """Write ``vocab.json`` + ``merges.txt`` into ``folder``, byte-identical to the source."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "vocab.json", self._vocab_text)
-        atomic_write(folder / "merges.txt", self._merges_text)
+        """Write ``vocab.json`` + ``merges.txt`` into ``folder``, byte-identical to the source
+        (a file that already holds exactly that is left as it is)."""
+        folder = make_folder(Path(folder), "the tokenizer files")
+        for name, text in (("vocab.json", self._vocab_text), ("merges.txt", self._merges_text)):
+            data = text.encode("utf-8")
+            path = folder / name
+            if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+                atomic_write(path, data)
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
@@ -350,10 +395,24 @@ def _make_encoding(name: str, ranks: dict[bytes, int], specials: dict[str, int])
 # ------------------------------------------------------------------ config and files
 
 
+@functools.lru_cache(maxsize=1)
+def _packaged_gpt2() -> GPT2Tokenizer:
+    """GPT-2's BPE from the files in the package, built once per process (it is immutable)."""
+    if not all((PACKAGED_GPT2 / name).is_file() for name in BPE_FILE_NAMES[0]):
+        raise InputError(f"the GPT-2 BPE files that ship with numgpt are missing from "
+                         f"{str(PACKAGED_GPT2)!r} (a broken install); reinstall numgpt, or "
+                         f"pass a folder holding vocab.json + merges.txt")
+    return GPT2Tokenizer.from_folder(PACKAGED_GPT2)
+
+
 def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | GPT2Tokenizer:
-    """``"bytes"`` -> ByteTokenizer; a folder with GPT-2 BPE files -> GPT2Tokenizer."""
+    """``"bytes"`` -> ByteTokenizer; ``"gpt2"`` -> GPT-2's BPE from the files in the package;
+    anything else is a folder with GPT-2 BPE files (write ``./gpt2`` for a folder of that
+    name)."""
     if isinstance(spec, str) and spec == "bytes":
         return ByteTokenizer()
+    if isinstance(spec, str) and spec == "gpt2":
+        return _packaged_gpt2()
     return GPT2Tokenizer.from_folder(spec)
 
 
@@ -361,13 +420,14 @@ def tokenizer_from_config(cfg: Mapping[str, Any],
                           base_dir: str | os.PathLike | None = None) -> ByteTokenizer | GPT2Tokenizer:
     """Rebuild a tokenizer from ``to_config()`` output.
 
-    A relative ``path`` is resolved against ``base_dir`` (e.g. the model folder holding the
-    config), so an exported folder can say ``{"type": "gpt2-bpe", "path": "."}``.
+    ``{"type": "gpt2-bpe", "name": "gpt2"}`` is GPT-2's BPE from the package. A relative
+    ``path`` is resolved against ``base_dir`` (e.g. the model folder holding the config), so
+    an exported folder can say ``{"type": "gpt2-bpe", "path": "."}``.
     """
     if not isinstance(cfg, Mapping) or "type" not in cfg:
         raise ConfigError(f"tokenizer config must be a mapping with a 'type' key, got {cfg!r}")
     kind = cfg["type"]
-    allowed = {"bytes": {"type"}, "gpt2-bpe": {"type", "path"}}
+    allowed = {"bytes": {"type"}, "gpt2-bpe": {"type", "path", "name"}}
     if kind not in allowed:
         raise ConfigError(f"unknown tokenizer type {kind!r}; expected one of {sorted(allowed)}")
     extra = set(cfg) - allowed[kind]
@@ -375,8 +435,14 @@ def tokenizer_from_config(cfg: Mapping[str, Any],
         raise ConfigError(f"unknown keys {sorted(extra)} in {kind!r} tokenizer config")
     if kind == "bytes":
         return ByteTokenizer()
+    if "name" in cfg:
+        if cfg["name"] != "gpt2" or "path" in cfg:
+            raise ConfigError(f"'gpt2-bpe' tokenizer config {cfg!r}: 'name' must be 'gpt2' (the "
+                              f"BPE shipped with numgpt) and comes without 'path'")
+        return load_tokenizer("gpt2")
     if not isinstance(cfg.get("path"), str):
-        raise ConfigError(f"'gpt2-bpe' tokenizer config needs a string 'path', got {cfg!r}")
+        raise ConfigError(f"'gpt2-bpe' tokenizer config needs a string 'path' (a folder of BPE "
+                          f"files) or 'name': 'gpt2', got {cfg!r}")
     path = Path(cfg["path"])
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path

@@ -438,6 +438,7 @@ class _Run:
             if cfg.block_size > model.config.block_size:
                 raise ConfigError(f"config key 'block_size' is {cfg.block_size} but the model {where} "
                                   f"has a context of {model.config.block_size}; lower block_size")
+            self.cfg = _fine_tune_config(cfg, model.config)  # what checkpoints record
         else:
             config = cfg.model_config(vocab_size=int(meta["vocab_size"]))
             checkpoint.check_memory(config, "training this model", copies=4,
@@ -457,7 +458,10 @@ class _Run:
             raise CheckpointError(f"{prefix}.json is not a training checkpoint (kind "
                                   f"{meta.get('kind')!r}); it cannot be resumed")
         saved = meta["train_config"]
-        for key in ARCH_KEYS:
+        # a fine-tuned model's shape is the --init model's (runs saved before the config
+        # recorded it hold the defaults there): only the keys the config decides are compared
+        keys = [k for k in ARCH_KEYS if not (self.cfg.init and k in _INIT_MODEL_KEYS)]
+        for key in keys:
             if saved.get(key) != getattr(self.cfg, key):
                 raise ConfigError(
                     f"config key {key!r} is {getattr(self.cfg, key)!r} but the run in "
@@ -539,6 +543,17 @@ class _Run:
                 pass
         if getattr(self, "parallel", None) is not None:
             self.parallel.close()
+
+
+# The TrainConfig keys a fine-tuned model takes from the --init model rather than the config.
+_INIT_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "bias", "activation")
+
+
+def _fine_tune_config(cfg: TrainConfig, model: GPTConfig) -> TrainConfig:
+    """``cfg`` with the model keys of the --init model, so that the config a checkpoint
+    stores describes the model trained, not the from-scratch defaults (``block_size`` stays
+    the training context, at most the model's; ``dtype`` is already the config's)."""
+    return TrainConfig.from_dict({**cfg.to_dict(), **{k: getattr(model, k) for k in _INIT_MODEL_KEYS}})
 
 
 def _read_log_records(path: Path) -> list[dict]:
