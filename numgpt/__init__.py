@@ -12,9 +12,10 @@ stays light and does not pull in the checkpoint or training code:
 __version__ = "0.1.0"
 
 from .core import submodules_on_first_use  # noqa: E402
-from .core.threads import let_openmp_threads_sleep  # noqa: E402
+from .core.threads import kernel_cache_dir, let_openmp_threads_sleep  # noqa: E402
 
 let_openmp_threads_sleep()  # before any OpenMP library loads (see core/threads.py)
+kernel_cache_dir()  # before numba loads: a read-only package caches in the user's folder
 
 __all__ = ["load", "generate", "perplexity", "train", "__version__"]
 

@@ -50,6 +50,48 @@ def _add_finite_flag(p) -> None:
                         "(saves one pass over a very large model)")
 
 
+# ------------------------------------------------------------------------ compile
+
+# Commands that run the fast path's compiled kernels unless told to use the reference path.
+_KERNEL_COMMANDS = {"train", "generate", "eval", "serve", "sanity", "trace", "gradcheck"}
+
+
+def _note_cold_kernel_cache(args) -> None:
+    """One line on stderr before a command compiles the kernels from a cold cache, so the
+    first run does not stall without a word (a look at the cache folder; nothing loads)."""
+    from .core import threads
+
+    if args.command not in _KERNEL_COMMANDS \
+            or "reference" in (getattr(args, "kernels", None), getattr(args, "path", None)):
+        return
+    if threads.kernel_cache_is_cold():
+        print(f"numgpt: compiling kernels (first run only; `numgpt compile` does it ahead) into "
+              f"{threads.kernel_cache_dir()} ...", file=sys.stderr, flush=True)
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile the fast path's kernels into numba's cache now "
+                                       "(the first run of any command does it otherwise)")
+    p.set_defaults(run=_run_compile)
+
+
+def _run_compile(args) -> int:
+    from .core import threads
+
+    cold = threads.kernel_cache_is_cold()
+    print(f"{'compiling' if cold else 'loading'} every kernel, both builds, float32 and float64; "
+          f"cache {threads.kernel_cache_dir()}", flush=True)
+    from .core import kernels
+
+    seconds = kernels.compile_all()
+    done = {name: n for name, n in kernels.compiled_kernels().items() if n}
+    for name, n in done.items():
+        print(f"  {name:36s} {n} signature{'s' if n > 1 else ''}")
+    print(f"{len(done)} functions {'compiled' if cold else 'loaded from the cache'} in "
+          f"{seconds:.1f} s; cache {threads.kernel_cache_dir()}")
+    return 0
+
+
 # ------------------------------------------------------------------------ gradcheck
 
 def _add_gradcheck(sub) -> None:
@@ -794,7 +836,7 @@ def _run_sanity(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_prepare, _add_train, _add_plot, _add_sanity]
+_COMMANDS = [_add_compile, _add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_prepare, _add_train, _add_plot, _add_sanity]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -811,6 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _note_cold_kernel_cache(args)
     try:
         return args.run(args)
     except NumGPTError as exc:

@@ -31,6 +31,7 @@ Shape legend as in ``ops.py``: B, T, C, nh, hs, V, N (flattened rows).
 from __future__ import annotations
 
 import math
+import os
 import types as types_module
 import numba
 import numpy as np
@@ -39,7 +40,7 @@ from numba.extending import intrinsic
 
 from ..errors import ConfigError, ShapeError
 from . import ops
-from .threads import let_openmp_threads_sleep
+from .threads import CACHE_ENV, kernel_cache_dir, let_openmp_threads_sleep
 
 __all__ = ["PATHS", "FAST_OPS", "OpPath", "ops_for", "set_threads", "compile_all",
            "layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
@@ -55,6 +56,11 @@ _FAST = {"reassoc", "contract"}
 # the data-parallel training workers and the server's threads do exactly that. OpenMP may.
 numba.config.THREADING_LAYER = "omp"
 let_openmp_threads_sleep()  # before the pool starts: its spinning threads starve BLAS
+# Where the compiled kernels are cached (core/threads.py chose it when numgpt was imported);
+# numba read NUMBA_CACHE_DIR when it loaded, which was earlier if the user imported it first.
+CACHE_DIR = kernel_cache_dir()
+if os.environ.get(CACHE_ENV):
+    numba.config.CACHE_DIR = os.environ[CACHE_ENV]
 
 
 # Below this many elements in its largest array a kernel runs its serial build: waking the
@@ -837,6 +843,20 @@ def compile_all() -> float:
     finally:
         PARALLEL_MIN_ELEMENTS = saved
     return time.perf_counter() - start
+
+
+def compiled_kernels() -> dict[str, int]:
+    """Every compiled function of this module (both builds of each kernel, and the helpers
+    they call) -> how many type signatures it holds now: what ``compile_all`` compiled."""
+    from numba.core.dispatcher import Dispatcher
+
+    found = {}
+    for name, obj in sorted(globals().items()):
+        builds = [obj.parallel, obj.serial] if isinstance(obj, _Kernel) else [obj]
+        for d in builds:
+            if isinstance(d, Dispatcher):
+                found[d.py_func.__name__] = len(d.signatures)
+    return found
 
 
 def _exercise_every_kernel() -> None:
