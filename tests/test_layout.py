@@ -2,7 +2,7 @@
 
 The layers, top (lowest) to bottom (highest)::
 
-    core -> io -> infer -> train -> verify -> serve -> cli
+    core -> io -> infer -> train -> verify -> inspect -> serve -> cli
 
 ``errors`` (the exception family) may be imported by every layer; ``cli`` and the package's
 ``__init__`` may import any layer. A module may import its own layer and the layers above it
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "numgpt"
-LAYERS = ["core", "io", "infer", "train", "verify", "serve"]
+LAYERS = ["core", "io", "infer", "train", "verify", "inspect", "serve"]
 ANYWHERE = {"errors"}  # importable from every layer
 TOP_LEVEL = {"cli", "__init__", "__main__", "errors"}
 
