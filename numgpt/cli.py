@@ -130,7 +130,8 @@ PREFIX, a GPT-2 .gguf) and write it as a numgpt checkpoint, a Hugging Face folde
 file for llama.cpp.
 Output format rule (when --format is not given): DST ending in .gguf -> GGUF (llama.cpp's
 GPT-2 layout; --dtype f32, f16 or q8_0, default f32); DST that is an existing folder or
-ends with '/' -> Hugging Face folder (config.json + model.safetensors + tokenizer files);
+ends with '/' -> Hugging Face folder (config.json + model.safetensors, and the tokenizer's
+files when it has any);
 anything else -> numgpt checkpoint DST.json + DST.safetensors (a trailing .json or
 .safetensors on DST is dropped)."""
 
@@ -165,6 +166,7 @@ def _run_gguf_convert(args) -> int:
 
 def _run_convert(args) -> int:
     from .io import checkpoint
+    from .io.tokenizer import ByteTokenizer
 
     fmt = args.format or ("gguf" if args.dst.endswith(".gguf") else
                           "hf" if args.dst.endswith(("/", "\\")) or Path(args.dst).is_dir() else "numgpt")
@@ -179,8 +181,13 @@ def _run_convert(args) -> int:
     model = checkpoint.load(args.src, dtype=args.dtype, check_finite=not args.skip_finite_check)
     if fmt == "hf":
         out = checkpoint.export_hf(model, args.dst)
-        wrote = f"Hugging Face folder {out}/ (config.json + model.safetensors"
-        wrote += " + tokenizer files)" if model.tokenizer is not None else ")"
+        # what the folder holds, not a fixed list: which tokenizer files exist depends on the model
+        held = sorted((p.name for p in out.iterdir() if p.is_file()),
+                      key=lambda n: (n not in ("config.json", "model.safetensors"), n))
+        wrote = f"Hugging Face folder {out}/ ({' + '.join(held)})"
+        if isinstance(model.tokenizer, ByteTokenizer):
+            wrote += ("; the byte tokenizer has no vocabulary files: config.json names it "
+                      "(numgpt_tokenizer: bytes) for numgpt")
     else:
         out = checkpoint.save(model, args.dst)
         wrote = f"numgpt checkpoint {out}.json + {out}.safetensors"

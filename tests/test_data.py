@@ -317,3 +317,61 @@ def test_meta_json_with_a_wrong_type_or_missing_key_is_refused_by_key(prepared, 
         TokenDataset(prepared)
     assert f"key {key!r}" in str(e.value) and want in str(e.value) and "meta.json" in str(e.value)
     assert "run `numgpt prepare`" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------- tiny corpora: advice in numbers (issue 21)
+
+RANGE = r"val_fraction \(--val-fraction\) between ([0-9.]+) and ([0-9.]+)"
+
+
+def test_tiny_split_advice_names_a_val_fraction_range_that_works(tmp_path):
+    """Issue 21 group 12: the advice was 'raise val_fraction' (which shrinks the train split)
+    with no number. The range it names now is checked against prepare itself, and so is the
+    largest block_size it names."""
+    import re
+
+    src = write(tmp_path, "a.txt", "x" * 200)  # 200 tokens: val 20 at the default 0.1
+    with pytest.raises(InputError, match="val split has 20 tokens") as err:
+        prepare([src], ByteTokenizer(), tmp_path / "out", block_size=64, progress=False)
+    message = str(err.value)
+    lo, hi = (float(x) for x in re.search(RANGE, message).groups())
+    for fraction in (lo, hi):  # both ends work...
+        prepare([src], ByteTokenizer(), tmp_path / "ok", val_fraction=fraction, block_size=64,
+                progress=False)
+    for fraction in (round(lo - 0.001, 3), round(hi + 0.001, 3)):  # ...and the next values do not
+        with pytest.raises(InputError, match="split has"):
+            prepare([src], ByteTokenizer(), tmp_path / "no", val_fraction=fraction, block_size=64,
+                    progress=False)
+    largest = int(re.search(r"lower block_size to (\d+) or less", message).group(1))
+    prepare([src], ByteTokenizer(), tmp_path / "ok", block_size=largest, progress=False)
+    with pytest.raises(InputError, match="split has"):
+        prepare([src], ByteTokenizer(), tmp_path / "no", block_size=largest + 1, progress=False)
+
+
+def test_input_too_small_for_two_windows_says_so_and_names_no_fraction(tmp_path):
+    src = write(tmp_path, "a.txt", "x" * 100)  # 2 x 65 = 130 tokens are needed for block 64
+    with pytest.raises(InputError) as err:
+        prepare([src], ByteTokenizer(), tmp_path / "out", block_size=64, progress=False)
+    message = str(err.value)
+    assert "val_fraction (--val-fraction) between" not in message
+    assert "the two splits need 130 tokens" in message and "\n" not in message
+
+
+def test_training_on_a_tiny_split_gives_the_same_advice(tmp_path):
+    """`numgpt train` said 're-run prepare with more text or a larger --val-fraction' for a
+    train split too small as well, where a larger one makes it smaller still."""
+    import re
+
+    from numgpt.train.loop import train
+
+    src = write(tmp_path, "a.txt", "x" * 200)
+    prepare([src], ByteTokenizer(), tmp_path / "data", val_fraction=0.9, progress=False)
+    with pytest.raises(InputError, match="train split of .* has 20 tokens") as err:
+        train({"data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "block_size": 64,
+               "n_layer": 1, "n_head": 2, "n_embd": 16, "plot": False, "sample_tokens": 0},
+              progress=False)
+    message = str(err.value)
+    assert "larger --val-fraction" not in message
+    lo, hi = (float(x) for x in re.search(RANGE, message).groups())
+    assert lo < hi < 0.9  # the fix for a train split too small is a SMALLER fraction
+    prepare([src], ByteTokenizer(), tmp_path / "ok", val_fraction=hi, block_size=64, progress=False)

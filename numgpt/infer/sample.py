@@ -342,13 +342,26 @@ def sample_rng(seed: int | None, index: int = 0) -> np.random.Generator:
 # -------------------------------------------------------------------------- prompts
 
 
+def _start_hint(model) -> str:
+    """What an empty prompt can start from instead: the tokenizer's end-of-text token when it
+    has one (GPT-2's '<|endoftext|>', 50256), else a newline (a byte model has no special
+    tokens: its newline is byte 10)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return "any id below the model's vocab_size"
+    if tok.eot_id is not None:
+        return f"a text can start from '<|endoftext|>', id {tok.eot_id}"
+    newline = tok.encode("\n")
+    return (f"this model's tokenizer has no '<|endoftext|>': start from a newline, "
+            f"id{'s' if len(newline) > 1 else ''} {', '.join(map(str, newline))}, or any text")
+
+
 def check_prompt(model, prompt_ids) -> list[int]:
     """The prompt as a list of ints, or InputError if empty, too long for the context, or
     holding ids the model cannot take."""
     ids = np.asarray(prompt_ids)
     if ids.size == 0:
-        raise InputError("the prompt is empty; give at least one token (GPT-2 models "
-                         "usually start from '<|endoftext|>', id 50256)")
+        raise InputError(f"the prompt is empty; give at least one token ({_start_hint(model)})")
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"prompt ids must be a flat sequence of integers, got shape "
                          f"{ids.shape} and dtype {ids.dtype}")

@@ -28,7 +28,7 @@ from ..errors import InputError
 from .files import atomic_write, make_folder, temp_path, write_errors
 
 __all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype", "read_meta",
-           "META_FORMAT", "META_VERSION", "SPLITS"]
+           "split_advice", "val_tokens", "META_FORMAT", "META_VERSION", "SPLITS"]
 
 META_FORMAT = "numgpt-tokens"
 META_VERSION = 1
@@ -77,20 +77,53 @@ def _check_options(val_fraction, block_size, batch_size, chunk_bytes) -> None:
         raise InputError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
 
 
+def val_tokens(total: int, val_fraction: float) -> int:
+    """Tokens in the val split of ``total`` tokens: the last ``round(total * val_fraction)``."""
+    return round(total * val_fraction)
+
+
+def split_advice(counts: dict, block_size: int, *, need_val: bool = True) -> str:
+    """What fixes splits too small for one window of ``block_size + 1`` tokens, in numbers.
+
+    Raising val_fraction grows val by shrinking train, so the advice is the val_fraction
+    range (3 decimals) in which BOTH splits hold a window, when there is one; the largest
+    block_size the splits already fit; and, when the input cannot hold two windows, the
+    fewest tokens it needs. ``need_val=False``: only train is used (val_fraction 0).
+    """
+    train, val = counts["train"], counts["val"]
+    total, need = train + val, block_size + 1
+    if not need_val:  # val_fraction 0: the train split is the whole input
+        return (f"the input has {total} tokens: add at least {need - total} tokens of text"
+                + (f", or lower block_size to {total - 1} or less" if total >= 2 else ""))
+    fits = [k / 1000 for k in range(1, 1000)
+            if min(val_tokens(total, k / 1000), total - val_tokens(total, k / 1000)) >= need]
+    options = []
+    if fits:
+        options.append(f"re-run prepare with val_fraction (--val-fraction) between {fits[0]:g} "
+                       f"and {fits[-1]:g}, where each split holds at least {need} (a larger "
+                       f"one shrinks the train split)")
+    if min(train, val) >= 2:
+        options.append(f"lower block_size to {min(train, val) - 1} or less (the splits as they are)")
+    elif total // 2 >= 2:
+        options.append(f"lower block_size to {total // 2 - 1} or less with val_fraction 0.5")
+    options.append(f"add text (the two splits need {2 * need} tokens at the very least)"
+                   if total < 2 * need else "add text")
+    return (f"the input has {total} tokens (train {train}, val {val}): " + "; or ".join(options))
+
+
 def _check_split_sizes(counts: dict, val_fraction: float, block_size) -> None:
     """Each split in use must hold one window of ``block_size + 1`` tokens."""
     if block_size is None:
         return
     need = block_size + 1
-    hints = {"train": "add more text, lower block_size, or lower val_fraction",
-             "val": "add more text, lower block_size, or raise val_fraction"}
     for split in SPLITS:
         if split == "val" and val_fraction == 0:
             continue
         if counts[split] < need:
             raise InputError(
                 f"the {split} split has {counts[split]} tokens, but block_size {block_size} "
-                f"needs at least {need} for one batch; {hints[split]}")
+                f"needs at least {need} for one batch; "
+                f"{split_advice(counts, block_size, need_val=val_fraction > 0)}")
 
 
 # -------------------------------------------------------------------------- streaming
@@ -238,7 +271,7 @@ def prepare(inputs, tokenizer, out_dir, val_fraction: float = 0.1, *,
             names = ", ".join(repr(str(p)) for p in paths)
             raise InputError(f"the input is empty: {names} hold no text; pass files with "
                                  "text to tokenize")
-        n_val = round(total * val_fraction)
+        n_val = val_tokens(total, val_fraction)
         counts = {"train": total - n_val, "val": n_val}
         _check_split_sizes(counts, val_fraction, block_size)
         with write_errors(out / "val.bin", "the folder's previous files are kept"):

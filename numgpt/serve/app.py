@@ -310,13 +310,14 @@ class _State:
 
     def _load(self) -> None:
         try:
+            from ..core.quant import parameter_count
             from ..io.checkpoint import load
 
             t0 = time.perf_counter()
             model = load(self.config.model_path)
             self._start_engine(model)
             log.info("loaded %s (%s parameters) in %.1f s; serving it as %r",
-                     self.config.model_path, f"{model.num_parameters():,}",
+                     self.config.model_path, f"{parameter_count(model):,}",
                      time.perf_counter() - t0, self.model_name)
         except Exception as e:  # reported by /health and the log; the CLI exits
             self.load_error = f"{type(e).__name__}: {e}"

@@ -58,7 +58,7 @@ from ..core.model import GPT, GPTConfig
 from ..core.tensor import apply, no_grad
 from ..errors import CheckpointError, ConfigError, InputError, NumGPTError
 from ..io import checkpoint
-from ..io.data import SPLITS, TokenDataset, get_batch, prepare
+from ..io.data import SPLITS, TokenDataset, get_batch, prepare, split_advice
 from ..io.files import atomic_write, make_folder, write_errors
 from ..io.recovery import tidy_folder
 from ..io.tokenizer import ByteTokenizer, tokenizer_from_config
@@ -421,13 +421,14 @@ class _Run:
 
     def _check_splits(self) -> None:
         need = self.cfg.block_size + 1
+        counts = {split: len(self.dataset.splits[split]) for split in SPLITS}
         for split in SPLITS:
-            n = len(self.dataset.splits[split])
+            n = counts[split]
             if n < need:
                 raise InputError(
                     f"the {split} split of {str(self.data_dir)!r} has {n} tokens, but block_size "
-                    f"{self.cfg.block_size} needs at least {need}; lower block_size, or re-run "
-                    f"prepare with more text or a larger --val-fraction")
+                    f"{self.cfg.block_size} needs at least {need}; "
+                    f"{split_advice(counts, self.cfg.block_size)}")
 
     def _build_model(self) -> GPT:
         cfg, meta = self.cfg, self.dataset.meta
