@@ -279,11 +279,14 @@ def _st_structured(header: dict, data: bytearray, op: tuple) -> bool:
         name = _pick(names, op[1])
         entry = header.get(name)
         dtypes = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": None}
-        if isinstance(entry, dict) and entry.get("dtype") in dtypes and dtypes[entry["dtype"]]:
+        kind_ = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(kind_, str) and dtypes.get(kind_) and isinstance(entry.get("data_offsets"), list) \
+                and entry["data_offsets"] and isinstance(entry["data_offsets"][0], int):
             at = entry["data_offsets"][0]
             with np.errstate(over="ignore"):
-                raw = np.array([op[2]], dtype=dtypes[entry["dtype"]]).tobytes()
-            data[at:at + len(raw)] = raw
+                raw = np.array([op[2]], dtype=dtypes[kind_]).tobytes()
+            if 0 <= at <= len(data) - len(raw):
+                data[at:at + len(raw)] = raw
     else:
         return False
     return True
@@ -374,14 +377,15 @@ def nanogpt_object(ckpt: dict, ops: tuple) -> tuple[object, list[tuple]]:
             ckpt[op[1]] = op[2]
         elif kind == "tensor_dtype" and names:
             name = _pick(names, op[1])
-            state[name] = state[name].to(getattr(torch, op[2]))
+            if isinstance(state[name], torch.Tensor):
+                state[name] = state[name].to(getattr(torch, op[2]))
         elif kind == "tensor_shape" and names:
             state[_pick(names, op[1])] = torch.zeros(op[2])
         elif kind == "tensor_value" and names:  # not a tensor at all
             state[_pick(names, op[1])] = op[2]
         elif kind == "tensor_drop" and names:
             state.pop(_pick(names, op[1]))
-        elif kind == "poison" and names:
+        elif kind == "poison" and names and isinstance(state[_pick(names, op[1])], torch.Tensor):
             name = _pick(names, op[1])
             t = state[name].clone()
             if t.is_floating_point() and t.numel():
