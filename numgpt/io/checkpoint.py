@@ -49,6 +49,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, NumGPTError
 from .files import fsync_dir, fsync_path, make_folder, temp_path, write_errors
+from . import chat
 from .recovery import DOC_KEY, weights_doc
 from ..core import quant
 from ..core.model import GPT, GPTConfig
@@ -450,11 +451,13 @@ def check_memory(config: GPTConfig, what: str, *, copies: int = 1,
                 f"(or float32), or a machine with more memory")
 
 
-def _attach(model: GPT, fmt: str, where: Path, weights: Path, tokenizer, notes: list[str]) -> GPT:
+def _attach(model: GPT, fmt: str, where: Path, weights: Path, tokenizer, notes: list[str],
+            chat_template: str | None = None) -> GPT:
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         notes.append(f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's vocab_size "
                      f"{model.config.vocab_size}: some ids it produces are out of range")
     model.tokenizer = tokenizer
+    model.chat_template = chat_template  # None: numgpt's default (io.chat.template_of)
     model.source = {"format": fmt, "path": str(where), "weights": str(weights), "notes": notes}
     return model
 
@@ -546,7 +549,7 @@ def _load_hf(folder: Path, dtype: str | None, check_finite: bool = True) -> GPT:
         model = _new_model(config, _normalize(thunks, weights, ("transformer.",)), weights,
                            check_finite=check_finite)
     tokenizer, notes = _hf_tokenizer(folder, raw)
-    return _attach(model, "hf", folder, weights, tokenizer, notes)
+    return _attach(model, "hf", folder, weights, tokenizer, notes, chat.hf_template(folder))
 
 
 # ------------------------------------------------------------------- nanoGPT ckpt.pt
@@ -664,8 +667,11 @@ def _load_numgpt(prefix: Path, dtype: str | None,
         else:
             model = _new_model(config, params, weights, check_finite=check_finite)
     tokenizer, notes = _numgpt_tokenizer(doc, prefix)
-    return (_attach(model, "numgpt", prefix, weights, tokenizer, doc_notes + notes), doc["meta"],
-            extras)
+    template = doc.get("chat_template")
+    if template is not None:
+        template = chat.check_template(template, f"{_with(prefix, '.json')}: 'chat_template'")
+    return (_attach(model, "numgpt", prefix, weights, tokenizer, doc_notes + notes, template),
+            doc["meta"], extras)
 
 
 def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path,
@@ -875,6 +881,8 @@ def save(model: GPT, prefix: str | os.PathLike, *, meta: Mapping[str, Any] | Non
            "meta": dict(meta or {})}
     if quant.is_quantized(model):
         doc["quantization"] = quant.describe(model)
+    if getattr(model, "chat_template", None) is not None:
+        doc["chat_template"] = model.chat_template
     try:
         text = json.dumps(doc, indent=2) + "\n"
     except (TypeError, ValueError) as e:
@@ -956,4 +964,19 @@ def export_hf(model: GPT, folder: str | os.PathLike) -> Path:
     _commit(pairs, kept=kept)
     if model.tokenizer is not None:
         save_files(model.tokenizer, folder)
+        _write_tokenizer_config(model, folder)
     return folder
+
+
+def _write_tokenizer_config(model: GPT, folder: Path) -> None:
+    """``tokenizer_config.json`` with the model's chat template (numgpt's default when it has
+    none), so ``apply_chat_template`` renders what numgpt renders; the special tokens are
+    the ones the template reads."""
+    doc = {"chat_template": chat.template_of(model), "model_max_length": model.config.block_size,
+           **chat.special_tokens(model.tokenizer)}
+    if isinstance(model.tokenizer, GPT2Tokenizer):
+        doc["tokenizer_class"] = "GPT2Tokenizer"
+    from .files import atomic_write
+
+    atomic_write(folder / "tokenizer_config.json",
+                 (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
