@@ -117,10 +117,13 @@ def parse(text: str) -> tuple[list[Block], list[str]]:
 
 @dataclass
 class Context:
-    """What substitutions may use: the port the README's servers get, the server log file."""
-    port: int
+    """What substitutions may use: ``port`` is the port of the server started last (each
+    server gets a new one from ``new_port``, so a server still running from an earlier block
+    never answers for a later one); the server log file; which substitutions fired."""
+    new_port: Callable[[], int]
+    port: int = 8000
     serve_log: str = ".readme-test/serve.log"
-    used: set[str] = field(default_factory=set)  # names of the substitutions that fired
+    used: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)

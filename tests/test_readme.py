@@ -45,6 +45,7 @@ def _fewer_steps(command: str, ctx: rb.Context) -> str:
 
 def _serve_in_background(command: str, ctx: rb.Context) -> str:
     command = command.rstrip().removesuffix("&").rstrip()
+    ctx.port = ctx.new_port()
     url = f"http://127.0.0.1:{ctx.port}"
     return (f"{command} --port {ctx.port} >> {ctx.serve_log} 2>&1 & "
             f"readme_test_server $! {url}")
@@ -73,13 +74,15 @@ SUBSTITUTIONS = [
         "starts"),
     rb.Substitution(
         "server in the background", re.compile(r"^numgpt serve\b.*&$"), _serve_in_background,
-        "`numgpt serve ... &` gets a free port (8000 may be taken on a shared machine) and "
+        "`numgpt serve ... &` gets a free port of its own (8000 may be taken on a shared "
+        "machine, or by a server an earlier block left running) and "
         "its log in a file; the block goes on once /health answers (typed by hand, the next "
         "command comes later anyway); the server is stopped at the end of the README section"),
     rb.Substitution(
         "port", re.compile(r"(127\.0\.0\.1|localhost):8000\b"),
         lambda c, ctx: re.sub(r"(127\.0\.0\.1|localhost):8000\b", rf"\g<1>:{ctx.port}", c),
-        "the README's 127.0.0.1:8000 becomes the port the server got", langs=("shell", "python")),
+        "the README's 127.0.0.1:8000 becomes the port the last server got",
+        langs=("shell", "python")),
     rb.Substitution(
         "curl fails on HTTP errors", re.compile(r"^curl\b"),
         lambda c, ctx: "curl --fail-with-body" + c[len("curl"):],
@@ -139,7 +142,7 @@ def sandbox(tmp_path_factory, gpt2_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def session(sandbox):
-    s = rb.Session(BLOCKS, sandbox, SUBSTITUTIONS, rb.Context(port=free_port()), BLOCK_TIMEOUT)
+    s = rb.Session(BLOCKS, sandbox, SUBSTITUTIONS, rb.Context(new_port=free_port), BLOCK_TIMEOUT)
     yield s
     s.close()
 
@@ -170,7 +173,7 @@ def test_readme_block(session, index, block):
 
 
 def test_every_substitution_is_used():
-    ctx = rb.Context(port=1)
+    ctx = rb.Context(new_port=lambda: 1)
     for block in BLOCKS:
         if block.kind is not None and block.mark != "skip":
             rb.script_for(block, SUBSTITUTIONS, ctx)
@@ -188,7 +191,7 @@ def _blocks(markdown: str) -> list[rb.Block]:
 
 def _run(markdown: str, tmp_path: Path, subs=()) -> rb.Run:
     [block] = _blocks(markdown)
-    return rb.run_block(block, tmp_path, list(subs), rb.Context(port=free_port()), 120)
+    return rb.run_block(block, tmp_path, list(subs), rb.Context(new_port=free_port), 120)
 
 
 def test_a_misspelt_flag_fails_its_block(tmp_path):
@@ -208,7 +211,7 @@ def test_a_failing_pipe_or_python_block_fails(tmp_path):
 
 def test_a_block_that_hangs_is_stopped(tmp_path):
     [block] = _blocks("```bash\nsleep 60\n```\n")
-    run = rb.run_block(block, tmp_path, [], rb.Context(port=1), timeout=1)
+    run = rb.run_block(block, tmp_path, [], rb.Context(new_port=lambda: 1), timeout=1)
     assert run.returncode is None and not run.ok and run.seconds < 30
 
 
@@ -236,7 +239,7 @@ def test_shell_rewriting_keeps_comments_continuations_and_heredocs():
     code = ("numgpt a \\\n  --b 1   # say '#' here\n"
             "cat > t.yaml <<'EOF'\nnumgpt inside: heredoc\nEOF\n"
             "echo '# not a comment' numgpt\n")
-    ctx = rb.Context(port=1)
+    ctx = rb.Context(new_port=lambda: 1)
     assert rb.rewrite_shell(code, [sub], ctx) == (
         "numgpt a \\\n  --b 1 --extra  # say '#' here\n"
         "cat > t.yaml <<'EOF'\nnumgpt inside: heredoc\nEOF\n"
@@ -246,7 +249,7 @@ def test_shell_rewriting_keeps_comments_continuations_and_heredocs():
 
 
 def test_the_substitutions_rewrite_what_they_say():
-    ctx = rb.Context(port=1234)
+    ctx = rb.Context(new_port=lambda: 1234)
 
     def sub(command):
         return rb.rewrite_shell(command + "\n", SUBSTITUTIONS, ctx).strip()
@@ -257,13 +260,25 @@ def test_the_substitutions_rewrite_what_they_say():
         "numgpt train --out r --max-iters 10 --eval-iters 2 --sample-tokens 20 --no-plot  # c"
     assert sub("mpiexec -n 2 numgpt train --out r --resume") == \
         "mpiexec -n 2 numgpt train --out r --resume --eval-iters 2 --sample-tokens 20 --no-plot"
-    assert sub("curl -s http://127.0.0.1:8000/v1/models") == \
-        "curl --fail-with-body -s http://127.0.0.1:1234/v1/models"
     assert sub("numgpt serve --model gpt2/ &") == (
         "numgpt serve --model gpt2/ --port 1234 >> .readme-test/serve.log 2>&1 & "
         "readme_test_server $! http://127.0.0.1:1234")
+    assert sub("curl -s http://127.0.0.1:8000/v1/models") == \
+        "curl --fail-with-body -s http://127.0.0.1:1234/v1/models"
     assert sub("python benchmarks/bench_forward.py  # c") == \
         "python benchmarks/bench_forward.py --help  # c"
+
+
+def test_each_server_gets_its_own_port_and_the_commands_after_it_use_it():
+    ports = iter([1001, 1002])
+    ctx = rb.Context(new_port=lambda: next(ports))
+    code = ("numgpt serve --model a/ &\ncurl -s http://127.0.0.1:8000/x\n"
+            "numgpt serve --model b/ &\ncurl -s http://127.0.0.1:8000/y\n")
+    lines = rb.rewrite_shell(code, SUBSTITUTIONS, ctx).splitlines()
+    assert "--port 1001 " in lines[0] and "127.0.0.1:1001/x" in lines[1]
+    assert "--port 1002 " in lines[2] and "127.0.0.1:1002/y" in lines[3]
+    assert rb.rewrite_python('OpenAI(base_url="http://127.0.0.1:8000/v1")', SUBSTITUTIONS,
+                             ctx) == 'OpenAI(base_url="http://127.0.0.1:1002/v1")'
 
 
 class _NotFound(http.server.BaseHTTPRequestHandler):
