@@ -871,3 +871,108 @@ def test_hf_export_names_exactly_the_files_it_wrote(tmp_path, capsys, gpt2_token
             assert "vocab.json" not in listed and "tokenizer files" not in said
         else:
             assert {"vocab.json", "merges.txt"} <= set(listed)
+
+
+# ------------------------------------------------- hostile files, the loaders' side (issue 20)
+
+def test_numgpts_own_safetensors_writer_reads_back_through_the_library(tmp_path):
+    """numgpt writes .safetensors itself (mode and temporaries are its own); the library's
+    ``load_file``/``safe_open`` read every dtype and shape back, metadata included. A header
+    whose byte ranges leave a gap is refused by the same library (its check is what guards us)."""
+    from safetensors import safe_open
+
+    path = tmp_path / "x.safetensors"
+    path.touch()
+    tensors = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "f64_0d": np.array(3.5),
+               "i8_empty": np.zeros((0, 4), np.int8), "bool": np.array([True, False]),
+               "f16_strided": np.arange(10, dtype=np.float16)[::2], "big_endian": np.arange(4, dtype=">f4")}
+    checkpoint._save_safetensors(tensors, path, {"k": "v"})
+    back = load_file(str(path))
+    assert back.keys() == tensors.keys()
+    for name, a in tensors.items():
+        assert back[name].shape == a.shape and np.array_equal(back[name], a), name
+    with safe_open(str(path), "numpy") as f:
+        assert f.metadata() == {"k": "v"}
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + n])
+    header["f32"]["data_offsets"] = [o + 8 for o in header["f32"]["data_offsets"]]  # a gap
+    raw = json.dumps(header).encode()
+    (tmp_path / "gap.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + path.read_bytes()[8 + n:] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        checkpoint._open_safetensors(tmp_path / "gap.safetensors", __import__("contextlib").ExitStack())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_tensor_count_is_the_number_of_parameter_shapes(bias):
+    for n_layer in (1, 2, 7):
+        c = GPTConfig(vocab_size=64, block_size=8, n_layer=n_layer, n_head=2, n_embd=32, bias=bias)
+        assert c.parameter_tensor_count() == len(c.parameter_shapes())
+
+
+def test_crafted_config_values_are_one_line_not_a_traceback(tmp_path):
+    """An HF config.json whose architectures is 7 or whose activation is a list raised
+    TypeError; a numgpt config with layer_norm_epsilon inf loaded (and computed NaN)."""
+    from numgpt.io.recovery import DOC_KEY
+
+    model = tiny_numgpt()
+    checkpoint.export_hf(model, tmp_path / "hf")
+    for key, value in (("architectures", 7), ("activation_function", ["gelu"])):
+        raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+        (tmp_path / "hf" / f"config.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(CheckpointError, match=f"config.json: .*{key}") as e:
+            numgpt.load(tmp_path / "hf")
+        assert "\n" not in str(e.value)
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
+    checkpoint.save(model, tmp_path / "ck")
+    doc = json.loads((tmp_path / "ck.json").read_text())
+    doc["model"]["layer_norm_epsilon"] = float("inf")
+    (tmp_path / "ck.json").write_text(json.dumps(doc))
+    weights = tmp_path / "ck.safetensors"
+    save_file(load_file(str(weights)), str(weights),
+              metadata={**checkpoint._header(weights)[0]["__metadata__"], DOC_KEY: json.dumps(doc)})
+    with pytest.raises(CheckpointError, match="layer_norm_epsilon' must be finite and > 0, got inf"):
+        numgpt.load(tmp_path / "ck")
+
+
+def _rewrite_doc(prefix: Path, edit) -> None:
+    """Edit a numgpt checkpoint's document in both places it lives (.json and the header)."""
+    from numgpt.io.recovery import DOC_KEY
+
+    doc = json.loads(prefix.with_suffix(".json").read_text())
+    edit(doc)
+    prefix.with_suffix(".json").write_text(json.dumps(doc))
+    weights = prefix.with_suffix(".safetensors")
+    save_file(load_file(str(weights)), str(weights),
+              metadata={**checkpoint._header(weights)[0]["__metadata__"], DOC_KEY: json.dumps(doc)})
+
+
+def test_a_quantized_checkpoint_is_checked_against_its_config_before_memory(tmp_path):
+    """block_size 2**40 in a q8_0 checkpoint's config: the old order checked memory first
+    ("needs 128.0 TiB") and never said which tensor disagreed."""
+    from numgpt.core import quant
+
+    prefix = checkpoint.save(quant.quantize_model(tiny_numgpt()), tmp_path / "q")
+    _rewrite_doc(prefix, lambda d: d["model"].update(block_size=2**40))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'wpe\.weight': expected "
+                                              r"\(1099511627776, 32\).*found \(32, 32\)"):
+        numgpt.load(prefix)
+    prefix = checkpoint.save(quant.quantize_model(tiny_numgpt()), tmp_path / "q2")
+    tensors = load_file(str(tmp_path / "q2.safetensors"))
+    tensors["h.0.mlp.c_fc.weight.scales"] = tensors["h.0.mlp.c_fc.weight.scales"].astype(np.float32)
+    save_file(tensors, str(tmp_path / "q2.safetensors"),
+              metadata=checkpoint._header(tmp_path / "q2.safetensors")[0]["__metadata__"])
+    with pytest.raises(CheckpointError, match=r"'h\.0\.mlp\.c_fc\.weight\.scales' is stored as "
+                                              r"float32, expected float16"):
+        numgpt.load(prefix)
+
+
+def test_a_shard_missing_a_tensor_its_index_names_is_one_line(hf_folder):
+    tensors = load_file(str(hf_folder / "model.safetensors"))
+    (hf_folder / "model.safetensors").unlink()
+    save_file(tensors, str(hf_folder / "shard.safetensors"))
+    index = {"weight_map": {**{k: "shard.safetensors" for k in tensors}, "transformer.h.9.ln_1.weight":
+                            "shard.safetensors"}}
+    (hf_folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"shard\.safetensors: holds no tensor "
+                                              r"'transformer\.h\.9\.ln_1\.weight'"):
+        numgpt.load(hf_folder)

@@ -586,3 +586,339 @@ def test_symlinks_planted_at_the_old_temporary_names_are_not_followed(data_dir, 
            f"{'exit 0' if code == 0 else said(code, err)}; victim file "
            f"{'untouched' if victim.read_text() == 'precious' else 'OVERWRITTEN'}; symlinks replaced: "
            f"{followed or 'none'}", "the symlinks and their target are left alone", ok)
+
+
+# ------------------------------------------------- 20: hostile model files (issue 20)
+#
+# Files crafted from the valid tiny files of tests/model_files.py. Cases that allocated in
+# proportion to a claimed count run in a subprocess under an address-space limit and a
+# timeout; the rest run `numgpt info` / `generate` / `convert` in this process.
+
+import model_files as mf  # noqa: E402
+
+BOUNDED_SECONDS = 60
+
+
+def bounded_cli(*argv, limit_as: int = LIMIT) -> tuple[object, str, float]:
+    """``numgpt ARGV`` in a subprocess under ``limit_as`` bytes of address space and
+    ``BOUNDED_SECONDS``: (exit status or "hung", stderr, seconds)."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        proc = subprocess_python(LOAD_IN_A_LIMITED_PROCESS, *map(str, argv), limit_as=limit_as,
+                                 timeout=BOUNDED_SECONDS)
+        code, err = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired:
+        code, err = "hung", f"still running after {BOUNDED_SECONDS} s (killed)"
+    return code, err, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def gguf_parts(tmp_path_factory):
+    """A valid f32 and q8_0 GGUF of a GPT-2 BPE-free byte model, as editable parts."""
+    folder = tmp_path_factory.mktemp("gguf")
+    return {dtype: mf.read_gguf_parts(mf.gguf_file(folder / f"{dtype}.gguf", dtype))
+            for dtype in ("f32", "q8_0")}
+
+
+def _parts(gguf_parts, dtype="f32") -> mf.GGUFParts:
+    import copy
+
+    return copy.deepcopy(gguf_parts[dtype])
+
+
+def test_a_49_byte_gguf_claiming_2_40_array_elements_is_one_line(tmp_path):
+    import struct
+
+    raw = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1)  # version 3, no tensors, one key/value
+           + struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", mf.T.ARRAY, mf.T.STRING, 1 << 40))
+    path = tmp_path / "tiny.gguf"  # an array of 2^40 strings, and not one byte of them
+    path.write_bytes(raw)
+    code, err, seconds = bounded_cli("info", path)
+    ok = one_line_error(code, err, str(path), f"{1 << 40:,}") and seconds < 20
+    record(f"20.1 GGUF of {len(raw)} bytes whose metadata array claims 2**40 elements",
+           f"{said(code, err)} in {seconds:.1f} s (3 GiB address-space limit)",
+           "one line naming the file and the claimed count, at once, nothing allocated", ok)
+
+
+def test_a_gguf_claiming_2_32_blocks_is_compared_with_its_tensors(gguf_parts, tmp_path):
+    parts = _parts(gguf_parts).set("gpt2.block_count", mf.T.UINT32, 2**32 - 1)
+    path = mf.write_gguf_parts(tmp_path / "blocks.gguf", parts)
+    code, err, seconds = bounded_cli("info", path)
+    ok = one_line_error(code, err, "block_count", str(2**32 - 1), "2 block") and seconds < 20
+    record("20.1 GGUF with gpt2.block_count = 2**32-1 (tensors of 2 blocks)",
+           f"{said(code, err)} in {seconds:.1f} s (3 GiB address-space limit)",
+           "one line comparing block_count with the blocks the file holds, before any "
+           "per-layer name is built", ok)
+
+
+def _poison(parts: mf.GGUFParts, name: str, value: bytes) -> mf.GGUFParts:
+    """Overwrite the first bytes of tensor ``name``'s data with ``value``."""
+    t = parts.tensor(name)
+    data = bytearray(parts.data)
+    data[t["offset"]:t["offset"] + len(value)] = value
+    parts.data = bytes(data)
+    return parts
+
+
+NAN_F32 = np.float32(np.nan).tobytes()
+INF_F16 = np.float16(np.inf).tobytes()
+
+
+@pytest.mark.parametrize("dtype, what", [("f32", "a NaN weight"), ("q8_0", "an infinite q8_0 block scale")])
+def test_non_finite_gguf_weights_are_refused_unless_skipped(dtype, what, gguf_parts, tmp_path, capsys):
+    parts = _poison(_parts(gguf_parts, dtype), "blk.1.ffn_up.weight",
+                    NAN_F32 if dtype == "f32" else INF_F16)
+    path = mf.write_gguf_parts(tmp_path / f"bad-{dtype}.gguf", parts)
+    code, out, err = run_cli(["generate", "--model", path, "--prompt", "hi", "-n", "3",
+                              "--temperature", "0"], capsys)
+    skipped, _, skip_err = run_cli(["info", path, "--skip-finite-check"], capsys)
+    ok = one_line_error(code, err, "NaN or infinite", "blk.1", "--skip-finite-check") and skipped == 0
+    record(f"20.2 GGUF ({dtype}) holding {what}: generate, then info --skip-finite-check",
+           f"generate {said(code, err)}" + (f"; printed {out.strip()[:40]!r}" if out.strip() else "")
+           + f"; with --skip-finite-check {'exit 0' if skipped == 0 else said(skipped, skip_err)}",
+           "refused at load naming the tensor and --skip-finite-check, which loads it", ok)
+
+
+def test_convert_of_a_nan_gguf_is_refused_and_writes_nothing(gguf_parts, tmp_path, capsys):
+    path = mf.write_gguf_parts(tmp_path / "nan.gguf", _poison(_parts(gguf_parts), "output_norm.weight", NAN_F32))
+    code, _, err = run_cli(["convert", path, tmp_path / "out"], capsys)
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != "nan.gguf")
+    ok = one_line_error(code, err, "NaN or infinite", "--skip-finite-check") and not written
+    record("20.2 numgpt convert nan.gguf out", f"{said(code, err)}; files written: {written or 'none'}",
+           "refused before writing a checkpoint numgpt would refuse to load", ok)
+
+
+def test_an_absurd_gguf_context_length_reports_the_shape_not_memory(gguf_parts, tmp_path):
+    parts = _parts(gguf_parts).set("gpt2.context_length", mf.T.UINT64, 1 << 40)
+    path = mf.write_gguf_parts(tmp_path / "ctx.gguf", parts)
+    code, err, seconds = bounded_cli("info", path)
+    ok = one_line_error(code, err, "shape mismatch", "position_embd", str(1 << 40)) and "memory" not in err
+    record("20.2 GGUF with gpt2.context_length = 2**40 (position_embd of 16 rows)",
+           f"{said(code, err)} in {seconds:.1f} s", "the shape mismatch, found before the memory check", ok)
+
+
+def test_a_numgpt_json_claiming_10_12_layers_is_refused_at_once(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from numgpt.io.recovery import DOC_KEY
+
+    prefix = mf.numgpt_checkpoint(tmp_path / "ck")
+    doc = json.loads((tmp_path / "ck.json").read_text())
+    doc["model"]["n_layer"] = 10**12
+    (tmp_path / "ck.json").write_text(json.dumps(doc))
+    weights = tmp_path / "ck.safetensors"  # the copy inside the weights agrees
+    tensors, meta = load_file(str(weights)), checkpoint._header(weights)[0]["__metadata__"]
+    save_file(tensors, str(weights), metadata={**meta, DOC_KEY: json.dumps(doc)})
+    code, err, seconds = bounded_cli("info", prefix)
+    ok = one_line_error(code, err, "missing", f"n_layer={10**12}") and seconds < 20
+    record("20.3 numgpt checkpoint whose config says n_layer 10**12 (weights for 2)",
+           f"{said(code, err)} in {seconds:.1f} s (3 GiB address-space limit)",
+           "refused by arithmetic (tensors named vs held) before any name or array is built", ok)
+
+
+def _bad_utf8_key(parts):
+    parts.kvs.insert(0, [b"general.\xff\xfename", mf.T.STRING, "x"])
+    return parts
+
+
+def _ints_as_tokens(parts):
+    parts.drop("numgpt.tokenizer")  # so the GPT-2 BPE tokenizer is rebuilt from the table
+    return parts.set("tokenizer.ggml.tokens", mf.T.ARRAY, (mf.T.INT32, list(range(256))))
+
+
+def _scalar_token_embd(parts):
+    parts.tensor("token_embd.weight")["dims"] = []
+    return parts
+
+
+def _overlapping(parts):
+    parts.tensor("blk.1.ffn_up.bias")["offset"] = parts.tensor("blk.0.ffn_up.bias")["offset"]
+    return parts
+
+
+GGUF_EDITS = [  # (group, what, edit, words the one line must hold)
+    ("5", "metadata key with bad UTF-8", _bad_utf8_key, ["UTF-8"]),
+    ("5", "numgpt.activation with bad UTF-8",
+     lambda p: p.set("numgpt.activation", mf.T.STRING, b"gelu\xff"), ["numgpt.activation", "UTF-8"]),
+    ("5", "gpt2.context_length as a string",
+     lambda p: p.set("gpt2.context_length", mf.T.STRING, "16"), ["gpt2.context_length", "integer", "string"]),
+    ("5", "gpt2.context_length as float NaN",
+     lambda p: p.set("gpt2.context_length", mf.T.FLOAT32, float("nan")), ["gpt2.context_length", "integer", "nan"]),
+    ("5", "gpt2.embedding_length as an array",
+     lambda p: p.set("gpt2.embedding_length", mf.T.ARRAY, (mf.T.UINT32, [32])), ["embedding_length", "integer", "array"]),
+    ("5", "layer_norm_epsilon as a string",
+     lambda p: p.set("gpt2.attention.layer_norm_epsilon", mf.T.STRING, "1e-5"), ["layer_norm_epsilon", "float", "string"]),
+    ("5", "an integer token table (BPE tokenizer)", _ints_as_tokens, ["tokenizer.ggml.tokens", "string", "int32"]),
+    ("5", "a 0-dimensional token_embd", _scalar_token_embd, ["token_embd.weight", "2 dimensions"]),
+    ("6", "gpt2.block_count as float 2.5",
+     lambda p: p.set("gpt2.block_count", mf.T.FLOAT32, 2.5), ["gpt2.block_count", "integer", "2.5"]),
+    ("6", 'numgpt.bias as the string "false"',
+     lambda p: p.set("numgpt.bias", mf.T.STRING, "false"), ["numgpt.bias", "bool", "false"]),
+    ("6", "layer_norm_epsilon = inf",
+     lambda p: p.set("gpt2.attention.layer_norm_epsilon", mf.T.FLOAT32, float("inf")), ["layer_norm_epsilon", "finite", "inf"]),
+    ("6", "two tensors on the same bytes", _overlapping, ["blk.0.ffn_up.bias", "blk.1.ffn_up.bias", "overlap"]),
+    ("6", "a tensor past the end of the file",
+     lambda p: p.tensor("output_norm.bias").update(offset=1 << 40) or p, ["output_norm.bias", "file ends"]),
+]
+
+
+@pytest.mark.parametrize("group, what, edit, words", GGUF_EDITS, ids=[e[1] for e in GGUF_EDITS])
+def test_crafted_gguf_metadata_is_one_line_naming_the_key(group, what, edit, words, gguf_parts,
+                                                          tmp_path, capsys):
+    path = mf.write_gguf_parts(tmp_path / "crafted.gguf", edit(_parts(gguf_parts)))
+    code, _, err = run_cli(["info", path], capsys)
+    ok = one_line_error(code, err, str(path), *words)
+    record(f"20.{group} crafted GGUF: {what}", said(code, err),
+           "refused in one line naming the key (or tensors), what is expected and what was found", ok)
+
+
+def test_an_integer_weight_tensor_in_a_numgpt_checkpoint_is_refused(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    prefix = mf.numgpt_checkpoint(tmp_path / "ck")
+    weights = tmp_path / "ck.safetensors"
+    tensors, meta = load_file(str(weights)), checkpoint._header(weights)[0]["__metadata__"]
+    tensors["h.0.ln_1.weight"] = np.ones(tensors["h.0.ln_1.weight"].shape, np.int32)
+    save_file(tensors, str(weights), metadata=meta)
+    code, _, err = run_cli(["info", prefix], capsys)
+    ok = one_line_error(code, err, "h.0.ln_1.weight", "int32")
+    record("20.6 numgpt checkpoint with an int32 weight tensor", said(code, err),
+           "refused naming the tensor and its dtype (was cast silently)", ok)
+
+
+@pytest.mark.parametrize("limit", ["tmpfs", "file-size limit"])
+def test_convert_to_gguf_on_a_full_disk_is_one_line_and_leaves_no_torn_file(limit, tmp_path):
+    src = mf.numgpt_checkpoint(tmp_path / "ck")
+    with tmpfs("64k") as mount:
+        if limit == "tmpfs" and mount is None:
+            pytest.skip("mounting a tmpfs needs root; the file-size-limit case covers a full disk")
+        where = mount if limit == "tmpfs" else tmp_path / "out"
+        where.mkdir(exist_ok=True)
+        fsize = 64 << 10  # the f32 GGUF of the tiny model is about 150 KB
+
+        def limits():
+            if limit != "tmpfs":
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+        proc = subprocess.run([sys.executable, "-c", LOAD_IN_A_LIMITED_PROCESS, "convert", str(src),
+                               str(where / "m.gguf")], capture_output=True, text=True, env=ENV,
+                              cwd=REPO, timeout=120, preexec_fn=limits)
+        left = sorted(p.name for p in where.iterdir())
+    how = "a 64 KiB tmpfs" if limit == "tmpfs" else "RLIMIT_FSIZE of 64 KiB"
+    ok = one_line_error(proc.returncode, proc.stderr, "disk full", "m.gguf") and not left
+    record(f"20.5 numgpt convert X out.gguf on a full disk ({how})",
+           f"{said(proc.returncode, proc.stderr)}; files left: {left or 'none'}",
+           "one line saying disk full and naming the file; no torn or temporary file", ok)
+
+
+def test_safetensors_files_get_the_mode_of_the_umask_or_the_previous_file(tmp_path):
+    model, old = mf.tiny_model(), os.umask(0o027)
+    try:
+        checkpoint.save(model, tmp_path / "a")
+        checkpoint.export_hf(model, tmp_path / "hf")
+        (tmp_path / "b.safetensors").touch()
+        os.chmod(tmp_path / "b.safetensors", 0o604)
+        checkpoint.save(model, tmp_path / "b")
+    finally:
+        os.umask(old)
+    modes = {p: oct(os.stat(tmp_path / p).st_mode & 0o777)
+             for p in ("a.safetensors", "a.json", "hf/model.safetensors", "b.safetensors")}
+    want = {"a.safetensors": "0o640", "a.json": "0o640", "hf/model.safetensors": "0o640",
+            "b.safetensors": "0o604"}
+    record("20.7 mode of a written .safetensors (umask 027; a previous file of mode 604)",
+           f"modes {modes}", f"{want}: the umask, or the previous file's mode, like every other writer",
+           modes == want)
+
+
+SAVE_AND_WATCH = r"""
+import os, re, sys, threading, time
+import numpy as np
+from numgpt.io import checkpoint
+sys.path.insert(0, "tests")
+import model_files as mf
+folder = sys.argv[1]
+foreign = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # the safetensors library's own temporary
+
+def watch():
+    while True:
+        if any(foreign.fullmatch(n) for n in os.listdir(folder)):
+            os.kill(os.getpid(), 9)
+        time.sleep(0.0005)
+
+threading.Thread(target=watch, daemon=True).start()
+moments = {"m": np.zeros((64, 1 << 20), np.float32), "v": np.zeros((64, 1 << 20), np.float32)}
+for i in range(3):
+    checkpoint.save(mf.tiny_model(), os.path.join(folder, "latest"), arrays=moments)
+print("saved without a foreign temporary")
+"""
+
+
+def test_no_temporary_of_the_safetensors_library_survives_a_kill(tmp_path):
+    """A watcher thread kills the saving process (SIGKILL) the moment a ``.tmpXXXXXX`` of the
+    safetensors library appears: the old writer left it behind, never tidied."""
+    from numgpt.io.recovery import tidy_folder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "-c", SAVE_AND_WATCH, str(folder)], capture_output=True,
+                          text=True, env=ENV, cwd=REPO, timeout=300)
+    left = sorted(p.name for p in folder.iterdir() if not p.name.startswith("latest."))
+    (folder / ".tmpAbC123").write_bytes(b"left by an older numgpt")
+    tidied = tidy_folder(folder)
+    gone = not (folder / ".tmpAbC123").exists()
+    ok = proc.returncode == 0 and not left and gone
+    record("20.7 kill -9 while a checkpoint's .safetensors is written (the library's .tmpXXXXXX)",
+           f"{'killed: the library temporary appeared' if proc.returncode == -9 else f'exit {proc.returncode}'}; "
+           f"left: {left or 'none'}; an old .tmpAbC123 tidied by the next run: {gone} ({len(tidied)} note)",
+           "numgpt writes the file itself (no foreign temporary); old ones are tidied", ok)
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_not_waited_on(tmp_path):
+    prefix = mf.numgpt_checkpoint(tmp_path / "latest")
+    weights = tmp_path / "latest.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    code, err, seconds = bounded_cli("info", prefix)
+    gguf = tmp_path / "m.gguf"
+    os.mkfifo(gguf)
+    gcode, gerr, gseconds = bounded_cli("info", gguf)
+    tidy = subprocess_python("import sys; from numgpt.io.recovery import tidy_folder; "
+                             "print(tidy_folder(sys.argv[1]))", str(tmp_path), timeout=BOUNDED_SECONDS)
+    ok = (one_line_error(code, err, "FIFO", "latest.safetensors")
+          and one_line_error(gcode, gerr, "FIFO", "m.gguf") and tidy.returncode == 0)
+    record("20.7 a FIFO named latest.safetensors (info, and the run folder's tidy-up) and one named m.gguf",
+           f"{said(code, err)} in {seconds:.1f} s; GGUF {said(gcode, gerr)}; tidy exit {tidy.returncode}",
+           "one line saying it is a FIFO, not a regular file; nothing waits on it", ok)
+
+
+RSS_AFTER_LOAD = r"""
+import sys
+from pathlib import Path
+from numgpt.io import checkpoint
+
+def peak_kib():  # VmHWM: the resident high-water mark since the reset below
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the imports peaked higher)
+before = peak_kib()
+checkpoint.load(sys.argv[1])
+print((peak_kib() - before) // 1024)
+"""
+
+
+def test_loading_latest_for_inference_does_not_read_the_adamw_moments(tmp_path):
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure a load's peak memory")
+    moments = {"m": np.ones((64, 1 << 20), np.float32), "v": np.ones((64, 1 << 20), np.float32)}
+    prefix = checkpoint.save(mf.tiny_model(), tmp_path / "latest", arrays=moments)  # 512 MiB
+    proc = subprocess_python(RSS_AFTER_LOAD, str(prefix))
+    grew = int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    back = checkpoint.load_checkpoint(prefix)[2]
+    ok = grew is not None and grew < 64 and np.array_equal(back["m"], moments["m"])
+    record("20.7 numgpt.load of a latest holding 512 MiB of AdamW moments (model 0.1 MiB)",
+           f"peak memory grew by {grew} MiB during the load" if grew is not None else said(proc.returncode, proc.stderr),
+           "the moments are not read (under 64 MiB); load_checkpoint still returns them", ok)

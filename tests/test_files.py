@@ -65,3 +65,25 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_open_regular_refuses_a_fifo_and_a_folder_without_waiting(tmp_path):
+    """A FIFO named like a model file would block ``open`` forever (nothing writes to it):
+    ``open_regular`` opens non-blocking and refuses it in one line; a folder too."""
+    from numgpt.errors import CheckpointError
+    from numgpt.io.files import is_regular_file, open_regular
+
+    fifo = tmp_path / "latest.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"latest\.safetensors: the weights file is a FIFO, "
+                                              r"not a regular file"):
+        open_regular(fifo, "weights file")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        open_regular(tmp_path, "weights file")
+    (tmp_path / "ok.bin").write_bytes(b"abc")
+    with open_regular(tmp_path / "ok.bin") as f:
+        assert f.read() == b"abc"
+    assert is_regular_file(tmp_path / "ok.bin") and not is_regular_file(fifo)
+    assert not is_regular_file(tmp_path / "missing") and not is_regular_file(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        open_regular(tmp_path / "missing")

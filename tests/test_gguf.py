@@ -22,7 +22,8 @@ from numgpt.core import quant  # noqa: E402
 from numgpt.core.model import GPT, GPTConfig  # noqa: E402
 from numgpt.core.tensor import no_grad  # noqa: E402
 from numgpt.errors import CheckpointError, ConfigError  # noqa: E402
-from numgpt.io.gguf import INERT_MERGE, load_gguf, tensor_names, write_gguf  # noqa: E402
+from numgpt.io.checkpoint import load as load_gguf  # noqa: E402  (GGUF by its .gguf name)
+from numgpt.io.gguf import INERT_MERGE, tensor_names, write_gguf  # noqa: E402
 from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer, bytes_to_unicode  # noqa: E402
 
 TINY = dict(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=64)
@@ -296,3 +297,44 @@ def test_cli_converts_a_bpe_gguf_to_numgpt_and_hf_keeping_the_tokenizer(tmp_path
     assert not quant.is_quantized(hf)
     ids = np.array([[15496, 13, 50256, 7]])
     np.testing.assert_allclose(_logits(hf, ids), _logits(back, ids), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------- the bounded reader (issue 20)
+
+def test_the_bounded_reader_reads_what_ggufs_own_reader_reads(tmp_path, gpt2_tokenizer_dir):
+    """numgpt reads GGUF headers with its own bounded parser: on a real GPT-2 BPE file (50257
+    tokens, 50000 merges) every key and tensor info equals gguf's GGUFReader's."""
+    from numgpt.io.gguf import _read_header
+
+    m = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=64), seed=0)
+    m.tokenizer = GPT2Tokenizer.from_folder(gpt2_tokenizer_dir)
+    for dtype in ("f32", "q8_0"):
+        path = write_gguf(m, tmp_path / f"m-{dtype}.gguf", dtype)
+        ours, theirs = _read_header(path), gguf.GGUFReader(str(path))
+        want = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        got = {k: (list(v[1]) if t == 9 else v) for k, (t, v) in ours.fields.items()}
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            mine = got[key]
+            if isinstance(value, list):  # numpy scalars from an array -> Python values
+                mine = [x.item() if isinstance(x, np.generic) else x for x in mine]
+            assert mine == (pytest.approx(value) if isinstance(value, float) else value), key
+        for t in theirs.tensors:
+            mine = ours.tensors[t.name]
+            assert (mine.shape, mine.kind, mine.offset, mine.n_bytes) == (
+                tuple(int(s) for s in reversed(t.shape)), t.tensor_type.name, int(t.data_offset),
+                int(t.n_bytes)), t.name
+            assert np.array_equal(mine().view(np.uint8).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
+
+
+def test_a_truncated_gguf_is_one_line_at_every_length(tmp_path):
+    """Every prefix of a valid file (one length per region: header, keys, tensor infos, data)
+    is refused in one CheckpointError line; none loads and none raises anything else."""
+    path = write_gguf(_model(), tmp_path / "m.gguf", "f32")
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for n in sorted({0, 3, 4, 7, 20, 23, 40, 100, 500, 1000, 3000, len(raw) // 2, len(raw) - 1}):
+        cut.write_bytes(raw[:n])
+        with pytest.raises(CheckpointError) as e:
+            load_gguf(cut)
+        assert "\n" not in str(e.value) and "cut.gguf" in str(e.value), n

@@ -73,8 +73,8 @@ class GPTConfig:
         if self.activation not in ("gelu", "gelu_tanh"):
             raise ConfigError(f"config key 'activation' must be 'gelu' or 'gelu_tanh', got "
                               f"{self.activation!r}")
-        if not self.layer_norm_epsilon > 0:
-            raise ConfigError(f"config key 'layer_norm_epsilon' must be > 0, got "
+        if not 0 < self.layer_norm_epsilon < float("inf"):
+            raise ConfigError(f"config key 'layer_norm_epsilon' must be finite and > 0, got "
                               f"{self.layer_norm_epsilon}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"config key 'dtype' must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
@@ -121,6 +121,12 @@ class GPTConfig:
         C, L, bias = self.n_embd, self.n_layer, int(self.bias)
         per_layer = 12 * C * C + 2 * C + bias * 11 * C  # weights, LayerNorm gains, biases
         return (self.vocab_size + self.block_size) * C + L * per_layer + C + bias * C
+
+    def parameter_tensor_count(self) -> int:
+        """How many tensors ``parameter_shapes`` names, by arithmetic alone, so a loader can
+        compare a claimed n_layer with the tensors a file holds before building the names."""
+        per_layer = 12 if self.bias else 6  # ln_1, c_attn, c_proj, ln_2, c_fc, c_proj (+ biases)
+        return 2 + self.n_layer * per_layer + (2 if self.bias else 1)  # wte, wpe ... ln_f
 
     def parameter_bytes(self) -> int:
         """Memory the parameters take in this config's dtype."""

@@ -54,7 +54,7 @@ from .tensor import Tensor
 __all__ = ["BLOCK", "SCHEMES", "Q8Matrix", "quantize_q8_0", "matmul", "linear", "embedding",
            "QuantizedLinear", "QuantizedEmbedding", "quantize_model", "is_quantized",
            "scheme_of", "quantized_state", "build_quantized", "weight_bytes", "parameter_count",
-           "bytes_per_parameter",
+           "bytes_per_parameter", "stored_shapes",
            "describe", "dequantize_model", "refuse_training"]
 
 BLOCK = 32  # values per q8_0 block (GGML's QK8_0)
@@ -475,6 +475,23 @@ def build_quantized(model, read: Mapping[str, Callable[[], np.ndarray]], where: 
                                   f"{tuple(p.data.shape)}, found {tuple(a.shape)}")
         p.data[...] = a
     return model
+
+
+def stored_shapes(config) -> dict[str, tuple[int, ...]]:
+    """What ``quantized_state`` stores for ``config``, by name and shape, without allocating:
+    ``NAME.qs`` (out, in) and ``NAME.scales`` (out, in/32) for each matrix (the block
+    Linears and wte), the config's own shape for every float parameter. Loaders check a
+    file's header against it before the model exists."""
+    out: dict[str, tuple[int, ...]] = {}
+    matrices = {f"{name}.weight" for name in (f"h.{i}.{path}" for i in range(config.n_layer)
+                                              for path in _LINEARS)} | {"wte.weight"}
+    for name, shape in config.parameter_shapes().items():
+        if name in matrices:
+            N, K = shape if name == "wte.weight" else shape[::-1]  # Linear (in, out) -> (out, in)
+            out[f"{name}.qs"], out[f"{name}.scales"] = (N, K), (N, K // BLOCK)
+        else:
+            out[name] = tuple(shape)
+    return out
 
 
 def _read_q8(read, name: str, shape: tuple[int, int], where: str) -> Q8Matrix:

@@ -19,7 +19,12 @@ Every load checks, and names the file and key when it refuses: missing keys, une
 keys, shapes (expected vs found), truncated or corrupt files, non-GPT-2 architectures,
 and an output head that is not tied to ``wte``. Sizes are checked against the config, and
 the config against the machine's available memory, before the model is allocated; weights
-that are NaN or infinite are refused (``check_finite=False`` skips that scan).
+that are NaN or infinite are refused (``check_finite=False`` skips that scan). A file
+comes from strangers, so nothing is built in proportion to what it claims before that
+claim is checked: the tensor count a config implies is compared by arithmetic first,
+stored dtypes must be floats, and model files must be regular files (a FIFO would block
+``open`` forever). GGUF files (``io.gguf``) go through the same ``_new_model`` /
+``_new_quantized_model`` path, and so the same memory and finite checks.
 
 A numgpt checkpoint is one atomic unit (``io.recovery``): both files are written under
 fresh temporary names and fsynced; renaming the weights file into place is the commit, and
@@ -48,7 +53,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, NumGPTError
-from .files import fsync_dir, fsync_path, make_folder, temp_path, write_errors
+from .files import (fsync_dir, fsync_path, is_regular_file, make_folder, open_regular, temp_path,
+                    write_errors)
 from . import chat
 from .recovery import DOC_KEY, weights_doc
 from ..core import quant
@@ -99,13 +105,15 @@ def _reached(point: str, prefix: Path) -> None:
 
 
 class _Stored:
-    """One tensor in a file: ``shape`` (from the header, known before anything is read;
-    None when unknown) and its reader (calling the object reads the tensor)."""
+    """One tensor in a file: ``shape`` and ``dtype`` (a numpy-style name: "float32",
+    "bfloat16", "int64"...; from the header, known before anything is read; None when
+    unknown) and its reader (calling the object reads the tensor)."""
 
-    __slots__ = ("read", "shape")
+    __slots__ = ("read", "shape", "dtype")
 
-    def __init__(self, read: Thunk, shape=None):
+    def __init__(self, read: Thunk, shape=None, dtype: str | None = None):
         self.read, self.shape = read, None if shape is None else tuple(int(n) for n in shape)
+        self.dtype = dtype
 
     def __call__(self) -> np.ndarray:
         return self.read()
@@ -188,10 +196,18 @@ def _dtype_name(dtype) -> str | None:
 
 # ----------------------------------------------------------------------- file reads
 
+def _require_file(path: Path, what: str) -> None:
+    """CheckpointError unless ``path`` is a regular file: missing, or a FIFO, folder or device
+    named like one (``io.files.open_regular`` says which; opening a FIFO would hang)."""
+    if not is_regular_file(path):
+        if os.path.exists(path):
+            open_regular(path, what).close()  # raises, naming what it is
+        raise CheckpointError(f"missing {what} {str(path)!r}")
+
+
 def _read_json(path: Path, what: str) -> dict:
     """A JSON object from ``path``; CheckpointError naming the file, line and column if not."""
-    if not path.is_file():
-        raise CheckpointError(f"missing {what} {str(path)!r}")
+    _require_file(path, what)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -210,8 +226,7 @@ def _open_safetensors(path: Path, stack: ExitStack):
     """
     from safetensors import safe_open
 
-    if not path.is_file():
-        raise CheckpointError(f"missing weights file {str(path)!r}")
+    _require_file(path, "weights file")
     try:
         return stack.enter_context(safe_open(str(path), framework="numpy"))
     except Exception as e:  # SafetensorError, OSError: the header or the file is broken
@@ -245,12 +260,16 @@ def _safetensors_thunks(path: Path, stack: ExitStack, keys=None) -> tuple[dict[s
     header, data_start = _header(path)
     thunks, dtypes = {}, set()
     for key in (f.keys() if keys is None else keys):
-        entry = header[key]
+        entry = header.get(key)
+        if entry is None:  # a sharded index naming a tensor its shard does not hold
+            raise CheckpointError(f"{path}: holds no tensor {key!r}, which the safetensors index "
+                                  f"assigns to it; the index and the shard disagree")
         if entry["dtype"] not in _ST_NUMPY and entry["dtype"] != "BF16":
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which numgpt "
                                   f"cannot read; supported: {sorted(_ST_NUMPY) + ['BF16']}")
         dtypes.add(entry["dtype"])
-        thunks[key] = _Stored(lambda e=entry: _read_tensor(path, e, data_start), entry["shape"])
+        kind = "bfloat16" if entry["dtype"] == "BF16" else np.dtype(_ST_NUMPY[entry["dtype"]]).name
+        thunks[key] = _Stored(lambda e=entry: _read_tensor(path, e, data_start), entry["shape"], kind)
     floats = [_ST_DTYPES[d] for d in dtypes if d in _ST_DTYPES]
     return thunks, ("float64" if "float64" in floats else "float32"), f.metadata() or {}
 
@@ -289,6 +308,13 @@ def _torch_to_numpy(t, path: Path, key: str) -> np.ndarray:
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
     return t.numpy()
+
+
+def _torch_kind(t) -> str | None:
+    """A torch tensor's dtype as a numpy-style name ("float32", "bfloat16", "int64"), from
+    its header, without reading it; None for anything that is not a tensor."""
+    dtype = getattr(t, "dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _torch_dtype(tensors: Mapping[str, Any]) -> str:
@@ -351,10 +377,52 @@ def _check_stored_shapes(expected: Mapping[str, tuple], thunks: Mapping[str, Thu
             raise _shape_mismatch(path, name, shape, found, layout)
 
 
-def _check_finite(a: np.ndarray, name: str, path: Path) -> None:
+def _check_dtypes(expected: Mapping[str, Any], thunks: Mapping[str, Thunk], path: Path) -> None:
+    """Parameters are stored as floats, checked from the header before anything is read: an
+    integer or bool tensor would otherwise be cast silently into weights."""
+    for name in expected:
+        kind = getattr(thunks[name], "dtype", None)
+        if kind is not None and not _is_float(kind):
+            raise _not_float(path, name, kind)
+
+
+def _is_float(kind: str) -> bool:
+    return kind in ("float16", "bfloat16", "float32", "float64")
+
+
+def _not_float(path: Path, name: str, kind: str) -> CheckpointError:
+    return CheckpointError(f"{path}: parameter {name!r} is stored as {kind}; GPT-2 weights are "
+                           f"float16, bfloat16, float32 or float64: the file is corrupt or "
+                           f"crafted (re-export it)")
+
+
+def _check_count(config: GPTConfig, found: int, path: Path) -> None:
+    """Refuse, by arithmetic alone, a config that names far more parameter tensors than the
+    file holds (``n_layer: 10**12`` beside the weights of 2 layers) before any per-layer name
+    is built: building them would take hours and gigabytes. Up to twice the file's count
+    (plus a margin) the names are built and ``_check_keys`` lists the missing ones."""
+    need = config.parameter_tensor_count()
+    if need > 2 * found + 1024:
+        raise CheckpointError(f"{path}: missing {need - found:,} parameter(s) the config "
+                              f"(n_layer={config.n_layer}, bias={config.bias}) needs: it names "
+                              f"{need:,} tensors and the file holds {found:,}")
+
+
+def _label(read, key: str) -> str:
+    """How a message names a stored tensor: its numgpt name, and the file's own name when the
+    format uses another (a GGUF reader's ``source``, e.g. 'blk.1.ffn_up.weight')."""
+    name, source = key.removesuffix(".q8_0"), getattr(read, "source", None)
+    return repr(name) + (f" (the file's {source!r})" if source and source != name else "")
+
+
+def _check_finite(a, label: str, path: Path) -> None:
+    """Refuse NaN or infinite stored floats; a q8_0 matrix (``quant.Q8Matrix``) through its
+    float16 block scales (its int8 codes are always finite). ``label``: see ``_label``."""
+    if isinstance(a, quant.Q8Matrix):
+        a, label = a.scales, f"{label}, its q8_0 block scales,"
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-        raise CheckpointError(f"{path}: parameter {name!r} holds {bad} NaN or infinite value(s) of "
+        raise CheckpointError(f"{path}: parameter {label} holds {bad} NaN or infinite value(s) of "
                               f"{a.size}; the checkpoint is damaged (e.g. saved after training "
                               f"diverged): use an earlier checkpoint, or load it anyway with "
                               f"check_finite=False (--skip-finite-check)")
@@ -369,8 +437,10 @@ def _fill(model: GPT, thunks: Mapping[str, Thunk], path: Path, layout: str = "",
         a = thunks[name]()
         if a.shape != p.data.shape:
             raise _shape_mismatch(path, name, p.data.shape, a.shape, layout)
+        if a.dtype.kind != "f":
+            raise _not_float(path, name, a.dtype.name)
         if check_finite:
-            _check_finite(a, name, path)
+            _check_finite(a, _label(thunks[name], name), path)
         p.data[...] = a  # casts to the model's dtype
 
 
@@ -392,9 +462,11 @@ def _new_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path, layout: 
     """Names and header shapes checked against the config, and the config against the
     machine's memory, before the model is allocated; then filled tensor by tensor."""
     head = thunks.pop("lm_head.weight", None)
+    _check_count(config, len(thunks), path)
     expected = config.parameter_shapes()
     _check_keys(expected, thunks, path, config)
     _check_stored_shapes(expected, thunks, path, layout)
+    _check_dtypes(expected, thunks, path)
     check_memory(config, f"the model in {path}", error=CheckpointError)
     model = GPT(config, seed=None)
     _fill(model, thunks, path, layout, check_finite)
@@ -469,11 +541,14 @@ def _hf_config(raw: dict, path: Path, dtype: str) -> GPTConfig:
     numgpt does not implement, naming the key."""
     model_type = raw.get("model_type")
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list):  # a crafted config.json: 7, "GPT2", {...}
+        raise CheckpointError(f"{path}: 'architectures' must be a list of names, found "
+                              f"{type(archs).__name__} {archs!r:.60}")
     if model_type != "gpt2" or not all(isinstance(a, str) and a.startswith("GPT2") for a in archs):
         raise CheckpointError(f"{path}: model_type {model_type!r}, architectures {archs}: numgpt "
                               f"loads GPT-2 only (model_type 'gpt2', GPT2* architectures)")
     act = raw.get("activation_function", _HF_DEFAULTS["activation_function"])
-    if act not in _HF_ACTIVATIONS:
+    if not isinstance(act, str) or act not in _HF_ACTIVATIONS:
         raise CheckpointError(f"{path}: activation_function {act!r} is not supported; numgpt "
                               f"implements {sorted(_HF_ACTIVATIONS)}")
     get = lambda k: raw.get(k, _HF_DEFAULTS.get(k))  # noqa: E731
@@ -518,7 +593,7 @@ def _hf_weights(folder: Path, stack: ExitStack) -> tuple[dict[str, Thunk], str, 
         if not isinstance(state, dict):
             raise CheckpointError(f"{binary}: expected a state dict, found {type(state).__name__}")
         thunks = {k: _Stored(lambda k=k: _torch_to_numpy(state[k], binary, k),
-                             getattr(state[k], "shape", None)) for k in state}
+                             getattr(state[k], "shape", None), _torch_kind(state[k])) for k in state}
         return thunks, _torch_dtype(state), binary
     raise CheckpointError(f"{folder}: no weights file; expected one of {list(_HF_WEIGHT_FILES)}")
 
@@ -573,10 +648,10 @@ def _nanogpt_config(args: Any, path: Path, dtype: str) -> GPTConfig:
 
 def _nanogpt_thunks(state: dict, path: Path) -> dict[str, Thunk]:
     """nanoGPT tensors by numgpt name; Linear weights (out, in) -> (in, out)."""
-    raw = {k: _Stored(lambda k=k: _torch_to_numpy(state[k], path, k), getattr(state[k], "shape", None))
-           for k in state}
+    raw = {k: _Stored(lambda k=k: _torch_to_numpy(state[k], path, k), getattr(state[k], "shape", None),
+                      _torch_kind(state[k])) for k in state}
     named = _normalize(raw, path, ("_orig_mod.", "module.", "transformer."))
-    return {name: (_Stored(lambda t=t: t().T, _shape(t) and _shape(t)[::-1])
+    return {name: (_Stored(lambda t=t: t().T, _shape(t) and _shape(t)[::-1], t.dtype)
                    if _LINEAR_WEIGHT.match(name) else t) for name, t in named.items()}
 
 
@@ -645,8 +720,10 @@ def _numgpt_tokenizer(doc: dict, prefix: Path) -> tuple[Any, list[str]]:
         return None, [f"recorded tokenizer {cfg} could not be loaded ({e}); no tokenizer attached"]
 
 
-def _load_numgpt(prefix: Path, dtype: str | None,
-                 check_finite: bool = True) -> tuple[GPT, dict, dict[str, np.ndarray]]:
+def _load_numgpt(prefix: Path, dtype: str | None, check_finite: bool = True,
+                 extras: bool = True) -> tuple[GPT, dict, dict[str, np.ndarray]]:
+    """(model, meta, extra arrays); ``extras=False`` leaves the ``extra/`` arrays (AdamW's
+    moments: twice the model) unread, for loads that only need the model."""
     doc, doc_notes = _read_numgpt_doc(prefix)
     weights = _with(prefix, ".safetensors")
     try:
@@ -660,18 +737,19 @@ def _load_numgpt(prefix: Path, dtype: str | None,
             raise CheckpointError(f"{weights} (save_id {found_id!r}) and {_with(prefix, '.json')} "
                                   f"(save_id {doc['save_id']!r}) come from different saves, e.g. a "
                                   f"save interrupted between its two renames; re-save the model")
-        extras = {k[len(EXTRA_PREFIX):]: t() for k, t in thunks.items() if k.startswith(EXTRA_PREFIX)}
         params = {k: t for k, t in thunks.items() if not k.startswith(EXTRA_PREFIX)}
         if doc.get("quantization") is not None:
             model = _new_quantized_model(config, params, weights, doc["quantization"], check_finite)
         else:
             model = _new_model(config, params, weights, check_finite=check_finite)
+        arrays = {k[len(EXTRA_PREFIX):]: t() for k, t in thunks.items()
+                  if extras and k.startswith(EXTRA_PREFIX)}  # read after the model: it was checked
     tokenizer, notes = _numgpt_tokenizer(doc, prefix)
     template = doc.get("chat_template")
     if template is not None:
         template = chat.check_template(template, f"{_with(prefix, '.json')}: 'chat_template'")
     return (_attach(model, "numgpt", prefix, weights, tokenizer, doc_notes + notes, template),
-            doc["meta"], extras)
+            doc["meta"], arrays)
 
 
 def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path,
@@ -686,6 +764,8 @@ def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path
     if config.dtype != "float32":
         raise CheckpointError(f"{path}: a {name} model computes in float32; it cannot be loaded "
                               f"as {config.dtype} (load the float checkpoint it came from)")
+    _check_count(config, len(thunks), path)
+    _check_quantized_header(config, thunks, path)
     check_memory(config, f"the model in {path}", error=CheckpointError,
                  bytes_per_parameter=quant.bytes_per_parameter(config, name))
     if check_finite:
@@ -693,23 +773,56 @@ def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path
     return quant.build_quantized(GPT(config, seed=None), thunks, str(path))
 
 
+def _check_quantized_header(config: GPTConfig, thunks: Mapping[str, Thunk], path: Path) -> None:
+    """A quantized file's names, shapes and dtypes (``quant.stored_shapes``: codes int8,
+    scales float16, the rest float) against the config, before anything is allocated. A
+    GGUF reader holds a whole matrix under ``NAME.q8_0`` instead of ``.qs`` + ``.scales``."""
+    want = quant.stored_shapes(config)
+    missing = [k for k in want if k not in thunks and not (
+        k.endswith((".qs", ".scales")) and k.rsplit(".", 1)[0] + ".q8_0" in thunks)]
+    if missing:
+        raise CheckpointError(f"{path}: quantized checkpoint keys do not match the config "
+                              f"(n_layer={config.n_layer}, bias={config.bias}): missing "
+                              f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    for key, read in thunks.items():
+        shape = want.get(key[:-len(".q8_0")] + ".qs" if key.endswith(".q8_0") else key)
+        found, kind = _shape(read), getattr(read, "dtype", None)
+        if shape is not None and found is not None and found != tuple(shape):
+            raise _shape_mismatch(path, key, shape, found, "")
+        need = ("int8" if key.endswith(".qs") else "float16" if key.endswith(".scales")
+                else None if key.endswith(".q8_0") else "float")
+        if kind is not None and need is not None and (
+                kind != need if need != "float" else not _is_float(kind)):
+            raise CheckpointError(f"{path}: {key!r} is stored as {kind}, expected {need}; the "
+                                  f"file is corrupt or crafted (re-quantize the model)")
+
+
 def _finite_after(read: Thunk, name: str, path: Path) -> Callable[[], np.ndarray]:
     """``read`` followed by the finite check of what it returns."""
     def checked() -> np.ndarray:
         a = read()
-        _check_finite(a, name, path)
+        _check_finite(a, _label(read, name), path)
         return a
 
     return checked
 
 
-def _load_gguf(path: Path, dtype: str | None) -> GPT:
-    from .gguf import load_gguf
+def _load_gguf(path: Path, dtype: str | None, check_finite: bool = True) -> GPT:
+    """A GGUF file (``io.gguf.read_gguf``: header, names, types and shapes checked against
+    each other and the file's length) built through the same checks as every format:
+    memory before allocation, finite weights and q8_0 scales unless ``check_finite=False``."""
+    from .gguf import read_chat_template, read_gguf
 
     if dtype == "float64":
         raise CheckpointError(f"{path}: GGUF holds f32, f16 or q8_0 tensors and numgpt loads it "
                               f"in float32; convert it to a numgpt checkpoint to cast it")
-    return load_gguf(path)
+    config, readers, tokenizer, notes, quantized = read_gguf(path)
+    template = read_chat_template(path)
+    if quantized:
+        model = _new_quantized_model(config, readers, path, {"scheme": "q8_0"}, check_finite)
+    else:
+        model = _new_model(config, readers, path, check_finite=check_finite)
+    return _attach(model, "gguf", path, path, tokenizer, notes, template)
 
 
 # ---------------------------------------------------------------------- public load
@@ -730,8 +843,8 @@ def load(path: str | os.PathLike, dtype=None, *, check_finite: bool = True) -> G
     if fmt == "nanogpt":
         return _load_nanogpt(where, dtype, check_finite)
     if fmt == "gguf":
-        return _load_gguf(where, dtype)
-    return _load_numgpt(where, dtype, check_finite)[0]
+        return _load_gguf(where, dtype, check_finite)
+    return _load_numgpt(where, dtype, check_finite, extras=False)[0]
 
 
 def load_checkpoint(prefix: str | os.PathLike, *,
@@ -813,16 +926,41 @@ def _commit(pairs: list[tuple[Path, Path]], prefix: Path | None = None, kept: st
             tmp.unlink(missing_ok=True)
 
 
-def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
+_ST_CODES = {np.dtype(v).name: k for k, v in _ST_NUMPY.items()}  # "float32" -> "F32"
 
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except Exception as e:  # SafetensorError: an I/O failure shows only as "(os error N)"
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    """Stream ``tensors`` into the safetensors file ``path`` (the empty temporary that
+    ``_write_temp`` made, with the mode the finished file should have): an 8-byte header
+    length, the JSON header (``__metadata__`` and each tensor's dtype, shape and byte range;
+    larger items first, then by name; padded with spaces to 8 bytes, as the library pads
+    it), then each array's bytes, with no copy of the model.
+
+    Written here rather than by the safetensors library's ``save_file``, which replaces the
+    file numgpt set up by its own (mode 0600 whatever the umask or the previous file's mode)
+    through a ``.tmpXXXXXX`` that a kill -9 leaves behind. Every load reads the file through
+    the library's ``safe_open``, which validates this header."""
+    arrays = {}
+    for name, value in tensors.items():
+        a = np.asarray(value, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")
+        arrays[name] = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        a = arrays[name]
+        header[name] = {"dtype": _ST_CODES[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:  # truncates the temporary in place: its mode stays
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in order:
+            if arrays[name].nbytes:
+                f.write(arrays[name].data)
 
 
 def _write_text(text: str) -> Callable[[Path], None]:

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-from ..errors import NumGPTError
+from ..errors import CheckpointError, NumGPTError
 
 __all__ = ["atomic_write", "temp_path", "fsync_path", "fsync_dir", "make_folder", "write_errors",
-           "write_error", "WriteError", "TEMP_SUFFIX"]
+           "write_error", "WriteError", "TEMP_SUFFIX", "open_regular", "is_regular_file",
+           "file_mode"]
 
 TEMP_SUFFIX = ".tmp"
 # errno values that mean "no room": the disk or quota is full, or a file-size limit was hit
@@ -85,14 +87,20 @@ def _umask() -> int:
     return 0o022
 
 
+def file_mode(target) -> int:
+    """The permission bits a file written at ``target`` gets: the previous file's, else
+    ``0o666 & ~umask`` (what ``open(..., "w")`` would give)."""
+    target = Path(target)
+    return target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
+
+
 def _new_temp(target: Path) -> tuple[int, Path]:
     """An exclusively created ``.NAME.<random>.tmp`` beside ``target``, open for writing,
     with the permission bits the finished file should have."""
     with write_errors(target, "nothing was written"):
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
     try:
-        mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
-        os.fchmod(fd, mode)
+        os.fchmod(fd, file_mode(target))
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -158,3 +166,35 @@ def atomic_write(path, write: Callable[[BinaryIO], None] | bytes | str, *,
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def is_regular_file(path) -> bool:
+    """True for a regular file (or a symlink to one); False for a FIFO, socket, device,
+    folder, or nothing. ``Path.is_file`` says the same; this one never raises."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def open_regular(path, what: str = "file"):
+    """``open(path, "rb")`` for a model file from anywhere, refusing in one line
+    (``CheckpointError``) anything but a regular file: opening a FIFO named like a checkpoint
+    would block forever, a device would never end. The file is opened non-blocking, checked
+    with ``fstat`` on the open descriptor (no window for a swap), then read normally.
+    ``FileNotFoundError`` and other ``OSError`` pass through for the caller to word."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device" if
+                    stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            raise CheckpointError(f"{path}: the {what} is {kind}, not a regular file; numgpt "
+                                  f"reads models only from regular files (check the path)")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -10,8 +10,12 @@ stale copy that the weights' own document replaces.
 
 Two things can be left behind: the temporaries of the interrupted save (``.NAME.<random>.tmp``,
 see ``io.files``) and a stale ``.json``. ``tidy_folder`` removes the first and rewrites the
-second; ``numgpt train`` runs it on its run folder before anything reads it. Pure Python
-(no NumPy): the CLI runs it before the BLAS thread count is set.
+second; ``numgpt train`` runs it on its run folder before anything reads it. It also removes
+the ``.tmpXXXXXX`` files that the safetensors library's own ``save_file`` leaves when killed
+(numgpt versions before it wrote safetensors files itself used it). Files are only ever
+opened after ``fstat`` shows a regular file (``io.files.open_regular``): a FIFO named like a
+checkpoint would block forever. Pure Python (no NumPy): the CLI runs it before the BLAS
+thread count is set.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import json
 import re
 from pathlib import Path
 
-from .files import TEMP_SUFFIX, atomic_write
+from ..errors import CheckpointError
+from .files import TEMP_SUFFIX, atomic_write, open_regular
 
 __all__ = ["weights_doc", "recover_checkpoint", "remove_orphans", "tidy_folder", "DOC_KEY"]
 
@@ -27,27 +32,30 @@ DOC_KEY = "numgpt_doc"  # safetensors metadata key holding the checkpoint's JSON
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 # the temporaries io.files creates: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+# the temporaries of the safetensors library's save_file (Rust tempfile: ".tmp" + 6 characters)
+_LIBRARY_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def weights_doc(weights: Path) -> dict | None:
     """The checkpoint document stored inside a numgpt ``.safetensors`` header, or None when
     the file is absent, unreadable, or older than this scheme (the loader reports why)."""
     try:
-        with open(weights, "rb") as f:
+        with open_regular(weights, "weights file") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n <= _MAX_HEADER:
                 return None
             header = json.loads(f.read(n))
         doc = json.loads(header["__metadata__"][DOC_KEY])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return None
     return doc if isinstance(doc, dict) else None
 
 
 def _json_save_id(path: Path) -> str | None:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        with open_regular(path, "checkpoint document") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, CheckpointError):
         return None
     return doc.get("save_id") if isinstance(doc, dict) else None
 
@@ -76,7 +84,8 @@ def remove_orphans(folder: Path) -> list[Path]:
     """Delete the temporaries an interrupted write left in ``folder``; returns them."""
     removed = []
     for p in Path(folder).iterdir():
-        if _TEMP_NAME.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
+        ours = _TEMP_NAME.fullmatch(p.name) or _LIBRARY_TEMP.fullmatch(p.name)
+        if ours and (p.is_file() or p.is_symlink()):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
