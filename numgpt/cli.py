@@ -652,14 +652,33 @@ def _add_trace_compare(sub) -> None:
     p.add_argument("a", metavar="A.npz")
     p.add_argument("b", metavar="B.npz")
     p.add_argument("--out", default=None, metavar="FILE.md", help="also write the table as Markdown")
+    p.add_argument("--tolerance-scale", type=float, default=1.0, metavar="X",
+                   help="multiply every A-vs-B tolerance by X (exact checks stay exact), for "
+                        "recordings not meant to agree to float32 rounding, e.g. a q8_0 model "
+                        "against its float32 original (default 1)")
+    p.add_argument("--atol", action="append", default=[], metavar="CHECKPOINT=VALUE",
+                   type=_checkpoint_tolerance,
+                   help="set one checkpoint's tolerance (1..11), after --tolerance-scale; "
+                        "repeat for several, e.g. --atol 8=0.05 --atol 9=0.05")
     p.set_defaults(run=_run_trace_compare)
+
+
+def _checkpoint_tolerance(text: str) -> tuple[int, float]:
+    """'8=0.05' -> (8, 0.05); the range checks are trace.tolerances'."""
+    number, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(number), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CHECKPOINT=VALUE such as 8=0.05, got {text!r}") from None
 
 
 def _run_trace_compare(args) -> int:
     from .verify import trace
 
     a, b = trace.load_trace(args.a), trace.load_trace(args.b)
-    rows = trace.compare(a, b)
+    rows = trace.compare(a, b, tolerance_scale=args.tolerance_scale, atol=dict(args.atol))
     print(f"A: {trace.describe(a)}\nB: {trace.describe(b)}\n\n{trace.format_table(rows)}\n")
     print(trace.summary(rows))
     if args.out:
@@ -841,9 +860,94 @@ def _run_sanity(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- inspect
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="look inside a model: logit lens, activation patching, "
+                                       "ablation, direct logit attribution")
+    tools = p.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    helps = {"logit-lens": "what each layer would predict: its residual stream through ln_f and the head",
+             "patch": "patch clean activations into a corrupted run: resid per (layer, position), each head",
+             "ablate": "zero or mean-ablate each head and MLP: change in loss (or logit difference)",
+             "attribute": "each head's and MLP's direct contribution to a token's logit"}
+    for name, text in helps.items():
+        t = tools.add_parser(name, help=text)
+        _add_model_flags(t)
+        t.add_argument("--prompt", required=True, help="the prompt text (the clean one for patch)")
+        if name == "logit-lens":
+            t.add_argument("--target", default=None, help="a one-token text whose probability to show")
+            t.add_argument("-k", type=int, default=5, help="top tokens per layer and position (default 5)")
+        if name == "patch":
+            t.add_argument("--corrupted", required=True, help="the corrupted prompt (same token count)")
+        if name in ("patch", "ablate"):
+            t.add_argument("--answer", required=name == "patch", default=None,
+                           help="the right next token (one-token text)")
+            t.add_argument("--wrong", required=name == "patch", default=None,
+                           help="the wrong next token (one-token text); metric: logit[answer] - logit[wrong]")
+        if name == "ablate":
+            t.add_argument("--method", choices=["zero", "mean"], default="zero",
+                           help="replace by zero or by the mean over --reference prompts (default zero)")
+            t.add_argument("--reference", action="append", default=[], metavar="TEXT",
+                           help="a reference prompt for --method mean (repeat for a batch)")
+        if name == "attribute":
+            t.add_argument("--target", required=True, help="the one-token text whose logit to split")
+            t.add_argument("--contrast", default=None, help="a one-token text: split logit[target] - logit[contrast]")
+            t.add_argument("--position", type=int, default=-1, help="position in the prompt (default -1, the last)")
+        t.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        t.add_argument("--png", metavar="FILE.png", default=None, help="also write the heatmap(s) here")
+        t.set_defaults(run=_run_inspect)
+
+
+def _one_token(tok, text: str | None, flag: str) -> int | None:
+    """The id of a text that the tokenizer encodes as exactly one token."""
+    if text is None:
+        return None
+    ids = tok.encode(text)
+    if len(ids) != 1:
+        raise InputError(f"{flag} {text!r} encodes to {len(ids)} tokens {ids}; give a text that is "
+                         f"one token (mind the leading space)")
+    return ids[0]
+
+
+def _run_inspect(args) -> int:
+    if args.threads is not None:
+        set_blas_threads(args.threads)
+    from . import inspect
+
+    from .inspect import report
+
+    model = _load_for_use(args.model, args.dtype, args.tokenizer, not args.skip_finite_check)
+    tok = model.tokenizer
+    ids = tok.encode(args.prompt)
+    if args.tool == "logit-lens":
+        result = inspect.logit_lens(model, ids, _one_token(tok, args.target, "--target"), args.k)
+    elif args.tool == "patch":
+        result = inspect.patch(model, ids, tok.encode(args.corrupted), _one_token(tok, args.answer, "--answer"),
+                               _one_token(tok, args.wrong, "--wrong"))
+    elif args.tool == "ablate":
+        reference = [tok.encode(r) for r in args.reference]
+        if len({len(r) for r in reference}) > 1:
+            raise InputError(f"the --reference prompts encode to {[len(r) for r in reference]} tokens; "
+                             f"give prompts of one length")
+        result = inspect.ablate(model, ids, args.method, reference or None,
+                                _one_token(tok, args.answer, "--answer"), _one_token(tok, args.wrong, "--wrong"))
+    else:
+        result = inspect.attribute(model, ids, _one_token(tok, args.target, "--target"), args.position,
+                                   _one_token(tok, args.contrast, "--contrast"))
+    if args.png:
+        report.png(result, args.png, tok)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(report.text(result, tok))
+    if args.png:
+        print(f"heatmap written to {args.png}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_compile, _add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_prepare, _add_train, _add_plot, _add_sanity]
+_COMMANDS = [_add_compile, _add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_inspect, _add_prepare, _add_train, _add_plot, _add_sanity]
 
 
 def build_parser() -> argparse.ArgumentParser:

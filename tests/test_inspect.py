@@ -195,3 +195,40 @@ def test_results_serialise_to_json(pair):
     model, _ = pair
     for result in (logit_lens(model, CLEAN[:3], target=ANSWER, k=2), attribute(model, CLEAN[:3], ANSWER)):
         assert json.loads(json.dumps(result.to_dict()))["ids"] == CLEAN[:3]
+
+
+# ---------------------------------------------------------------------- numgpt inspect (CLI)
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from numgpt.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_prints_the_library_result_as_json_text_and_png(pair, capsys, tmp_path):
+    from tl_oracle import gpt2_files
+
+    model, _ = pair
+    folder = tmp_path / "model"
+    from numgpt.io.checkpoint import export_hf
+
+    export_hf(model, folder)
+    common = ["--model", str(folder), "--tokenizer", str(gpt2_files()), "--dtype", "float64",
+              "--prompt", "The dog saw the dog"]
+    code, out, _ = _cli(capsys, "inspect", "logit-lens", *common, "--target", " dog", "--json")
+    assert code == 0
+    got = json.loads(out)
+    ids = [464, 3290, 2497, 262, 3290]
+    want = logit_lens(model, ids, target=3290)
+    assert got["ids"] == ids and np.array_equal(np.array(got["target_probs"]), want.target_probs)
+    png = tmp_path / "patch.png"
+    code, out, err = _cli(capsys, "inspect", "patch", *common, "--corrupted", "The cat saw the cat",
+                          "--answer", " dog", "--wrong", " cat", "--png", str(png))
+    assert code == 0 and "patch head output (hook_z)" in out and str(png) in err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    want = patch(model, ids, [464, 3797, 2497, 262, 3797], 3290, 3797)
+    assert f"clean logit diff {want.clean_diff:+.4f}" in out
+    code, out, err = _cli(capsys, "inspect", "attribute", *common, "--target", " doghouse")
+    assert code == 2 and err.count("\n") == 1 and "encodes to 3 tokens" in err

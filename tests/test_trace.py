@@ -422,3 +422,63 @@ def test_reference_recorder_switches_sdpa_to_eager_and_back(tiny, tiny_traces):
         hf.set_attn_implementation("eager")
         hf.eval()
     assert trace.passed(trace.compare(ref, again))
+
+
+@pytest.fixture(scope="module")
+def q8_traces(tmp_path_factory):
+    """A float32 tiny model and its q8_0 copy, recorded on one prompt: the same tokens, but
+    activations that differ by quantization error, far above the float32 tolerances."""
+    import model_files  # tests/model_files.py
+    from numgpt.core import quant
+
+    folder = tmp_path_factory.mktemp("q8_traces")
+    model = model_files.tiny_model(seed=1)
+    q8 = quant.quantize_model(model_files.tiny_model(seed=1))
+    ids = model.tokenizer.encode("Hello.")
+    a, b = trace.record(model, ids, 6), trace.record(q8, ids, 6)
+    return trace.save_trace(folder / "f32.npz", a), trace.save_trace(folder / "q8.npz", b)
+
+
+def test_trace_compare_tolerance_scale_accepts_q8_0_against_float(q8_traces, capsys):
+    """FAIL at the default tolerances, FAIL with a scale too small, PASS with one that covers
+    q8_0's error; the exact checkpoints (argmax, ids, text) stay exact under any scale."""
+    a, b = map(str, q8_traces)
+    assert cli.main(["trace-compare", a, b]) == 1
+    assert "FAIL: first failing checkpoint: 1 " in capsys.readouterr().out
+    assert cli.main(["trace-compare", a, b, "--tolerance-scale", "10"]) == 1
+    assert "FAIL: first failing checkpoint: 1 " in capsys.readouterr().out
+    assert cli.main(["trace-compare", a, b, "--tolerance-scale", "5000"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: all 12 checkpoints agree" in out
+    assert "| 5e-02 | PASS |" in out  # checkpoint 1's 1e-5 times 5000 in the table
+    rows = trace.compare(trace.load_trace(a), trace.load_trace(b), tolerance_scale=5000)
+    assert {r.tol for r in rows if r.checkpoint in (10, 12)} == {trace.EXACT}
+
+
+def test_trace_compare_atol_sets_one_checkpoint(q8_traces, capsys):
+    a, b = map(str, q8_traces)
+    assert cli.main(["trace-compare", a, b, "--tolerance-scale", "50"]) == 1
+    assert "FAIL: first failing checkpoint: 1 " in capsys.readouterr().out  # only 1 is left
+    assert cli.main(["trace-compare", a, b, "--tolerance-scale", "50", "--atol", "1=0.05"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert trace.tolerances(2, {8: 0.5})[8] == 0.5 and trace.tolerances(2)[8] == 2e-3
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--tolerance-scale", "0"], "finite number > 0"),
+    (["--tolerance-scale", "nan"], "finite number > 0"),
+    (["--atol", "12=1"], "no checkpoint 12"),
+    (["--atol", "3=-1"], "checkpoint 3 must be a finite number >= 0"),
+])
+def test_trace_compare_bad_tolerances_are_one_line(q8_traces, capsys, flags, words):
+    a, b = map(str, q8_traces)
+    assert cli.main(["trace-compare", a, b, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("numgpt: error:") and words in err and "\n" not in err
+
+
+def test_trace_compare_atol_needs_checkpoint_equals_value(q8_traces, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["trace-compare", *map(str, q8_traces), "--atol", "0.05"])
+    assert exit_.value.code == 2
+    assert "expected CHECKPOINT=VALUE such as 8=0.05" in capsys.readouterr().err

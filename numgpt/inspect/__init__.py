@@ -12,6 +12,7 @@ module             what
 ``patching.py``    activation patching: clean -> corrupted, per (layer, position) and per head
 ``ablation.py``    zero or mean ablation of each head and MLP: change in loss or logit diff
 ``attribution.py`` direct logit attribution of each head and MLP (frozen ``ln_f`` scale)
+``report.py``      each result as a text table and a PNG heatmap (``numgpt inspect``)
 =================  ==========================================================================
 """
 

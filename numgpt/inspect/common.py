@@ -46,21 +46,23 @@ def format_grid(values: np.ndarray, rows: list[str], cols: list[str], fmt: str =
     return "\n".join(lines)
 
 
-def heatmap(path, values: np.ndarray, rows: list[str], cols: list[str], title: str,
-            label: str) -> Path:
-    """Write ``values`` (rows, cols) as a PNG heatmap (matplotlib, Agg canvas, atomic write);
-    a diverging map centred on 0."""
+def heatmap(path, panels: list[tuple[np.ndarray, list[str], list[str], str]], label: str) -> Path:
+    """Write each panel ``(values (rows, cols), row labels, col labels, title)`` as a heatmap
+    side by side in one PNG (matplotlib, Agg canvas, atomic write); diverging colours centred
+    on 0."""
     from matplotlib.figure import Figure
 
     from ..train.plots import _save  # the one writer of PNG figures
 
-    fig = Figure(figsize=(1.2 + 0.45 * len(cols), 1.2 + 0.35 * len(rows)), dpi=110,
-                 layout="constrained")
-    ax = fig.add_subplot()
-    limit = float(np.nanmax(np.abs(values))) or 1.0
-    im = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label=label)
+    width = sum(1.6 + 0.45 * len(cols) for _, _, cols, _ in panels)
+    height = 1.6 + 0.35 * max(len(rows) for _, rows, _, _ in panels)
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    for i, (values, rows, cols, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        limit = float(np.nanmax(np.abs(values))) or 1.0
+        im = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, label=label)
     return _save(fig, Path(path))

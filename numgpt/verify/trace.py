@@ -84,7 +84,7 @@ from ..errors import InputError
 from ..io.files import atomic_write, make_folder
 
 __all__ = ["FORMAT", "Checkpoint", "CHECKPOINTS", "Row", "record", "save_trace", "load_trace",
-           "compare", "first_failure", "passed", "summary", "format_table", "write_report",
+           "compare", "tolerances", "first_failure", "passed", "summary", "format_table", "write_report",
            "check_prompt", "step_key", "meta", "generated", "describe", "n_steps"]
 
 FORMAT = "numgpt-trace/1"
@@ -423,16 +423,43 @@ def _text_row(a: Mapping, b: Mapping) -> Row:
                "" if same else f"text differs: {x!r} vs {y!r}")
 
 
-def compare(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> list[Row]:
+def tolerances(scale: float = 1.0, overrides: Mapping[int, float] | None = None) -> dict[int, float]:
+    """The A-vs-B tolerance of each checkpoint 1..11: ``CHECKPOINTS``' value times ``scale``
+    (exact ones stay exact), then ``overrides`` (checkpoint number -> tolerance) on top.
+
+    Looser tolerances are for recordings that are not meant to agree to float32 rounding,
+    such as a q8_0 model against its float32 original. InputError on a scale or tolerance
+    that is not a finite number >= 0 (scale > 0) and on a checkpoint outside 1..11 (12, the
+    generated ids and text, is always exact)."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise InputError(f"tolerance scale must be a finite number > 0, got {scale!r}; "
+                         f"e.g. 100 for a q8_0 model against its float32 original")
+    out = {c.number: c.tol * scale for c in CHECKPOINTS[:-1]}
+    for number, tol in (overrides or {}).items():
+        if number not in out:
+            raise InputError(f"no checkpoint {number!r} takes a tolerance: checkpoints 1..11 do "
+                             f"(12, the generated ids and text, is always exact)")
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+            raise InputError(f"tolerance for checkpoint {number} must be a finite number >= 0, "
+                             f"got {tol!r}")
+        out[number] = float(tol)
+    return out
+
+
+def compare(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *,
+            tolerance_scale: float = 1.0, atol: Mapping[int, float] | None = None) -> list[Row]:
     """Compare recording A with recording B; one ``Row`` per array and check, in checkpoint order.
 
     Steps beyond the shorter recording are not compared array by array; the generated-ids
-    row fails when the step counts differ.
+    row fails when the step counts differ. ``tolerance_scale`` and ``atol`` loosen (or
+    tighten) the A-vs-B tolerances, see ``tolerances``; the checks within one recording
+    keep theirs.
     """
+    tol = tolerances(tolerance_scale, atol)
     steps = min(n_steps(a), n_steps(b))
     rows = [_prompt_row(a, b)]
     for cp in CHECKPOINTS[:-1]:
-        rows += [_across(a, b, cp.number, name, steps, cp.tol) for name in cp.arrays]
+        rows += [_across(a, b, cp.number, name, steps, tol[cp.number]) for name in cp.arrays]
         if cp.number == 3:
             rows += [_cache_within(a, "A"), _cache_within(b, "B")]
         if cp.number == 9:
@@ -462,7 +489,10 @@ def summary(rows: list[Row]) -> str:
 
 
 def _fmt_tol(tol: float) -> str:
-    return "exact" if tol == EXACT else f"{tol:.0e}"
+    if tol == EXACT:
+        return "exact"
+    short = f"{tol:.0e}"
+    return short if float(short) == tol else f"{tol:.3g}"  # a scaled tolerance, e.g. 5e-3 * 3
 
 
 def _fmt_diff(d: float) -> str:
