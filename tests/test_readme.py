@@ -159,17 +159,22 @@ def test_readme_says_its_blocks_are_tested():
     assert "tests/test_readme.py" in top, "the README's first section must say the suite runs its blocks"
 
 
-@pytest.mark.parametrize("index,block", RUNNABLE, ids=[b.id for _, b in RUNNABLE])
-def test_readme_block(session, index, block):
-    if block.mark == "skip":
-        pytest.skip(f"README line {block.line}: {block.reason}")
-    run = session.result(index)
+def _judge(block: rb.Block, run: rb.Run) -> None:
+    """Pass, fail or xfail one block's run; an xfail marker is strict (a passing block must
+    lose its marker)."""
     if block.mark == "xfail":
         if not run.ok:
             pytest.xfail(f"README line {block.line}: {block.reason}")
         pytest.fail(f"README line {block.line} is marked xfail ({block.reason}) but passes: "
                     f"remove its marker")
     assert run.ok, run.report()
+
+
+@pytest.mark.parametrize("index,block", RUNNABLE, ids=[b.id for _, b in RUNNABLE])
+def test_readme_block(session, index, block):
+    if block.mark == "skip":
+        pytest.skip(f"README line {block.line}: {block.reason}")
+    _judge(block, session.result(index))
 
 
 def test_every_substitution_is_used():
@@ -207,6 +212,18 @@ def test_a_failing_pipe_or_python_block_fails(tmp_path):
     assert _run("```python\nimport numgpt\nprint(numgpt.load)\n```\n", tmp_path).ok
     bad = _run("```python\nimport numgpt\nnumgpt.no_such_function()\n```\n", tmp_path)
     assert not bad.ok and "AttributeError" in bad.stderr
+
+
+def test_an_xfail_marker_is_strict(tmp_path):
+    failing, passing = _blocks("<!-- readme-test: xfail: waits for a fix -->\n```bash\nfalse\n```\n"
+                               "<!-- readme-test: xfail: waits for a fix -->\n```bash\ntrue\n```\n")
+    ctx = rb.Context(new_port=lambda: 1)
+    with pytest.raises(pytest.xfail.Exception, match="waits for a fix"):
+        _judge(failing, rb.run_block(failing, tmp_path, [], ctx, 60))
+    with pytest.raises(pytest.fail.Exception, match="remove its marker"):
+        _judge(passing, rb.run_block(passing, tmp_path, [], ctx, 60))
+    with pytest.raises(AssertionError, match="exit status 1"):
+        _judge(rb.Block(1, "bash", "false\n", "s"), rb.run_block(failing, tmp_path, [], ctx, 60))
 
 
 def test_a_block_that_hangs_is_stopped(tmp_path):
