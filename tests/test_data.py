@@ -375,3 +375,20 @@ def test_training_on_a_tiny_split_gives_the_same_advice(tmp_path):
     lo, hi = (float(x) for x in re.search(RANGE, message).groups())
     assert lo < hi < 0.9  # the fix for a train split too small is a SMALLER fraction
     prepare([src], ByteTokenizer(), tmp_path / "ok", val_fraction=hi, block_size=64, progress=False)
+
+
+def test_prepare_with_the_shipped_gpt2_tokenizer_needs_no_folder(tmp_path, monkeypatch, capsys):
+    """`numgpt prepare --tokenizer gpt2` stopped with 'tokenizer folder gpt2 does not exist'
+    unless a model folder of that name sat in the current folder (issue 21 group 11)."""
+    from numgpt.cli import main
+    from numgpt.io.tokenizer import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)  # nothing called gpt2 here
+    text = "Hello. I'm a little late to the party, but here I am.\n" * 40
+    write(tmp_path, "in.txt", text)
+    assert main(["prepare", "--input", "in.txt", "--tokenizer", "gpt2", "--out", "data",
+                 "--val-fraction", "0"]) == 0
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["tokenizer"] == {"type": "gpt2-bpe", "name": "gpt2"} and meta["vocab_size"] == 50257
+    assert all_ids(tmp_path / "data").tolist() == load_tokenizer("gpt2").encode(text)
+    assert load_tokenizer("gpt2").encode("Hello.") == [15496, 13]
