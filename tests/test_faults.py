@@ -632,8 +632,8 @@ def test_a_49_byte_gguf_claiming_2_40_array_elements_is_one_line(tmp_path):
     import struct
 
     raw = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1)  # version 3, no tensors, one key/value
-           + struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", mf.T.ARRAY, mf.T.STRING, 1 << 40))
-    path = tmp_path / "tiny.gguf"  # an array of 2^40 strings, and not one byte of them
+           + struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", mf.T.ARRAY, mf.T.UINT8, 1 << 40))
+    path = tmp_path / "tiny.gguf"  # an array of 2^40 uint8, and not one byte of them
     path.write_bytes(raw)
     code, err, seconds = bounded_cli("info", path)
     ok = one_line_error(code, err, str(path), f"{1 << 40:,}") and seconds < 20
