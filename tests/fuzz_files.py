@@ -204,6 +204,10 @@ def _gguf_structured(parts: mf.GGUFParts, op: tuple) -> bool:
         a, b = _pick(parts.tensors, op[1]), _pick(parts.tensors, op[2])
         if a is not None and b is not None:
             b["offset"] = a["offset"]
+    elif kind == "tensor_add":  # name, dims (ggml order), type, offset
+        parts.tensors.append({"name": op[1], "dims": list(op[2]), "type": op[3], "offset": op[4]})
+    elif kind == "data":  # the data section: n bytes of a repeated pattern
+        parts.data = (op[2] * (op[1] // max(len(op[2]), 1) + 1))[:op[1]]
     elif kind == "poison":  # the first value (f32/f16) or first block scale (q8_0) of a tensor
         t = _pick(parts.tensors, op[1])
         if t is not None and t["type"] in _GGML_ITEM and t["offset"] < len(parts.data):
@@ -511,6 +515,66 @@ gguf_op = st.one_of(
 
 gguf_case = st.tuples(st.sampled_from(["f32", "f16", "q8_0"]),
                       st.lists(gguf_op, min_size=1, max_size=3).map(tuple))
+
+
+# GGUF files built from nothing: GPT-2's keys (each present or not, of the right type with a
+# plausible value or of any type), tensors under GPT-2's names for 0-2 layers with small dims,
+# any of three types and offsets laid out in order or drawn, and a data section of any size.
+_PLAUSIBLE = {"general.architecture": (T.STRING, st.sampled_from(["gpt2", "llama", ""])),
+              "gpt2.context_length": (T.UINT32, st.sampled_from([0, 1, 16, 2 ** 31])),
+              "gpt2.embedding_length": (T.UINT32, st.sampled_from([0, 1, 32, 2 ** 31])),
+              "gpt2.feed_forward_length": (T.UINT32, st.sampled_from([0, 128, 4])),
+              "gpt2.block_count": (T.UINT32, st.sampled_from([0, 1, 2, 2 ** 32 - 1])),
+              "gpt2.attention.head_count": (T.UINT32, st.sampled_from([0, 1, 2, 3])),
+              "gpt2.attention.layer_norm_epsilon": (T.FLOAT32, st.sampled_from([1e-5, 0.0, -1.0]))}
+
+
+def _often(draw, likely, rarely, tenths: int = 8):
+    """``likely`` in ``tenths`` of the draws, else ``rarely``: generated files should mostly
+    get past the first check to reach the later ones."""
+    return draw(likely if draw(st.integers(0, 9)) < tenths else rarely)
+
+
+def _gen_tensors(draw):
+    from numgpt.io.gguf import tensor_names
+
+    names = sorted(tensor_names(draw(st.integers(0, 2))).values())
+    if draw(st.integers(0, 9)) < 3:
+        names = draw(st.lists(st.sampled_from(names), max_size=len(names), unique=True))
+    ops, offset = [], 0
+    for name in names:
+        shape = _often(draw, st.lists(st.sampled_from([1, 16, 32, 96, 128, 256]), min_size=1,
+                                      max_size=2), dims, 9)
+        kind = _often(draw, st.sampled_from([GGML_F32, GGML_F32, GGML_F16, GGML_Q8_0]),
+                      st.integers(0, 40), 9)
+        at = _often(draw, st.just(offset), edge_ints, 9)
+        ops.append(("tensor_add", name, tuple(shape), kind, at))
+        n = int(np.prod(shape, dtype=object)) if shape else 1
+        if n < 2 ** 24:
+            offset += n * 4 + (-(n * 4) % 32)
+    return ops, offset
+
+
+@st.composite
+def generated_gguf_case(draw):
+    ops = []
+    for key, (vtype, plausible) in _PLAUSIBLE.items():
+        if draw(st.integers(0, 19)) > 0:
+            tv = _often(draw, st.tuples(st.just(vtype), plausible), gguf_value())
+            ops.append(("kv_add", key, *tv))
+    if draw(st.integers(0, 9)) < 3:
+        ops.append(draw(st.tuples(st.just("kv_add"), st.sampled_from(GGUF_KEYS) | gguf_strings,
+                                  gguf_value()).map(lambda t: (t[0], t[1], *t[2]))))
+    tensors, size = _gen_tensors(draw)
+    ops += tensors
+    ops.append(("data", _often(draw, st.just(size), st.integers(0, 2 * size + 64)),
+                draw(st.sampled_from([b"\0", b"\x00\x3c", b"\x00\x00\x80\x3f", b"\xff"]))))
+    if draw(st.integers(0, 9)) < 3:
+        ops.append(draw(gguf_op))
+    return ("empty", tuple(ops))
+
+
+gguf_mutated_or_generated = gguf_case | gguf_case | generated_gguf_case()
 
 # JSON values a hostile config is made of
 json_scalar = st.one_of(

@@ -216,8 +216,8 @@ NANOGPT_ISSUE = {
 NANOGPT_ISSUE = {k: (case, True) for k, case in NANOGPT_ISSUE.items()}
 
 LOADER_TARGETS = {
-    "gguf": ("20 fuzz: GGUF files (mutated header, values, tensors, bytes)",
-             ff.gguf_case, ff.write_gguf_case, GGUF_ISSUE),
+    "gguf": ("20 fuzz: GGUF files (mutated header, values, tensors, bytes; generated from nothing)",
+             ff.gguf_mutated_or_generated, ff.write_gguf_case, GGUF_ISSUE),
     "numgpt": ("20 fuzz: numgpt checkpoints (JSON + safetensors, f32 and q8_0)",
                ff.numgpt_case, ff.write_numgpt_case, NUMGPT_ISSUE),
     "hf": ("20 fuzz: Hugging Face folders (config.json + model.safetensors)",
