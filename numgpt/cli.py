@@ -61,9 +61,9 @@ def _note_cold_kernel_cache(args) -> None:
     first run does not stall without a word (a look at the cache folder; nothing loads)."""
     from .core import threads
 
-    if args.command not in _KERNEL_COMMANDS \
+    if args.command not in _KERNEL_COMMANDS or getattr(args, "reference_hf", None) \
             or "reference" in (getattr(args, "kernels", None), getattr(args, "path", None)):
-        return
+        return  # transformers records the trace, or the NumPy reference ops run
     if threads.kernel_cache_is_cold():
         print(f"numgpt: compiling kernels (first run only; `numgpt compile` does it ahead) into "
               f"{threads.kernel_cache_dir()} ...", file=sys.stderr, flush=True)

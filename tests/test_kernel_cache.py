@@ -109,6 +109,8 @@ def test_a_cold_cache_gets_a_one_line_note_before_a_command_runs(tmp_path, monke
     assert str(tmp_path) in note
     assert _note(["gradcheck", "--path", "reference"], capsys) == ""  # no kernels run
     assert _note(["info", "m"], capsys) == ""
+    assert _note(["trace", "--reference-hf", "m", "--prompt", "p", "--out", "t.npz"], capsys) == ""
+    assert _note(["trace", "--model", "m", "--prompt", "p", "--out", "t.npz"], capsys) != ""
     folder = threads.kernel_cache_dir()
     folder.mkdir(parents=True)
     (folder / f"kernels.gelu_forward_fit-400.{TAG}.nbi").write_bytes(b"x")
