@@ -3,7 +3,8 @@
 Runs only where llama.cpp's binaries are (``--llama-bin``, default: the folder of ``llama-bench`` on PATH,
 needing ``llama-server`` and ``llama-bench``); never in CI. It builds a GPT-2 with random
 weights (124M shape; ``--quick``: 2 layers, 128 wide) carrying the real GPT-2 tokenizer
-(``--tokenizer``, default ../shared/data/gpt2, which llama.cpp needs to load the file),
+(``--tokenizer``, default the BPE files numgpt ships in numgpt/io/gpt2/, which llama.cpp
+needs to load the file),
 writes it with ``numgpt convert``'s writer as f32 and q8_0 GGUF files, and for each file:
 
 * greedy tokens: numgpt (``numgpt.load`` of the GGUF, ``sample.generate``) and
@@ -56,8 +57,8 @@ def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llama-bin", default=_on_path("llama-bench"),
                    help="folder holding llama-server and llama-bench")
-    p.add_argument("--tokenizer", default=os.path.join(REPO, "..", "shared", "data", "gpt2"),
-                   help="folder with GPT-2 vocab.json + merges.txt")
+    p.add_argument("--tokenizer", default=os.path.join(REPO, "numgpt", "io", "gpt2"),
+                   help="folder with GPT-2 vocab.json + merges.txt (default: the ones numgpt ships)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--tokens", type=int, default=64, help="new tokens per timed decode")
     p.add_argument("--repeats", type=int, default=3)

@@ -8,7 +8,7 @@ last ``[DONE]``. Continuous batching is what makes 16 clients faster than 1: the
 weights are read once per decode step for every active sequence.
 
 Models: a small byte-level GPT (4 layers, 128 wide) and the GPT-2 124M shape with GPT-2's
-vocabulary (needs ``../shared/data/gpt2``, or ``$NUMGPT_SHARED_DATA``; skipped without it).
+vocabulary (its BPE files ship with numgpt, in numgpt/io/gpt2/).
 
 llama.cpp beside numgpt (issue 11): for the GPT-2-vocabulary model the same weights are
 written as an f32 GGUF (numgpt's writer) and served by ``llama-server -np 16`` (16 parallel
@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from numgpt.io.checkpoint import save  # noqa: E402
 from numgpt.io.files import atomic_write  # noqa: E402
 from numgpt.core.model import GPT, GPTConfig  # noqa: E402
-from numgpt.io.tokenizer import ByteTokenizer, GPT2Tokenizer  # noqa: E402
+from numgpt.io.tokenizer import PACKAGED_GPT2, ByteTokenizer, GPT2Tokenizer  # noqa: E402
 
 CLIENTS = (1, 4, 16)
 SCALING_TARGET = 8.0  # issue 11: 16 clients >= 8x the aggregate tokens/s of one
@@ -58,9 +58,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _shared_gpt2() -> Path | None:
-    env = os.environ.get("NUMGPT_SHARED_DATA")
-    folder = (Path(env) if env else REPO.parent / "shared" / "data") / "gpt2"
+def _gpt2_vocab() -> Path | None:
+    """GPT-2's vocab.json + merges.txt as numgpt ships them; None in a broken install."""
+    folder = PACKAGED_GPT2
     return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
 
 
@@ -252,13 +252,13 @@ def main(argv=None) -> int:
         print("small byte-level model (4 layers, n_embd 128, block 256):", flush=True)
         rows += bench_model("small (0.8M, bytes)", _small_model(tmp), args.tokens_small,
                           args.threads)
-        vocab = _shared_gpt2()
+        vocab = _gpt2_vocab()
         llama = os.path.join(args.llama_bin or "", "llama-server")
         if not args.llama_bin or not os.access(llama, os.X_OK):
             llama = None
             notes.append(f"llama.cpp rows skipped: no executable llama-server in {args.llama_bin}.")
         if vocab is None:
-            notes.append("GPT-2-vocabulary models skipped: GPT-2 vocab not found in ../shared/data/gpt2.")
+            notes.append(f"GPT-2-vocabulary models skipped: GPT-2 vocab not found in {PACKAGED_GPT2}.")
         else:
             small = args.skip_124m  # --quick: a small GPT-2-vocabulary model proves the llama.cpp path
             label = "gpt2-vocab 2x128 (quick)" if small else "gpt2 124M shape"
