@@ -338,3 +338,16 @@ def test_a_truncated_gguf_is_one_line_at_every_length(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_gguf(cut)
         assert "\n" not in str(e.value) and "cut.gguf" in str(e.value), n
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_gguf_loads_go_through_the_memory_check_every_format_has(dtype, tmp_path, monkeypatch):
+    """GGUF used to allocate with no memory check; it now goes through io.checkpoint's."""
+    from numgpt.io import checkpoint
+
+    path = write_gguf(_model(), tmp_path / "m.gguf", dtype)
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)  # bytes
+    with pytest.raises(CheckpointError, match=r"m\.gguf needs .* but this machine has 0\.0 MiB available"):
+        load_gguf(path)
+    monkeypatch.undo()
+    assert load_gguf(path).config.n_layer == 2
