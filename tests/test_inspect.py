@@ -152,6 +152,21 @@ def test_ablation_with_logit_difference(pair):
     assert abs(ours.heads[1, 2] - (ablated[ANSWER] - ablated[WRONG] - ours.clean)) <= TOL
 
 
+def test_mean_ablation_averages_reference_prompts_of_different_lengths(pair):
+    model, _ = pair
+    refs = [[15496, 13, 314], [40, 588, 262, 3290, 13]]
+    ours = ablate(model, CLEAN, "mean", reference=refs)
+    zs = [model.run_with_cache(r, ["blocks.1.attn.hook_z"])[1]["blocks.1.attn.hook_z"][0] for r in refs]
+    mean = np.concatenate(zs).mean(axis=0)  # (nh, hs) over all 8 positions
+
+    def put(z, hook):
+        z[:, :, 3] = mean[3]
+    logits = model.run_with_hooks(CLEAN, [("blocks.1.attn.hook_z", put)])
+    logp = logits[0, :-1] - np.log(np.exp(logits[0, :-1]).sum(-1, keepdims=True))
+    loss = -logp[np.arange(len(CLEAN) - 1), CLEAN[1:]].mean()
+    assert abs(ours.heads[1, 3] - (loss - ours.clean)) <= TOL
+
+
 def test_attribution_equals_transformer_lens(pair):
     model, bridge = pair
     ours = attribute(model, CLEAN, ANSWER, position=-1)

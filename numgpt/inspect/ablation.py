@@ -6,8 +6,8 @@ Replace one component's output and measure the change of a metric against the cl
 * an MLP: ``blocks.{l}.hook_mlp_out``;
 
 by zero (``"zero"``) or by its mean over a reference batch (``"mean"``: the average over every
-row and position of the reference prompts, one vector per head or MLP, so the reference may
-have another length). The metric is the mean next-token cross-entropy of the prompt (loss;
+position of every reference prompt, one vector per head or MLP, so the prompts may have any
+lengths). The metric is the mean next-token cross-entropy of the prompt (loss;
 needs T >= 2), or with ``answer`` and ``wrong`` the logit difference at the last position.
 Each layer's heads are ablated in one batched pass (row i ablates head i).
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.checks import log_softmax64
+from ..core.checks import is_int, log_softmax64
 from ..errors import InputError
 from .common import logit_diff, prompt, token
 
@@ -50,13 +50,22 @@ def loss(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def _means(model, reference) -> dict[str, np.ndarray]:
-    """Mean over rows and positions of each layer's hook_z (nh, hs) and hook_mlp_out (C,)."""
-    ref = np.asarray(reference)
-    ref = ref[None] if ref.ndim == 1 else ref
-    ref = np.concatenate([prompt(model, row, "reference prompt") for row in ref])
+    """Mean over every position of every reference prompt (prompts may differ in length) of
+    each layer's hook_z (nh, hs) and hook_mlp_out (C,)."""
+    rows = list(reference)
+    if rows and is_int(rows[0]):  # one prompt given as a flat list of ids
+        rows = [rows]
+    if not rows:
+        raise InputError("mean ablation needs at least one reference prompt")
     names = [f"blocks.{l}.{p}" for l in range(model.config.n_layer) for p in ("attn.hook_z", "hook_mlp_out")]
-    _, cache = model.run_with_cache(ref, names)
-    return {n: a.mean(axis=(0, 1)) for n, a in cache.items()}
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for row in rows:
+        _, cache = model.run_with_cache(prompt(model, row, "reference prompt"), names)
+        for n, a in cache.items():
+            sums[n] = sums.get(n, 0.0) + a[0].astype(np.float64).sum(axis=0)
+        count += len(row)
+    return {n: (s / count).astype(model.config.np_dtype) for n, s in sums.items()}
 
 
 def ablate(model, ids, method: str = "zero", reference=None, answer: int | None = None,
