@@ -340,7 +340,8 @@ def _positive_float(text: str) -> float:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible completions API")
+    p = sub.add_parser("serve", help="serve a model over OpenAI-compatible completions and chat "
+                                     "completions APIs")
     p.add_argument("--model", required=True,
                    help="numgpt checkpoint or run folder (its best checkpoint), HF folder or nanoGPT ckpt.pt")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -376,8 +377,22 @@ def _add_serve(sub) -> None:
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated Host names answered besides IP addresses, localhost and "
                         "--host ('*': any); others get 400 (DNS rebinding)")
+    _add_chat_template_flag(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=_run_serve)
+
+
+def _add_chat_template_flag(p) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja2 chat template (a text file, or a tokenizer_config.json) for chat "
+                        "messages (default: the model's own, else numgpt's 'role: content' "
+                        "with end-of-text separators)")
+
+
+def _chat_template(args) -> str | None:
+    from .io.chat import read_template_file
+
+    return None if args.chat_template is None else read_template_file(args.chat_template)
 
 
 def _run_serve(args) -> int:
@@ -400,7 +415,8 @@ def _run_serve(args) -> int:
         max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
         max_connections=args.max_connections, grace_period_s=args.grace_period,
-        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+        chat_template=_chat_template(args))
     return app.serve(config, host=args.host, port=args.port, log_level=args.log_level)
 
 

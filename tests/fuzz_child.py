@@ -175,8 +175,17 @@ def _nan_model(path):
 
 
 def _numgpt_load(path):
-    from numgpt.io.checkpoint import load
+    """What ``numgpt info`` / ``generate`` / ``serve`` do with a path: find its tokenizer
+    without the weights (held to the same property: a result or one NumGPTError line),
+    then load it."""
+    from numgpt.errors import NumGPTError
+    from numgpt.io.checkpoint import find_tokenizer, load
 
+    try:
+        find_tokenizer(path)
+    except NumGPTError as e:
+        if not str(e) or "\n" in str(e):
+            raise
     return load(path)
 
 

@@ -223,6 +223,18 @@ def test_template_travels_with_numgpt_checkpoints_hf_and_gguf_exports(tmp_path,
         == chat.render(CHATML, SYSTEM_CHAT, model.tokenizer, add_generation_prompt=True)
 
 
+def test_gguf_export_carries_the_template_and_the_default(tmp_path, gpt2_tokenizer_dir):
+    import numgpt
+    from numgpt.io.gguf import write_gguf
+
+    model = _tiny_gpt2_bpe_model(gpt2_tokenizer_dir)
+    write_gguf(model, tmp_path / "plain.gguf")
+    assert numgpt.load(tmp_path / "plain.gguf").chat_template == chat.DEFAULT_TEMPLATE
+    model.chat_template = CHATML
+    write_gguf(model, tmp_path / "m.gguf")
+    assert numgpt.load(tmp_path / "m.gguf").chat_template == CHATML
+
+
 def test_a_model_without_template_exports_numgpts_default(tmp_path, gpt2_tokenizer_dir):
     import numgpt
     from numgpt.io import checkpoint

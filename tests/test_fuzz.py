@@ -45,7 +45,7 @@ import results_table
 from fuzz_child import BUDGET_MIB, TIMEOUT_S, LoaderChild
 from model_files import T
 
-DEFAULT_EXAMPLES = {"gguf": 150, "numgpt": 80, "hf": 60, "nanogpt": 50, "http": 100}
+DEFAULT_EXAMPLES = {"gguf": 120, "numgpt": 60, "hf": 45, "nanogpt": 40, "http": 100}
 NAN, INF = math.nan, math.inf
 
 

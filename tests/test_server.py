@@ -538,16 +538,20 @@ def test_any_model_name_gets_this_model_and_the_answer_names_it(served):
     assert tokens.json()["tokens"] == [72, 105]
 
 
-def test_chat_completions_says_this_server_serves_completions(served):
+def test_chat_completions_answer_the_rendered_prompts_completion(served):
+    """/v1/chat/completions is served (it answered a 404 before issue 23); its reply is the
+    completion of the messages rendered with the default template (tests/test_chat_server.py
+    has the rest)."""
     with served.http() as h:
-        r = h.post("/v1/chat/completions", json={"model": "gpt2", "messages": [
+        r = h.post("/v1/chat/completions", json={"model": "gpt2", "max_tokens": 8,
+                                                 "temperature": 0, "messages": [
             {"role": "user", "content": "Hi"}]})
-    _assert_openai_error(r, 404, code="not_found")
-    assert "/v1/completions" in r.json()["error"]["message"]
-    assert "no route" not in r.json()["error"]["message"]
-    with pytest.raises(openai.NotFoundError, match="/v1/completions"):
-        served.client().chat.completions.create(model="gpt2", messages=[
-            {"role": "user", "content": "Hi"}])
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert r.json()["model"] == NAME
+    out = served.client().chat.completions.create(model="gpt2", max_tokens=8, temperature=0,
+                                                  messages=[{"role": "user", "content": "Hi"}])
+    want = offline(served, "user: Hi\x04assistant: ", 8, stop="\x04")
+    assert out.choices[0].message.content == r.json()["choices"][0]["message"]["content"] == want
 
 
 def test_unknown_fields_are_ignored(served):

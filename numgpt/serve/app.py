@@ -10,7 +10,7 @@ Routes::
     GET  /health           200 once the model is loaded, 503 before (or if loading failed)
     GET  /metrics          Prometheus text format
     POST /v1/internals     one short prompt's attention probabilities and residual norms
-    POST /v1/chat/completions  not served: a 404 in OpenAI's shape pointing to /v1/completions
+    POST /v1/chat/completions  OpenAI's chat schema, plain or streamed, over the same engine
     GET  /                 the playground page (static files under /static/)
 
 The API key guards every route except the page (it holds nothing secret, and every call
@@ -65,9 +65,10 @@ from . import internals
 from .engine import Engine, EngineMetrics, QueueFull, Request
 from .metrics import CONTENT_TYPE, Counter, Registry
 from .protocol import (PROMPT_CHARS_PER_CONTEXT, PROMPT_TOKENS_PER_CONTEXT, APIError,
-                       CompletionFold, CompletionSpec, detokenize_json, error_body,
-                       internals_json, parse_completion, parse_detokenize, parse_internals,
-                       parse_json_body, parse_tokenize, sse, tokenize_json, tokenizer_info)
+                       ChatFold, CompletionFold, CompletionSpec, detokenize_json, error_body,
+                       internals_json, parse_chat_completion, parse_completion,
+                       parse_detokenize, parse_internals, parse_json_body, parse_tokenize, sse,
+                       tokenize_json, tokenizer_info)
 
 __all__ = ["ServerConfig", "create_app", "serve", "default_model_name", "LOOPBACK_HOSTS"]
 
@@ -113,6 +114,8 @@ class ServerConfig:
     allowed_hosts: Host header names answered besides ``LOOPBACK_HOSTS`` and IP addresses
         (which DNS rebinding cannot use: it needs a name); ``("*",)`` answers any.
         ``serve`` adds the name it binds to.
+    chat_template: the Jinja2 text ``/v1/chat/completions`` renders messages with (default:
+        the model's own, else ``numgpt.io.chat.DEFAULT_TEMPLATE``).
     """
 
     model_path: str | None = None
@@ -131,6 +134,7 @@ class ServerConfig:
     max_connections: int = 128
     grace_period_s: float = 10.0
     allowed_hosts: tuple[str, ...] = ()
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -219,9 +223,10 @@ class _Completion:
     """One HTTP completion request: its engine sequences, the queue their events arrive on
     (from the engine's thread), and the fold that turns them into the answer."""
 
-    def __init__(self, spec: CompletionSpec, model_name: str, tokenizer):
-        self.fold = CompletionFold(spec, model_name, tokenizer, id="cmpl-" + secrets.token_hex(12),
-                                   created=int(time.time()))
+    def __init__(self, spec: CompletionSpec, model_name: str, tokenizer, fold=CompletionFold,
+                 id_prefix: str = "cmpl-"):
+        self.fold = fold(spec, model_name, tokenizer, id=id_prefix + secrets.token_hex(12),
+                         created=int(time.time()))
         self.events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.requests: list[Request] = []
@@ -348,6 +353,13 @@ class _State:
                     PROMPT_TOKENS_PER_CONTEXT * self.engine.max_len)
 
     @property
+    def chat_template(self) -> str:
+        """``--chat-template``'s text, else the model's own, else numgpt's default."""
+        from ..io.chat import template_of
+
+        return template_of(self.model, self.config.chat_template)
+
+    @property
     def max_prompt_chars(self) -> int:
         return self.config.max_prompt_chars or PROMPT_CHARS_PER_CONTEXT * self.engine.max_len
 
@@ -420,7 +432,26 @@ async def completions(request: HTTPRequest) -> Response:
     body = await _read_json(request, state.config)
     # tokenizing a long prompt takes milliseconds to seconds: never on the event loop
     spec = await asyncio.to_thread(parse_completion, body, **state.limits())
-    comp = _Completion(spec, state.model_name, state.model.tokenizer)
+    return await _answer(request, state, _Completion(spec, state.model_name, state.model.tokenizer))
+
+
+async def chat_completions(request: HTTPRequest) -> Response:
+    """POST /v1/chat/completions: the messages rendered with the model's chat template
+    (``--chat-template``, the one it carries, or numgpt's default) and answered as a
+    completion of that text, in OpenAI's chat shapes (``protocol.ChatFold``)."""
+    state = _state(request)
+    _require_ready(state)
+    body = await _read_json(request, state.config)
+    spec = await asyncio.to_thread(parse_chat_completion, body, template=state.chat_template,
+                                   **state.limits())
+    return await _answer(request, state, _Completion(spec, state.model_name,
+                                                     state.model.tokenizer, ChatFold,
+                                                     "chatcmpl-"))
+
+
+async def _answer(request: HTTPRequest, state: "_State", comp: _Completion) -> Response:
+    """Submit a request's sequences to the engine; stream its events or answer its body."""
+    spec = comp.fold.spec
     try:
         state.engine.submit(comp.requests)
     except QueueFull as e:
@@ -459,12 +490,6 @@ async def inspect_internals(request: HTTPRequest) -> Response:
         seen = await asyncio.to_thread(internals.inspect, state.model, spec.ids, spec.layer)
     return JSONResponse(internals_json(state.model_name, state.model.tokenizer, spec,
                                        seen.attention, seen.residual_norms))
-
-
-async def chat_completions(request: HTTPRequest) -> Response:
-    """POST /v1/chat/completions: not served yet; an OpenAI-shaped 404 that says what is."""
-    raise APIError(404, "this server serves text completions only: POST /v1/completions with a "
-                        "'prompt'; /v1/chat/completions is not available", code="not_found")
 
 
 async def playground(request: HTTPRequest) -> Response:

@@ -1,4 +1,5 @@
-"""OpenAI's legacy completions protocol, in pure Python (no HTTP library, no socket).
+"""OpenAI's legacy completions and its chat completions, in pure Python (no HTTP library,
+no socket).
 
 Two directions, each written once:
 
@@ -35,13 +36,15 @@ import numpy as np
 from ..core.checks import check_token_ids, is_int
 from ..errors import InputError, NumGPTError
 from ..infer.sample import SamplingParams
+from ..io import chat
 from .engine import MAX_LOGPROBS, FinishEvent, PromptEvent, TokenEvent
 
 __all__ = ["MAX_STOP", "LOGPROB_FLOOR", "PROMPT_CHARS_PER_CONTEXT", "PROMPT_TOKENS_PER_CONTEXT", "APIError",
            "error_body", "CompletionSpec", "parse_json_body", "parse_completion",
            "parse_tokenize", "parse_detokenize", "tokenizer_info", "tokenize_json",
            "detokenize_json", "token_str", "Logprobs", "choice_json", "sse", "SSE_DONE",
-           "Choice", "CompletionFold", "InternalsSpec", "parse_internals", "internals_json"]
+           "Choice", "CompletionFold", "InternalsSpec", "parse_internals", "internals_json",
+           "parse_chat_completion", "ChatFold"]
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 LOGPROB_FLOOR = -9999.0  # vLLM's clamp: lower log-probabilities (and -inf) are sent as this
@@ -274,6 +277,17 @@ def _parse_sampling(body: dict) -> SamplingParams:
                           seed=seed)
 
 
+def _parse_include_usage(body: dict) -> bool:
+    """``stream_options.include_usage``: a final chunk with the usage (streams only)."""
+    options = _typed(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    include_usage = options.get("include_usage", False)
+    if include_usage is not None and not _is_bool(include_usage):
+        raise APIError(400, f"'stream_options.include_usage' must be true or false, got "
+                            f"{json.dumps(include_usage)[:80]} ({type(include_usage).__name__})",
+                       param="stream_options.include_usage", code="invalid_type")
+    return bool(include_usage)
+
+
 def _check_object_and_model(body: Any) -> None:
     """A request body is a JSON object; its ``model``, if given, is a string. Any name is
     accepted: this server has one model and answers with it whatever a client calls it
@@ -315,13 +329,7 @@ def parse_completion(body: Any, *, tokenizer, vocab_size: int, context: int,
         raise _bad("logprobs", f"'logprobs' must lie in [0, {MAX_LOGPROBS}], got {logprobs}")
     flags = {k: _typed(body, k, _is_bool, "true or false", False)
              for k in ("stream", "echo", "truncate")}
-    options = _typed(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
-    include_usage = options.get("include_usage", False)
-    if include_usage is not None and not _is_bool(include_usage):
-        raise APIError(400, f"'stream_options.include_usage' must be true or false, got "
-                            f"{json.dumps(include_usage)[:80]} ({type(include_usage).__name__})",
-                       param="stream_options.include_usage", code="invalid_type")
-    include_usage = bool(include_usage)
+    include_usage = _parse_include_usage(body)
     fitted = [_fit_context(p, max_tokens, context, flags["truncate"]) for p in ids]
     texts = [t if len(f) == len(p) else tokenizer.decode(f)  # echo what the model saw
              for t, f, p in zip(texts, fitted, ids)]
@@ -526,6 +534,178 @@ class CompletionFold:
 
     def _body(self, choices: list[dict], usage: dict | None) -> dict:
         body = {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model_name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+
+# ------------------------------------------------- POST /v1/chat/completions (OpenAI chat)
+#
+# A chat request is a completion request whose one prompt is its messages rendered with the
+# model's chat template and the generation prompt (numgpt.io.chat): the same engine, decoder
+# and sampling, so a greedy chat reply is the tokens `numgpt generate` gives for that text.
+# Only the shapes differ: ``message``/``delta`` instead of ``text``, and logprobs as
+# ``{"content": [{token, logprob, bytes, top_logprobs}]}``.
+
+# OpenAI's newer name for the system role; its content parts ([{"type": "text", "text"}])
+CHAT_ROLE_ALIASES = {"developer": "system"}
+
+
+def _chat_messages(raw: Any) -> list[dict]:
+    """OpenAI's messages as the template's ``{"role", "content"}`` list: text content parts
+    joined, ``developer`` read as ``system``; 400 naming the first bad message."""
+    if raw is None:
+        raise APIError(400, "'messages' is required: a non-empty list of {\"role\", \"content\"} "
+                            "objects", param="messages", code="missing_messages")
+    if isinstance(raw, list):
+        raw = [_plain_message(i, m) for i, m in enumerate(raw)]
+    try:
+        return chat.check_messages(raw, "messages")
+    except InputError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_messages") from None
+
+
+def _plain_message(i: int, m: Any) -> Any:
+    if not isinstance(m, dict):
+        return m
+    role = m.get("role")
+    m = {**m, "role": CHAT_ROLE_ALIASES.get(role, role) if isinstance(role, str) else role}
+    content = m.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise APIError(400, f"messages[{i}].content: this server reads text only; each "
+                                f"content part must be {{\"type\": \"text\", \"text\": str}}",
+                           param="messages", code="invalid_messages")
+        m["content"] = "".join(p["text"] for p in content)
+    return m
+
+
+def parse_chat_completion(body: Any, *, tokenizer, template: str | None, vocab_size: int,
+                          context: int, max_tokens_limit: int, max_n: int, max_sequences: int,
+                          max_prompt_chars: int | None = None,
+                          max_prompt_tokens: int | None = None) -> CompletionSpec:
+    """Validate an OpenAI chat request body into the ``CompletionSpec`` of its rendered
+    prompt; APIError names the first bad field. ``max_completion_tokens`` (or the older
+    ``max_tokens``) defaults to what the context leaves; ``logprobs`` is a bool and
+    ``top_logprobs`` the count of alternatives. A tokenizer without an end-of-text token
+    stops at the template's separator (``chat.stop_text``) besides the request's stops."""
+    _check_object_and_model(body)
+    messages = _chat_messages(body.get("messages"))
+    chars = sum(len(m["content"]) for m in messages)
+    _check_prompt_size(0, chars, max_prompt_chars or PROMPT_CHARS_PER_CONTEXT * context,
+                       "characters")
+    try:
+        text = chat.render(template, messages, tokenizer, add_generation_prompt=True, check=False)
+    except InputError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_messages") from None
+    ids = tokenizer.encode(text, allow_special=True)  # as `numgpt generate --prompt TEXT`
+    _check_prompt_size(0, len(ids), max_prompt_tokens or PROMPT_TOKENS_PER_CONTEXT * context,
+                       "tokens")
+    if len(ids) >= context:
+        raise APIError(400, f"the messages render to {len(ids)} tokens but the model's context "
+                            f"is {context} tokens, leaving no room to reply; send fewer or "
+                            f"shorter messages", param="messages", code="context_length_exceeded")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    room = min(max_tokens_limit, context - len(ids))
+    max_tokens = _typed(body, name, is_int, "an integer", room)
+    if not 1 <= max_tokens <= max_tokens_limit:
+        raise _bad(name, f"{name!r} must lie in [1, {max_tokens_limit}], got {max_tokens}")
+    n = _typed(body, "n", is_int, "an integer", 1)
+    if not 1 <= n <= max_n:
+        raise _bad("n", f"'n' must lie in [1, {max_n}], got {n}")
+    if n > max_sequences:
+        raise _bad("n", f"n={n} asks for {n} sequences; this server queues at most {max_sequences}")
+    want = _typed(body, "logprobs", _is_bool, "true or false", False)
+    top = _typed(body, "top_logprobs", is_int, "an integer", None)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise _bad("top_logprobs", f"'top_logprobs' must lie in [0, {MAX_LOGPROBS}], got {top}")
+    if top is not None and not want:
+        raise _bad("top_logprobs", "'top_logprobs' needs \"logprobs\": true")
+    stops = _parse_stop(body)
+    extra = chat.stop_text(tokenizer)
+    if extra is not None and extra not in stops:
+        stops += (extra,)
+    stream = _typed(body, "stream", _is_bool, "true or false", False)
+    return CompletionSpec([ids], [text], max_tokens, _parse_sampling(body), n, stops, stream,
+                          False, (top or 0) if want else None, _parse_include_usage(body))
+
+
+def _chat_logprob(tokenizer, token_id: int, logprob: float | None, top) -> dict:
+    """One entry of ``choices[].logprobs.content``: the token, its log-probability, its
+    UTF-8 bytes (a token may be part of a character) and its top alternatives, each the same
+    shape without ``top_logprobs`` (OpenAI's schema)."""
+    def one(t: int, lp: float | None) -> dict:
+        raw = tokenizer.token_bytes(t) if 0 <= t < tokenizer.vocab_size else b""
+        return {"token": token_str(tokenizer, t), "logprob": _floored(lp), "bytes": list(raw)}
+
+    entry = one(token_id, logprob)
+    entry["top_logprobs"] = [one(t, lp) for t, lp in (top or ())]
+    return entry
+
+
+class ChatFold(CompletionFold):
+    """A chat request folded from its engine events: ``CompletionFold``'s bookkeeping with
+    the chat shapes. A stream sends, per choice, a first chunk with
+    ``delta {"role": "assistant", "content": ""}``, then one ``delta {"content"}`` per
+    released token, then ``delta {}`` with the finish reason; with ``include_usage`` a last
+    chunk with no choices and the usage; then ``[DONE]``."""
+
+    def start(self) -> list[str]:
+        out = []
+        for c in self.choices:
+            c.opened = True  # nothing to echo, no prompt logprobs to wait for
+            c.logprobs = [] if self.spec.logprobs is not None else None
+            out += self._chunk([self._delta(c, {"role": "assistant", "content": ""})])
+        return out
+
+    def response(self) -> dict:
+        assert self.done, "response() before every choice finished"
+        if self.failed:
+            raise _generation_failed(self.failure)
+        choices = [{"index": c.index,
+                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "logprobs": None if c.logprobs is None else {"content": c.logprobs},
+                    "finish_reason": c.finish.reason} for c in self.choices]
+        return self._body(choices, self.usage(), "chat.completion")
+
+    def _token(self, c: Choice, ev: TokenEvent) -> list[str]:
+        c.text.append(ev.text)
+        entry = None
+        if c.logprobs is not None:
+            entry = [_chat_logprob(self.tokenizer, ev.token_id, ev.logprob, ev.top)]
+            c.logprobs.extend(entry)
+        return self._chunk([self._delta(c, {"content": ev.text}, entry)])
+
+    def _finish(self, c: Choice, ev: FinishEvent) -> list[str]:
+        c.finish, self.remaining = ev, self.remaining - 1
+        if ev.reason in ("error", "cancelled"):
+            self.failed, self.failure = True, self.failure or ev
+            return [sse(_generation_failed(ev).body())] if self.spec.stream else []
+        c.text.append(ev.text)
+        out = self._chunk([self._delta(c, {"content": ev.text})]) if ev.text else []
+        out += self._chunk([self._delta(c, {}, finish=ev.reason)])
+        if self.remaining == 0 and self.spec.stream:
+            if self.spec.include_usage:
+                out += self._chunk([], usage=self.usage())
+            out.append(SSE_DONE)
+        return out
+
+    def _delta(self, c: Choice, delta: dict, entry: list | None = None,
+               finish: str | None = None) -> dict:
+        return {"index": c.index, "delta": delta,
+                "logprobs": None if entry is None else {"content": entry},
+                "finish_reason": finish}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> list[str]:
+        if not self.spec.stream:
+            return []
+        return [sse(self._body(choices, usage, "chat.completion.chunk"))]
+
+    def _body(self, choices: list[dict], usage: dict | None,
+              object: str = "chat.completion.chunk") -> dict:
+        body = {"id": self.id, "object": object, "created": self.created,
                 "model": self.model_name, "choices": choices}
         if usage is not None:
             body["usage"] = usage
