@@ -17,6 +17,7 @@ import openai
 import pytest
 
 import numgpt
+from numgpt.errors import NumGPTError
 from numgpt.core.model import GPT, GPTConfig
 from numgpt.infer.sample import SamplingParams
 from numgpt.io import chat
@@ -275,3 +276,37 @@ def test_fold_stream_shapes_and_a_failure_is_an_error_event():
     assert SSE_DONE not in out
     with pytest.raises(APIError, match="boom"):
         failing.response()
+
+
+def test_the_servers_chat_template_flag_chooses_the_rendering(tmp_path):
+    """``numgpt serve --chat-template FILE`` (ServerConfig.chat_template): the reply is the
+    completion of the messages rendered with that file's template, not the default."""
+    from starlette.testclient import TestClient
+
+    from numgpt.cli import build_parser
+    from numgpt.serve.app import ServerConfig, create_app
+
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}[assistant] {% endif %}", encoding="utf-8")
+    args = build_parser().parse_args(["serve", "--model", "x", "--chat-template", str(path)])
+    from numgpt.cli import _chat_template
+    template = _chat_template(args)
+    body = {"messages": MESSAGES[1:], "max_tokens": 6, "temperature": 0, "logprobs": True}
+    with TestClient(create_app(ServerConfig(chat_template=template), model=_tiny_model()),
+                    base_url="http://localhost") as client:
+        out = client.post("/v1/chat/completions", json=body).json()
+        want, default = (client.post("/v1/completions", json={
+            "prompt": prompt, "max_tokens": 6, "temperature": 0, "stop": "\x04",
+            "logprobs": 0}).json()["choices"][0]
+            for prompt in ("[user] What is 2 + 3?\n[assistant] ",
+                           "user: What is 2 + 3?\x04assistant: "))
+    choice = out["choices"][0]
+    assert choice["message"]["content"] == want["text"]
+    logprobs = [e["logprob"] for e in choice["logprobs"]["content"]]
+    assert logprobs == want["logprobs"]["token_logprobs"]
+    assert logprobs != default["logprobs"]["token_logprobs"]  # the template matters
+    (tmp_path / "bad.jinja").write_text("{% if %}", encoding="utf-8")
+    with pytest.raises(NumGPTError, match="bad.jinja.*not valid Jinja2"):
+        _chat_template(build_parser().parse_args(["serve", "--model", "x", "--chat-template",
+                                                  str(tmp_path / "bad.jinja")]))
