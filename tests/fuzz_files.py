@@ -169,6 +169,8 @@ def _overwrite(data: bytes, at: int, fmt: str, value) -> bytes:
     else:
         fmt = "<B" if fmt == "<?" else fmt
         size = struct.calcsize(fmt)
+        if isinstance(value, float):  # a float's bits where an integer belongs (inf: 0x7ff0...)
+            value = int.from_bytes(np.array([value], dtype=f"<f{max(size, 4)}").tobytes()[:size], "little")
         raw = (int(value) % (1 << (8 * size))).to_bytes(size, "little")
     return data[:at] + raw + data[at + len(raw):]
 

@@ -179,6 +179,9 @@ GGUF_ISSUE = {
     "tensor_count 2^63": ("f32", (("field", "tensor_count", 2 ** 63),)),
     "kv_count 2^64-1": ("f32", (("field", "kv_count", 2 ** 64 - 1),)),
     "a string claiming 2^62 bytes": ("f32", (("field", "general.architecture.len", 2 ** 62),)),
+    # found by the fuzz suite
+    "a 1-D tensor typed q8_0": ("q8_0", (("tensor_set", "output_norm.bias", "type", 8),)),
+    "tensor_count written as the bits of inf": ("f16", (("field", "tensor_count", INF),)),
 }
 GGUF_ISSUE = {k: (case, True) for k, case in GGUF_ISSUE.items()}
 
@@ -203,6 +206,8 @@ HF_ISSUE = {
     "an integer-dtype weight (I32, same bytes)":
         ("f32", (("st_set", "transformer.wte.weight", "dtype", "I32"),)),
     "a NaN weight": ("f32", (("poison", "transformer.ln_f.bias", NAN),)),
+    # found by the fuzz suite
+    "n_embd is an object": ("f32", (("json_set", "n_embd", {}),)),
 }
 HF_ISSUE = {k: (case, True) for k, case in HF_ISSUE.items()}
 
