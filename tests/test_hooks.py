@@ -235,3 +235,20 @@ def test_hook_sees_its_name_and_layer_and_a_predicate_selects_points(tiny):
     tiny.run_with_hooks(np.array([[1, 2, 3]]), [(lambda n: n.endswith("hook_resid_post"),
                                                 lambda a, h: seen.append((h.name, h.layer())))])
     assert seen == [("blocks.0.hook_resid_post", 0), ("blocks.1.hook_resid_post", 1)]
+
+
+def test_hooks_run_on_a_q8_0_model_and_attribution_refuses_it():
+    from numgpt.core.config import GPTConfig
+    from numgpt.core.quant import quantize_model
+    from numgpt.inspect import attribute
+
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16), seed=4)
+    q8 = quantize_model(model)
+    ids = np.array([[1, 2, 3, 4, 5]])
+    plain = q8.forward_cached(ids, q8.new_cache(1, 5), all_logits=True)
+    logits, cache = q8.run_with_cache(ids, ["blocks.1.hook_resid_post", "blocks.0.attn.hook_v"])
+    assert np.array_equal(logits, plain) and cache["blocks.0.attn.hook_v"].shape == (1, 5, 2, 16)
+    everything, _ = q8.run_with_cache(ids)
+    assert np.abs(everything - plain).max() < 1e-5
+    with pytest.raises(InputError, match="load the float checkpoint"):
+        attribute(q8, [1, 2, 3], 4)
