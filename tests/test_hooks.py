@@ -162,19 +162,24 @@ def test_resid_mid_edit_is_the_residual_stream_as_in_hooked_transformer(small_fo
     assert max_diff(ours, bridge_alias) > 1e-3  # the bridge's alias really is different
 
 
+@pytest.fixture(scope="module")
+def folder_124m(tmp_path_factory):
+    return hf_folder(tmp_path_factory.mktemp("gpt2-124m"), GPT2_124M, seed=1, mlp_scale=1.0)
+
+
 @pytest.mark.slow
-def test_every_hook_point_equals_transformer_lens_124m(tmp_path):
-    folder = hf_folder(tmp_path, GPT2_124M, seed=1, mlp_scale=1.0)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_hook_point_equals_transformer_lens_124m(folder_124m, dtype):
     ids = IDS[:1]
-    model = numgpt.load(folder, dtype="float32")
+    model = numgpt.load(folder_124m, dtype=dtype)
     names = lambda n: not n.endswith("attn.hook_cache_k") and not n.endswith("attn.hook_cache_v")  # noqa: E731
     logits, ours = model.run_with_cache(ids, names)
     del model
-    tl_logits, theirs = boot(folder).run_with_cache(torch.tensor(ids))
-    worst, bad = gate(ours, theirs, TOL["float32"])
+    tl_logits, theirs = boot(folder_124m, dtype).run_with_cache(torch.tensor(ids))
+    worst, bad = gate(ours, theirs, TOL[dtype])
     worst = max(worst, max_diff(logits, to_numpy(tl_logits)))
-    ok = not bad and worst <= TOL["float32"]
-    _row(f"hook points, 124M shape, float32: {len(ours)} points and logits", worst, "<= 1e-05", ok)
+    ok = not bad and worst <= TOL[dtype]
+    _row(f"hook points, 124M shape, {dtype}: {len(ours)} points and logits", worst, f"<= {TOL[dtype]:g}", ok)
     assert ok, bad
 
 
