@@ -347,11 +347,29 @@ field_value = st.one_of(ff.json_value, prompt_value, st.integers(-5, 20), st.boo
                         st.sampled_from([0.0, 1.0, 0.5, 2.0, NAN, INF, -INF, 1e308]))
 
 
+# values a field may well have, so that most of these requests get past validation and reach
+# generation, streaming, echo and log-probabilities in their combinations
+PLAUSIBLE = {
+    "prompt": st.sampled_from(["Hi", "a", "<|endoftext|>", "\n\n", "é€😀"])
+    | st.lists(st.integers(0, 255), min_size=1, max_size=8) | st.lists(st.sampled_from(["Hi", "yo"]), min_size=1, max_size=3),
+    "max_tokens": st.integers(-1, 5), "n": st.integers(0, 3), "logprobs": st.none() | st.integers(-1, 6),
+    "temperature": st.sampled_from([0, 0.5, 1.0, 2.0, 1e-30, 1e30]), "top_p": st.sampled_from([0.1, 0.9, 1.0]),
+    "top_k": st.integers(-2, 300), "seed": st.sampled_from([0, 1, 2 ** 64 - 1, 2 ** 64]),
+    "stop": st.sampled_from(["i", "\n", ["a", "b"], [], None]), "stream": st.booleans(),
+    "echo": st.booleans(), "truncate": st.booleans(), "ascii_only": st.booleans(),
+    "stream_options": st.sampled_from([{"include_usage": True}, {"include_usage": None}, {}]),
+    "layer": st.integers(-1, 3), "tokens": st.lists(st.integers(-1, 256), max_size=6),
+    "add_special_tokens": st.booleans()}
+
+
 def _http_body(route: str):
     """(content bytes, content type) for one request to ``route``."""
     valid = json.dumps(VALID_BODY.get(route, {})).encode()
     edits = st.lists(st.tuples(st.sampled_from(FIELDS) | st.text(max_size=6),
                                st.one_of(field_value, prompt_value, messages_value)), max_size=3)
+    plausible = st.lists(st.sampled_from(sorted(PLAUSIBLE)).flatmap(
+        lambda k: st.tuples(st.just(k), PLAUSIBLE[k])), min_size=1, max_size=6)
+    edits = edits | plausible | plausible
     fields = edits.map(lambda kv: json.dumps({**VALID_BODY.get(route, {}), **dict(kv)}).encode())
     anything = ff.json_value.map(lambda v: json.dumps(v).encode())
     raw = st.lists(ff.raw_op, min_size=1, max_size=2).map(lambda ops: _apply_raw(valid, ops))
@@ -454,6 +472,7 @@ HTTP_ISSUE = [("/v1/completions", b'{"prompt": "Hi", "max_tokens": 2, "logprobs"
               ("/tokenize", b'{"prompt": "\\udc80"}')]
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the 3e38 model, on purpose
 @pytest.mark.parametrize("model", ["tiny", "ln_f.weight 3e38"])
 def test_fuzzed_http_bodies_get_2xx_or_openai_4xx(model, apps, request):
     client, app = apps[model]
