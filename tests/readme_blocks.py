@@ -275,17 +275,22 @@ def run_block(block: Block, sandbox: Path, subs: list[Substitution], ctx: Contex
         path = sandbox / ".readme-test" / f"{block.id}.sh"
         path.write_text(PRELUDE + script)
         argv, stdin = ["bash", "-euo", "pipefail", str(path)], None
+    # Output goes to files, not pipes: a process the block leaves running in the background
+    # (a server) keeps its inherited stdout open, and waiting for a pipe's end would hang.
+    out_path, err_path = (sandbox / ".readme-test" / f"{block.id}.{s}" for s in ("out", "err"))
     start = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=sandbox, env=block_env(), text=True, start_new_session=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(argv, cwd=sandbox, env=block_env(), start_new_session=True,
+                                stdin=subprocess.PIPE, stdout=out, stderr=err)
     try:
-        out, err = proc.communicate(stdin, timeout=timeout)
+        proc.communicate(stdin.encode() if stdin else None, timeout=timeout)
         code: int | None = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        proc.wait()
         code = None
-    return Run(block, script, code, out, err, time.monotonic() - start)
+    read = lambda p: p.read_text(encoding="utf-8", errors="replace")  # noqa: E731
+    return Run(block, script, code, read(out_path), read(err_path), time.monotonic() - start)
 
 
 def _gone(pid: int) -> bool:

@@ -226,6 +226,19 @@ def test_an_xfail_marker_is_strict(tmp_path):
         _judge(rb.Block(1, "bash", "false\n", "s"), rb.run_block(failing, tmp_path, [], ctx, 60))
 
 
+def test_servers_a_section_started_are_stopped_when_the_next_section_starts(tmp_path):
+    markdown = ("## A\n```bash\nsleep 300 &\necho $! >> .readme-test/servers\n```\n"
+                "```bash\ntrue\n```\n## B\n```bash\ntrue\n```\n")
+    session = rb.Session(_blocks(markdown), tmp_path, [], rb.Context(new_port=lambda: 1), 60)
+    try:
+        assert session.result(0).ok
+        pid = int((tmp_path / ".readme-test" / "servers").read_text())
+        assert session.result(1).ok and not rb._gone(pid)  # same section: still running
+        assert session.result(2).ok and rb._gone(pid)      # next section: stopped
+    finally:
+        session.close()
+
+
 def test_a_block_that_hangs_is_stopped(tmp_path):
     [block] = _blocks("```bash\nsleep 60\n```\n")
     run = rb.run_block(block, tmp_path, [], rb.Context(new_port=lambda: 1), timeout=1)
