@@ -154,6 +154,11 @@ def _grow(path):
     return [np.empty(1 << 30, np.uint8) for _ in range(1 << 10)]  # 1 TiB, a GiB at a time
 
 
+def _chatty(path):
+    print("a loader that prints to stdout\n{\"kind\": \"model\"}", flush=True)
+    return _bare(path)
+
+
 def _bare(path):
     raise ValueError("a bare ValueError from a loader")
 
@@ -190,6 +195,7 @@ def _numgpt_load(path):
 
 
 LOADERS = {"load": _numgpt_load, "hang": _hang, "die": _die, "grow": _grow, "bare": _bare,
+           "chatty": _chatty,
            "two_lines": _two_lines, "nan_model": _nan_model}
 
 
@@ -203,6 +209,8 @@ def _serve_one(request: dict, limit: int) -> dict:
     pid = os.fork()
     if pid == 0:  # the worker: never returns
         os.close(r)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # stdout is the child's answer channel: a loader's print must not reach it
         try:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             t = time.perf_counter()

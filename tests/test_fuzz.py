@@ -292,7 +292,8 @@ def test_every_issue_case_is_written_as_described(bases, tmp_path):
 
 
 # Negative controls: each way a loader can break the property is classified as a failure.
-@pytest.mark.parametrize("loader,kind", [("bare", "exception"), ("two_lines", "multiline"),
+@pytest.mark.parametrize("loader,kind", [("bare", "exception"), ("chatty", "exception"),
+                                         ("two_lines", "multiline"),
                                          ("nan_model", "nonfinite"), ("hang", "timeout"),
                                          ("die", "killed"), ("grow", "memory")])
 def test_the_child_catches_each_way_a_loader_breaks_the_property(loader, kind, bases, child, tmp_path):
