@@ -247,3 +247,63 @@ def test_cli_prints_the_library_result_as_json_text_and_png(pair, capsys, tmp_pa
     assert f"clean logit diff {want.clean_diff:+.4f}" in out
     code, out, err = _cli(capsys, "inspect", "attribute", *common, "--target", " doghouse")
     assert code == 2 and err.count("\n") == 1 and "encodes to 3 tokens" in err
+
+
+# ------------------------------------------------------------- POST /v1/inspect (playground)
+
+def _byte_model():
+    from numgpt.core.config import GPTConfig
+    from numgpt.core.model import GPT
+    from numgpt.io.tokenizer import ByteTokenizer
+
+    m = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32, dtype="float64"), seed=7)
+    for block in m.h:  # weights that make the views differ from position to position
+        block.attn.c_attn.weight.data *= 6.0
+        block.mlp.c_fc.weight.data *= 4.0
+    m.tokenizer = ByteTokenizer()
+    return m
+
+
+def test_inspect_endpoint_answers_what_the_library_computes_and_refuses_in_one_line():
+    from starlette.testclient import TestClient
+
+    from numgpt.serve.app import ServerConfig, create_app
+
+    model = _byte_model()
+    key = {"Authorization": "Bearer k-123"}
+    with TestClient(create_app(ServerConfig(model_name="tiny", api_key="k-123"), model=model),
+                    raise_server_exceptions=False, base_url="http://localhost") as client:
+        post = lambda body, h=key: client.post("/v1/inspect", json=body, headers=h)  # noqa: E731
+        assert post({"view": "logit-lens", "prompt": "ab"}, {}).status_code == 401
+        r = post({"view": "logit-lens", "prompt": "the cat sat", "target": "t", "top_k": 3})
+        assert r.status_code == 200, r.text
+        body, want = r.json(), logit_lens(model, list(b"the cat sat"), target=ord("t"), k=3)
+        assert body["layers"] == want.layers == ["L0 in", "L1 in", "final"]
+        assert np.array_equal(np.array(body["target_probs"]), want.target_probs)
+        assert np.array_equal(np.array(body["top_probs"]), want.top_probs)
+        from numgpt.serve.protocol import token_str
+        assert body["top_tokens"][2][0] == [token_str(model.tokenizer, int(t)) for t in want.top_ids[2][0]]
+        assert body["target"] == "t" and body["tokens"] == list("the cat sat")
+        r = post({"view": "patch", "prompt": "the cat sat", "corrupted": "the dog sat",
+                  "answer": " ", "wrong": 100})
+        assert r.status_code == 200, r.text
+        body, want = r.json(), patch(model, list(b"the cat sat"), list(b"the dog sat"), 32, 100)
+        assert np.array_equal(np.array(body["resid"]), want.resid)
+        assert np.array_equal(np.array(body["heads"]), want.heads)
+        assert body["clean_diff"] == want.clean_diff and body["answer"] == " " and body["wrong"] == "d"
+        for request, param, code in (
+                ({"view": "lens", "prompt": "a"}, "view", "invalid_value"),
+                ({"view": "logit-lens", "prompt": "a" * 65}, "prompt", "prompt_too_long"),
+                ({"view": "logit-lens", "prompt": "a", "top_k": 11}, "top_k", "invalid_value"),
+                ({"view": "logit-lens", "prompt": "a", "target": "ab"}, "target", "invalid_value"),
+                ({"view": "patch", "prompt": "a" * 33, "corrupted": "b" * 33, "answer": 1, "wrong": 2},
+                 "prompt", "prompt_too_long"),
+                ({"view": "patch", "prompt": "ab", "corrupted": "abc", "answer": 1, "wrong": 2},
+                 "corrupted", "invalid_value"),
+                ({"view": "patch", "prompt": "ab", "corrupted": "cd", "wrong": 2}, "answer", "invalid_value"),
+                ({"view": "patch", "prompt": "ab", "corrupted": "ab", "answer": 1, "wrong": 2},
+                 "prompt", "invalid_value")):  # same prompt twice: nothing to restore
+            r = post(request)
+            error = r.json()["error"]
+            assert r.status_code == 400 and (error["param"], error["code"]) == (param, code), r.text
+            assert "\n" not in error["message"]

@@ -10,6 +10,7 @@ Routes::
     GET  /health           200 once the model is loaded, 503 before (or if loading failed)
     GET  /metrics          Prometheus text format
     POST /v1/internals     one short prompt's attention probabilities and residual norms
+    POST /v1/inspect       the logit lens or activation patching of a short prompt
     POST /v1/chat/completions  OpenAI's chat schema, plain or streamed, over the same engine
     GET  /                 the playground page (static files under /static/)
 
@@ -61,7 +62,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import ConfigError, InputError, NumGPTError
-from . import internals
+from . import internals, lookinside
 from .engine import Engine, EngineMetrics, QueueFull, Request
 from .metrics import CONTENT_TYPE, Counter, Registry
 from .protocol import (PROMPT_CHARS_PER_CONTEXT, PROMPT_TOKENS_PER_CONTEXT, APIError,
@@ -492,6 +493,21 @@ async def inspect_internals(request: HTTPRequest) -> Response:
                                        seen.attention, seen.residual_norms))
 
 
+async def inspect_view(request: HTTPRequest) -> Response:
+    """POST /v1/inspect: the playground's logit-lens and patching views (``lookinside``),
+    bounded prompts, on a worker thread, one at a time with /v1/internals."""
+    state = _state(request)
+    _require_ready(state)
+    body = await _read_json(request, state.config)
+    m = state.model.config
+    spec = await asyncio.to_thread(lookinside.parse_inspect, body, tokenizer=state.model.tokenizer,
+                                   vocab_size=m.vocab_size, block_size=m.block_size,
+                                   max_chars=state.max_prompt_chars)
+    async with state.internals_lock:
+        answer = await asyncio.to_thread(lookinside.run, state.model, spec, state.model_name)
+    return JSONResponse(answer)
+
+
 async def playground(request: HTTPRequest) -> Response:
     """GET /: the page, told whether to ask for an API key (never the key itself)."""
     page = (STATIC / "index.html").read_text(encoding="utf-8")
@@ -664,7 +680,7 @@ async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
     return _error_response(exc.status_code, message, code=code, headers=exc.headers)
 
 
-_PATHS = ("/v1/completions", "/v1/models", "/v1/internals", "/health", "/metrics", "/",
+_PATHS = ("/v1/completions", "/v1/models", "/v1/internals", "/v1/inspect", "/health", "/metrics", "/",
           "/tokenizer_info", "/tokenize", "/detokenize", "/v1/chat/completions")
 
 
@@ -689,6 +705,7 @@ def create_app(config: ServerConfig, model=None) -> Starlette:
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]),
               Route("/v1/internals", inspect_internals, methods=["POST"]),
+              Route("/v1/inspect", inspect_view, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/", playground, methods=["GET"]),
               Mount("/static", _PageFiles(directory=STATIC), name="static")]
