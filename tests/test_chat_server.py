@@ -113,12 +113,16 @@ def test_streamed_chat_sends_role_then_deltas_then_finish_then_usage(served):
 def test_raw_stream_ends_with_done_and_every_event_is_json(served):
     url, _ = served
     with _http(url) as h, h.stream("POST", "/v1/chat/completions", json={
-            "messages": MESSAGES, "max_completion_tokens": 5, "stream": True}) as r:
+            "messages": MESSAGES, "max_completion_tokens": 5, "stream": True,
+            "seed": 3}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == SSE_DONE.strip()
     bodies = [json.loads(e[len("data: "):]) for e in events[:-1]]
-    assert [len(b["choices"]) for b in bodies] == [1] * 7  # role, 5 tokens, finish
+    deltas = [b["choices"][0]["delta"] for b in bodies]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert all(set(d) == {"content"} for d in deltas[1:-1]) and len(deltas[1:-1]) >= 5
+    assert len(deltas) <= 8  # 5 tokens, and the text of a character the 5th left unfinished
     assert bodies[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
                                         "finish_reason": "length"}
 
