@@ -49,6 +49,7 @@ class Bases:
         hf = mf.hf_folder(f / "base-hf")
         self.hf = {"f32": (json.loads((hf / "config.json").read_text()),
                            _read_safetensors(hf / "model.safetensors"))}
+        self.hf_sharded = _shard(*self.hf["f32"])
 
     def nanogpt(self) -> dict:
         """A fresh nanoGPT checkpoint dict (torch tensors), as ``model_files.nanogpt_ckpt`` saves."""
@@ -64,6 +65,29 @@ def _read_safetensors(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def _shard(config: dict, st: tuple[dict, bytes]) -> tuple[dict, dict, list]:
+    """A Hugging Face folder's parts split as ``save_pretrained`` shards it: (config, the
+    ``model.safetensors.index.json`` document, [(header, data)] of the two shards)."""
+    header, data = st
+    names = sorted(k for k in header if k != "__metadata__")
+    halves = (names[:len(names) // 2], names[len(names) // 2:])
+    shards = []
+    for part in halves:
+        h, chunks, at = {"__metadata__": {"format": "pt"}}, [], 0
+        for k in part:
+            begin, end = header[k]["data_offsets"]
+            h[k] = {**header[k], "data_offsets": [at, at + end - begin]}
+            chunks.append(data[begin:end])
+            at += end - begin
+        shards.append((h, b"".join(chunks)))
+    index = {"metadata": {"total_size": len(data)},
+             "weight_map": {k: SHARDS[i] for i, part in enumerate(halves) for k in part}}
+    return config, index, shards
 
 
 def _numgpt_parts(prefix: Path) -> tuple[dict, tuple[dict, bytes]]:
@@ -358,6 +382,56 @@ def write_hf_case(bases: Bases, case: tuple, folder: Path) -> Path:
     return hf
 
 
+def _index_structured(index, op: tuple):
+    """Index edits; returns (the index, whether ``op`` was one)."""
+    kind = op[0]
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if kind == "index_set" and isinstance(wm, dict) and wm:
+        wm[_pick(sorted(wm), op[1])] = op[2]
+    elif kind == "index_all" and isinstance(wm, dict):
+        for k in wm:
+            wm[k] = op[1]
+    elif kind == "index_doc":
+        index = op[1]
+    elif kind not in ("index_set", "index_all"):
+        return index, False
+    return index, True
+
+
+def write_hf_sharded_case(bases: Bases, case: tuple, folder: Path) -> Path:
+    """A sharded Hugging Face folder after ``ops``; a shard named ``"FIFO"`` in the index
+    becomes a named pipe in the folder (a reader that opens it waits forever)."""
+    import os
+    import shutil
+
+    _, ops = case
+    config, index, shards = copy.deepcopy(bases.hf_sharded)
+    header, data = shards[0][0], bytearray(shards[0][1])
+    raw_ops = []
+    for op in ops:
+        index, done = _index_structured(index, op)
+        if not (done or _json_structured(config, op) or _st_structured(header, data, op)):
+            raw_ops.append(op)
+    files = {"json": _dump_json(config), "index": _dump_json(index),
+             "weights": _st_bytes(header, bytes(data))}
+    for op in raw_ops:
+        if op[0] == "header_len":
+            files["weights"] = _overwrite(files["weights"], 0, "<Q", op[1])
+        elif op[-1] in files:
+            files[op[-1]] = _raw_op(files[op[-1]], op[:-1])
+    hf = folder / "hf-sharded"
+    shutil.rmtree(hf, ignore_errors=True)
+    hf.mkdir()
+    (hf / "config.json").write_bytes(files["json"])
+    (hf / "model.safetensors.index.json").write_bytes(files["index"])
+    (hf / SHARDS[0]).write_bytes(files["weights"])
+    (hf / SHARDS[1]).write_bytes(_st_bytes(*shards[1]))
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if isinstance(wm, dict) and "FIFO" in wm.values():
+        os.mkfifo(hf / "FIFO")
+    return hf
+
+
 # --------------------------------------------------------------------------- nanoGPT
 
 _TORCH_DTYPES = ("int32", "int64", "int8", "uint8", "bool", "float16", "bfloat16", "float64",
@@ -610,6 +684,17 @@ json_weights_op = st.one_of(json_op, st_op, file_raw_op)
 numgpt_case = st.tuples(st.sampled_from(["f32", "q8_0"]),
                         st.lists(json_weights_op, min_size=1, max_size=3).map(tuple))
 hf_case = st.tuples(st.just("f32"), st.lists(json_weights_op, min_size=1, max_size=3).map(tuple))
+
+shard_name = st.sampled_from(["../base-f32.safetensors", "/proc/self/mem", "/dev/zero", "/dev/null",
+                              "", ".", "FIFO", "config.json", SHARDS[1], "missing.safetensors",
+                              "x/../" + SHARDS[0], SHARDS[0] + "\0"]) | json_scalar
+index_op = st.one_of(st.tuples(st.just("index_set"), target, shard_name),
+                     st.tuples(st.just("index_all"), shard_name),
+                     st.tuples(st.just("index_doc"), json_value))
+sharded_raw_op = st.tuples(raw_op | header_raw_op, st.sampled_from(["json", "index", "weights"])).map(
+    lambda t: (*t[0], t[1]))
+hf_sharded_case = st.tuples(st.just("sharded"), st.lists(
+    st.one_of(index_op, index_op, json_op, st_op, sharded_raw_op), min_size=1, max_size=3).map(tuple))
 
 NANOGPT_ARGS = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout"]
 python_value = json_value | st.sampled_from([b"bytes", (1, 2), 1 + 2j])

@@ -45,7 +45,8 @@ import results_table
 from fuzz_child import BUDGET_MIB, TIMEOUT_S, LoaderChild
 from model_files import T
 
-DEFAULT_EXAMPLES = {"gguf": 120, "numgpt": 60, "hf": 45, "nanogpt": 40, "http": 100}
+DEFAULT_EXAMPLES = {"gguf": 120, "numgpt": 60, "hf": 40, "hf-sharded": 30, "nanogpt": 40,
+                    "http": 100}
 NAN, INF = math.nan, math.inf
 
 
@@ -211,6 +212,17 @@ HF_ISSUE = {
 }
 HF_ISSUE = {k: (case, True) for k, case in HF_ISSUE.items()}
 
+HF_SHARDED_ISSUE = {
+    "a shard that is a named pipe": ("sharded", (("index_set", 0, "FIFO"),)),
+    "a shard that is /dev/zero": ("sharded", (("index_set", 0, "/dev/zero"),)),
+    "weight_map is a list": ("sharded", (("index_doc", {"weight_map": ["a"]}),)),
+    "every shard named ''": ("sharded", (("index_all", ""),)),
+    # found by the fuzz suite
+    "a shard name that is a number": ("sharded", (("index_set", 0, 1.5),)),
+    "every shard name a number": ("sharded", (("index_all", 7),)),
+}
+HF_SHARDED_ISSUE = {k: (case, True) for k, case in HF_SHARDED_ISSUE.items()}
+
 NANOGPT_ISSUE = {
     "n_layer 10**12 in model_args": ("f32", (("args_set", "n_layer", 10 ** 12),)),
     "an int32 weight": ("f32", (("tensor_dtype", "transformer.wte.weight", "int32"),)),
@@ -218,6 +230,17 @@ NANOGPT_ISSUE = {
     "model_args is a list": ("f32", (("top_set", "model_args", [1]),)),
     "the file cut in half": ("f32", (("truncate", -40000),)),
 }
+HF_SHARDED_ISSUE = {
+    "a shard that is a named pipe": ("sharded", (("index_set", 0, "FIFO"),)),
+    "a shard that is /dev/zero": ("sharded", (("index_set", 0, "/dev/zero"),)),
+    "weight_map is a list": ("sharded", (("index_doc", {"weight_map": ["a"]}),)),
+    "every shard named ''": ("sharded", (("index_all", ""),)),
+    # found by the fuzz suite
+    "a shard name that is a number": ("sharded", (("index_set", 0, 1.5),)),
+    "every shard name a number": ("sharded", (("index_all", 7),)),
+}
+HF_SHARDED_ISSUE = {k: (case, True) for k, case in HF_SHARDED_ISSUE.items()}
+
 NANOGPT_ISSUE = {k: (case, True) for k, case in NANOGPT_ISSUE.items()}
 
 LOADER_TARGETS = {
@@ -227,6 +250,8 @@ LOADER_TARGETS = {
                ff.numgpt_case, ff.write_numgpt_case, NUMGPT_ISSUE),
     "hf": ("20 fuzz: Hugging Face folders (config.json + model.safetensors)",
            ff.hf_case, ff.write_hf_case, HF_ISSUE),
+    "hf-sharded": ("20 fuzz: Hugging Face sharded folders (model.safetensors.index.json + shards)",
+                   ff.hf_sharded_case, ff.write_hf_sharded_case, HF_SHARDED_ISSUE),
     "nanogpt": ("20 fuzz: nanoGPT ckpt.pt", ff.nanogpt_case, ff.write_nanogpt_case, NANOGPT_ISSUE),
 }
 
@@ -279,6 +304,14 @@ def test_every_issue_case_is_written_as_described(bases, tmp_path):
             assert ff.json_weights_bytes(*parts[base], ops) != ff.json_weights_bytes(*parts[base], ()), name
     doc, _ = ff.json_weights_bytes(*bases.numgpt["f32"], NUMGPT_ISSUE["n_layer 10**12 in the .json"][0][1])
     assert json.loads(doc)["model"]["n_layer"] == 10 ** 12
+
+    base_index = (ff.write_hf_sharded_case(bases, ("sharded", ()), tmp_path)
+                  / "model.safetensors.index.json").read_text()
+    for name, (case, _) in HF_SHARDED_ISSUE.items():
+        folder = ff.write_hf_sharded_case(bases, case, tmp_path)
+        assert (folder / "model.safetensors.index.json").read_text() != base_index, name
+    assert (ff.write_hf_sharded_case(bases, HF_SHARDED_ISSUE["a shard that is a named pipe"][0], tmp_path)
+            / "FIFO").is_fifo()
 
     ckpt = bases.nanogpt()
     for name, ((_, ops), _) in NANOGPT_ISSUE.items():
