@@ -706,7 +706,14 @@ def _run_trace_compare(args) -> int:
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text files into train.bin/val.bin + meta.json for training")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, concatenated in order")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="FILE", help="UTF-8 text files, concatenated in order")
+    source.add_argument("--chat", metavar="FILE",
+                        help="conversations instead: a JSONL file, one {\"messages\": [{\"role\", "
+                             "\"content\"}, ...]} per line (OpenAI's fine-tuning format), rendered "
+                             "with the chat template; only assistant tokens carry loss "
+                             "(train_mask.bin / val_mask.bin)")
+    _add_chat_template_flag(p)
     p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
                    help="'bytes' (default), 'gpt2' (GPT-2's BPE, shipped with numgpt), a folder with "
                         "vocab.json + merges.txt, or a model whose tokenizer to use")
@@ -738,6 +745,19 @@ def _prepare_tokenizer(spec: str):
 def _run_prepare(args) -> int:
     from .io import data
 
+    if args.chat is not None:
+        meta = data.prepare_chat(args.chat, _prepare_tokenizer(args.tokenizer), args.out,
+                                 args.val_fraction, template=_chat_template(args),
+                                 block_size=args.block_size)
+        s = meta["splits"]
+        print(f"wrote {args.out}: train {s['train']['conversations']:,} conversations "
+              f"({s['train']['tokens']:,} tokens, {s['train']['assistant_tokens']:,} carry loss), "
+              f"val {s['val']['conversations']:,} ({s['val']['tokens']:,} tokens, "
+              f"{s['val']['assistant_tokens']:,} carry loss)")
+        return 0
+    elif args.chat_template is not None:
+        raise InputError("--chat-template applies to --chat conversations; text files are "
+                         "tokenized as they are")
     meta = data.prepare(args.input, _prepare_tokenizer(args.tokenizer), args.out, args.val_fraction,
                         block_size=args.block_size)
     s = meta["splits"]
@@ -795,21 +815,36 @@ def _default_workers(batch_size: int) -> int:
     return max(1, min(cores, 4, batch_size))
 
 
-def _run_train(args) -> int:
-    from .train.config import TrainConfig, config_fields, load_toml, resume_config
+def _train_config(args, flags: dict):
+    """The training config: the TOML file then the flags; resuming, the run's saved config
+    under both (``resume_config``)."""
+    from .train.config import TrainConfig, resume_config
 
-    flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     cfg = TrainConfig.from_sources(args.config, flags)
-    from .train.launch import launched_rank, launched_ranks
-
-    ranks = launched_ranks()  # under `mpiexec -n N`: N processes share the cores
     if cfg.resume:  # the run's saved config, then the file, then the flags
         _tidy_run_folder(cfg.out)
         cfg = resume_config(cfg.out, flags, args.config)
-    elif args.threads is None and "workers" not in {*flags, *(load_toml(args.config) if args.config else {})}:
-        workers = 1 if ranks > 1 else _default_workers(cfg.batch_size)
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "workers": workers})
-    if args.threads is not None or cfg.workers > 1 or ranks > 1:  # 1 BLAS thread per worker
+    return cfg
+
+
+def _run_train(args) -> int:
+    from .train.config import TrainConfig, config_fields, load_toml
+
+    flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+    from .train.launch import launched_rank, launched_ranks
+
+    ranks = launched_ranks()  # under `mpiexec -n N`: N processes share the cores
+    if ranks > 1:  # read the config as a group, so a refused one is printed once (rank 0)
+        set_blas_threads(args.threads if args.threads is not None else 1)  # before NumPy loads
+        from .train.parallel import ranks_from_environment
+
+        cfg = ranks_from_environment(300.0).agree(lambda: _train_config(args, flags), "read the config")
+    else:
+        cfg = _train_config(args, flags)
+    if not cfg.resume and args.threads is None and ranks == 1 and \
+            "workers" not in {*flags, *(load_toml(args.config) if args.config else {})}:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "workers": _default_workers(cfg.batch_size)})
+    if ranks == 1 and (args.threads is not None or cfg.workers > 1):  # 1 BLAS thread per worker
         set_blas_threads(args.threads if args.threads is not None else 1)
     from .train import loop as training  # loads NumPy: after the thread count is set
 
@@ -975,13 +1010,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launched_rank() -> int:
+    from .train.launch import launched_rank
+
+    return launched_rank()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _note_cold_kernel_cache(args)
     try:
         return args.run(args)
     except NumGPTError as exc:
-        print(f"numgpt: error: {exc}", file=sys.stderr)
+        if not (getattr(exc, "every_rank", False) and _launched_rank() != 0):  # once, not per rank
+            print(f"numgpt: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError as exc:
         print(f"numgpt: error: out of memory ({exc or 'an allocation failed'}); use a smaller "

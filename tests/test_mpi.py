@@ -34,6 +34,8 @@ from numgpt.io.data import prepare
 from numgpt.io.tokenizer import ByteTokenizer
 from numgpt.train.loop import train
 
+import results_table  # tests/results_table.py: the fault table's one writer
+
 
 def _mpiexec() -> str:
     try:
@@ -150,6 +152,13 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def fault_row(case: str, happened: str, expected: str, passed: bool) -> None:
+    """Write the case's row of docs/results/faults.md (as tests/test_faults.py does), then fail
+    the test if it did not hold."""
+    results_table.record("faults.md", case, happened, expected, "PASS" if passed else "FAIL")
+    assert passed, f"{case}: {happened} (expected: {expected})"
+
+
 # ----------------------------------------------------------------------- equal to one process
 
 @pytest.fixture(scope="module")
@@ -234,16 +243,30 @@ def test_resume_under_two_ranks_is_exact(mpiexec, data_dir, tmp_path, two_ranks_
     assert max_diff(a, b) == 0.0 and max_diff(ma, mb) == 0.0
 
 
-def test_two_ranks_resume_in_one_process(mpiexec, data_dir, tmp_path, two_ranks, two_ranks_dropout):
+def test_two_ranks_resume_in_one_process(mpiexec, data_dir, tmp_path, two_ranks, two_ranks_dropout, capfd):
     # same shards (2 ranks -> 2 threads): bit for bit, dropout included
     ok(mpi_train(mpiexec, cfg(data_dir, tmp_path / "a", **{**DROPOUT, "max_iters": 5})))
+    capfd.readouterr()
     train(cfg(data_dir, tmp_path / "a", **DROPOUT, resume=True, workers=2), progress=False)
+    same_shards_said = capfd.readouterr().err
     assert step_losses(tmp_path / "a") == step_losses(two_ranks_dropout)
     assert max_diff(saved(tmp_path / "a")[0], saved(two_ranks_dropout)[0]) == 0.0
     # one thread: the same global batches, the sums in another order (float64: 1e-12)
     ok(mpi_train(mpiexec, cfg(data_dir, tmp_path / "b", max_iters=10)))
     train(cfg(data_dir, tmp_path / "b", resume=True), progress=False)
-    assert max_diff(saved(tmp_path / "b")[0], saved(two_ranks)[0]) < 1e-12
+    said = [line for line in capfd.readouterr().err.splitlines() if line.startswith("numgpt: resuming a run")]
+    diff = max_diff(saved(tmp_path / "b")[0], saved(two_ranks)[0])
+    expected_line = ("numgpt: resuming a run trained as 2 shards (2 ranks x 1 worker) as 1 shard "
+                     "(1 rank x 1 worker): the same global batches and schedule, the gradient sums "
+                     "in another order (equal up to float rounding), so it does not repeat the run "
+                     "bit for bit; 2 shards (ranks x workers) would")
+    fault_row("20.9 MPI: a run of 2 ranks resumed as 1 process (1 worker), and as 2 workers",
+              f"1 worker: {'one line says what differs' if said == [expected_line] else f'said {said}'}, "
+              f"weights within {diff:.1e} of the straight run (float64); 2 workers: "
+              f"{'no line' if 'numgpt: resuming a run' not in same_shards_said else 'a line'}, bit for bit",
+              "another shard count (ranks x workers) is said in one line at resume (not bit for "
+              "bit; equal up to float rounding); the same count resumes exactly without a word",
+              said == [expected_line] and diff < 1e-12 and "numgpt: resuming a run" not in same_shards_said)
 
 
 def test_sigterm_to_mpiexec_saves_once_and_resumes_exactly(mpiexec, data_dir, tmp_path):
@@ -404,6 +427,42 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(mpiexec, data_dir
     proc = mpi_train(mpiexec, cfg(data_dir, tmp_path, batch_size=3))
     assert proc.returncode == 2
     assert "batch_size 3 does not split evenly over 2 ranks" in proc.stderr
+    assert proc.stderr.count("numgpt: error:") == 1, proc.stderr  # rank 0 alone says it
+
+
+def test_a_refused_config_is_printed_once_not_once_per_rank(mpiexec, data_dir, tmp_path):
+    """Issue 21 group 12: every rank parses the same flags and refused them, each printing it."""
+    proc = mpi_train(mpiexec, cfg(data_dir, tmp_path, max_iters=-1))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("numgpt: error:")]
+    assert errors == ["numgpt: error: the configuration: config key 'max_iters' must be >= 0"], proc.stderr
+    # a setup error on one rank alone: rank 0 names it once, the rank that hit it stays silent
+    base = [sys.executable, "-m", "numgpt", "train", "--quiet", *_flags(cfg(data_dir, tmp_path / "b"))]
+    cmd = [mpiexec, "-n", "1", *base, ":", "-n", "1", *base, "--data", str(tmp_path / "missing")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("numgpt: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "rank 1 could not" in errors[0], proc.stderr
+
+
+def test_a_rank_that_hangs_before_the_first_checkpoint_gets_advice_that_works(mpiexec, data_dir, tmp_path):
+    """Issue 20 group 9: the line said "continue with --resume", which then said "train
+    without --resume first", which said "pass --resume"."""
+    run = cfg(data_dir, tmp_path / "run", rank_timeout=2)
+    proc = mpi_driver(mpiexec, tmp_path, "stop", 1, 2, run, timeout=60)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("numgpt: rank 0:")), "")
+    first = "No checkpoint was saved yet: start over with --overwrite" in line and "--resume" not in line
+    resumed = mpi_train(mpiexec, {**run, "resume": True})
+    second = (resumed.returncode == 2 and resumed.stderr.count("numgpt: error:") == 1 and
+              "stopped before its first checkpoint (there is no latest.json); start it over with "
+              "--overwrite" in resumed.stderr)
+    again = mpi_train(mpiexec, {**run, "overwrite": True})
+    fault_row("20.9 MPI: a rank hangs before the first checkpoint; the advice is followed",
+              f"rank 0: {line[len('numgpt: rank 0: '):][-80:]!r}; --resume: exit {resumed.returncode}, "
+              f"{'start over with --overwrite' if second else resumed.stderr[-200:]!r}; --overwrite: "
+              f"exit {again.returncode}",
+              "every message gives the same advice (--overwrite: there is nothing to resume) and "
+              "following it trains the run", first and second and again.returncode == 0)
+    assert saved(tmp_path / "run")[1]["step"] == 20
 
 
 # ----------------------------------------------------------------------- without MPI

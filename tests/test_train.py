@@ -188,6 +188,106 @@ def test_resume_refuses_a_changed_model_shape_and_a_missing_checkpoint(data_dir,
         train(cfg(data_dir, tmp_path, max_iters=2), progress=False)
 
 
+def _stop_at(step: int):
+    def stop(record):
+        if record["step"] == step:
+            raise KeyboardInterrupt  # saves latest at this step
+
+    return stop
+
+
+def _lrs(out) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in read_log(out) if r["kind"] == "step"}
+
+
+SCHEDULE = dict(max_iters=10, warmup_iters=2, eval_interval=0, checkpoint_interval=0)
+
+
+def test_resume_with_a_larger_max_iters_continues_the_schedule_of_the_run(data_dir, tmp_path, capfd):
+    """Issue 21 group 3: lr_decay_iters defaults to max_iters, and was recomputed from the new
+    max_iters on resume, so the learning rate jumped at the resume step."""
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(data_dir, tmp_path / "a", **SCHEDULE), progress=False, on_step=_stop_at(6))
+    capfd.readouterr()
+    train(cfg(data_dir, tmp_path / "a", **{**SCHEDULE, "max_iters": 16}, resume=True), progress=False)
+    err = capfd.readouterr().err
+    lrs = _lrs(tmp_path / "a")
+    c = TINY
+    # step s of the log ran at schedule(s - 1); the run's schedule decays to min_lr at step 10
+    for step in range(1, 17):
+        assert lrs[step] == get_lr(step - 1, learning_rate=c["learning_rate"], warmup_iters=2,
+                                   lr_decay_iters=10, min_lr=c["min_lr"]), step
+    assert lrs[11] == lrs[16] == c["min_lr"]
+    assert "the learning-rate schedule of the run continues (cosine to min_lr 0.0003 at step 10, " \
+           "then min_lr)" in err, err
+    saved = checkpoint.load_checkpoint(tmp_path / "a" / "latest")[1]["train_config"]
+    assert saved["lr_decay_iters"] == 10  # stored, so a second resume keeps it too
+
+
+def test_resume_with_lr_decay_iters_set_uses_the_new_schedule_and_says_so(data_dir, tmp_path, capfd):
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(data_dir, tmp_path, **SCHEDULE), progress=False, on_step=_stop_at(6))
+    capfd.readouterr()
+    train(cfg(data_dir, tmp_path, **{**SCHEDULE, "max_iters": 16}, lr_decay_iters=16, resume=True),
+          progress=False)
+    err = capfd.readouterr().err
+    lrs = _lrs(tmp_path)
+    new = dict(learning_rate=TINY["learning_rate"], warmup_iters=2, lr_decay_iters=16, min_lr=TINY["min_lr"])
+    assert [lrs[s] for s in range(7, 17)] == [get_lr(s - 1, **new) for s in range(7, 17)]
+    assert lrs[7] != get_lr(6, **{**new, "lr_decay_iters": 10})  # not the run's old schedule
+    assert "with a new schedule: the cosine now reaches min_lr 0.0003 at step 16 " \
+           "(lr_decay_iters; the run had 10)" in err, err
+
+
+def test_the_cli_resume_continues_the_schedule(data_dir, tmp_path, capsys):
+    """The README's `numgpt train --out runs/mine --resume --max-iters 8000`."""
+    out = str(tmp_path)
+    base = ["train", "--data", str(data_dir), "--out", out, "--quiet", "--n-layer", "1", "--n-head", "2",
+            "--n-embd", "32", "--block-size", "16", "--batch-size", "4", "--eval-iters", "2",
+            "--sample-tokens", "0", "--no-plot", "--warmup-iters", "2", "--eval-interval", "0",
+            "--threads", "1"]
+    assert main([*base, "--max-iters", "6"]) == 0
+    assert main(["train", "--out", out, "--resume", "--quiet", "--max-iters", "12", "--threads", "1"]) == 0
+    assert "the learning-rate schedule of the run continues (cosine to min_lr 0.0001 at step 6, " \
+           "then min_lr)" in capsys.readouterr().err
+    lrs = _lrs(tmp_path)
+    assert [lrs[s] for s in range(7, 13)] == [1e-4] * 6  # the run's cosine had reached min_lr
+
+
+def test_max_iters_below_warmup_iters_is_named_in_one_warning(data_dir, tmp_path, capfd):
+    """Issue 21 group 12: the run warmed up for its whole length without a word."""
+    train(cfg(data_dir, tmp_path / "short", max_iters=3, warmup_iters=10, eval_interval=0), progress=False)
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("numgpt: warning: max_iters")]
+    peak = TINY["learning_rate"]
+    assert warnings == [f"numgpt: warning: max_iters 3 is below warmup_iters 10: the learning rate "
+                        f"warms up for the whole run and ends at {peak * 3 / 11:.3g}, never reaching "
+                        f"learning_rate {peak:g}; lower --warmup-iters to train at the peak"], err
+    assert _lrs(tmp_path / "short")[3] == pytest.approx(peak * 3 / 11)
+    train(cfg(data_dir, tmp_path / "long", max_iters=10, warmup_iters=10, eval_interval=0), progress=False)
+    assert "warning: max_iters" not in capfd.readouterr().err  # at or past the warmup: silent
+
+
+def test_a_run_that_crashed_before_its_first_checkpoint_gets_one_consistent_advice(data_dir, tmp_path):
+    """Issue 20 group 9: --resume said "train without --resume first", and training without it
+    said "pass --resume to continue it"."""
+    def crash_at_3(record):
+        if record["step"] == 3:
+            raise RuntimeError("the process died")  # not Ctrl-C: nothing is saved
+
+    run = dict(max_iters=6, eval_interval=2, checkpoint_interval=0)
+    with pytest.raises(RuntimeError):
+        train(cfg(data_dir, tmp_path, **run), progress=False, on_step=crash_at_3)
+    assert (tmp_path / "log.jsonl").exists() and not (tmp_path / "latest.json").exists()
+    with pytest.raises(CheckpointError, match=r"stopped before its first checkpoint \(there is no "
+                                              r"latest.json\); start it over with --overwrite"):
+        train(cfg(data_dir, tmp_path, **run, resume=True), progress=False)
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint; pass --overwrite") as e:
+        train(cfg(data_dir, tmp_path, **run), progress=False)
+    assert "--resume" not in str(e.value)
+    assert train(cfg(data_dir, tmp_path, **run, overwrite=True), progress=False).step == 6  # the advice works
+
+
 # ----------------------------------------------------------------------- divergence
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

@@ -36,7 +36,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "load_toml", "config_fields", "FieldInfo", "ARCH_KEYS", "resume_config"]
+__all__ = ["TrainConfig", "load_toml", "config_fields", "FieldInfo", "ARCH_KEYS", "resume_config",
+           "decay_iters", "no_checkpoint_to_resume"]
 
 # Keys that fix the shape or numerics of the model: a resumed run must keep them.
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "dtype", "init")
@@ -152,9 +153,7 @@ class TrainConfig:
     def decay_iters(self) -> int:
         """Where the cosine reaches ``min_lr``: ``lr_decay_iters``, else ``max_iters`` (at least
         ``warmup_iters``, so a run shorter than its warmup simply stays in warmup)."""
-        if self.lr_decay_iters is not None:
-            return self.lr_decay_iters
-        return max(self.max_iters, self.warmup_iters)
+        return decay_iters(self.lr_decay_iters, self.max_iters, self.warmup_iters)
 
     @property
     def tokens_per_step(self) -> int:
@@ -188,6 +187,14 @@ class TrainConfig:
             merged.update(file_values)
         merged.update(overrides or {})
         return cls.from_dict(merged, source="the configuration")
+
+
+def decay_iters(lr_decay_iters: int | None, max_iters: int, warmup_iters: int) -> int:
+    """The step where a run's cosine reaches ``min_lr``: ``lr_decay_iters`` when set, else
+    ``max_iters`` (at least ``warmup_iters``); for a saved config too (``TrainConfig.decay_iters``)."""
+    if lr_decay_iters is not None:
+        return lr_decay_iters
+    return max(max_iters, warmup_iters)
 
 
 # ---------------------------------------------------------------------- type checks
@@ -293,10 +300,24 @@ def resume_config(out, overrides: dict | None = None, toml_path=None) -> TrainCo
         doc = json.loads(path.read_text(encoding="utf-8"))
         saved = doc["meta"]["train_config"]
     except FileNotFoundError:
-        raise CheckpointError(f"cannot resume: {str(path)!r} does not exist; train without "
-                              f"--resume first, or point --out at the run") from None
+        raise no_checkpoint_to_resume(out) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot resume from {str(path)!r}: not a readable training "
                               f"checkpoint ({e})") from None
     saved = {**saved, "out": str(out), "resume": True, "overwrite": False}
     return TrainConfig.from_sources(toml_path, {**(overrides or {}), "resume": True}, base=saved)
+
+
+def no_checkpoint_to_resume(out) -> CheckpointError:
+    """The error for ``--resume`` where ``out/latest.json`` is missing. A run that stopped
+    before its first checkpoint (its log is there) cannot be resumed and is started over with
+    ``--overwrite`` (a plain rerun is refused: the folder holds a run); a folder with no run
+    is trained without ``--resume`` first."""
+    out = Path(out)
+    if (out / "log.jsonl").exists():
+        return CheckpointError(
+            f"cannot resume: the run in {str(out)!r} stopped before its first checkpoint (there "
+            f"is no latest.json); start it over with --overwrite instead of --resume, or choose "
+            f"another --out")
+    return CheckpointError(f"cannot resume: {str(out / 'latest.json')!r} does not exist; train "
+                           f"without --resume first, or point --out at the run")

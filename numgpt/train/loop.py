@@ -38,6 +38,7 @@ Shapes: ``B`` batch size, ``T`` block size, ``V`` vocabulary, ``N`` tokens in a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -62,9 +63,10 @@ from ..io.data import SPLITS, TokenDataset, get_batch, prepare, split_advice
 from ..io.files import atomic_write, make_folder, write_errors
 from ..io.recovery import tidy_folder
 from ..io.tokenizer import ByteTokenizer, tokenizer_from_config
-from .config import ARCH_KEYS, TrainConfig, resume_config
+from .config import ARCH_KEYS, TrainConfig, decay_iters, no_checkpoint_to_resume, resume_config
 from .optim import AdamW, lr_schedule
-from .parallel import DataParallel, Ranks, check_split, fingerprint, rank_rows, ranks_from_environment
+from .parallel import (DataParallel, Ranks, check_split, fingerprint, on_every_rank, rank_rows,
+                       ranks_from_environment)
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "train_step", "StepStats", "DataParallel",
            "estimate_loss", "position_losses", "param_group", "grad_group_means",
@@ -215,18 +217,19 @@ def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.
 # ------------------------------------------------------------------------- evaluation
 
 def estimate_loss(model: GPT, data: np.ndarray, batch_size: int, block_size: int, iters: int,
-                  seed, ranks: Ranks | None = None) -> float:
+                  seed, ranks: Ranks | None = None, mask: np.ndarray | None = None) -> float:
     """Mean loss over ``iters`` batches drawn from ``default_rng(seed)`` (no graph, no
     dropout), so two calls with the same seed score the same batches. With ``ranks`` every
     rank draws the same batches, scores its chunk of rows and the losses are summed over the
-    ranks (each weighted by its share of the rows)."""
+    ranks (each weighted by its share of the rows). ``mask``: the split's loss mask (chat
+    data): only the targets it marks count."""
     ranks = ranks if ranks is not None else Ranks()
     rows = rank_rows(batch_size, ranks.rank, ranks.size)
     rng = np.random.default_rng(seed)
     losses = np.zeros(iters)  # (iters,) this rank's share of each batch's mean loss
     with no_grad():
         for i in range(iters):
-            x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
+            x, y = get_batch(data, batch_size, block_size, rng, mask)  # (B, T) each
             losses[i] = float(model(x[rows], y[rows])[1].data) / ranks.size
     ranks.sum(losses, "an evaluation")
     return float(np.mean(losses))
@@ -332,13 +335,19 @@ class _Run:
         self.data_dir = ranks.agree(self._data_dir if root else lambda: None, "prepare the data")
         self.data_dir = ranks.agree(lambda: self.data_dir if root else self._data_dir(), "find the data")
         ranks.agree(self._setup, "set up training")
+        cfg = self.cfg  # resuming may have pinned the schedule of the run (_restore)
         self._check_launch()
         self.parallel = DataParallel(cfg.workers, ranks)
-        ranks.out_hint = (f" The last complete checkpoint is {str(self.out / 'latest')!r}; "
-                          f"continue with --resume")
+        ranks.out_hint = (self._checkpoint_hint() if cfg.resume else
+                          " No checkpoint was saved yet: start over with --overwrite")
         self.schedule = lr_schedule("cosine" if cfg.decay_lr else "constant",
                                     learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
                                     lr_decay_iters=cfg.decay_iters, min_lr=cfg.min_lr)
+        if cfg.decay_lr and 0 < cfg.max_iters < cfg.warmup_iters:  # nanoGPT says nothing
+            self._say(f"numgpt: warning: max_iters {cfg.max_iters} is below warmup_iters "
+                      f"{cfg.warmup_iters}: the learning rate warms up for the whole run and ends "
+                      f"at {self.schedule(cfg.max_iters - 1):.3g}, never reaching learning_rate "
+                      f"{cfg.learning_rate:g}; lower --warmup-iters to train at the peak")
         self.log_file = ranks.agree(self._open_log if root else lambda: None, "open the log")
 
     def _data_dir(self) -> Path:
@@ -356,6 +365,8 @@ class _Run:
         self.eval_seeds = dict(zip(SPLITS, seeds[2].spawn(len(SPLITS))))  # reused each eval
         self.step, self.best_val, self.last_val = 0, None, None
         self.model = self._build_model()
+        if "chat" in self.dataset.meta:  # trained on conversations: its checkpoints carry the template
+            self.model.chat_template = self.dataset.meta["chat"]["template"]
         self.optimizer = AdamW(self.model.parameters(), lr=cfg.learning_rate,
                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                kernels=cfg.kernels)
@@ -377,10 +388,10 @@ class _Run:
         for rank, (_, theirs) in enumerate(everyone):
             differ = sorted(k for k in set(mine) | set(theirs) if everyone[0][1].get(k) != theirs.get(k))
             if differ:
-                raise ConfigError(
+                raise on_every_rank(ConfigError(
                     f"rank {rank} was launched differently from rank 0 ({', '.join(differ)} "
                     f"differ); every rank of `mpiexec -n {self.ranks.size} numgpt train` needs "
-                    f"the same flags, config file, data and run folder contents")
+                    f"the same flags, config file, data and run folder contents"))
         if self.ranks.is_root:  # so that a launcher's message naming a dead PID names the rank
             print(f"numgpt: {self.ranks.size} ranks: " + ", ".join(
                 f"rank {r} {w}" for r, (w, _) in enumerate(everyone)), file=sys.stderr, flush=True)
@@ -408,10 +419,12 @@ class _Run:
                 print(f"numgpt: note: {note}", file=sys.stderr)
         has_run = (out / "latest.json").exists() or (out / _LOG).exists()
         if cfg.resume and not (out / "latest.json").exists():
-            raise CheckpointError(f"cannot resume: {str(out / 'latest.json')!r} does not exist; "
-                                  f"train without --resume first, or point --out at the run")
+            raise no_checkpoint_to_resume(out)
         if has_run and not cfg.resume:
             if not cfg.overwrite:
+                if not (out / "latest.json").exists():  # --resume would be refused: say so
+                    raise ConfigError(f"{str(out)!r} holds a run that stopped before its first "
+                                      f"checkpoint; pass --overwrite to start over, or another --out")
                 raise ConfigError(f"{str(out)!r} already holds a training run; pass --resume to "
                                   f"continue it, --overwrite to start over, or another --out")
             for name in _RUN_FILES:
@@ -481,6 +494,56 @@ class _Run:
         self.step, self.best_val, self.last_val = int(meta["step"]), meta["best_val_loss"], meta["val_loss"]
         self.data_rng.bit_generator.state = meta["rng"]["data"]
         self.dropout_rng.bit_generator.state = meta["rng"]["dropout"]
+        self._continue_schedule(saved)
+        self._note_layout(meta.get("layout"))
+
+    def _continue_schedule(self, saved: dict) -> None:
+        """Resuming with another ``max_iters`` keeps the cosine of the run (nanoGPT decays to
+        ``lr_decay_iters``, stored in its config), so the learning rate does not jump at the
+        resume step; an ``lr_decay_iters`` given now is a new schedule, said in one line."""
+        cfg = self.cfg
+        if not cfg.decay_lr:
+            return
+        was = decay_iters(saved.get("lr_decay_iters"), saved.get("max_iters", cfg.max_iters),
+                          saved.get("warmup_iters", cfg.warmup_iters))
+        if cfg.lr_decay_iters is None and cfg.decay_iters != was:
+            self.cfg = dataclasses.replace(cfg, lr_decay_iters=was)
+            self._say(f"numgpt: resuming at step {self.step} with max_iters {cfg.max_iters}: the "
+                      f"learning-rate schedule of the run continues (cosine to min_lr {cfg.min_lr:g} "
+                      f"at step {was}" + (", then min_lr" if cfg.max_iters > was else "") +
+                      f"); pass --lr-decay-iters N to decay over the new length instead")
+        elif cfg.lr_decay_iters is not None and cfg.lr_decay_iters != was:
+            self._say(f"numgpt: resuming at step {self.step} with a new schedule: the cosine now "
+                      f"reaches min_lr {cfg.min_lr:g} at step {cfg.lr_decay_iters} (lr_decay_iters; "
+                      f"the run had {was})")
+
+    def _note_layout(self, saved: dict | None) -> None:
+        """One line when the run resumes as another number of shards (ranks x workers) than
+        wrote the checkpoint: what still holds, and what no longer repeats bit for bit."""
+        if not saved:
+            return
+        ranks, workers = int(saved["ranks"]), int(saved["workers"])
+        now = self.ranks.size * self.cfg.workers
+        if ranks * workers == now:
+            return
+        def layout(r: int, w: int) -> str:
+            return (f"{r * w} shard{'s' * (r * w != 1)} ({r} rank{'s' * (r != 1)} x {w} "
+                    f"worker{'s' * (w != 1)})")
+
+        self._say(f"numgpt: resuming a run trained as {layout(ranks, workers)} as "
+                  f"{layout(self.ranks.size, self.cfg.workers)}: the same global batches and "
+                  f"schedule, the gradient sums in another order (equal up to float rounding)"
+                  + (" and other dropout masks" if self.cfg.dropout > 0 else "")
+                  + f", so it does not repeat the run bit for bit; {ranks * workers} shards "
+                  f"(ranks x workers) would")
+
+    def _say(self, line: str) -> None:
+        if self.ranks.is_root:
+            print(line, file=sys.stderr, flush=True)
+
+    def _checkpoint_hint(self) -> str:
+        return (f" The last complete checkpoint is {str(self.out / 'latest')!r}; continue with "
+                f"--resume")
 
     def _open_log(self) -> None:
         """Append to log.jsonl; on resume, first drop records past the checkpoint's step
@@ -505,13 +568,15 @@ class _Run:
 
     def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.cfg
-        return [get_batch(self.dataset.train, c.batch_size, c.block_size, self.data_rng)
+        return [get_batch(self.dataset.train, c.batch_size, c.block_size, self.data_rng,
+                          self.dataset.masks["train"])
                 for _ in range(c.gradient_accumulation_steps)]
 
     def evaluate(self) -> dict:
         c = self.cfg
         losses = {s: estimate_loss(self.model, self.dataset.splits[s], c.batch_size, c.block_size,
-                                   c.eval_iters, self.eval_seeds[s], self.ranks) for s in SPLITS}
+                                   c.eval_iters, self.eval_seeds[s], self.ranks,
+                                   self.dataset.masks[s]) for s in SPLITS}
         record = {"kind": "eval", "step": self.step, "train_loss": losses["train"],
                   "val_loss": losses["val"]}
         self.last_val = losses["val"]
@@ -525,12 +590,15 @@ class _Run:
         return {"kind": CHECKPOINT_KIND, "version": 1, "step": self.step,
                 "best_val_loss": self.best_val, "val_loss": self.last_val,
                 "train_config": self.cfg.to_dict(), "optimizer": self.optimizer.state_meta(),
+                "layout": {"ranks": self.ranks.size, "workers": self.cfg.workers},
                 "rng": {"data": self.data_rng.bit_generator.state,
                         "dropout": self.dropout_rng.bit_generator.state},
                 "data": {"folder": str(self.data_dir), "meta": self.dataset.meta}}
 
     def save(self, name: str, moments: bool = True) -> Path:
         """Write ``out/name`` (rank 0 alone; the others hold the same weights)."""
+        if name == "latest":  # every rank: a fault from now on points at this checkpoint
+            self.ranks.out_hint = self._checkpoint_hint()
         if not self.ranks.is_root:
             return self.out / name
         arrays = self.optimizer.state_arrays() if moments else None
@@ -649,8 +717,8 @@ def train(config: TrainConfig | dict, *, progress: bool = True,
     try:
         losses = _loop(run, on_step)
         return _finish(run, losses)
-    except (TrainingDiverged, KeyboardInterrupt):
-        raise  # every rank raises these together
+    except (TrainingDiverged, KeyboardInterrupt) as e:
+        raise on_every_rank(e) if ranks.size > 1 else e  # every rank raises these together
     except BaseException as e:
         if ranks.size > 1:  # the other ranks would wait for this one forever: stop them all
             ranks.abort(f"{type(e).__name__}: {e}")

@@ -50,7 +50,7 @@ from ..errors import ConfigError, NumGPTError
 from .launch import MPI_INSTALL_HINT, launched_ranks
 
 __all__ = ["DataParallel", "Ranks", "MPIRanks", "ranks_from_environment", "check_split",
-           "rank_rows", "fingerprint"]
+           "rank_rows", "fingerprint", "on_every_rank"]
 
 # ------------------------------------------------------------------------- process groups
 
@@ -136,10 +136,10 @@ class MPIRanks(Ranks):
             str(error) if isinstance(error, NumGPTError) else f"{type(error).__name__}: {error}")
         failures = self.allgather(described, what)
         if error is not None:
-            raise error
+            raise on_every_rank(error)
         for rank, message in enumerate(failures):
             if message is not None:
-                raise ConfigError(f"rank {rank} could not {what}: {message}")
+                raise on_every_rank(ConfigError(f"rank {rank} could not {what}: {message}"))
         return value
 
     # -------------------------------------------------------------- the watchdog
@@ -231,6 +231,14 @@ def _wait_until_read(fd: int, patience: float) -> bool:
             time.sleep(0.001)
     except (ImportError, OSError):  # no FIONREAD on this system: nothing to wait on
         return True
+
+
+def on_every_rank(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised on every rank at once, rank 0 naming it too (a failed
+    ``agree``, a refused launch, a diverged step): the CLI prints such an error on rank 0
+    alone, not once per rank."""
+    error.every_rank = True
+    return error
 
 
 def ranks_from_environment(timeout: float) -> Ranks:
