@@ -307,3 +307,75 @@ def test_inspect_endpoint_answers_what_the_library_computes_and_refuses_in_one_l
             error = r.json()["error"]
             assert r.status_code == 400 and (error["param"], error["code"]) == (param, code), r.text
             assert "\n" not in error["message"]
+
+
+# ------------------------------------------------- the playground's view, in Chromium
+
+def test_playground_logit_lens_and_patching_views_show_the_library_numbers(tmp_path):
+    """The page's "Logit lens and patching" card against numgpt.inspect on the same model
+    (the server subprocess loads the checkpoint this test saved and computes from)."""
+    import shutil
+    import time
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from servers import serve_subprocess
+
+    from numgpt.io.checkpoint import save
+
+    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+    if chromium is None or shutil.which("chromedriver") is None:
+        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install -y "
+                    "chromium chromium-driver)")
+    model = _byte_model()
+    prefix = save(model, tmp_path / "tiny")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    with serve_subprocess(prefix, tmp_path / "server.log", "--log-level", "warning") as (url, _):
+        driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")),
+                                  options=options)
+        try:
+            js = driver.execute_script
+
+            def wait(predicate, what):
+                deadline = time.monotonic() + 60
+                while not predicate():
+                    error = js("return document.getElementById('error').textContent")
+                    assert time.monotonic() < deadline, f"timed out waiting for {what}: {error!r}"
+                    time.sleep(0.05)
+
+            def run_view(fields: dict) -> None:
+                js("document.getElementById('look-main').dataset.values = ''")
+                for element, value in fields.items():
+                    js("document.getElementById(arguments[0]).value = arguments[1];"
+                       "document.getElementById(arguments[0]).dispatchEvent(new Event('change'))",
+                       element, value)
+                js("document.getElementById('look-run').click()")
+                wait(lambda: js("return document.getElementById('look-main').dataset.values"),
+                     "the table")
+
+            def shown(table: str) -> np.ndarray:
+                return np.array(json.loads(js(f"return document.getElementById('{table}').dataset.values")))
+
+            driver.get(url + "/")
+            wait(lambda: js("return document.body.dataset.ready === '1'"), "the page")
+            run_view({"look-view": "logit-lens", "look-prompt": "the cat sat", "look-target": "t"})
+            want = logit_lens(model, list(b"the cat sat"), target=ord("t"))
+            assert np.array_equal(shown("look-main"), want.target_probs)
+            tops = js("return [...document.querySelectorAll('#look-main tbody tr td')].map(td => td.textContent)")
+            assert len(tops) == 3 * 11  # (L + 1) x T cells, each the top token
+            run_view({"look-view": "patch", "look-prompt": "the cat sat", "look-corrupted": "the dog sat",
+                      "look-answer": " ", "look-wrong": "d"})
+            want = patch(model, list(b"the cat sat"), list(b"the dog sat"), 32, 100)
+            assert np.array_equal(shown("look-main"), want.resid)
+            assert np.array_equal(shown("look-heads"), want.heads)
+            assert js("return document.getElementById('look-heads').hidden") is False
+            assert js("return document.getElementById('error').hidden") is True
+            severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert severe == [], severe
+        finally:
+            driver.quit()
