@@ -122,6 +122,7 @@ class Context:
     never answers for a later one); the server log file; which substitutions fired."""
     new_port: Callable[[], int]
     port: int = 8000
+    comment: str = ""  # the README's comment on the command being rewritten
     serve_log: str = ".readme-test/serve.log"
     used: set[str] = field(default_factory=set)
 
@@ -136,6 +137,7 @@ class Substitution:
     rewrite: Callable[[str, Context], str]
     reason: str
     langs: tuple[str, ...] = ("shell",)
+    when: Callable[[Context], bool] = lambda ctx: True  # e.g. on the command's comment
 
 
 def split_comment(command: str) -> tuple[str, str]:
@@ -182,8 +184,9 @@ def rewrite_shell(code: str, subs: list[Substitution], ctx: Context) -> str:
     for text, is_command in shell_commands(code):
         if is_command:
             command, comment = split_comment(text)
+            ctx.comment = comment
             for sub in subs:
-                if "shell" in sub.langs and sub.applies.search(command):
+                if "shell" in sub.langs and sub.applies.search(command) and sub.when(ctx):
                     command = sub.rewrite(command, ctx)
                     ctx.used.add(sub.name)
             text = command + (f"  {comment}" if comment else "")
@@ -206,8 +209,13 @@ def rewrite_python(code: str, subs: list[Substitution], ctx: Context) -> str:
 
 # ----------------------------------------------------------------------- running
 
-# Shell prelude: what a `numgpt serve ... &` line is rewritten to call after it starts.
+# Shell prelude: what a `numgpt serve ... &` line is rewritten to call after it starts, and
+# what a command whose comment states its output is piped through.
 PRELUDE = r"""
+readme_test_expect() {  # TEXT: pass stdin through; fail unless it starts with TEXT
+  local out; out=$(cat); printf '%s\n' "$out"
+  [[ "$out" == "$1"* ]] || { echo "readme-test: printed '$out'; the README says '$1'" >&2; return 1; }
+}
 readme_test_server() {  # PID URL: remember the server, wait until /health answers 200
   echo "$1" >> .readme-test/servers
   for _ in $(seq 1200); do

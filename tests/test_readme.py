@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import shlex
 import threading
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def _serve_in_background(command: str, ctx: rb.Context) -> str:
     url = f"http://127.0.0.1:{ctx.port}"
     return (f"{command} --port {ctx.port} >> {ctx.serve_log} 2>&1 & "
             f"readme_test_server $! {url}")
+
+
+def _check_stated_output(command: str, ctx: rb.Context) -> str:
+    stated = re.match(r"#\s*(\[[^\]]*\])", ctx.comment).group(1)
+    return f"{command} | readme_test_expect {shlex.quote(stated)}"
 
 
 # What the suite changes in README commands before running them, and why. Nothing else is
@@ -83,6 +89,11 @@ SUBSTITUTIONS = [
         lambda c, ctx: re.sub(r"(127\.0\.0\.1|localhost):8000\b", rf"\g<1>:{ctx.port}", c),
         "the README's 127.0.0.1:8000 becomes the port the last server got",
         langs=("shell", "python")),
+    rb.Substitution(
+        "stated output", re.compile(r""), _check_stated_output,
+        "a command whose comment starts with a list (`numgpt tokenize ... \"Hello.\"  # [15496, "
+        "13]`) states what it prints: its output must start with that list",
+        when=lambda ctx: re.match(r"#\s*\[", ctx.comment) is not None),
     rb.Substitution(
         "curl fails on HTTP errors", re.compile(r"^curl\b"),
         lambda c, ctx: "curl --fail-with-body" + c[len("curl"):],
@@ -297,6 +308,18 @@ def test_the_substitutions_rewrite_what_they_say():
         "curl --fail-with-body -s http://127.0.0.1:1234/v1/models"
     assert sub("python benchmarks/bench_forward.py  # c") == \
         "python benchmarks/bench_forward.py --help  # c"
+    assert sub('numgpt tokenize --model gpt2/ "Hello."  # [15496, 13], GPT-2') == (
+        "numgpt tokenize --model gpt2/ \"Hello.\" | readme_test_expect '[15496, 13]'"
+        "  # [15496, 13], GPT-2")
+
+
+def test_a_command_that_prints_other_than_its_comment_says_fails(tmp_path):
+    stated = [s for s in SUBSTITUTIONS if s.name == "stated output"]
+    right = "```bash\nnumgpt tokenize --tokenizer bytes Hi   # [72, 105]\n```\n"
+    run = _run(right, tmp_path, stated)
+    assert run.ok and run.stdout.strip() == "[72, 105]", run.report()
+    run = _run(right.replace("105", "106"), tmp_path, stated)
+    assert not run.ok and "the README says '[72, 106]'" in run.stderr
 
 
 def test_each_server_gets_its_own_port_and_the_commands_after_it_use_it():
