@@ -111,10 +111,13 @@ def _check_model(model) -> Outcome:
 
 
 def _innermost(tb) -> str:
+    """Where an exception came from: the innermost frame in numgpt's own code (the line to
+    fix), else the innermost frame."""
     frames = traceback.extract_tb(tb)
     if not frames:
         return ""
-    f = frames[-1]
+    ours = [f for f in frames if f"{os.sep}numgpt{os.sep}" in f.filename]
+    f = (ours or frames)[-1]
     return f" at {Path(f.filename).name}:{f.lineno} ({f.name})"
 
 

@@ -50,6 +50,10 @@ class Bases:
         self.hf = {"f32": (json.loads((hf / "config.json").read_text()),
                            _read_safetensors(hf / "model.safetensors"))}
         self.hf_sharded = _shard(*self.hf["f32"])
+        bpe = mf.hf_folder(f / "base-hf-bpe", vocab_size=len(_small_bpe()[0]))
+        config = json.loads((bpe / "config.json").read_text())
+        config.pop("numgpt_tokenizer", None)  # so the folder's BPE files are read
+        self.hf_bpe = (config, _read_safetensors(bpe / "model.safetensors"), *_small_bpe())
 
     def nanogpt(self) -> dict:
         """A fresh nanoGPT checkpoint dict (torch tensors), as ``model_files.nanogpt_ckpt`` saves."""
@@ -65,6 +69,19 @@ def _read_safetensors(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _small_bpe() -> tuple[dict, list[str]]:
+    """A byte-level BPE vocabulary and merges small enough to build per example: the 256
+    byte symbols, a few merges, and ``<|endoftext|>`` last (GPT-2's layout in miniature)."""
+    from numgpt.io.tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    merges = ["h e", "Ġ t", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s"]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
 
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -432,6 +449,48 @@ def write_hf_sharded_case(bases: Bases, case: tuple, folder: Path) -> Path:
     return hf
 
 
+def _bpe_structured(vocab, merges: list, op: tuple):
+    """Tokenizer-file edits; returns (vocab, whether ``op`` was one)."""
+    kind = op[0]
+    keys = sorted(vocab) if isinstance(vocab, dict) else []
+    if kind == "vocab_set" and keys:
+        vocab[_pick(keys, op[1])] = op[2]
+    elif kind == "vocab_add" and isinstance(vocab, dict):
+        vocab[op[1]] = op[2]
+    elif kind == "vocab_doc":
+        vocab = op[1]
+    elif kind == "merges_line" and merges:
+        merges[op[1] % len(merges)] = op[2]
+    elif kind == "merges_add":
+        merges.insert(op[1] % (len(merges) + 1), op[2])
+    elif kind not in ("vocab_set",):
+        return vocab, False
+    return vocab, True
+
+
+def write_hf_bpe_case(bases: Bases, case: tuple, folder: Path) -> Path:
+    """A Hugging Face folder with its own BPE files (vocab.json, merges.txt) after ``ops``."""
+    _, ops = case
+    config, (header, data), vocab, merges = copy.deepcopy(bases.hf_bpe)
+    data, raw_ops = bytearray(data), []
+    for op in ops:
+        vocab, done = _bpe_structured(vocab, merges, op)
+        if not (done or _json_structured(config, op) or _st_structured(header, data, op)):
+            raw_ops.append(op)
+    files = {"json": _dump_json(config), "weights": _st_bytes(header, bytes(data)),
+             "vocab": json.dumps(vocab, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+             "merges": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8", "surrogatepass")}
+    for op in raw_ops:
+        if op[-1] in files:
+            files[op[-1]] = _raw_op(files[op[-1]], op[:-1])
+    hf = folder / "hf-bpe"
+    hf.mkdir(exist_ok=True)
+    for name, key in (("config.json", "json"), ("model.safetensors", "weights"),
+                      ("vocab.json", "vocab"), ("merges.txt", "merges")):
+        (hf / name).write_bytes(files[key])
+    return hf
+
+
 # --------------------------------------------------------------------------- nanoGPT
 
 _TORCH_DTYPES = ("int32", "int64", "int8", "uint8", "bool", "float16", "bfloat16", "float64",
@@ -695,6 +754,17 @@ sharded_raw_op = st.tuples(raw_op | header_raw_op, st.sampled_from(["json", "ind
     lambda t: (*t[0], t[1]))
 hf_sharded_case = st.tuples(st.just("sharded"), st.lists(
     st.one_of(index_op, index_op, json_op, st_op, sharded_raw_op), min_size=1, max_size=3).map(tuple))
+
+bpe_text = st.text(max_size=12) | st.sampled_from(
+    ["Ġ t", "a", "a b c", "", " ", "h e", "Ġt he", "x y", "#version: 0.2", "\udc80 a", "Ġ Ġ"])
+bpe_op = st.one_of(
+    st.tuples(st.just("vocab_set"), target, st.integers(-2, 300) | st.sampled_from([10 ** 12, 2 ** 63]) | json_scalar),
+    st.tuples(st.just("vocab_add"), bpe_text, st.integers(-2, 300) | json_scalar),
+    st.tuples(st.just("vocab_doc"), json_value),
+    st.tuples(st.just("merges_line"), target, bpe_text),
+    st.tuples(st.just("merges_add"), target, bpe_text),
+    st.tuples(raw_op | header_raw_op, st.sampled_from(["vocab", "merges"])).map(lambda t: (*t[0], t[1])))
+hf_bpe_case = st.tuples(st.just("bpe"), st.lists(bpe_op, min_size=1, max_size=3).map(tuple))
 
 NANOGPT_ARGS = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout"]
 python_value = json_value | st.sampled_from([b"bytes", (1, 2), 1 + 2j])

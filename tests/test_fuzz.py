@@ -45,7 +45,7 @@ import results_table
 from fuzz_child import BUDGET_MIB, TIMEOUT_S, LoaderChild
 from model_files import T
 
-DEFAULT_EXAMPLES = {"gguf": 120, "numgpt": 60, "hf": 40, "hf-sharded": 30, "nanogpt": 40,
+DEFAULT_EXAMPLES = {"gguf": 120, "numgpt": 60, "hf": 40, "hf-sharded": 30, "hf-bpe": 30, "nanogpt": 40,
                     "http": 100}
 NAN, INF = math.nan, math.inf
 
@@ -223,6 +223,19 @@ HF_SHARDED_ISSUE = {
 }
 HF_SHARDED_ISSUE = {k: (case, True) for k, case in HF_SHARDED_ISSUE.items()}
 
+HF_BPE_ISSUE = {
+    "a token id past the model's vocabulary": ("bpe", (("vocab_set", "Ġthe", 10 ** 12),)),
+    "a negative token id": ("bpe", (("vocab_set", "he", -1),)),
+    "a token id that is a string": ("bpe", (("vocab_set", "in", "7"),)),
+    "vocab.json is a list": ("bpe", (("vocab_doc", ["a", "b"]),)),
+    "a merge of three symbols": ("bpe", (("merges_line", 0, "a b c"),)),
+    "a merge whose result is not in the vocabulary": ("bpe", (("merges_line", 0, "x y"),)),
+}
+HF_BPE_ISSUE = {k: (case, False) for k, case in HF_BPE_ISSUE.items()}
+HF_BPE_ISSUE.update({  # found by the fuzz suite: broken files beside the weights are refused
+    "vocab.json that is not UTF-8": (("bpe", (("insert", 1, b"\xff", "vocab"),)), True),
+    "merges.txt that is not UTF-8": (("bpe", (("insert", 20, b"\xc3", "merges"),)), True)})
+
 NANOGPT_ISSUE = {
     "n_layer 10**12 in model_args": ("f32", (("args_set", "n_layer", 10 ** 12),)),
     "an int32 weight": ("f32", (("tensor_dtype", "transformer.wte.weight", "int32"),)),
@@ -241,6 +254,19 @@ HF_SHARDED_ISSUE = {
 }
 HF_SHARDED_ISSUE = {k: (case, True) for k, case in HF_SHARDED_ISSUE.items()}
 
+HF_BPE_ISSUE = {
+    "a token id past the model's vocabulary": ("bpe", (("vocab_set", "Ġthe", 10 ** 12),)),
+    "a negative token id": ("bpe", (("vocab_set", "he", -1),)),
+    "a token id that is a string": ("bpe", (("vocab_set", "in", "7"),)),
+    "vocab.json is a list": ("bpe", (("vocab_doc", ["a", "b"]),)),
+    "a merge of three symbols": ("bpe", (("merges_line", 0, "a b c"),)),
+    "a merge whose result is not in the vocabulary": ("bpe", (("merges_line", 0, "x y"),)),
+}
+HF_BPE_ISSUE = {k: (case, False) for k, case in HF_BPE_ISSUE.items()}
+HF_BPE_ISSUE.update({  # found by the fuzz suite: broken files beside the weights are refused
+    "vocab.json that is not UTF-8": (("bpe", (("insert", 1, b"\xff", "vocab"),)), True),
+    "merges.txt that is not UTF-8": (("bpe", (("insert", 20, b"\xc3", "merges"),)), True)})
+
 NANOGPT_ISSUE = {k: (case, True) for k, case in NANOGPT_ISSUE.items()}
 
 LOADER_TARGETS = {
@@ -252,6 +278,8 @@ LOADER_TARGETS = {
            ff.hf_case, ff.write_hf_case, HF_ISSUE),
     "hf-sharded": ("20 fuzz: Hugging Face sharded folders (model.safetensors.index.json + shards)",
                    ff.hf_sharded_case, ff.write_hf_sharded_case, HF_SHARDED_ISSUE),
+    "hf-bpe": ("20 fuzz: Hugging Face folders with their own vocab.json + merges.txt",
+               ff.hf_bpe_case, ff.write_hf_bpe_case, HF_BPE_ISSUE),
     "nanogpt": ("20 fuzz: nanoGPT ckpt.pt", ff.nanogpt_case, ff.write_nanogpt_case, NANOGPT_ISSUE),
 }
 
