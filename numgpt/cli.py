@@ -706,7 +706,14 @@ def _run_trace_compare(args) -> int:
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text files into train.bin/val.bin + meta.json for training")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, concatenated in order")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="FILE", help="UTF-8 text files, concatenated in order")
+    source.add_argument("--chat", metavar="FILE",
+                        help="conversations instead: a JSONL file, one {\"messages\": [{\"role\", "
+                             "\"content\"}, ...]} per line (OpenAI's fine-tuning format), rendered "
+                             "with the chat template; only assistant tokens carry loss "
+                             "(train_mask.bin / val_mask.bin)")
+    _add_chat_template_flag(p)
     p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
                    help="'bytes' (default), 'gpt2' (GPT-2's BPE, shipped with numgpt), a folder with "
                         "vocab.json + merges.txt, or a model whose tokenizer to use")
@@ -738,6 +745,19 @@ def _prepare_tokenizer(spec: str):
 def _run_prepare(args) -> int:
     from .io import data
 
+    if args.chat is not None:
+        meta = data.prepare_chat(args.chat, _prepare_tokenizer(args.tokenizer), args.out,
+                                 args.val_fraction, template=_chat_template(args),
+                                 block_size=args.block_size)
+        s = meta["splits"]
+        print(f"wrote {args.out}: train {s['train']['conversations']:,} conversations "
+              f"({s['train']['tokens']:,} tokens, {s['train']['assistant_tokens']:,} carry loss), "
+              f"val {s['val']['conversations']:,} ({s['val']['tokens']:,} tokens, "
+              f"{s['val']['assistant_tokens']:,} carry loss)")
+        return 0
+    elif args.chat_template is not None:
+        raise InputError("--chat-template applies to --chat conversations; text files are "
+                         "tokenized as they are")
     meta = data.prepare(args.input, _prepare_tokenizer(args.tokenizer), args.out, args.val_fraction,
                         block_size=args.block_size)
     s = meta["splits"]

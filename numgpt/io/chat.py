@@ -259,7 +259,7 @@ def conversation_spans(template: str | None, messages: Sequence[Mapping], tokeni
     full = render(template, chat, tokenizer, check=False)
     spans = []
     for i, m in enumerate(chat):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:  # OpenAI's weight 0: not trained
             continue
         before = render(template, chat[:i], tokenizer, add_generation_prompt=True, check=False)
         upto = render(template, chat[:i + 1], tokenizer, check=False)
@@ -295,3 +295,42 @@ def encode_conversation(template: str | None, messages: Sequence[Mapping], token
         ids += tokens
         mask += [False] * len(tokens)
     return ids, mask
+
+
+# ------------------------------------------------------------- conversation files (JSONL)
+
+
+def _jsonl_lines(path: Path):
+    """(line number, text) of each non-blank line; InputError naming a line not UTF-8."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path} line {n} is not valid UTF-8 (byte {e.start} of the "
+                                 f"line); convert the file to UTF-8") from None
+            if text.strip():
+                yield n, text
+
+
+def count_conversations(path: str | os.PathLike) -> int:
+    """Non-blank lines of a conversations file (each must be one conversation)."""
+    return sum(1 for _ in _jsonl_lines(Path(path)))
+
+
+def read_conversations(path: str | os.PathLike):
+    """Yield ``(line number, messages)`` for each line of a JSONL file in OpenAI's
+    fine-tuning format, ``{"messages": [{"role", "content"}, ...]}`` (blank lines skipped).
+    A line that is not such an object is one InputError naming the line and the field;
+    the messages themselves are checked when rendered (``check_messages``)."""
+    path = Path(path)
+    for n, text in _jsonl_lines(path):
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"{path} line {n} is not valid JSON ({e}); each line must be one "
+                             f"{{\"messages\": [...]}} object") from None
+        if not isinstance(doc, dict) or "messages" not in doc:
+            raise InputError(f"{path} line {n}: no 'messages' field; each line must be one "
+                             f"{{\"messages\": [{{\"role\", \"content\"}}, ...]}} object")
+        yield n, doc["messages"]

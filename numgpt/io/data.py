@@ -8,8 +8,16 @@ memory and writes, into one folder:
   ``val.bin`` is the LAST ``val_fraction`` of the token stream;
 - ``meta.json``: tokenizer config, vocab size, dtype, tokens per split, source files.
 
+``prepare_chat`` does the same for conversations (a JSONL file, one ``{"messages": [...]}``
+per line, OpenAI's fine-tuning format): each is rendered with a chat template
+(``numgpt.io.chat``) and, beside each split, ``{split}_mask.bin`` holds one byte per token,
+1 where the token belongs to an assistant reply (it carries loss), else 0; ``meta.json``
+names the mask files and records the template under ``"chat"``. The first token of every
+conversation is 0 too, so no target crosses from one conversation into the next.
+
 ``load_split`` memory-maps one split; ``get_batch`` samples ``B`` windows of ``T + 1``
-tokens from it: ``x = data[i:i+T]``, ``y = data[i+1:i+T+1]`` (the next-token targets).
+tokens from it: ``x = data[i:i+T]``, ``y = data[i+1:i+T+1]`` (the next-token targets);
+with a mask, a target whose mask byte is 0 is ``IGNORE_INDEX`` (-1), which the loss skips.
 
 Shapes: ``B`` batch size, ``T`` block size (context length), ``N`` tokens in a split.
 """
@@ -27,13 +35,15 @@ from ..core.checks import is_int
 from ..errors import InputError
 from .files import atomic_write, make_folder, temp_path, write_errors
 
-__all__ = ["prepare", "load_split", "get_batch", "TokenDataset", "token_dtype", "read_meta",
-           "split_advice", "val_tokens", "META_FORMAT", "META_VERSION", "SPLITS"]
+__all__ = ["prepare", "prepare_chat", "load_split", "load_mask", "get_batch", "TokenDataset",
+           "token_dtype", "read_meta", "split_advice", "val_tokens", "META_FORMAT",
+           "META_VERSION", "SPLITS", "IGNORE_INDEX"]
 
 META_FORMAT = "numgpt-tokens"
 META_VERSION = 1
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # 1 MiB of text per read
+IGNORE_INDEX = -1  # a target the loss skips (the model's cross_entropy ignore_index)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -287,6 +297,65 @@ def prepare(inputs, tokenizer, out_dir, val_fraction: float = 0.1, *,
                 tmp.unlink(missing_ok=True)
 
 
+def prepare_chat(conversations, tokenizer, out_dir, val_fraction: float = 0.1, *,
+                 template: str | None = None, block_size: int | None = None,
+                 batch_size: int | None = None) -> dict:
+    """Render the conversations of a JSONL file (``numgpt.io.chat.read_conversations``) with
+    ``template`` (default ``chat.DEFAULT_TEMPLATE``) into ``out_dir``: ``train.bin``,
+    ``val.bin``, their loss masks ``train_mask.bin``, ``val_mask.bin`` and ``meta.json``.
+
+    The last ``round(n * val_fraction)`` conversations are ``val`` (whole conversations, so
+    no conversation is split). A token's mask byte is 1 when it is part of an assistant
+    reply (its text and the separator after it, what the model must learn to write), 0
+    elsewhere and at each conversation's first token. Returns the meta dict written.
+    InputError names the line and field of a bad conversation, or a split too small."""
+    from . import chat
+
+    path = _check_inputs([conversations])[0]
+    _check_options(val_fraction, block_size, batch_size, CHUNK_BYTES)
+    template = chat.check_template(template) if template is not None else chat.DEFAULT_TEMPLATE
+    vocab_size, dtype = int(tokenizer.vocab_size), token_dtype(int(tokenizer.vocab_size))
+    lines = chat.count_conversations(path)
+    n_val = val_tokens(lines, val_fraction)  # conversations, not tokens
+    out = _make_out_dir(out_dir)
+    names = {s: (f"{s}.bin", f"{s}_mask.bin") for s in SPLITS}
+    tmps = {(s, k): temp_path(out / names[s][k]) for s in SPLITS for k in (0, 1)}
+    counts, assistant, convs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    try:
+        with write_errors(out / "train.bin", "the folder's previous files are kept"), \
+                open(tmps["train", 0], "wb") as tt, open(tmps["train", 1], "wb") as tm, \
+                open(tmps["val", 0], "wb") as vt, open(tmps["val", 1], "wb") as vm:
+            files = {"train": (_TokenWriter(tt, dtype, vocab_size), tm),
+                     "val": (_TokenWriter(vt, dtype, vocab_size), vm)}
+            for i, (line, messages) in enumerate(chat.read_conversations(path)):
+                split = "train" if i < lines - n_val else "val"
+                ids, mask = chat.encode_conversation(template, messages, tokenizer,
+                                                     where=f"{path} line {line}: messages")
+                mask[0] = False  # the first target of a conversation follows another one
+                writer, mask_file = files[split]
+                writer(ids)
+                np.asarray(mask, np.uint8).tofile(mask_file)
+                counts[split] += len(ids)
+                assistant[split] += int(sum(mask))
+                convs[split] += 1
+        _check_split_sizes(counts, val_fraction, block_size)
+        meta = _meta(tokenizer.to_config(), vocab_size, dtype, counts, val_fraction, [path],
+                     block_size, batch_size)
+        for s in SPLITS:
+            meta["splits"][s].update(mask=names[s][1], conversations=convs[s],
+                                     assistant_tokens=assistant[s])
+        meta["chat"] = {"template": template}
+        with write_errors(out, "the folder has no meta.json until prepare is run again"):
+            (out / "meta.json").unlink(missing_ok=True)
+            for (s, k), tmp in tmps.items():
+                os.replace(tmp, out / names[s][k])
+            atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+        return meta
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
 def _stream_tokens(paths, tokenizer, dest: Path, dtype, vocab_size, chunk_bytes,
                    progress) -> int:
     """Encode every file into ``dest``; returns the number of tokens written."""
@@ -374,6 +443,13 @@ def _check_meta_fields(meta: dict, path: Path, hint: str) -> None:
             raise bad(f"splits.{split}.file", name, "a file name inside the folder (no path)")
         if not (is_int(tokens) and tokens >= 0):
             raise bad(f"splits.{split}.tokens", tokens, "an integer >= 0")
+        mask = entry.get("mask")
+        if mask is not None and not (isinstance(mask, str) and mask and Path(mask).name == mask
+                                     and mask not in (".", "..", name)):
+            raise bad(f"splits.{split}.mask", mask, "a file name inside the folder (no path)")
+    chat = meta.get("chat")
+    if chat is not None and not (isinstance(chat, dict) and isinstance(chat.get("template"), str)):
+        raise bad("chat", chat, "an object with the string 'template'")
 
 
 _MISSING = object()
@@ -402,8 +478,27 @@ def load_split(folder, split: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
+def load_mask(folder, split: str) -> np.ndarray | None:
+    """The loss mask of one split (``prepare_chat``): read-only ``(N,)`` uint8, 1 where the
+    token carries loss; None for a split without one (every target counts)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    name = meta["splits"][split].get("mask")
+    if name is None:
+        return None
+    n, path = int(meta["splits"][split]["tokens"]), folder / name
+    size = path.stat().st_size if path.is_file() else None
+    if size != n:
+        raise InputError(f"{str(path)!r} has {size if size is not None else 'no'} bytes but "
+                         f"meta.json says {n} tokens (one mask byte each); the folder is "
+                         f"incomplete or mixed, re-run prepare --chat")
+    return np.zeros(0, np.uint8) if n == 0 else np.memmap(path, dtype=np.uint8, mode="r",
+                                                           shape=(n,))
+
+
 def get_batch(data: np.ndarray, batch_size: int, block_size: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+              rng: np.random.Generator, mask: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``batch_size`` random windows from a 1-D token array.
 
     ``ix = rng.integers(0, N - T, size=B)``; ``x[b] = data[ix[b] : ix[b]+T]`` and
@@ -413,6 +508,8 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int,
         data: ``(N,)`` token ids (e.g. from ``load_split``), ``N >= T + 1``.
         batch_size: ``B``; block_size: ``T``.
         rng: the only source of randomness; same generator state, same batch.
+        mask: ``(N,)`` loss mask (``load_mask``) or None; where it is 0 the target is
+            ``IGNORE_INDEX``. The same windows are drawn either way.
     Returns:
         ``x, y``: ``(B, T)`` int64 each, separate contiguous arrays.
     """
@@ -430,7 +527,10 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int,
     ix = rng.integers(0, len(data) - block_size, size=batch_size)  # (B,)
     window = ix[:, None] + np.arange(block_size + 1)               # (B, T+1)
     tokens = np.asarray(data)[window].astype(np.int64)             # (B, T+1)
-    return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+    x, y = np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+    if mask is not None:
+        y[np.asarray(mask)[window[:, 1:]] == 0] = IGNORE_INDEX     # (B, T)
+    return x, y
 
 
 class TokenDataset:
@@ -446,6 +546,7 @@ class TokenDataset:
         self.vocab_size = int(self.meta["vocab_size"])
         self.tokenizer_config = self.meta["tokenizer"]
         self.splits = {s: load_split(self.folder, s) for s in SPLITS}
+        self.masks = {s: load_mask(self.folder, s) for s in SPLITS}  # None: all targets count
 
     @property
     def train(self) -> np.ndarray:
@@ -460,7 +561,7 @@ class TokenDataset:
         """``get_batch`` on one split: ``(x, y)``, each ``(B, T)`` int64."""
         if split not in self.splits:
             raise InputError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        return get_batch(self.splits[split], batch_size, block_size, rng)
+        return get_batch(self.splits[split], batch_size, block_size, rng, self.masks[split])
 
     def __repr__(self) -> str:
         counts = {s: len(a) for s, a in self.splits.items()}

@@ -217,18 +217,19 @@ def train_step(model: GPT, optimizer: AdamW, batches: list[tuple[np.ndarray, np.
 # ------------------------------------------------------------------------- evaluation
 
 def estimate_loss(model: GPT, data: np.ndarray, batch_size: int, block_size: int, iters: int,
-                  seed, ranks: Ranks | None = None) -> float:
+                  seed, ranks: Ranks | None = None, mask: np.ndarray | None = None) -> float:
     """Mean loss over ``iters`` batches drawn from ``default_rng(seed)`` (no graph, no
     dropout), so two calls with the same seed score the same batches. With ``ranks`` every
     rank draws the same batches, scores its chunk of rows and the losses are summed over the
-    ranks (each weighted by its share of the rows)."""
+    ranks (each weighted by its share of the rows). ``mask``: the split's loss mask (chat
+    data): only the targets it marks count."""
     ranks = ranks if ranks is not None else Ranks()
     rows = rank_rows(batch_size, ranks.rank, ranks.size)
     rng = np.random.default_rng(seed)
     losses = np.zeros(iters)  # (iters,) this rank's share of each batch's mean loss
     with no_grad():
         for i in range(iters):
-            x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
+            x, y = get_batch(data, batch_size, block_size, rng, mask)  # (B, T) each
             losses[i] = float(model(x[rows], y[rows])[1].data) / ranks.size
     ranks.sum(losses, "an evaluation")
     return float(np.mean(losses))
@@ -364,6 +365,8 @@ class _Run:
         self.eval_seeds = dict(zip(SPLITS, seeds[2].spawn(len(SPLITS))))  # reused each eval
         self.step, self.best_val, self.last_val = 0, None, None
         self.model = self._build_model()
+        if "chat" in self.dataset.meta:  # trained on conversations: its checkpoints carry the template
+            self.model.chat_template = self.dataset.meta["chat"]["template"]
         self.optimizer = AdamW(self.model.parameters(), lr=cfg.learning_rate,
                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                kernels=cfg.kernels)
@@ -565,13 +568,15 @@ class _Run:
 
     def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.cfg
-        return [get_batch(self.dataset.train, c.batch_size, c.block_size, self.data_rng)
+        return [get_batch(self.dataset.train, c.batch_size, c.block_size, self.data_rng,
+                          self.dataset.masks["train"])
                 for _ in range(c.gradient_accumulation_steps)]
 
     def evaluate(self) -> dict:
         c = self.cfg
         losses = {s: estimate_loss(self.model, self.dataset.splits[s], c.batch_size, c.block_size,
-                                   c.eval_iters, self.eval_seeds[s], self.ranks) for s in SPLITS}
+                                   c.eval_iters, self.eval_seeds[s], self.ranks,
+                                   self.dataset.masks[s]) for s in SPLITS}
         record = {"kind": "eval", "step": self.step, "train_loss": losses["train"],
                   "val_loss": losses["val"]}
         self.last_val = losses["val"]

@@ -155,6 +155,7 @@ def _probabilities_then_values(rng, shape, i):  # p (rows sum to 1), v
 _IDS = np.array([[1, 3, 1, 0], [3, 3, 2, 1]])  # repeated ids on purpose
 _TARGETS = np.array([[1, 4, 0], [2, 2, 3]])
 _IGNORED = np.array([[1, -1, 0], [-1, 2, 3]])
+_ROW_IGNORED = np.array([[-1, -1, -1], [4, -1, 3]])  # a chat batch row with no assistant token
 
 
 def _unary(op, torch_src, make=_normal, label="", bench=None):
@@ -239,7 +240,8 @@ TABLE: tuple[OpEntry, ...] = (
             "lambda z, targets, ignore_index=-1: F.cross_entropy(z.reshape(-1, z.shape[-1]), "
             "torch.from_numpy(targets).reshape(-1), ignore_index=ignore_index)",
             (Case("", ((2, 3, 5),), {"targets": _TARGETS}),
-             Case("ignore_index", ((2, 3, 5),), {"targets": _IGNORED})),
+             Case("ignore_index", ((2, 3, 5),), {"targets": _IGNORED}),
+             Case("ignore_index, a whole row", ((2, 3, 5),), {"targets": _ROW_IGNORED})),
             lambda s: Case("", ((s["B"], s["T"], s["V"]),),
                            {"targets": np.random.default_rng(0).integers(0, s["V"], (s["B"], s["T"]))})),
     OpEntry(ops.layernorm, ("x", "gamma", "beta"),
