@@ -91,7 +91,7 @@ def test_patching_equals_transformer_lens(pair):
     ours = patch(model, CLEAN, CORRUPT, ANSWER, WRONG)
     clean_logits, clean_cache = bridge.run_with_cache(_tokens(CLEAN))
     corrupt_logits = bridge(_tokens(CORRUPT))
-    ld = lambda lg: float(lg[0, -1, ANSWER] - lg[0, -1, WRONG])  # noqa: E731
+    ld = lambda lg: float((lg[0, -1, ANSWER] - lg[0, -1, WRONG]).detach())  # noqa: E731
     metric = _tl_metric(bridge, ld(clean_logits), ld(corrupt_logits))
     assert abs(ours.clean_diff - ld(clean_logits)) <= TOL
     resid = tl_patching.get_act_patch_resid_pre(bridge, _tokens(CORRUPT), clean_cache, metric)
