@@ -53,7 +53,7 @@ def _add_finite_flag(p) -> None:
 # ------------------------------------------------------------------------ compile
 
 # Commands that run the fast path's compiled kernels unless told to use the reference path.
-_KERNEL_COMMANDS = {"train", "generate", "eval", "serve", "sanity", "trace", "gradcheck"}
+_KERNEL_COMMANDS = {"train", "generate", "chat", "eval", "serve", "sanity", "trace", "gradcheck"}
 
 
 def _note_cold_kernel_cache(args) -> None:
@@ -537,6 +537,44 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk with a model in the terminal: each line you type is a "
+                                    "message, the reply streams back (/reset, /exit)")
+    _add_model_flags(p)
+    _add_chat_template_flag(p)
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message that starts the conversation (kept through /reset)")
+    p.add_argument("-n", "--max-new-tokens", dest="max_new_tokens", type=_positive_int,
+                   default=256, help="most tokens per reply (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same conversation")
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args) -> int:
+    if args.threads is not None:
+        set_blas_threads(args.threads)
+    from .infer import chat, sample
+
+    model = _load_for_use(args.model, args.dtype, args.tokenizer, not args.skip_finite_check)
+    params = sample.SamplingParams(temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("numgpt chat: type a message and press Enter; /reset forgets the conversation, "
+              "/exit (or Ctrl-D) leaves", file=sys.stderr)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return chat.run_chat(model, sys.stdin, write, max_new_tokens=args.max_new_tokens,
+                         params=params, template=_chat_template(args), system=args.system,
+                         prompt="> " if interactive else "")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a text file and/or LAMBADA last-word accuracy")
     _add_model_flags(p)
@@ -995,7 +1033,7 @@ def _run_inspect(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_compile, _add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_eval, _add_trace, _add_trace_compare, _add_inspect, _add_prepare, _add_train, _add_plot, _add_sanity]
+_COMMANDS = [_add_compile, _add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_chat, _add_eval, _add_trace, _add_trace_compare, _add_inspect, _add_prepare, _add_train, _add_plot, _add_sanity]
 
 
 def build_parser() -> argparse.ArgumentParser:
