@@ -29,7 +29,7 @@ import readme_blocks as rb
 from servers import REPO, free_port
 
 README = REPO / "README.md"
-BLOCK_TIMEOUT = 300  # seconds for one block (the slowest takes under a minute on 2 busy cores)
+BLOCK_TIMEOUT = 300  # seconds for one block (the slowest took about 70 s on 2 cores shared 4-fold)
 
 ITER_SCALE = 500  # `numgpt train` runs 1/500 of the steps the README asks for
 
