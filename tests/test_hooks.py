@@ -231,6 +231,10 @@ def test_unknown_name_wrong_shape_and_read_only_points_are_one_line_errors(tiny)
         tiny.run_with_cache(ids, ["blocks.7.hook_resid_pre"])
     with pytest.raises(InputError, match=r"returned shape \(1, 2\); the activation there is \(1, 2, 16\)"):
         tiny.run_with_hooks(ids, [("blocks.0.hook_resid_pre", lambda a, h: a[..., 0])])
+    with pytest.raises(InputError, match="17 positions, more than the context length block_size=16"):
+        tiny.run_with_cache(np.ones(17, dtype=int))
+    with pytest.raises(InputError, match="non-empty"):
+        tiny.run_with_hooks(np.zeros((1, 0), dtype=int))
     with pytest.raises(InputError, match="read-only"):
         tiny.run_with_hooks(ids, [("blocks.0.attn.hook_cache_k", lambda a, h: a * 2)])
 

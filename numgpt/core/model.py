@@ -343,6 +343,7 @@ class GPT(Module):
         if idx.ndim != 2 or idx.shape[1] == 0:
             raise InputError(f"token ids must be a non-empty (B, T) or (T,) integer array, got "
                              f"shape {np.shape(ids)}")
+        idx = check_token_ids(idx, self.config.vocab_size, self.config.block_size)  # before the cache
         return self.forward_cached(idx, self.new_cache(len(idx), idx.shape[1]), all_logits=True,
                                    hooks=Hooks(hooks, self.config.n_layer))
 
