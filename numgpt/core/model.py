@@ -8,6 +8,10 @@ Two ways through the same layers:
 * ``model.forward_cached(idx, cache, rows)`` runs only the new tokens of each cache row,
   writes their keys/values into a preallocated ``KVCache`` (no concatenation per token)
   and returns logits for the positions asked for. Tests prove it equals the reference.
+
+With hooks (``forward_cached(..., hooks=...)``, ``run_with_hooks``, ``run_with_cache``) the
+cached pass goes through ``_hooked_layers``, where every named hook point of
+``core/hooks.py`` sits; with none it is the fused pass and never enters that code.
 """
 
 from __future__ import annotations
