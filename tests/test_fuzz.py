@@ -1,29 +1,34 @@
 """The fuzz suite (issue 20): hostile model files and HTTP bodies drawn by hypothesis.
 
-Loaders. Every format numgpt reads (GGUF, numgpt JSON + safetensors, a Hugging Face folder,
-a nanoGPT ``ckpt.pt``) starts from a valid tiny file (``tests/model_files.py``) and is
-mutated by ``tests/fuzz_files.py``: byte flips, truncations, insertions, deletions, and
-structured edits (a GGUF's counts, array and string lengths, dims, offsets and value types;
-a safetensors header's dtypes, shapes and offsets; a config's values). The property: loading
-gives a model whose stored floats are all finite, or raises one ``NumGPTError`` with a
-one-line message, within ``TIMEOUT_S`` seconds and ``BUDGET_MIB`` MiB of address space
-beyond what the imports take. Loads run in a warm child process capped with ``RLIMIT_AS``
-(``tests/fuzz_child.py``), so a loader that allocates in proportion to a claimed count is
-caught as ``memory`` or ``timeout`` instead of taking the test run down.
+Loaders. Every format numgpt reads starts from a valid tiny file (``tests/model_files.py``)
+and is mutated by ``tests/fuzz_files.py``: GGUF (and GGUF files generated from nothing),
+numgpt JSON + safetensors (f32 and q8_0), Hugging Face folders (single file, sharded with an
+index, and with their own vocab.json + merges.txt) and nanoGPT ``ckpt.pt``. Mutations are
+byte flips, truncations, insertions and deletions, and structured edits: a GGUF's counts,
+array and string lengths, dims, offsets and value types; a safetensors header's dtypes,
+shapes and offsets; a config's values; a shard index's file names; a tokenizer's ids and
+merges. The property: finding the file's tokenizer and loading it give a model whose stored
+floats are all finite, or one ``NumGPTError`` with a one-line message, within ``TIMEOUT_S``
+seconds and ``BUDGET_MIB`` MiB of address space beyond what the imports take. Each load runs
+in a worker forked from a warm child and capped with ``RLIMIT_AS`` (``tests/fuzz_child.py``),
+so a loader that allocates in proportion to a claimed count is caught as ``memory`` or
+``timeout`` instead of taking the test run down.
 
 HTTP. Every POST route of ``numgpt serve`` (found in the app's route table) gets bodies
-drawn as valid requests with hostile fields, any JSON value, or mutated bytes. The property:
-a 2xx answer in strict JSON (or an event stream of strict JSON lines), or a 4xx
-OpenAI-shaped JSON error; never a 5xx or a traceback; and ``/health`` still answers 200.
+drawn as requests with plausible or hostile fields, any JSON value, or mutated bytes, on
+three in-process servers (byte-level, GPT-2 BPE, and a model whose logits overflow). The
+property: a 2xx answer in strict JSON (or an event stream of strict JSON events), or a 4xx
+OpenAI-shaped JSON error; never a traceback, and a 5xx only from the overflowing model, as
+a server_error that names the cause; ``/health`` still answers 200 afterwards.
 
 The cases issue 20 lists (a 2^40-element metadata array, block_count 2^32-1, NaN and inf
 weights, bad UTF-8, wrong value types, overlapping tensors, a 0-dimensional token_embd,
-n_layer 10**12, ...) are explicit examples (``@example``), each of which must be refused
-with one line. Each target runs every example, counts the outcomes and writes one row of
-docs/results/faults.md before it asserts; every failing case is listed in the assertion.
-Hypothesis runs derandomized (a fixed seed) with no example database, so a run is
-reproducible and writes nothing. ``--fuzz-examples N`` draws N examples per target instead
-of the default budget (``DEFAULT_EXAMPLES``).
+n_layer 10**12, ...) and what earlier fuzz runs found are explicit examples (``@example``),
+most of which must be refused with one line. Each target runs every example, counts the
+outcomes and writes one row of docs/results/faults.md before it asserts; every failing case
+is listed in the assertion. Hypothesis runs derandomized (a fixed seed) with no example
+database, so a run is reproducible. ``--fuzz-examples N`` draws N examples per target
+instead of the default budget (``DEFAULT_EXAMPLES``).
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ class Tally:
     def summary(self) -> str:
         n = sum(self.counts.values())
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-        return (f"{n} examples ({self.explicit} explicit: the issue's cases): {kinds}; "
+        return (f"{n} examples ({self.explicit} explicit: the issue's cases and earlier finds): {kinds}; "
                 f"slowest {self.slowest:.2f} s; {len(self.failures)} failing")
 
     def record(self, case: str, expected: str) -> None:
@@ -110,7 +115,7 @@ def child():
 
 
 LOADER_EXPECTED = (f"a model with every stored float finite, or one NumGPTError line, in under "
-                   f"{TIMEOUT_S:g} s and {BUDGET_MIB} MiB of address space; the issue's cases refused")
+                   f"{TIMEOUT_S:g} s and {BUDGET_MIB} MiB of address space; the explicit cases refused")
 
 
 def fuzz_loader(target: str, strategy, write, explicit: dict, bases, child, folder: Path,
