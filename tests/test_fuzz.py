@@ -357,6 +357,36 @@ def test_every_issue_case_is_written_as_described(bases, tmp_path):
     assert obj["model"]["transformer.wte.weight"].dtype == torch.int32
 
 
+def test_the_gguf_field_map_points_at_the_fields(bases):
+    """``gguf_fields`` (where a count or value is overwritten) reads back the values the
+    valid file holds, at every kind of field: header counts, a key's length and type, a
+    scalar, an array's item type and count, a string element's length, a tensor's dims,
+    type and offset."""
+    import struct
+
+    parts = bases.gguf["q8_0"]
+    data = mf.encode_gguf(parts)
+    at = {label: (offset, fmt) for offset, fmt, label in ff.gguf_fields(parts)}
+
+    def read(label):
+        offset, fmt = at[label]
+        return struct.unpack_from(fmt, data, offset)[0]
+
+    assert read("version") == 3 and read("tensor_count") == len(parts.tensors)
+    assert read("kv_count") == len(parts.kvs)
+    assert read("gpt2.block_count") == 2 and read("gpt2.block_count.type") == T.UINT32
+    assert read("gpt2.block_count.key_len") == len("gpt2.block_count")
+    assert read("general.architecture.len") == 4
+    assert read("tokenizer.ggml.tokens.item_type") == T.STRING
+    assert read("tokenizer.ggml.tokens.count") == 256
+    assert read("tokenizer.ggml.tokens[1].len") == len(parts.get("tokenizer.ggml.tokens")[2][1][1].encode())
+    assert read("token_embd.weight.n_dims") == 2
+    assert (read("token_embd.weight.dims[0]"), read("token_embd.weight.dims[1]")) == (32, 256)
+    assert read("token_embd.weight.type") == 8 and read("token_embd.weight.offset") == 0
+    last = parts.tensors[-1]
+    assert read(f"{last['name']}.offset") == last["offset"] > 0
+
+
 # Negative controls: each way a loader can break the property is classified as a failure.
 @pytest.mark.parametrize("loader,kind", [("bare", "exception"), ("chatty", "exception"),
                                          ("two_lines", "multiline"),
