@@ -73,7 +73,9 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Fault table: what numgpt survives",
         "Written by the fault tests (`tests/test_faults.py`, `tests/test_faults_serve.py`) through "
         "`tests/results_table.py`, one row per case, each run against the real command or "
-        "a real subprocess server.",
+        "a real subprocess server. The `20 fuzz` rows are the fuzz suite (`tests/test_fuzz.py`): "
+        "one row per target, hypothesis examples each loaded in a process of its own under an "
+        "address-space limit, or sent to an in-process server.",
         ("case", "what happens", "expected", "result")),
 }
 

@@ -66,6 +66,9 @@ def _budget(request, target: str) -> int:
     return DEFAULT_EXAMPLES[target] if n is None else n
 
 
+_LABELS = {"model": "loaded", "error": "refused in one line"}  # the outcomes in the table
+
+
 @dataclass
 class Tally:
     """What one target's examples did: outcome counts, the failures, the slowest."""
@@ -84,7 +87,8 @@ class Tally:
 
     def summary(self) -> str:
         n = sum(self.counts.values())
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        kinds = ", ".join(f"{_LABELS.get(k, 'HTTP ' + k if k.isdigit() else k)} {v}"
+                          for k, v in sorted(self.counts.items()))
         return (f"{n} examples ({self.explicit} explicit: the issue's cases and earlier finds): {kinds}; "
                 f"slowest {self.slowest:.2f} s; {len(self.failures)} failing")
 
