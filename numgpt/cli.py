@@ -575,6 +575,33 @@ def _run_chat(args) -> int:
                          prompt="> " if interactive else "")
 
 
+def _add_chat_data(sub) -> None:
+    p = sub.add_parser("chat-data", help="write a small synthetic conversation set (questions "
+                                         "'N+1', some held out) for a first chat fine-tune")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for train.jsonl, heldout.jsonl, questions.txt, template.jinja")
+    p.add_argument("--numbers", type=_positive_int, default=100,
+                   help="questions 'N+1' for N below this (default 100)")
+    p.add_argument("--held-out", type=float, default=0.2,
+                   help="share of the N never shown in training (default 0.2)")
+    p.add_argument("--repeat", type=_positive_int, default=8,
+                   help="times each training question appears (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="which N are held out, and the order")
+    p.set_defaults(run=_run_chat_data)
+
+
+def _run_chat_data(args) -> int:
+    from .io import chat
+
+    files = chat.write_arithmetic_set(args.out, numbers=args.numbers, held_out=args.held_out,
+                                      repeat=args.repeat, seed=args.seed)
+    counts = {k: sum(1 for _ in open(p, encoding="utf-8")) for k, p in files.items()
+              if k in ("train", "heldout")}
+    print(f"wrote {args.out}: {counts['train']} training conversations, {counts['heldout']} "
+          f"held-out questions (questions.txt), the chat template (template.jinja)")
+    return 0
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a text file and/or LAMBADA last-word accuracy")
     _add_model_flags(p)
@@ -1033,7 +1060,7 @@ def _run_inspect(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 
-_COMMANDS = [_add_compile, _add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_chat, _add_eval, _add_trace, _add_trace_compare, _add_inspect, _add_prepare, _add_train, _add_plot, _add_sanity]
+_COMMANDS = [_add_compile, _add_gradcheck, _add_convert, _add_quantize, _add_info, _add_tokenize, _add_serve, _add_generate, _add_chat, _add_chat_data, _add_eval, _add_trace, _add_trace_compare, _add_inspect, _add_prepare, _add_train, _add_plot, _add_sanity]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,11 +35,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..core.checks import is_int
 from ..errors import InputError
 
 __all__ = ["DEFAULT_TEMPLATE", "BYTE_SEPARATOR", "ROLES", "special_tokens", "stop_text",
            "check_messages", "render", "read_template_file", "check_template", "template_of",
-           "hf_template", "conversation_spans", "encode_conversation"]
+           "hf_template", "conversation_spans", "encode_conversation", "count_conversations",
+           "read_conversations", "QA_TEMPLATE", "arithmetic_set", "write_arithmetic_set"]
 
 DEFAULT_TEMPLATE = ("{% for message in messages %}"
                     "{{ message['role'] + ': ' + message['content'] + eos_token }}"
@@ -334,3 +336,60 @@ def read_conversations(path: str | os.PathLike):
             raise InputError(f"{path} line {n}: no 'messages' field; each line must be one "
                              f"{{\"messages\": [{{\"role\", \"content\"}}, ...]}} object")
         yield n, doc["messages"]
+
+
+# ------------------------------------------------ a synthetic set for the README's recipe
+
+# A compact template for small models trained from scratch: the answer starts 7 bytes after
+# the question's last digit (numgpt's default puts "\x04assistant: " there, 14 bytes), so a
+# byte-level model learns to read the question within a minute of CPU.
+QA_TEMPLATE = ("{% for message in messages %}"
+               "{% if message['role'] == 'system' %}{{ message['content'] + '\\n' }}"
+               "{% elif message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}"
+               "{% else %}{{ 'A: ' + message['content'] + eos_token + '\\n' }}{% endif %}"
+               "{% endfor %}"
+               "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+
+
+def arithmetic_set(numbers: int = 100, held_out: float = 0.2, repeat: int = 8,
+                   seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training conversations, held-out conversations) of the question ``"N+1"`` and the
+    answer ``str(N + 1)`` for N in [0, numbers): a random ``held_out`` share of the N never
+    appears in training (each other question ``repeat`` times, shuffled). Answering a
+    held-out question takes the rule (copy the digits, add one, carry), not a memory."""
+    import random
+
+    if not (is_int(numbers) and numbers >= 5 and 0 < held_out < 1 and repeat >= 1):
+        raise InputError(f"arithmetic_set needs numbers >= 5, held_out in (0, 1) and repeat "
+                         f">= 1, got {numbers}, {held_out}, {repeat}")
+    rng = random.Random(seed)
+    ns = list(range(numbers))
+    rng.shuffle(ns)
+    cut = max(1, round(numbers * held_out))
+
+    def conv(n: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"{n}+1"},
+                             {"role": "assistant", "content": str(n + 1)}]}
+
+    train = [conv(n) for n in ns[cut:] for _ in range(repeat)]
+    rng.shuffle(train)
+    return train, [conv(n) for n in sorted(ns[:cut])]
+
+
+def write_arithmetic_set(folder: str | os.PathLike, **options) -> dict[str, Path]:
+    """``arithmetic_set`` as files in ``folder``: ``train.jsonl`` and ``heldout.jsonl``
+    (OpenAI's fine-tuning format), ``questions.txt`` (the held-out questions, one a line,
+    for ``numgpt chat``) and ``template.jinja`` (``QA_TEMPLATE``). Returns the paths."""
+    from .files import atomic_write, make_folder
+
+    folder = make_folder(Path(folder), "chat-data")
+    train, held = arithmetic_set(**options)
+    lines = lambda convs: "".join(json.dumps(c) + "\n" for c in convs)  # noqa: E731
+    files = {"train": (folder / "train.jsonl", lines(train)),
+             "heldout": (folder / "heldout.jsonl", lines(held)),
+             "questions": (folder / "questions.txt",
+                           "".join(c["messages"][0]["content"] + "\n" for c in held)),
+             "template": (folder / "template.jinja", QA_TEMPLATE + "\n")}
+    for path, text in files.values():
+        atomic_write(path, text)
+    return {k: p for k, (p, _) in files.items()}
