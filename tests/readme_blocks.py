@@ -2,9 +2,10 @@
 in ``bash -euo pipefail``, Python blocks in a fresh ``python -``, all in one sandbox folder, in
 order (tests/test_readme.py drives it over README.md).
 
-Neither ``mktestdocs`` (runs each bash block with ``bash -c`` in the current folder: no
-sandbox, no markers, no servers) nor ``pytest-examples`` (Python blocks only) runs shell blocks
-this way, so this is our own short extractor.
+Neither ``mktestdocs`` (0.2.5 runs each bash block as ``bash -e -u -c`` in the current folder,
+with no pipefail, timeout, markers or servers, and ``exec`` s Python blocks inside the test's
+own process) nor ``pytest-examples`` (Python blocks only) runs shell blocks this way, so this
+is our own short extractor.
 
 Rules a Markdown file follows (``parse`` reports every breach as a problem):
 - every fenced block names its language; ``bash``/``sh``/``shell``/``console``/``python`` run,
