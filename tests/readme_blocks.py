@@ -2,7 +2,7 @@
 in ``bash -euo pipefail``, Python blocks in a fresh ``python -``, all in one sandbox folder, in
 order (tests/test_readme.py drives it over README.md).
 
-Neither ``mktestdocs`` (0.2.5 runs each bash block as ``bash -e -u -c`` in the current folder,
+Neither ``mktestdocs`` (its source runs each bash block as ``bash -e -u -c`` in the current folder,
 with no pipefail, timeout, markers or servers, and ``exec`` s Python blocks inside the test's
 own process) nor ``pytest-examples`` (Python blocks only) runs shell blocks this way, so this
 is our own short extractor.
