@@ -2,10 +2,10 @@
 in ``bash -euo pipefail``, Python blocks in a fresh ``python -``, all in one sandbox folder, in
 order (tests/test_readme.py drives it over README.md).
 
-Neither ``mktestdocs`` (its source runs each bash block as ``bash -e -u -c`` in the current folder,
-with no pipefail, timeout, markers or servers, and ``exec`` s Python blocks inside the test's
-own process) nor ``pytest-examples`` (Python blocks only) runs shell blocks this way, so this
-is our own short extractor.
+Neither ``mktestdocs`` (its source runs each bash block as ``bash -e -u -c`` in the current
+folder, with no pipefail, timeout, markers or servers, and ``exec`` s Python blocks inside the
+test's own process) nor ``pytest-examples`` (Python blocks only) runs shell blocks this way, so
+this is our own short extractor.
 
 Rules a Markdown file follows (``parse`` reports every breach as a problem):
 - every fenced block names its language; ``bash``/``sh``/``shell``/``console``/``python`` run,
@@ -92,7 +92,8 @@ def parse(text: str) -> tuple[list[Block], list[str]]:
         marker = MARKER.match(stripped)
         if marker:
             if pending:
-                problems.append(f"line {pending[0]}: readme-test marker not followed by a code block")
+                problems.append(f"line {pending[0]}: readme-test marker not followed by a "
+                                f"code block")
             mark, reason = marker.groups()
             if mark not in MARKS or not reason:
                 problems.append(f"line {i + 1}: readme-test marker must be "
@@ -215,7 +216,8 @@ def rewrite_python(code: str, subs: list[Substitution], ctx: Context) -> str:
 PRELUDE = r"""
 readme_test_expect() {  # TEXT: pass stdin through; fail unless it starts with TEXT
   local out; out=$(cat); printf '%s\n' "$out"
-  [[ "$out" == "$1"* ]] || { echo "readme-test: printed '$out'; the README says '$1'" >&2; return 1; }
+  [[ "$out" == "$1"* ]] && return 0
+  echo "readme-test: printed '$out'; the README says '$1'" >&2; return 1
 }
 readme_test_server() {  # PID URL: remember the server, wait until /health answers 200
   echo "$1" >> .readme-test/servers

@@ -167,7 +167,8 @@ def test_readme_blocks_are_well_formed():
 
 def test_readme_says_its_blocks_are_tested():
     top = README.read_text(encoding="utf-8").split("\n## ")[1]  # the "Two commands" section
-    assert "tests/test_readme.py" in top, "the README's first section must say the suite runs its blocks"
+    assert "tests/test_readme.py" in top, \
+        "the README's first section must say the suite runs its blocks"
 
 
 def _judge(block: rb.Block, run: rb.Run) -> None:
