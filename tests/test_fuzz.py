@@ -460,7 +460,10 @@ PLAUSIBLE = {
     "echo": st.booleans(), "truncate": st.booleans(), "ascii_only": st.booleans(),
     "stream_options": st.sampled_from([{"include_usage": True}, {"include_usage": None}, {}]),
     "layer": st.integers(-1, 3), "tokens": st.lists(st.integers(-1, 256), max_size=6),
-    "add_special_tokens": st.booleans()}
+    "add_special_tokens": st.booleans(),
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                                "content": st.sampled_from(["Hi", "", "é", "<|endoftext|>"])}),
+                         min_size=1, max_size=3)}
 
 
 def _http_body(route: str):
