@@ -9,7 +9,8 @@ float64). Writes ``docs/results/kernel_parity.md`` from the run.
 
 Negative controls: a layernorm kernel fed the wrong epsilon, a tanh GELU with the cubic
 input scaled by 1.01, an attention backward without the row-sum term, and an AdamW step
-without bias correction each fail the same comparison.
+without bias correction each fail the same comparison; so does the blocked inference
+attention with its causal mask off by one.
 """
 
 from __future__ import annotations
@@ -247,6 +248,111 @@ def test_parity_check_fails_for_a_wrong_kernel(wrong, ref, make):
     inputs, consts = make(lambda *s: rng.standard_normal(s).astype(np.float32))
     err = _compare("wrong", wrong, ref, inputs, consts, np.float32, rng)
     assert err > 100 * TOLERANCE[np.float32]
+
+
+# ------------------------------------------------- inference attention: online softmax
+
+def _blocked_case(rng, dtype, B, nh, Tq, Tk, hs):
+    q = rng.standard_normal((B, nh, Tq, hs)).astype(dtype)
+    k, v = ((rng.standard_normal((B, nh, Tk, hs)) * 2).astype(dtype) for _ in range(2))
+    return q, k, v
+
+
+# (B, nh, Tq, Tk, hs, block, key_lengths): T not a multiple of the block, T = 1, queries
+# offset into a longer cache (per row), several heads and rows, a block above T, and a
+# GPT-2 head size over several 128-key blocks
+_BLOCKED_CASES = [
+    (2, 3, 13, 13, 8, 4, None),
+    (3, 2, 1, 1, 8, 4, None),
+    (2, 2, 5, 17, 8, 4, [17, 9]),
+    (3, 2, 6, 11, 16, 3, [11, 6, 8]),
+    (2, 1, 7, 7, 8, 128, None),
+    (1, 2, 300, 300, 64, 128, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_blocked_online_softmax_attention_equals_the_reference_chain(dtype):
+    """``kernels.attention_blocked`` (the no-gradient forward's and the prefill's attention on
+    the fast path) against ``ops.attention_reference``, the unfused four-op chain. Keys past a
+    row's length are NaN, so reading one would show."""
+    rng = np.random.default_rng(21)
+    for B, nh, Tq, Tk, hs, block, lengths in _BLOCKED_CASES:
+        q, k, v = _blocked_case(rng, dtype, B, nh, Tq, Tk, hs)
+        lengths = None if lengths is None else np.array(lengths)
+        want, _ = ops.attention_reference(q, k, v, key_lengths=lengths)
+        if lengths is not None:  # (the reference multiplies them by 0: NaN)
+            for b, n in enumerate(lengths):
+                k[b, :, n:], v[b, :, n:] = np.nan, np.nan
+        got = kernels.attention_blocked(q, k, v, key_lengths=lengths, block=block)
+        err = _rel_error(got, want)
+        _ROWS.append(f"| attention_blocked (Tq={Tq}, Tk={Tk}, block={block}) | {np.dtype(dtype).name} "
+                     f"| {err:.2e} | {TOLERANCE[dtype]:.0e} |")
+        assert got.dtype == dtype and got.shape == q.shape
+        assert err < TOLERANCE[dtype], (B, nh, Tq, Tk, hs, block, err)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_prefill_over_the_cache_runs_the_blocked_kernel_in_place(dtype):
+    """A prompt of 7 tokens into slots already holding 2, 7 and 0 tokens, in tiles of 3:
+    ``kernels.cached_attention`` (Tn > 1: the blocked kernel reading the slots in place)
+    equals the reference, which gathers the slots and runs ``ops.attention_inference``."""
+    rng = np.random.default_rng(22)
+    qkv, ck, cv, rows, start, layer, nh = _cache_case(rng, dtype, [2, 7, 0], Tn=7, max_len=16)
+    got = kernels.cached_attention(qkv, ck, cv, layer=layer, rows=rows, start=start, n_head=nh, block=3)
+    want = _reference_cached(qkv, ck, cv, rows, start, layer, nh)
+    err = _rel_error(got, want)
+    _ROWS.append(f"| cached_attention (Tn=7, block=3) | {np.dtype(dtype).name} | {err:.2e} | {TOLERANCE[dtype]:.0e} |")
+    assert got.dtype == dtype and err < TOLERANCE[dtype]
+
+
+def test_blocked_attention_with_an_off_by_one_causal_mask_fails_the_gate():
+    """Negative control: the same kernel told each row holds one key more (queries shifted
+    one position on, so each sees its next token) fails the comparison by far."""
+    rng = np.random.default_rng(23)
+    q, k, v = _blocked_case(rng, np.float32, 2, 2, 9, 10, 8)
+    right = np.full(2, 9, np.int64)
+    want, _ = ops.attention_reference(q, k[:, :, :9], v[:, :, :9])
+    for lengths, fails in ((right, False), (right + 1, True)):
+        out = np.empty_like(q)
+        kernels._attention_blocked(out, q, k, v, np.arange(2, dtype=np.int64), lengths, 4)
+        err = _rel_error(out, want)
+        assert (err > 100 * TOLERANCE[np.float32]) == fails, (lengths, err)
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_attention_without_a_graph_holds_no_t_by_t_buffer(path):
+    """The layer's forward under ``no_grad`` runs the inference entry: its peak allocation
+    (tracemalloc, which sees NumPy's buffers) stays far below one (B, nh, T, T) float32
+    array, 32 MiB here; with a graph, the training entry keeps P for backward and the same
+    measure sees at least that much (the measure can tell)."""
+    import tracemalloc
+
+    from numgpt.core.nn import CausalSelfAttention
+    from numgpt.core.tensor import Tensor, no_grad
+
+    B, T, C, nh = 1, 1024, 128, 8
+    layer = CausalSelfAttention(C, nh, kernels=path)
+    rng = np.random.default_rng(24)
+    for p in (layer.c_attn.weight, layer.c_proj.weight):
+        p.data[...] = rng.normal(0, 0.05, p.data.shape)
+    x = Tensor(rng.standard_normal((B, T, C)).astype(np.float32), requires_grad=True)
+    full = B * nh * T * T * 4  # one (B, nh, T, T) float32 array
+
+    def peak(fn) -> int:
+        fn()  # warm: kernels loaded, BLAS buffers made
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    def inference():
+        with no_grad():
+            layer(x)
+    assert peak(inference) < full / 4
+    assert peak(lambda: layer(x)) >= full
 
 
 def test_write_results_table():

@@ -351,13 +351,14 @@ def test_long_prompt_through_the_blocked_attention_path_equals_the_batched_one()
 
 
 @pytest.mark.parametrize("path", ["reference", "fast"])
-def test_cached_path_calls_the_inference_entry_and_the_forward_the_training_entry(monkeypatch, path):
+def test_cached_path_and_no_grad_forward_call_the_inference_entry_and_training_the_training_entry(
+        monkeypatch, path):
     from numgpt.core import kernels, ops
 
     model = tiny_model(kernels=path)
     idx = np.random.default_rng(8).integers(0, TINY["vocab_size"], (2, 5))
     used = []
-    names = ("attention_training", "cached_attention") if path == "fast" else \
+    names = ("attention_training", "attention_inference", "cached_attention") if path == "fast" else \
         ("attention_training", "attention_inference", "attention_reference")
     for name in names:
         # where the path's entry lives: the kernel when the fast path has one, else the op
@@ -368,14 +369,17 @@ def test_cached_path_calls_the_inference_entry_and_the_forward_the_training_entr
     inference = "cached_attention" if path == "fast" else "attention_inference"
     assert set(used) == {inference} and len(used) == TINY["n_layer"]
     used.clear()
-    with no_grad():
+    with no_grad():  # no backward will come: the inference entry, nothing (B, nh, T, T) kept
         model(idx)
+    assert set(used) == {"attention_inference"} and len(used) == TINY["n_layer"]
+    used.clear()
+    model(idx)  # a graph: the training entry, which keeps what backward needs
     assert set(used) == {"attention_training"} and len(used) == TINY["n_layer"]
 
 
 @pytest.mark.parametrize("T", [9, 150])  # one block and two blocks of queries
 def test_no_grad_forward_equals_the_graph_building_one(T):
-    # the same training entry runs with or without a graph
+    # the inference entry (no graph) equals the training entry (graph) to round-off
     model = tiny_model(block_size=160)
     idx = np.random.default_rng(T).integers(0, TINY["vocab_size"], (2, T))
     with no_grad():

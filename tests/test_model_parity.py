@@ -210,10 +210,17 @@ def _unmasked_training_entry(qkv, *, n_head, block=128):
     return ops.merge_heads(p @ v), None
 
 
+def _unmasked_inference_entry(q, k, v, *, key_lengths=None, block=128):
+    """``attention_inference`` with every key visible (no causal mask): (B, nh, Tq, hs)."""
+    p, _ = ops.softmax(ops.attention_scores(q, k)[0])  # (B, nh, Tq, Tk)
+    return p @ v
+
+
 def _control_no_causal_mask(folder: Path) -> list[Row]:
     """The attention kernel of each path replaced by one without the causal mask:
     ``ops.attention`` (inside ``ops.attention_training``), or ``kernels.attention_training``
-    when the fast path runs that kernel."""
+    when the fast path runs that kernel; and the inference entry that the forward without a
+    graph runs (``attention_inference`` of the path)."""
     hf = make_hf(TINY, 13)
     hf.save_pretrained(folder)
     hf.double()
@@ -232,6 +239,7 @@ def _control_no_causal_mask(folder: Path) -> list[Row]:
                 mp.setattr(kernels, "attention_training", _unmasked_training_entry)
             else:  # the path runs ops.attention_training, whose kernel is ops.attention
                 mp.setattr(ops, "attention", unmasked)
+            mp.setattr(kernels if path == "fast" else ops, "attention_inference", _unmasked_inference_entry)
             got = numgpt_run(model, idx, targets, grads=False)
         rows += compare(f"tiny, causal mask removed [{path}]", "float64", ref, got, control=True)
     return rows

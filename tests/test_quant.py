@@ -481,7 +481,7 @@ from numgpt.core import quant
 from numgpt.infer.sample import SamplingParams, generate
 from numgpt.core.model import GPT, GPTConfig
 tiny = quant.quantize_model(GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=32)))
-generate(tiny, [1], 2, SamplingParams(temperature=0))  # numba and every kernel loaded first
+generate(tiny, [1, 2], 2, SamplingParams(temperature=0))  # numba and every kernel (prefill too) loaded first
 before = peak_kb()
 model = numgpt.load(sys.argv[1])
 generate(model, [1, 2, 3], 4, SamplingParams(temperature=0))

@@ -44,7 +44,7 @@ from .threads import CACHE_ENV, kernel_cache_dir, let_openmp_threads_sleep
 
 __all__ = ["PATHS", "FAST_OPS", "OpPath", "ops_for", "set_threads", "compile_all",
            "layernorm", "gelu", "gelu_tanh", "cross_entropy", "embedding",
-           "attention_training", "attention_inference", "cached_attention",
+           "attention_training", "attention_inference", "attention_blocked", "cached_attention",
            "adamw_update", "sum_of_squares"]
 
 PATHS = ("fast", "reference")
@@ -528,6 +528,77 @@ def attention_inference_kernel(out, q, k, v, lengths, kT, scores, y):
                 out[b, h, i, e] = y[bh, e]
 
 
+@_kernel(fastmath=_FAST)
+def attention_blocked_kernel(out, q, keys, values, kv_rows, lengths, block, kT, vals, tile, acc,
+                             row_max, row_sum):
+    """``ops.attention_inference`` (equal to ``ops.attention_reference``) for many queries,
+    blocked, with an online softmax: nothing (Tq, Tk) is ever held.
+
+    q (B, nh, Tq, hs); keys, values (S, nh, Tk, hs) (any strides: head-split views of qkv,
+    or one layer of the KV cache); kv_rows (B,) the row of keys each query row reads;
+    lengths (B,) its real keys: query i of row b sits at position lengths[b] - Tq + i and
+    sees keys up to it -> out (B, nh, Tq, hs) (any strides: a view of the heads-merged array).
+
+    Work item (b, h, query block of ``block`` rows) walks the key blocks its last query sees;
+    per key block: S = Q K^T / sqrt(hs) into a (block, block) float64 tile, the causal cut
+    per query row, then per row with running max M and sum L (accumulator A (block, hs)):
+    M' = max(M, max_j S_j); c = e^(M - M'); L' = c L + sum_j e^(S_j - M'); A' = c A + sum_j
+    e^(S_j - M') V_j; finally out = A / L. The items are dealt round-robin to P slots of
+    scratch (P = kT.shape[0], one per thread), so a thread holds one tile, one transposed
+    key block kT (P, hs, block), one value block vals (P, block, hs), acc (P, block, hs) and
+    row_max, row_sum (P, block) (float64), and each item's arithmetic is the same whatever P.
+    """
+    B, nh, Tq, hs = q.shape
+    P = kT.shape[0]
+    scale = 1.0 / math.sqrt(hs)
+    n_qb = (Tq + block - 1) // block
+    n_items = B * nh * n_qb
+    for t in prange(P):
+        kt, vv, s, a, mx, sm = kT[t], vals[t], tile[t], acc[t], row_max[t], row_sum[t]
+        for item in range(t, n_items, P):
+            b, h, r0 = item // (nh * n_qb), (item // n_qb) % nh, (item % n_qb) * block
+            m = min(block, Tq - r0)
+            first = lengths[b] - Tq + r0  # position of the block's first query
+            kv = kv_rows[b]
+            for i in range(m):
+                mx[i] = -np.inf
+                sm[i] = 0.0
+                for e in range(hs):
+                    a[i, e] = 0.0
+            for c0 in range(0, first + m, block):  # key blocks up to the last query's position
+                w = min(block, first + m - c0)
+                for j in range(w):
+                    for e in range(hs):
+                        kt[e, j] = keys[kv, h, c0 + j, e]
+                        vv[j, e] = values[kv, h, c0 + j, e]
+                for i in range(m):
+                    n = min(w, first + i + 1 - c0)  # keys of this block query i sees
+                    if n <= 0:
+                        continue
+                    _scores(s[i], q[b, h, r0 + i], kt, n, scale)
+                    new = mx[i]
+                    for j in range(n):
+                        new = max(new, s[i, j])
+                    c = _exp(mx[i] - new)  # 0 on the first block (M = -inf)
+                    total = 0.0
+                    for j in range(n):
+                        p = _exp(s[i, j] - new)
+                        s[i, j] = p
+                        total += p
+                    sm[i] = sm[i] * c + total
+                    mx[i] = new
+                    for e in range(hs):
+                        a[i, e] *= c
+                    for j in range(n):
+                        p = s[i, j]
+                        for e in range(hs):
+                            a[i, e] += p * vv[j, e]
+            for i in range(m):
+                inv = 1.0 / sm[i]
+                for e in range(hs):
+                    out[b, h, r0 + i, e] = a[i, e] * inv
+
+
 # ------------------------------------------------------------------------------ AdamW
 
 @_kernel(fastmath=_FAST)
@@ -751,11 +822,42 @@ def _attention_training_backward(qkv, out, lse, n_head):
     return backward
 
 
+def _attention_blocked(out, q, keys, values, kv_rows, lengths, block: int) -> None:
+    """Run ``attention_blocked_kernel`` with its per-thread scratch: one (block, block) float64
+    score tile per thread (fewer rows or columns when Tq or Tk is smaller), never (Tq, Tk)."""
+    B, nh, Tq, hs = q.shape
+    tq, tk = min(block, Tq), min(block, keys.shape[2])
+    P = max(1, min(numba.get_num_threads(), B * nh * -(-Tq // block)))  # scratch slots
+    attention_blocked_kernel(out, q, keys, values, kv_rows, lengths, block,
+                             np.empty((P, hs, tk), q.dtype), np.empty((P, tk, hs), q.dtype),
+                             np.empty((P, tq, tk)), np.empty((P, tq, hs)), np.empty((P, tq)),
+                             np.empty((P, tq)))
+
+
+def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
+                      key_lengths: np.ndarray | None = None, block: int = 128) -> np.ndarray:
+    """``ops.attention_inference`` by the blocked online-softmax kernel, whatever Tq (the
+    fast path's entry for Tq > 1): q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
+    ``block``: query rows and keys per tile, so each thread holds a (block, block) tile."""
+    ops._check_attention_inputs(q, k, v, key_lengths)
+    block = ops._check_block(block)
+    B = q.shape[0]
+    lengths = np.full(B, k.shape[-2], np.int64) if key_lengths is None else \
+        np.ascontiguousarray(key_lengths, dtype=np.int64)
+    out = np.empty(q.shape, dtype=q.dtype)
+    _attention_blocked(out, q, k, v, np.arange(B, dtype=np.int64), lengths, block)
+    return out
+
+
 def attention_inference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
                         key_lengths: np.ndarray | None = None, block: int = 128) -> np.ndarray:
     """``ops.attention_inference`` on the fast path (same arguments, no backward):
     q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) -> (B, nh, Tq, hs); each row reads only its
-    ``key_lengths`` keys. ``block`` is checked but unused."""
+    ``key_lengths`` keys. Several queries (a prompt, the no-gradient forward) go to the
+    blocked kernel (``attention_blocked``, tiles of ``block``); one query per row (decoding)
+    to ``attention_inference_kernel``, which reads each key once and needs no tile."""
+    if q.ndim == 4 and q.shape[-2] > 1:
+        return attention_blocked(q, k, v, key_lengths=key_lengths, block=block)
     ops._check_attention_inputs(q, k, v, key_lengths)
     ops._check_block(block)
     B, nh, Tq, hs = q.shape
@@ -776,17 +878,24 @@ def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, 
     positions start[a]..start[a] + Tn of slot rows[a] -> (A, Tn, C), heads merged.
 
     The reference, ``ops.cached_attention``, gathers the rows' caches up to the longest
-    length and calls ``ops.attention_inference`` with key_lengths. ``block`` is unused.
+    length and calls ``ops.attention_inference`` with key_lengths. A prompt (Tn > 1) runs
+    the blocked online-softmax kernel on the slots in place (tiles of ``block``); one new
+    token per row (decoding) runs ``cached_attention_kernel``.
     """
     _check_qkv(qkv, n_head, "cached_attention")
     qkv = np.ascontiguousarray(qkv)
     A, Tn, C3 = qkv.shape
     hs = C3 // (3 * n_head)
     out = np.empty((A, Tn, C3 // 3), dtype=qkv.dtype)
+    rows, start = np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(start, dtype=np.int64)
+    if Tn > 1:
+        q = ops.split_heads(qkv, n_head)[0]  # (A, nh, Tn, hs), a view
+        heads = out.reshape(A, Tn, n_head, hs).transpose(0, 2, 1, 3)  # (A, nh, Tn, hs) view of out
+        _attention_blocked(heads, q, cache_k[int(layer)], cache_v[int(layer)], rows, start + Tn,
+                           ops._check_block(block))
+        return out
     AH, max_len = A * n_head, cache_k.shape[3]
-    cached_attention_kernel(out, qkv, cache_k, cache_v, int(layer),
-                            np.ascontiguousarray(rows, dtype=np.int64),
-                            np.ascontiguousarray(start, dtype=np.int64), n_head,
+    cached_attention_kernel(out, qkv, cache_k, cache_v, int(layer), rows, start, n_head,
                             np.empty((AH, hs, max_len), qkv.dtype), np.empty((AH, max_len)),
                             np.empty((AH, hs)))
     return out
@@ -874,9 +983,11 @@ def _exercise_every_kernel() -> None:
         bw(y)
         q, k, v = ops.split_heads(qkv, 2)
         attention_inference(q[:, :, -1:], k, v, key_lengths=np.array([3, 2]))
+        attention_inference(q[:, :, 1:], k, v, key_lengths=np.array([3, 2]))  # the blocked kernel
         cache = np.zeros((1, 2, 2, 4, 2), dt)
-        cached_attention(qkv, cache, cache, layer=0, rows=np.arange(2), start=np.zeros(2, np.int64),
-                         n_head=2)
+        for new in (qkv, qkv[:, :1]):  # a prompt (the blocked kernel) and one token
+            cached_attention(new, cache, cache, layer=0, rows=np.arange(2),
+                             start=np.zeros(2, np.int64), n_head=2)
         flat = np.zeros(4, dt)
         piece = np.array([0]), np.array([4])
         sum_of_squares(flat, *piece, np.zeros(1))

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import ops
 from ..errors import ConfigError
-from .kernels import ops_for
+from .kernels import _check_qkv, ops_for
 from .tensor import Tensor, apply
 
 __all__ = ["Parameter", "Module", "Linear", "LayerNorm", "Embedding", "MLP",
@@ -147,8 +147,11 @@ class MLP(Module):
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with one fused QKV projection; heads batched, no loop.
 
-    ``forward`` always runs the training entry ``attention_training`` of its path (graph or
-    not); the KV-cache path (``GPT.forward_cached``) runs the inference entry itself.
+    ``forward`` runs the training entry ``attention_training`` of its path when a graph is
+    built, and the inference entry ``attention_inference`` when none is (under ``no_grad``:
+    it keeps no (B, nh, T, T) probabilities for a backward that never comes; on the fast path
+    a blocked online-softmax kernel that holds one (block, block) tile per thread). The
+    KV-cache path (``GPT.forward_cached``) runs the inference entry itself.
     ``attention_block``: query rows per softmax block inside either entry (memory only;
     every block size computes the same math).
     """
@@ -156,7 +159,7 @@ class CausalSelfAttention(Module):
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,
                  dtype=np.float32, attention_block: int = 128, kernels: str = "fast"):
         # shapes are validated once, by GPTConfig; a layer built by hand with n_embd not
-        # divisible by n_head is refused by ops.attention_training (ShapeError) on forward
+        # divisible by n_head is refused (ShapeError) on forward, by either entry
         self.c_attn = Linear(n_embd, 3 * n_embd, bias, dtype)
         self.c_proj = Linear(n_embd, n_embd, bias, dtype)
         self.n_head = n_head
@@ -166,8 +169,14 @@ class CausalSelfAttention(Module):
 
     def forward(self, x: Tensor, rng: np.random.Generator | None = None) -> Tensor:  # (B, T, C)
         qkv = self.c_attn(x)  # (B, T, 3C)
-        y = apply(self.ops.attention_training, qkv, n_head=self.n_head,
-                  block=self.attention_block)  # (B, T, C)
+        if not qkv.requires_grad:  # no graph: no backward, so nothing (T, T) to keep
+            _check_qkv(qkv.data, self.n_head, "attention")
+            q, k, v = ops.split_heads(qkv.data, self.n_head)  # views, (B, nh, T, hs)
+            y = Tensor(ops.merge_heads(self.ops.attention_inference(
+                q, k, v, block=self.attention_block)))  # (B, nh, T, hs) -> (B, T, C)
+        else:
+            y = apply(self.ops.attention_training, qkv, n_head=self.n_head,
+                      block=self.attention_block)  # (B, T, C)
         return dropout(self.c_proj(y), self.dropout, rng)
 
 
