@@ -389,13 +389,24 @@ def write_numgpt_case(bases: Bases, case: tuple, folder: Path) -> Path:
     return folder / "case"
 
 
+HF_EXTRA_FILES = ("tokenizer_config.json", "chat_template.jinja")
+
+
 def write_hf_case(bases: Bases, case: tuple, folder: Path) -> Path:
+    """A Hugging Face folder after ``ops``; ``("hf_file", name, bytes)`` adds one of
+    ``HF_EXTRA_FILES`` (where a chat template is read from)."""
+    import shutil
+
     base, ops = case
-    doc, weights = json_weights_bytes(*bases.hf[base], ops)
+    extra = {op[1]: op[2] for op in ops if op[0] == "hf_file"}
+    doc, weights = json_weights_bytes(*bases.hf[base], tuple(op for op in ops if op[0] != "hf_file"))
     hf = folder / "hf"
-    hf.mkdir(exist_ok=True)
+    shutil.rmtree(hf, ignore_errors=True)
+    hf.mkdir()
     (hf / "config.json").write_bytes(doc)
     (hf / "model.safetensors").write_bytes(weights)
+    for name, data in extra.items():
+        (hf / name).write_bytes(data)
     return hf
 
 
@@ -731,18 +742,35 @@ st_op = st.one_of(
     st.tuples(st.just("st_dup"), target),
     st.tuples(st.just("poison"), target, floats),
     st.tuples(st.just("header_len"), edge_ints))
+# chat templates (Jinja2) a stranger's file may carry: broken, raising, huge, deeply nested
+template_text = st.text(max_size=40) | st.sampled_from([
+    "{{", "{% for %}", "{% for m in messages %}", "{{ raise_exception('no') }}", "{% endfor %}",
+    "{{ " + "(" * 500 + "1" + ")" * 500 + " }}", "{% for i in range(10**12) %}x{% endfor %}",
+    "{{ messages.__class__.__mro__ }}", "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
+    "x" * 300000, "{% if %}", "{{ 1/0 }}", " ", "{# unterminated"])
 json_op = st.one_of(
     st.tuples(st.just("json_set"), target, json_value),
     st.tuples(st.just("json_del"), target),
     st.tuples(st.just("json_add"), st.text(max_size=8) | st.sampled_from(["n_inner", "quantization"]),
-              json_value))
+              json_value),
+    st.tuples(st.just("json_add"), st.just("chat_template"), template_text | json_value))
 file_raw_op = st.tuples(raw_op | header_raw_op, st.sampled_from(["json", "weights"])).map(
     lambda t: (*t[0], t[1]))
 json_weights_op = st.one_of(json_op, st_op, file_raw_op)
 
 numgpt_case = st.tuples(st.sampled_from(["f32", "q8_0"]),
                         st.lists(json_weights_op, min_size=1, max_size=3).map(tuple))
-hf_case = st.tuples(st.just("f32"), st.lists(json_weights_op, min_size=1, max_size=3).map(tuple))
+hf_file_op = st.one_of(
+    st.tuples(st.just("hf_file"), st.just("chat_template.jinja"),
+              template_text.map(lambda t: t.encode("utf-8", "surrogatepass")) | raw_bytes),
+    st.tuples(st.just("hf_file"), st.just("tokenizer_config.json"), st.one_of(
+        (template_text | json_value).map(lambda t: json.dumps({"chat_template": t}).encode()),
+        st.lists(st.fixed_dictionaries({"name": st.sampled_from(["default", "tool_use", 3]),
+                                        "template": template_text | json_scalar}), max_size=2).map(
+            lambda t: json.dumps({"chat_template": t}).encode()),
+        json_value.map(lambda v: json.dumps(v).encode()), raw_bytes)))
+hf_case = st.tuples(st.just("f32"), st.lists(json_weights_op | hf_file_op, min_size=1,
+                                             max_size=3).map(tuple))
 
 shard_name = st.sampled_from(["../base-f32.safetensors", "/proc/self/mem", "/dev/zero", "/dev/null",
                               "", ".", "FIFO", "config.json", SHARDS[1], "missing.safetensors",

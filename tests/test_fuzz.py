@@ -208,6 +208,11 @@ NUMGPT_ISSUE = {
     "a safetensors header length of 2^60": ("f32", (("header_len", 2 ** 60),)),
 }
 NUMGPT_ISSUE = {k: (case, True) for k, case in NUMGPT_ISSUE.items()}
+NUMGPT_ISSUE.update({  # found by the fuzz suite (a model without the tokenizer, or one line)
+    "the recorded tokenizer's type is an object": (("f32", (("json_set", "tokenizer.type", {}),)), False),
+    "a chat template that does not parse": (("f32", (("json_add", "chat_template", "{% for %}"),)), False),
+    "a chat template nested 500 deep":
+        (("f32", (("json_add", "chat_template", "{{ " + "(" * 500 + "1" + ")" * 500 + " }}"),)), False)})
 
 HF_ISSUE = {
     "n_layer 10**12 in config.json": ("f32", (("json_set", "n_layer", 10 ** 12),)),
@@ -220,6 +225,10 @@ HF_ISSUE = {
     "n_embd is an object": ("f32", (("json_set", "n_embd", {}),)),
 }
 HF_ISSUE = {k: (case, True) for k, case in HF_ISSUE.items()}
+HF_ISSUE.update({  # chat templates beside the weights: a model, or one line
+    "chat_template.jinja that is not UTF-8": (("f32", (("hf_file", "chat_template.jinja", b"{{ \xff }}"),)), False),
+    "a chat template nested 500 deep": (("f32", (("hf_file", "chat_template.jinja",
+                                                  b"{{ " + b"(" * 500 + b"1" + b")" * 500 + b" }}"),)), False)})
 
 HF_SHARDED_ISSUE = {
     "a shard that is a named pipe": ("sharded", (("index_set", 0, "FIFO"),)),
@@ -336,9 +345,20 @@ def test_every_issue_case_is_written_as_described(bases, tmp_path):
                 if op[0] == "json_set":
                     holder, key = ff._json_path(doc, op[1])
                     assert key in holder, (name, op)
+                if op[0] == "hf_file":
+                    assert op[1] in ff.HF_EXTRA_FILES, (name, op)
                 if op[0] in ("st_set", "poison"):
                     assert op[1] in header, (name, op)
-            assert ff.json_weights_bytes(*parts[base], ops) != ff.json_weights_bytes(*parts[base], ()), name
+            if table is HF_ISSUE:  # the folder differs from the valid one, extra files included
+                def files(ops, sub):
+                    folder = ff.write_hf_case(bases, (base, ops), tmp_path / sub)
+                    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+                (tmp_path / "a").mkdir(exist_ok=True)
+                (tmp_path / "b").mkdir(exist_ok=True)
+                assert files(ops, "a") != files((), "b"), name
+            else:
+                assert ff.json_weights_bytes(*parts[base], ops) != ff.json_weights_bytes(*parts[base], ()), name
     doc, _ = ff.json_weights_bytes(*bases.numgpt["f32"], NUMGPT_ISSUE["n_layer 10**12 in the .json"][0][1])
     assert json.loads(doc)["model"]["n_layer"] == 10 ** 12
 
