@@ -641,8 +641,15 @@ header_raw_op = st.one_of(  # byte edits aimed at the first 2 KiB, where the hea
     st.tuples(st.just("insert"), st.integers(0, 2048), raw_bytes),
     st.tuples(st.just("delete"), st.integers(0, 2048), st.integers(1, 16)))
 
+# chat templates (Jinja2) a stranger's file may carry: broken, raising, huge, deeply nested
+template_text = st.text(max_size=40) | st.sampled_from([
+    "{{", "{% for %}", "{% for m in messages %}", "{{ raise_exception('no') }}", "{% endfor %}",
+    "{{ " + "(" * 500 + "1" + ")" * 500 + " }}", "{% for i in range(10**12) %}x{% endfor %}",
+    "{{ messages.__class__.__mro__ }}", "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
+    "x" * 300000, "{% if %}", "{{ 1/0 }}", " ", "{# unterminated"])
 gguf_op = st.one_of(
     st.tuples(st.just("field"), target, edge_ints | floats),
+    st.tuples(st.just("kv_set"), st.just("tokenizer.chat_template"), st.just(T.STRING), template_text),
     st.tuples(st.just("kv_set"), target | st.sampled_from(GGUF_KEYS), gguf_value()).map(
         lambda t: (t[0], t[1], *t[2])),
     st.tuples(st.just("kv_add"), st.sampled_from(GGUF_KEYS) | gguf_strings, gguf_value()).map(
@@ -742,12 +749,6 @@ st_op = st.one_of(
     st.tuples(st.just("st_dup"), target),
     st.tuples(st.just("poison"), target, floats),
     st.tuples(st.just("header_len"), edge_ints))
-# chat templates (Jinja2) a stranger's file may carry: broken, raising, huge, deeply nested
-template_text = st.text(max_size=40) | st.sampled_from([
-    "{{", "{% for %}", "{% for m in messages %}", "{{ raise_exception('no') }}", "{% endfor %}",
-    "{{ " + "(" * 500 + "1" + ")" * 500 + " }}", "{% for i in range(10**12) %}x{% endfor %}",
-    "{{ messages.__class__.__mro__ }}", "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
-    "x" * 300000, "{% if %}", "{{ 1/0 }}", " ", "{# unterminated"])
 json_op = st.one_of(
     st.tuples(st.just("json_set"), target, json_value),
     st.tuples(st.just("json_del"), target),

@@ -194,6 +194,9 @@ GGUF_ISSUE = {
     "tensor_count written as the bits of inf": ("f16", (("field", "tensor_count", INF),)),
 }
 GGUF_ISSUE = {k: (case, True) for k, case in GGUF_ISSUE.items()}
+GGUF_ISSUE["a chat template nested 500 deep"] = (  # a model with a note, or one line
+    ("f32", (("kv_set", "tokenizer.chat_template", T.STRING, "{{ " + "(" * 500 + "1" + ")" * 500 + " }}"),)),
+    False)
 
 _JSON = "json"
 NUMGPT_ISSUE = {
