@@ -259,3 +259,13 @@ def test_a_checkpoint_with_a_broken_template_is_one_error(tmp_path, gpt2_tokeniz
     with pytest.raises(NumGPTError, match=r"ck\.json: 'chat_template' is not valid Jinja2") as e:
         numgpt.load(tmp_path / "ck")
     assert "\n" not in str(e.value)
+
+
+def test_a_template_nested_too_deeply_is_one_error_not_a_recursion_error(gpt2_tokenizer):
+    deep = "{{ " + "(" * 2000 + "1" + ")" * 2000 + " }}"
+    with pytest.raises(InputError, match="nests too deeply") as e:
+        chat.render(deep, PLAIN_CHAT, gpt2_tokenizer)
+    assert "\n" not in str(e.value)
+    loops = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"  # recursion while rendering
+    with pytest.raises(InputError, match="RecursionError"):
+        chat.render(loops, PLAIN_CHAT, gpt2_tokenizer)

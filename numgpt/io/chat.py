@@ -134,6 +134,9 @@ def check_template(source: Any, where: str = "the chat template") -> str:
     except jinja2.TemplateSyntaxError as e:
         raise InputError(f"{where} is not valid Jinja2: {e.message} (line {e.lineno}); fix "
                          f"the template") from None
+    except (RecursionError, MemoryError):  # Jinja2 and Python's compiler recurse per nesting level
+        raise InputError(f"{where} nests too deeply to compile; a chat template needs a few "
+                         f"levels, so simplify it") from None
     return source
 
 
@@ -183,9 +186,10 @@ def render(template: str | None, messages: Sequence[Mapping], tokenizer, *,
     except jinja2.TemplateError as e:
         raise InputError(f"the chat template refused these messages: {e}; fix the messages "
                          f"or the template") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError,
+            OverflowError, ZeroDivisionError) as e:
         raise InputError(f"the chat template failed on these messages: {type(e).__name__}: "
-                         f"{e}; fix the messages or the template") from None
+                         f"{str(e)[:200]}; fix the messages or the template") from None
 
 
 def read_template_file(path: str | os.PathLike) -> str:
