@@ -197,10 +197,11 @@ def test_assistant_spans_cover_each_reply_and_its_separator(gpt2_tokenizer):
 # ------------------------------------------------------------ templates with checkpoints
 
 
-def _tiny_gpt2_bpe_model(gpt2_tokenizer_dir):
+def _tiny_gpt2_bpe_model(gpt2_tokenizer_dir, n_embd=16):
     from numgpt.core.model import GPT, GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16), seed=0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=n_embd),
+                seed=0)
     model.tokenizer = GPT2Tokenizer.from_folder(gpt2_tokenizer_dir)
     return model
 
@@ -278,3 +279,18 @@ def test_a_template_nested_too_deeply_is_one_error_not_a_recursion_error(gpt2_to
     loops = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"  # recursion while rendering
     with pytest.raises(InputError, match="RecursionError"):
         chat.render(loops, PLAIN_CHAT, gpt2_tokenizer)
+
+
+def test_a_quantized_models_template_survives_save_and_hf_export(tmp_path, gpt2_tokenizer_dir):
+    import numgpt
+    from numgpt.core import quant
+    from numgpt.io import checkpoint
+
+    model = _tiny_gpt2_bpe_model(gpt2_tokenizer_dir, n_embd=32)  # q8_0 blocks of 32
+    model.chat_template = CHATML
+    quant.quantize_model(model)
+    checkpoint.save(model, tmp_path / "q")
+    assert numgpt.load(tmp_path / "q").chat_template == CHATML
+    checkpoint.export_hf(model, tmp_path / "hf")  # through a dequantized copy
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] \
+        == CHATML

@@ -1087,6 +1087,7 @@ def export_hf(model: GPT, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     _target_folder(folder, "a Hugging Face model")
     weights, config = folder / "model.safetensors", folder / "config.json"
+    template = chat.template_of(model)
     if quant.is_quantized(model):  # transformers has no q8_0: write the values the blocks hold
         model = quant.dequantize_model(model)
     tensors = _hf_tensors(model)
@@ -1102,15 +1103,15 @@ def export_hf(model: GPT, folder: str | os.PathLike) -> Path:
     _commit(pairs, kept=kept)
     if model.tokenizer is not None:
         save_files(model.tokenizer, folder)
-        _write_tokenizer_config(model, folder)
+        _write_tokenizer_config(model, folder, template)
     return folder
 
 
-def _write_tokenizer_config(model: GPT, folder: Path) -> None:
+def _write_tokenizer_config(model: GPT, folder: Path, template: str) -> None:
     """``tokenizer_config.json`` with the model's chat template (numgpt's default when it has
     none), so ``apply_chat_template`` renders what numgpt renders; the special tokens are
     the ones the template reads."""
-    doc = {"chat_template": chat.template_of(model), "model_max_length": model.config.block_size,
+    doc = {"chat_template": template, "model_max_length": model.config.block_size,
            **chat.special_tokens(model.tokenizer)}
     if isinstance(model.tokenizer, GPT2Tokenizer):
         doc["tokenizer_class"] = "GPT2Tokenizer"
