@@ -187,3 +187,42 @@ def test_prepare_chat_command(tmp_path, capsys):
     assert bytes(np.asarray(data.load_split(tmp_path / "d", "val"), np.uint8)) == b"7*6?|42|"
     with pytest.raises(SystemExit):  # --input and --chat exclude each other
         main(["prepare", "--chat", str(src), "--input", str(src), "--out", str(tmp_path / "e")])
+
+
+def _masked_step(workers: int, patch=None):
+    """One float64 step on two masked micro-batches of 5 rows whose rows hold very different
+    numbers of counted targets; returns (loss, weights)."""
+    import numgpt.train.loop as training
+    import numgpt.train.parallel as parallel_module
+    from numgpt.core.model import GPT, GPTConfig
+    from numgpt.train.optim import AdamW
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                          dtype="float64"), seed=3)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(4)
+    batches = []
+    for _ in range(2):
+        x, y = rng.integers(0, 50, (5, 8)), rng.integers(0, 50, (5, 8))
+        y[:3, 1:] = -1  # rows 0-2 count one target each, rows 3-4 all eight
+        batches.append((x, y))
+    parallel = training.DataParallel(workers)
+    mp = pytest.MonkeyPatch()
+    if patch is not None:
+        mp.setattr(parallel_module, "_counted", patch)
+    try:
+        stats = training.train_step(model, opt, batches, lr=1e-2, grad_clip=0.0, parallel=parallel)
+    finally:
+        mp.undo()
+        parallel.close()
+    return stats.loss, {n: p.data.copy() for n, p in model.parameters().items()}
+
+
+def test_data_parallel_workers_weight_masked_slices_by_their_counted_targets():
+    serial_loss, a = _masked_step(1)
+    par_loss, b = _masked_step(2)
+    assert par_loss == pytest.approx(serial_loss, abs=1e-12)
+    assert max(float(np.abs(a[n] - b[n]).max()) for n in a) < 1e-12
+    # negative control: weighting by rows (the rule before masks) gives another step
+    rows_loss, c = _masked_step(2, patch=lambda y: len(y) * 8)
+    assert abs(rows_loss - serial_loss) > 1e-3

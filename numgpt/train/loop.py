@@ -230,7 +230,12 @@ def estimate_loss(model: GPT, data: np.ndarray, batch_size: int, block_size: int
     with no_grad():
         for i in range(iters):
             x, y = get_batch(data, batch_size, block_size, rng, mask)  # (B, T) each
-            losses[i] = float(model(x[rows], y[rows])[1].data) / ranks.size
+            loss = float(model(x[rows], y[rows])[1].data)
+            if mask is None or ranks.size == 1:
+                losses[i] = loss / ranks.size
+            else:  # weighted by this rank's share of the counted targets
+                total = np.count_nonzero(y != -1)
+                losses[i] = loss * np.count_nonzero(y[rows] != -1) / total if total else 0.0
     ranks.sum(losses, "an evaluation")
     return float(np.mean(losses))
 

@@ -6,8 +6,9 @@ The global batch of a step is ``gradient_accumulation_steps`` micro-batches of
 ``r`` of ``N`` takes the ``r``-th contiguous chunk of ``batch_size / N`` rows of every
 micro-batch, and its ``W`` worker threads split that chunk again (``_split``). So the run
 is cut into ``S = N * W`` shards, shard ``s = r * W + w``, and which rows a shard sees
-depends only on the step and ``s``. Each shard's loss is scaled by its share of the rows
-(rows / batch_size / micro-batches), so the summed gradient is that of the global mean loss.
+depends only on the step and ``s``. Each shard's loss is scaled by its share of the counted
+targets (its rows' share, unless a loss mask ignores some targets) over the micro-batches, so
+the summed gradient is that of the global mean loss.
 
 The reduction (``DataParallel.backward``): each worker adds its gradients into its own dict;
 the dicts are summed in worker order into ONE contiguous buffer (the optimizer's flat
@@ -288,13 +289,24 @@ def rank_rows(rows: int, rank: int, ranks: int) -> slice:
 
 def _split(batches, workers: int) -> list[list[tuple]]:
     """Worker w's ``(x, y, scale)`` slices: the w-th contiguous chunk of rows of every
-    ``(x, y, rows)`` piece (this rank's rows of a micro-batch of ``rows`` rows), its loss
-    scaled by (rows in the chunk / rows in the micro-batch) / number of micro-batches."""
+    ``(x, y, targets)`` piece (this rank's rows of a micro-batch that holds ``targets``
+    counted targets), its loss scaled by (counted targets in the chunk / ``targets``) /
+    number of micro-batches. A chunk's loss is the mean over its counted targets, so the
+    scaled sum is the micro-batch's mean loss even when a loss mask (targets -1, chat data)
+    leaves the chunks different counts; without one this is the chunk's share of the rows,
+    the same number (a / b == (a * T) / (b * T) in floating point: one rounding of one ratio)."""
     out: list[list[tuple]] = [[] for _ in range(workers)]
-    for x, y, of_rows in batches:
+    for x, y, of_targets in batches:
         for w, rows in enumerate(np.array_split(np.arange(len(x)), workers)):
-            out[w].append((x[rows], y[rows], len(rows) / of_rows / len(batches)))
+            counted = _counted(y[rows])
+            out[w].append((x[rows], y[rows],
+                           counted / of_targets / len(batches) if of_targets else 0.0))
     return out
+
+
+def _counted(y: np.ndarray) -> int:
+    """Targets that carry loss (not the ignore index -1)."""
+    return int(np.count_nonzero(np.asarray(y) != -1))
 
 
 class _FlatGradients:
@@ -351,7 +363,7 @@ class DataParallel:
     def local_slices(self, batches) -> list[list[tuple]]:
         """This rank's workers' ``(x, y, scale)`` slices of the global micro-batches."""
         rows = rank_rows(len(batches[0][0]), self.ranks.rank, self.ranks.size)
-        return _split([(x[rows], y[rows], len(x)) for x, y in batches], self.workers)
+        return _split([(x[rows], y[rows], _counted(y)) for x, y in batches], self.workers)
 
     def dropout_rngs(self, rng, micro_batches: int) -> list[list]:
         """Per (local worker, micro-batch) dropout generator; see the module docstring."""
