@@ -66,7 +66,8 @@ def _budget(request, target: str) -> int:
     return DEFAULT_EXAMPLES[target] if n is None else n
 
 
-_LABELS = {"model": "loaded", "error": "refused in one line"}  # the outcomes in the table
+_LABELS = {"model": "loaded", "error": "refused in one line",  # the outcomes in the table
+           "known open": "a known open loader bug (strict xfail below)"}
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Tally:
     failures: list = field(default_factory=list)
     explicit: int = 0
     slowest: float = 0.0
+    known: list = field(default_factory=list)  # failures of a KNOWN_OPEN bug
 
     def add(self, what: str, kind: str, ok: bool, seconds: float = 0.0, why: str = "") -> None:
         self.counts[kind] += 1
@@ -95,7 +97,7 @@ class Tally:
     def record(self, case: str, expected: str) -> None:
         print(f"{self.target}: {self.summary()}")
         results_table.record("faults.md", case, self.summary(), expected,
-                             "FAIL" if self.failures or not self.counts else "PASS")
+                             "FAIL" if self.failures or self.known or not self.counts else "PASS")
 
     def check(self) -> None:
         assert self.counts, f"{self.target}: no example ran"
@@ -122,11 +124,21 @@ LOADER_EXPECTED = (f"a model with every stored float finite, or one NumGPTError 
                    f"{TIMEOUT_S:g} s and {BUDGET_MIB} MiB of address space; the explicit cases refused")
 
 
+# Loader bugs this suite found that their owners have not fixed yet:
+# (target, explicit case name) -> text in its failure's outcome. A failure holding that text
+# is tallied as "known open" instead of failing its target (the row in faults.md still says
+# FAIL), so the target keeps guarding against every other failure; and each entry's explicit
+# case runs again in test_known_open_loader_bug, a strict xfail: the day the bug is fixed it
+# passes, which fails the suite until the entry is deleted here.
+KNOWN_OPEN: dict[tuple[str, str], str] = {}
+
+
 def fuzz_loader(target: str, strategy, write, explicit: dict, bases, child, folder: Path,
                 n: int, loader: str = "load") -> Tally:
     """Run ``n`` drawn cases plus the ``explicit`` ones (name -> (case, must_refuse)) of one
     format through the child; every outcome is tallied, none raises here."""
     tally = Tally(target)
+    known = [text for (t, _), text in KNOWN_OPEN.items() if t == target]
     refuse = {repr(case): name for name, (case, must) in explicit.items() if must}
     named = {repr(case): name for name, (case, _) in explicit.items()}
 
@@ -143,6 +155,10 @@ def fuzz_loader(target: str, strategy, write, explicit: dict, bases, child, fold
             return
         out = child.load(path, loader)
         ok = out.ok and not (key in refuse and out.kind != "error")
+        if not ok and any(text in str(out) for text in known):
+            tally.known.append(f"{what} -> {out}")
+            tally.add(what, "known open", True, out.seconds)
+            return
         tally.add(what, out.kind, ok, out.seconds,
                   why=str(out) if out.ok is False else f"must be refused, got {out}")
 
@@ -313,6 +329,32 @@ def test_fuzzed_model_files_load_or_give_one_line(target, bases, child, tmp_path
     assert tally.explicit >= len(explicit)
     tally.record(case_name, LOADER_EXPECTED)
     tally.check()
+
+
+@pytest.mark.parametrize("target,name", [
+    pytest.param(target, name, marks=pytest.mark.xfail(strict=True, reason=f"not fixed yet: {text}"))
+    for (target, name), text in sorted(KNOWN_OPEN.items())] or [
+    pytest.param("", "", marks=pytest.mark.skip(reason="no known open loader bug"))])
+def test_known_open_loader_bug(target, name, bases, child, tmp_path):
+    """A KNOWN_OPEN bug's explicit case, held to the property on its own."""
+    _, _, write, explicit = LOADER_TARGETS[target]
+    case, must = explicit[name]
+    out = child.load(write(bases, case, tmp_path))
+    assert out.ok and (out.kind == "error" or not must), out
+
+
+def test_a_known_open_bug_is_tallied_apart(bases, child, tmp_path, monkeypatch):
+    """A failure matching a KNOWN_OPEN entry does not fail its target but is counted (and
+    makes its row FAIL); any other failure of the same target still fails it."""
+    monkeypatch.setitem(KNOWN_OPEN, ("gguf", "-"), "a bare ValueError")
+    known = fuzz_loader("gguf", ff.gguf_case, ff.write_gguf_case, {}, bases, child, tmp_path, 2,
+                        loader="bare")
+    assert len(known.known) >= 2 and not known.failures and known.counts["known open"] >= 2
+    known.check()
+    monkeypatch.setitem(KNOWN_OPEN, ("gguf", "-"), "some other message")
+    other = fuzz_loader("gguf", ff.gguf_case, ff.write_gguf_case, {}, bases, child, tmp_path, 2,
+                        loader="bare")
+    assert len(other.failures) >= 2 and not other.known
 
 
 def test_every_issue_case_is_written_as_described(bases, tmp_path):
