@@ -58,6 +58,7 @@ from .files import (fsync_dir, fsync_path, is_regular_file, make_folder, open_re
 from . import chat
 from .recovery import DOC_KEY, weights_doc
 from ..core import quant
+from ..core.checks import is_int
 from ..core.model import GPT, GPTConfig
 from .tokenizer import (BPE_FILE_NAMES, ByteTokenizer, GPT2Tokenizer, load_tokenizer, save_files,
                         tokenizer_from_config)
@@ -552,7 +553,11 @@ def _hf_config(raw: dict, path: Path, dtype: str) -> GPTConfig:
         raise CheckpointError(f"{path}: activation_function {act!r} is not supported; numgpt "
                               f"implements {sorted(_HF_ACTIVATIONS)}")
     get = lambda k: raw.get(k, _HF_DEFAULTS.get(k))  # noqa: E731
-    unsupported = {"n_inner": raw.get("n_inner") not in (None, 4 * get("n_embd")),
+    n_embd = get("n_embd")
+    if not is_int(n_embd):  # checked before n_inner's rule multiplies it
+        raise CheckpointError(f"{path}: n_embd must be an integer, found {type(n_embd).__name__} "
+                              f"{n_embd!r:.60}")
+    unsupported = {"n_inner": raw.get("n_inner") not in (None, 4 * n_embd),
                    "scale_attn_weights": raw.get("scale_attn_weights", True) is not True,
                    "scale_attn_by_inverse_layer_idx": bool(raw.get("scale_attn_by_inverse_layer_idx")),
                    "add_cross_attention": bool(raw.get("add_cross_attention"))}
@@ -581,8 +586,12 @@ def _hf_weights(folder: Path, stack: ExitStack) -> tuple[dict[str, Thunk], str, 
         weight_map = _read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a 'weight_map' object of key -> shard file")
+        names = set(weight_map.values())
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise CheckpointError(f"{index}: every 'weight_map' value must be a shard file name "
+                                  f"in the folder, found {sorted(map(repr, names))[:3]}")
         thunks, dtypes = {}, set()
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(names):
             keys = [k for k, v in weight_map.items() if v == shard]
             part, dtype, _ = _safetensors_thunks(folder / shard, stack, keys)
             thunks.update(part)

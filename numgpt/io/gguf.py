@@ -650,6 +650,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[GPTConfig, dict, object, list[st
             raise CheckpointError(f"{path}: shape mismatch for {gguf_name!r}: expected "
                                   f"{tuple(show(want))} (GGUF (out, in) layout), found "
                                   f"{tuple(t.shape)}; the weights do not match the header")
+        if t.kind == "Q8_0" and not _is_matrix(name):  # q8_0 blocks are rows of a matrix
+            raise CheckpointError(f"{path}: {gguf_name!r} is stored as q8_0; numgpt reads q8_0 "
+                                  f"for the matrices only (LayerNorms, biases and position "
+                                  f"embeddings are f32 or f16)")
     _check_output_tied(tensors.get("output.weight"), tensors["token_embd.weight"], path)
     matrices = [k for k in names if _is_matrix(k)]
     quantized = [k for k in matrices if tensors[names[k]].kind == "Q8_0"]

@@ -293,6 +293,15 @@ def _packaged_identity() -> str | None:
     return _identity(vocab, len(merges))
 
 
+def _read_utf8(path: Path) -> str:
+    """A tokenizer file's text; a file that is not UTF-8 (a stranger's folder) is one line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a GPT-2 "
+                         f"vocab.json/merges.txt is UTF-8") from None
+
+
 class GPT2Tokenizer:
     """GPT-2 byte-level BPE from local files, encoded by tiktoken.
 
@@ -329,8 +338,7 @@ class GPT2Tokenizer:
         """Read ``vocab.json`` + ``merges.txt`` (or ``encoder.json`` + ``vocab.bpe``)."""
         folder = Path(folder)
         vocab_path, merges_path = _find_bpe_files(folder)
-        return cls(vocab_path.read_text(encoding="utf-8"),
-                   merges_path.read_text(encoding="utf-8"), source=folder)
+        return cls(_read_utf8(vocab_path), _read_utf8(merges_path), source=folder)
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
         """Token ids of ``text``; ``<|endoftext|>`` is 50256 unless ``allow_special=False``."""
@@ -428,7 +436,7 @@ def tokenizer_from_config(cfg: Mapping[str, Any],
         raise ConfigError(f"tokenizer config must be a mapping with a 'type' key, got {cfg!r}")
     kind = cfg["type"]
     allowed = {"bytes": {"type"}, "gpt2-bpe": {"type", "path", "name"}}
-    if kind not in allowed:
+    if not isinstance(kind, str) or kind not in allowed:
         raise ConfigError(f"unknown tokenizer type {kind!r}; expected one of {sorted(allowed)}")
     extra = set(cfg) - allowed[kind]
     if extra:
