@@ -387,3 +387,17 @@ def test_no_grad_forward_equals_the_graph_building_one(T):
     training = model(idx)[0]
     assert training.requires_grad
     assert max_diff(inference, training.data) < 1e-12
+
+
+def test_a_deep_copy_of_a_model_is_an_independent_equal_model():
+    """copy.deepcopy(model) recursed forever in the op namespace's __getattr__ (it had no
+    ``path`` before __init__ ran); the copy must give the same logits and own its weights."""
+    import copy
+    from numgpt.core.kernels import OpPath
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)
+    twin = copy.deepcopy(model)
+    ids = np.array([[1, 2, 3]])
+    assert np.array_equal(model(ids)[0].data, twin(ids)[0].data)
+    twin.wte.weight.data[...] = 0
+    assert not np.array_equal(model(ids)[0].data, twin(ids)[0].data)
+    assert copy.copy(OpPath("fast")).path == "fast"

@@ -931,6 +931,11 @@ class OpPath:
             return globals()[name]
         return getattr(ops, name)
 
+    def __reduce__(self):
+        # copy and pickle rebuild through __init__: without it a copy has no ``path`` yet and
+        # __getattr__("path") recursed forever (copy.deepcopy(model) never returned)
+        return OpPath, (self.path,)
+
     def __repr__(self) -> str:
         return f"OpPath({self.path!r})"
 
