@@ -1,0 +1,37 @@
+"""``benchmarks/machine.py``: the read-bandwidth ceiling every decode benchmark divides by.
+
+The sweep must read every element exactly once (else its GB/s is fiction), and the check
+that compares a decode's streaming rate with the ceiling must warn exactly when the decode
+streams faster than the measured bandwidth (a decode cannot outrun memory, so then the
+ceiling was measured too low) and stay quiet below it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import machine  # noqa: E402  (benchmarks/machine.py)
+
+
+def test_the_sweep_reads_every_element_once_on_every_thread():
+    # small integers: every partial sum is exact in float32, so any summation order gives
+    # the total exactly, and an element read twice or skipped changes it
+    x = np.arange(1, 1 + (3 << 18), dtype=np.float32) % 7
+    want = float(x.astype(np.float64).sum())
+    for threads in (1, 2, 3):
+        chunks = [x[c * x.size // threads:(c + 1) * x.size // threads] for c in range(threads)]
+        assert sum(float(machine._chunk_sum()(c)) for c in chunks) == want
+    timer = machine.read_sweep(threads=2, x=np.ones(1 << 20, np.float32))
+    assert timer() > 0
+    assert machine.read_bandwidth(mib=4, repeats=2, threads=2) > 0
+
+
+def test_a_decode_streaming_faster_than_the_ceiling_is_flagged_and_one_below_is_not():
+    above = machine.check_streaming("124M numgpt", 498e6, 60.0, 25.0)  # 29.9 GB/s > 25
+    below = machine.check_streaming("124M numgpt", 498e6, 40.0, 25.0)  # 19.9 GB/s < 25
+    assert above.startswith("WARNING") and "29.9 GB/s" in above and "under-measured" in above
+    assert not below.startswith("WARNING") and "19.9 GB/s" in below and "80%" in below
