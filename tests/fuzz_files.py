@@ -211,7 +211,9 @@ def _overwrite(data: bytes, at: int, fmt: str, value) -> bytes:
         fmt = "<B" if fmt == "<?" else fmt
         size = struct.calcsize(fmt)
         if isinstance(value, float):  # a float's bits where an integer belongs (inf: 0x7ff0...)
-            value = int.from_bytes(np.array([value], dtype=f"<f{max(size, 4)}").tobytes()[:size], "little")
+            with np.errstate(over="ignore"):  # past float32's range is inf, as a cast gives
+                bits = np.array([value], dtype=f"<f{max(size, 4)}").tobytes()
+            value = int.from_bytes(bits[:size], "little")
         raw = (int(value) % (1 << (8 * size))).to_bytes(size, "little")
     return data[:at] + raw + data[at + len(raw):]
 
