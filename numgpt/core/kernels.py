@@ -529,8 +529,8 @@ def attention_inference_kernel(out, q, k, v, lengths, kT, scores, y):
 
 
 @_kernel(fastmath=_FAST)
-def attention_blocked_kernel(out, q, keys, values, kv_rows, lengths, block, kT, vals, tile, acc,
-                             row_max, row_sum):
+def attention_blocked_kernel(out, q, keys, values, kv_rows, lengths, block, qt, kt, vv, st, pv,
+                             acc, row_max, row_sum):
     """``ops.attention_inference`` (equal to ``ops.attention_reference``) for many queries,
     blocked, with an online softmax: nothing (Tq, Tk) is ever held.
 
@@ -540,21 +540,24 @@ def attention_blocked_kernel(out, q, keys, values, kv_rows, lengths, block, kT, 
     sees keys up to it -> out (B, nh, Tq, hs) (any strides: a view of the heads-merged array).
 
     Work item (b, h, query block of ``block`` rows) walks the key blocks its last query sees;
-    per key block: S = Q K^T / sqrt(hs) into a (block, block) float64 tile, the causal cut
-    per query row, then per row with running max M and sum L (accumulator A (block, hs)):
-    M' = max(M, max_j S_j); c = e^(M - M'); L' = c L + sum_j e^(S_j - M'); A' = c A + sum_j
-    e^(S_j - M') V_j; finally out = A / L. The items are dealt round-robin to P slots of
-    scratch (P = kT.shape[0], one per thread), so a thread holds one tile, one transposed
-    key block kT (P, hs, block), one value block vals (P, block, hs), acc (P, block, hs) and
-    row_max, row_sum (P, block) (float64), and each item's arithmetic is the same whatever P.
+    per key block: S = (Q / sqrt(hs)) K^T into a (block, block) tile, then per query row, up
+    to its causal cut, with running max M and sum L: M' = max(M, max_j S_j), c = e^(M - M'),
+    P_j = e^(S_j - M') (0 past the cut), L' = c L + sum_j P_j, A' = c A + P V (A (block, hs),
+    float64); finally out = A / L. The two tile products are BLAS calls in the arrays' dtype
+    (``np.dot`` into scratch), as the reference's products are; the softmax arithmetic is
+    float64. The items are dealt round-robin to P slots of scratch (P = qt.shape[0], one per
+    thread): qt, kt, vv (P, block, hs) the scaled queries, keys and values of the tiles;
+    st (P, block * block) the scores, then P; pv (P, block * hs) the tile's P V (all in the
+    arrays' dtype); acc (P, block, hs), row_max, row_sum (P, block) float64. Each item's
+    arithmetic is the same whatever P.
     """
     B, nh, Tq, hs = q.shape
-    P = kT.shape[0]
+    P = qt.shape[0]
     scale = 1.0 / math.sqrt(hs)
     n_qb = (Tq + block - 1) // block
     n_items = B * nh * n_qb
     for t in prange(P):
-        kt, vv, s, a, mx, sm = kT[t], vals[t], tile[t], acc[t], row_max[t], row_sum[t]
+        a, mx, sm = acc[t], row_max[t], row_sum[t]
         for item in range(t, n_items, P):
             b, h, r0 = item // (nh * n_qb), (item // n_qb) % nh, (item % n_qb) * block
             m = min(block, Tq - r0)
@@ -564,35 +567,39 @@ def attention_blocked_kernel(out, q, keys, values, kv_rows, lengths, block, kT, 
                 mx[i] = -np.inf
                 sm[i] = 0.0
                 for e in range(hs):
+                    qt[t, i, e] = q[b, h, r0 + i, e] * scale
                     a[i, e] = 0.0
             for c0 in range(0, first + m, block):  # key blocks up to the last query's position
                 w = min(block, first + m - c0)
                 for j in range(w):
                     for e in range(hs):
-                        kt[e, j] = keys[kv, h, c0 + j, e]
-                        vv[j, e] = values[kv, h, c0 + j, e]
+                        kt[t, j, e] = keys[kv, h, c0 + j, e]
+                        vv[t, j, e] = values[kv, h, c0 + j, e]
+                s = st[t, :m * w].reshape(m, w)
+                np.dot(qt[t, :m], kt[t, :w].T, s)  # (m, hs) @ (hs, w) -> (m, w)
                 for i in range(m):
-                    n = min(w, first + i + 1 - c0)  # keys of this block query i sees
-                    if n <= 0:
-                        continue
-                    _scores(s[i], q[b, h, r0 + i], kt, n, scale)
+                    n = max(0, min(w, first + i + 1 - c0))  # keys of this block query i sees
                     new = mx[i]
                     for j in range(n):
-                        new = max(new, s[i, j])
-                    c = _exp(mx[i] - new)  # 0 on the first block (M = -inf)
+                        new = max(new, np.float64(s[i, j]))
+                    c = _exp(mx[i] - new)  # 0 on the row's first block (M = -inf)
                     total = 0.0
                     for j in range(n):
                         p = _exp(s[i, j] - new)
                         s[i, j] = p
-                        total += p
-                    sm[i] = sm[i] * c + total
-                    mx[i] = new
-                    for e in range(hs):
-                        a[i, e] *= c
-                    for j in range(n):
-                        p = s[i, j]
+                        total += s[i, j]  # the rounded P that multiplies V
+                    for j in range(n, w):
+                        s[i, j] = 0.0  # past the causal cut
+                    if n > 0:
+                        sm[i] = sm[i] * c + total
+                        mx[i] = new
                         for e in range(hs):
-                            a[i, e] += p * vv[j, e]
+                            a[i, e] *= c
+                y = pv[t, :m * hs].reshape(m, hs)
+                np.dot(s, vv[t, :w], y)  # (m, w) @ (w, hs) -> (m, hs)
+                for i in range(m):
+                    for e in range(hs):
+                        a[i, e] += y[i, e]
             for i in range(m):
                 inv = 1.0 / sm[i]
                 for e in range(hs):
@@ -822,15 +829,26 @@ def _attention_training_backward(qkv, out, lse, n_head):
     return backward
 
 
+# The inference attention's tiles are at most this many queries by this many keys. At 64 x 64
+# x hs 64 each tile product stays under OpenBLAS's threading threshold, so the kernel's own
+# threads do not each start BLAS threads: 12 heads, T 1024, 2 threads on a 2-vCPU EPYC took
+# 45 ms in tiles of 64 and 175 ms in tiles of 128 (one thread: 40 and 39 ms).
+ATTENTION_TILE = 64
+
+
 def _attention_blocked(out, q, keys, values, kv_rows, lengths, block: int) -> None:
-    """Run ``attention_blocked_kernel`` with its per-thread scratch: one (block, block) float64
-    score tile per thread (fewer rows or columns when Tq or Tk is smaller), never (Tq, Tk)."""
+    """Run ``attention_blocked_kernel`` in tiles of min(block, ATTENTION_TILE) with its
+    per-thread scratch: one score tile per thread (fewer rows or columns when Tq or Tk is
+    smaller), never (Tq, Tk)."""
+    block = min(block, ATTENTION_TILE)
     B, nh, Tq, hs = q.shape
     tq, tk = min(block, Tq), min(block, keys.shape[2])
     P = max(1, min(numba.get_num_threads(), B * nh * -(-Tq // block)))  # scratch slots
+    dt = q.dtype
     attention_blocked_kernel(out, q, keys, values, kv_rows, lengths, block,
-                             np.empty((P, hs, tk), q.dtype), np.empty((P, tk, hs), q.dtype),
-                             np.empty((P, tq, tk)), np.empty((P, tq, hs)), np.empty((P, tq)),
+                             np.empty((P, tq, hs), dt), np.empty((P, tk, hs), dt),
+                             np.empty((P, tk, hs), dt), np.empty((P, tq * tk), dt),
+                             np.empty((P, tq * hs), dt), np.empty((P, tq, hs)), np.empty((P, tq)),
                              np.empty((P, tq)))
 
 
@@ -838,7 +856,8 @@ def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
                       key_lengths: np.ndarray | None = None, block: int = 128) -> np.ndarray:
     """``ops.attention_inference`` by the blocked online-softmax kernel, whatever Tq (the
     fast path's entry for Tq > 1): q (B, nh, Tq, hs), k, v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
-    ``block``: query rows and keys per tile, so each thread holds a (block, block) tile."""
+    ``block``: query rows and keys per tile (at most ``ATTENTION_TILE``), so each thread
+    holds one (block, block) tile."""
     ops._check_attention_inputs(q, k, v, key_lengths)
     block = ops._check_block(block)
     B = q.shape[0]
