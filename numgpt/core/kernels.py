@@ -10,7 +10,9 @@ float64, and the gradient gate runs on both namespaces.
 
 How the kernels are written (the llm.c CPU kernels are the model):
 * plain loops over C-contiguous arrays, shapes in the docstring; the wrappers reshape to
-  (N, C) rows and allocate every output and scratch buffer, so no kernel allocates;
+  (N, C) rows and allocate every output and scratch buffer, so no kernel allocates (the
+  inference attention multiplies its small tiles with BLAS, ``np.dot`` into that scratch,
+  as the reference multiplies its blocks);
 * ``prange`` only on the outermost independent loop (rows, or (batch, head) pairs); the
   thread count is ``numba.set_num_threads`` (``set_threads`` here, from ``--threads``);
 * sums are accumulated in float64 whatever the array dtype, so float32 results are at
