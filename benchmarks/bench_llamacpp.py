@@ -15,7 +15,13 @@ writes it with ``numgpt convert``'s writer as f32 and q8_0 GGUF files, and for e
   text-generation test), alternated for ``--repeats`` rounds, medians;
 
 and checks a byte-level model's GGUF (vocab 256): llama.cpp loads it, tokenizes text into
-its UTF-8 bytes and gives numgpt's greedy tokens.
+its UTF-8 bytes and gives numgpt's greedy tokens; and the chat reply (issue 23): the small
+GPT-2-vocabulary model's f32 GGUF carries numgpt's default chat template
+(``tokenizer.chat_template``), ``llama-server --jinja`` renders the same messages with it and
+answers ``/v1/chat/completions`` greedily (temperature 0, ``max_tokens`` 20) with the text numgpt
+gives for the same request body (``numgpt_chat``: ``serve.protocol.parse_chat_completion``,
+as ``numgpt serve`` parses it, then ``sample.generate``); its rendered prompt
+(``/apply-template``) and prompt token count are compared too.
 
     python benchmarks/bench_llamacpp.py [--llama-bin DIR] [--threads N] [--tokens 64] [--repeats 3] [--quick]
 
@@ -228,7 +234,118 @@ def byte_level_check(args, server: str) -> dict:
     return {"tokenize_is_bytes": ids == prompt, "same": mine == list(theirs)}
 
 
-def report(rows: list[dict], args, byte_level: dict | None = None, machine=None) -> str:
+# ------------------------------------------------------------------------ chat reply
+
+CHAT_MESSAGES = [{"role": "system", "content": "You answer in one word."},
+                 {"role": "user", "content": "What is 2 + 3?"},
+                 {"role": "assistant", "content": "Five."},
+                 {"role": "user", "content": "And 2 * 3?"}]
+
+
+def chat_request(messages: list[dict], n: int) -> dict:
+    """The OpenAI chat body both servers get: greedy (temperature 0, and top_k 1, an extension
+    numgpt and llama-server both read, so neither samples), at most n new tokens."""
+    return {"model": "gpt2", "messages": messages, "max_tokens": n, "temperature": 0,
+            "top_k": 1, "stream": False}
+
+
+def numgpt_chat(model, body: dict) -> dict:
+    """numgpt's answer to a chat body: parsed as ``numgpt serve``'s /v1/chat/completions
+    parses it (the model's template, else numgpt's default, with the generation prompt;
+    its max_tokens, sampling and stops), then the one decoder. Returns the rendered prompt,
+    its ids, the reply's ids and text."""
+    from numgpt.infer.sample import generate
+    from numgpt.io.chat import template_of
+    from numgpt.serve.protocol import parse_chat_completion
+
+    context = model.config.block_size
+    spec = parse_chat_completion(body, tokenizer=model.tokenizer, template=template_of(model),
+                                 vocab_size=model.config.vocab_size, context=context,
+                                 max_tokens_limit=context, max_n=1, max_sequences=1)
+    ids = generate(model, spec.prompts[0], spec.max_tokens, spec.params, stop=spec.stop or None)
+    return {"prompt_text": spec.prompt_texts[0], "prompt_ids": spec.prompts[0], "ids": ids,
+            "text": model.tokenizer.decode(ids)}
+
+
+def _post_or_none(url: str, body: dict) -> dict | None:
+    """``_post``, or None where this llama-server build does not serve the route."""
+    import urllib.error
+
+    try:
+        return _post(url, body)
+    except urllib.error.HTTPError:
+        return None
+
+
+def llama_chat(server: str, gguf: str, body: dict, threads: int, context: int) -> dict:
+    """llama-server's answer to a chat body, the GGUF's chat template run by its Jinja engine
+    (``--jinja``): the rendered prompt (``/apply-template``, None where not served), the
+    reply's text and its usage's prompt token count."""
+    port = _free_port()
+    proc = subprocess.Popen([server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1",
+                             "-t", str(threads), "-c", str(context), "-np", "1", "--jinja"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"llama-server --jinja exited: {proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit("llama-server did not become ready in 300 s")
+            time.sleep(0.5)
+        rendered = _post_or_none(base + "/apply-template", {"messages": body["messages"]})
+        out = _post(base + "/v1/chat/completions", body)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {"prompt_text": rendered.get("prompt") if rendered else None,
+            "text": out["choices"][0]["message"].get("content") or "",
+            "prompt_tokens": out.get("usage", {}).get("prompt_tokens")}
+
+
+def chat_check(args, server: str) -> dict:
+    """Issue 23: the same chat messages to numgpt and to llama-server on numgpt's GGUF export
+    (the small GPT-2-vocabulary model, f32, numgpt's default chat template) give the same
+    greedy reply."""
+    import numgpt
+    from numgpt.io.gguf import write_gguf
+
+    model = build(SHAPES["quick"], args.tokenizer)
+    body = chat_request(CHAT_MESSAGES, GREEDY_TOKENS)
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(write_gguf(model, os.path.join(folder, "chat.gguf"), "f32"))
+        mine = numgpt_chat(numgpt.load(path), body)
+        theirs = llama_chat(server, path, body, args.threads, model.config.block_size)
+    return {"same": mine["text"] == theirs["text"], "numgpt_text": mine["text"],
+            "llama_text": theirs["text"], "numgpt_ids": mine["ids"],
+            "same_prompt": (None if theirs["prompt_text"] is None
+                            else theirs["prompt_text"] == mine["prompt_text"]),
+            "same_prompt_tokens": (None if theirs["prompt_tokens"] is None
+                                   else theirs["prompt_tokens"] == len(mine["prompt_ids"]))}
+
+
+def chat_line(chat: dict) -> str:
+    """The report's sentence for ``chat_check``'s result."""
+    def word(v):
+        return "not served" if v is None else "yes" if v else "NO"
+
+    return (f"Chat reply (issue 23; the small model's f32 GGUF with numgpt's default chat "
+            f"template, llama-server --jinja, POST /v1/chat/completions with {len(CHAT_MESSAGES)} "
+            f"messages, temperature 0, max_tokens {GREEDY_TOKENS}): same rendered prompt "
+            f"(/apply-template): {word(chat['same_prompt'])}; same prompt token count: "
+            f"{word(chat['same_prompt_tokens'])}; same reply text as numgpt's: "
+            f"{word(chat['same'])}.")
+
+
+def report(rows: list[dict], args, byte_level: dict | None = None, machine=None,
+           chat: dict | None = None) -> str:
     lines = ["# numgpt's GGUF in llama.cpp: greedy tokens and decode speed", "",
              f"Written by `benchmarks/bench_llamacpp.py` ({'quick, ' if args.quick else ''}"
              f"{machine.describe() + '; ' if machine else ''}"
@@ -248,9 +365,13 @@ def report(rows: list[dict], args, byte_level: dict | None = None, machine=None)
                   f"merge): llama.cpp loads it; its /tokenize gives the UTF-8 bytes as ids: "
                   f"{'yes' if byte_level['tokenize_is_bytes'] else 'NO'}; same {GREEDY_TOKENS} greedy "
                   f"tokens as numgpt: {'yes' if byte_level['same'] else 'NO'}."]
+    if chat is not None:
+        lines += ["", chat_line(chat)]
     for r in rows:
         if not r["same"]:
             lines.append(f"\n{r['dtype']}: numgpt {r['numgpt_tokens']} vs llama.cpp {r['llama_tokens']}")
+    if chat is not None and not chat["same"]:
+        lines.append(f"\nchat: numgpt {chat['numgpt_text']!r} vs llama.cpp {chat['llama_text']!r}")
     return "\n".join(lines) + "\n"
 
 
@@ -258,7 +379,9 @@ def main(argv=None) -> int:
     args = _parse(argv)
     server, bench = _binary(args, "llama-server"), _binary(args, "llama-bench")
     if server is None or bench is None:
-        print(f"skipped: llama-server and llama-bench not found in {args.llama_bin} "
+        where = args.llama_bin or "PATH (no --llama-bin given)"
+        print(f"skipped: llama-server and llama-bench not found in {where}, so none of "
+              f"the greedy-token, decode-speed, byte-level and chat-reply checks ran "
               f"(build llama.cpp there or pass --llama-bin)")
         return 0
     if not os.path.isfile(os.path.join(args.tokenizer, "vocab.json")):
@@ -274,7 +397,8 @@ def main(argv=None) -> int:
 
     machine = Machine.measure(args.threads, quick=args.quick)
     print(machine.describe(), flush=True)
-    text = report(measure(args, server, bench), args, byte_level_check(args, server), machine)
+    text = report(measure(args, server, bench), args, byte_level_check(args, server), machine,
+                  chat_check(args, server))
     print(text)
     if args.out:
         from numgpt.io.files import atomic_write

@@ -294,3 +294,61 @@ def test_a_quantized_models_template_survives_save_and_hf_export(tmp_path, gpt2_
     checkpoint.export_hf(model, tmp_path / "hf")  # through a dequantized copy
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] \
         == CHATML
+
+
+# ------------------------------------------------- benchmarks/bench_llamacpp.py's chat check
+
+
+def _bench_llamacpp():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("bench_llamacpp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_llamacpp_chat_check_numgpt_side_equals_numgpt_generate(tmp_path, gpt2_tokenizer_dir,
+                                                                 capsys):
+    """The issue 23 check in benchmarks/bench_llamacpp.py (llama.cpp is not built here): the
+    body it POSTs to llama-server's /v1/chat/completions is an OpenAI chat request, greedy;
+    its numgpt side, on the GGUF export, replies what `numgpt generate --temperature 0` gives
+    for the messages rendered with the GGUF's template; other messages get another prompt."""
+    import numpy as np
+
+    import numgpt
+    from numgpt.cli import main
+    from numgpt.io.gguf import write_gguf
+
+    bench = _bench_llamacpp()
+    body = bench.chat_request(SYSTEM_CHAT, 6)
+    assert json.loads(json.dumps(body)) == body  # JSON as sent
+    assert body["messages"] == SYSTEM_CHAT and body["max_tokens"] == 6
+    assert body["temperature"] == 0 and body["top_k"] == 1 and body["stream"] is False
+    assert all(set(m) == {"role", "content"} for m in body["messages"])
+
+    from numgpt.core.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16), seed=0)
+    model.tokenizer = GPT2Tokenizer.from_folder(gpt2_tokenizer_dir)
+    model.wte.weight.data *= np.float32(5.0)  # as the bench's build: clear greedy margins
+    gguf = tmp_path / "chat.gguf"
+    write_gguf(model, gguf)
+    loaded = numgpt.load(gguf)
+    ours = bench.numgpt_chat(loaded, body)
+    rendered = chat.render(None, SYSTEM_CHAT, loaded.tokenizer, add_generation_prompt=True)
+    assert ours["prompt_text"] == rendered and rendered.endswith("<|endoftext|>assistant: ")
+    assert main(["generate", "--model", str(gguf), "--prompt", rendered, "-n", "6",
+                 "--temperature", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_ids"] == ours["prompt_ids"]
+    assert 1 <= len(ours["ids"]) <= 6 and out["generated_ids"] == ours["ids"]
+    assert out["text"] == ours["text"]
+    # negative: the check sees the messages (one turn fewer is another prompt and reply)
+    other = bench.numgpt_chat(loaded, bench.chat_request(SYSTEM_CHAT[:2], 6))
+    assert other["prompt_ids"] != ours["prompt_ids"] and other["ids"] != ours["ids"]
+    line = bench.chat_line({"same": False, "same_prompt": True, "same_prompt_tokens": None})
+    assert "same reply text as numgpt's: NO" in line and "(/apply-template): yes" in line
+    assert "not served" in line
