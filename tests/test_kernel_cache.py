@@ -125,3 +125,24 @@ def test_compile_command_names_what_it_compiled_and_where(capsys):
     last = out.strip().splitlines()[-1]
     assert f"cache {threads.kernel_cache_dir()}" in last and " s; " in last
     assert not threads.kernel_cache_is_cold()
+
+
+def test_compile_counts_what_it_compiled_from_the_index_files_numba_wrote(capsys):
+    """It said 'loaded from the cache' right after kernels.py changed while it compiled (the
+    guess came from before the run); the count now comes from the index files written."""
+    import subprocess
+    import sys
+
+    def compile_in_a_fresh_process() -> str:  # in-process dispatchers never compile twice
+        run = subprocess.run([sys.executable, "-m", "numgpt", "compile"], capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip().splitlines()[-1]
+
+    compile_in_a_fresh_process()  # warm now, whatever it was
+    assert "; 0 kernels compiled, " in compile_in_a_fresh_process()
+    stamps = threads.kernel_index_stamps()
+    victim = max((n for n in stamps if "gelu" in n), key=stamps.get)  # a current index file
+    (threads.kernel_cache_dir() / victim).unlink()  # numba must compile that kernel again
+    last = compile_in_a_fresh_process()
+    assert "; 0 kernels compiled, " not in last and " kernels compiled, " in last

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["set_blas_threads", "let_openmp_threads_sleep", "kernel_cache_dir", "user_cache_dir",
-           "kernel_cache_is_cold"]
+           "kernel_cache_is_cold", "kernel_index_stamps"]
 
 # NUMBA_NUM_THREADS: the fast path's kernels (core/kernels.py) obey the same count
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -82,6 +82,16 @@ def _cache_subpath(py_file: Path) -> str:
     folder's name and the SHA-1 of its absolute path (numba's get_suitable_cache_subpath)."""
     folder = os.path.dirname(os.path.abspath(py_file))
     return f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()}"
+
+
+def kernel_index_stamps() -> dict[str, float]:
+    """numba's index files for ``kernels.py`` in the cache folder -> modification time: a
+    kernel that compiles (re)writes its index, one that loads from the cache leaves it."""
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    try:
+        return {p.name: p.stat().st_mtime_ns for p in kernel_cache_dir().glob(f"kernels.*.{tag}.nbi")}
+    except OSError:
+        return {}
 
 
 def kernel_cache_is_cold() -> bool:
