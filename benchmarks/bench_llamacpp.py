@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..")
@@ -100,18 +102,21 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def llama_greedy(server: str, gguf: str, prompt: list[int], n: int, threads: int) -> list[int]:
-    """Greedy token ids from llama-server for a prompt given as ids (no tokenizer involved)."""
+@contextmanager
+def llama_server(server: str, gguf: str, threads: int, context: int, *flags: str) -> Iterator[str]:
+    """A llama-server on a free loopback port, ready (``/health`` 200): yields its base URL
+    and stops it on leaving."""
     port = _free_port()
     proc = subprocess.Popen([server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1",
-                             "-t", str(threads), "-c", str(len(prompt) + n + 8), "-np", "1"],
+                             "-t", str(threads), "-c", str(context), "-np", "1", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 300
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"llama-server exited: {proc.stderr.read()[-2000:]}")
+                raise SystemExit(f"llama-server {' '.join(flags)} exited: "
+                                 f"{proc.stderr.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(base + "/health", timeout=5) as r:
                     if r.status == 200:
@@ -121,13 +126,19 @@ def llama_greedy(server: str, gguf: str, prompt: list[int], n: int, threads: int
             if time.time() > deadline:
                 raise SystemExit("llama-server did not become ready in 300 s")
             time.sleep(0.5)
-        out = _post(base + "/completion", {"prompt": prompt, "n_predict": n, "temperature": 0,
-                                          "top_k": 1, "ignore_eos": True, "cache_prompt": False,
-                                          "return_tokens": True})
-        return list(out["tokens"])
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def llama_greedy(server: str, gguf: str, prompt: list[int], n: int, threads: int) -> list[int]:
+    """Greedy token ids from llama-server for a prompt given as ids (no tokenizer involved)."""
+    with llama_server(server, gguf, threads, len(prompt) + n + 8) as base:
+        out = _post(base + "/completion", {"prompt": prompt, "n_predict": n, "temperature": 0,
+                                          "top_k": 1, "ignore_eos": True, "cache_prompt": False,
+                                          "return_tokens": True})
+    return list(out["tokens"])
 
 
 def llama_bench(bench: str, gguf: str, n: int, threads: int) -> float:
@@ -281,30 +292,9 @@ def llama_chat(server: str, gguf: str, body: dict, threads: int, context: int) -
     """llama-server's answer to a chat body, the GGUF's chat template run by its Jinja engine
     (``--jinja``): the rendered prompt (``/apply-template``, None where not served), the
     reply's text and its usage's prompt token count."""
-    port = _free_port()
-    proc = subprocess.Popen([server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1",
-                             "-t", str(threads), "-c", str(context), "-np", "1", "--jinja"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"llama-server --jinja exited: {proc.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("llama-server did not become ready in 300 s")
-            time.sleep(0.5)
+    with llama_server(server, gguf, threads, context, "--jinja") as base:
         rendered = _post_or_none(base + "/apply-template", {"messages": body["messages"]})
         out = _post(base + "/v1/chat/completions", body)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     return {"prompt_text": rendered.get("prompt") if rendered else None,
             "text": out["choices"][0]["message"].get("content") or "",
             "prompt_tokens": out.get("usage", {}).get("prompt_tokens")}
