@@ -17,7 +17,8 @@ median and the ratio to the ``--before`` median. Prints the machine line.
 
     python benchmarks/bench_hooks.py [--tokens 128] [--repeats 7] [--quick]
 
-Writes nothing; the numbers are printed.
+Prints the table and writes it to ``docs/results/bench_hooks.md`` as this CPU's section
+(other CPUs' sections stay); ``--quick`` writes nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+RESULTS = os.path.join(REPO, "docs", "results", "bench_hooks.md")
 BEFORE = "140e99f"  # the last commit before the hook points
 
 
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     set_blas_threads(args.threads)  # before NumPy loads
     import numpy as np
 
-    from machine import Machine
+    from machine import Machine, write_cpu_section
     from numgpt.core.config import GPTConfig
     from numgpt.core.model import GPT
 
@@ -94,14 +96,21 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    print(Machine.measure(threads=args.threads, quick=True).describe())
-    print(f"\n{'x'.join(str(v) for v in shape.values())} (n_layer x n_head x n_embd), "
-          f"{args.tokens}-token prompt pass, {repeats} calls each, interleaved\n")
+    machine = Machine.measure(threads=args.threads, quick=True)
     base = statistics.median(next(iter(times.values())))
-    print(f"| {'call':<62} | median ms | vs before |\n|{'-' * 64}|-----------|-----------|")
+    lines = [machine.describe(), "",
+             f"{'x'.join(str(v) for v in shape.values())} (n_layer x n_head x n_embd), "
+             f"{args.tokens}-token prompt pass, {repeats} calls each, interleaved", "",
+             f"| {'call':<62} | median ms | vs before |", f"|{'-' * 64}|-----------|-----------|"]
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"| {name:<62} | {1e3 * m:9.1f} | {m / base:8.2f}x |")
+        lines.append(f"| {name:<62} | {1e3 * m:9.1f} | {m / base:8.2f}x |")
+    print("\n".join(lines))
+    if not args.quick:  # one section per CPU; another CPU's figures stay
+        write_cpu_section(RESULTS, "What the hook points cost", __doc__.split("\n\n")[0] +
+                          " Written by `python benchmarks/bench_hooks.py`.", machine.cpu,
+                          "\n".join(lines))
+        print(f"wrote {RESULTS}")
     return 0
 
 

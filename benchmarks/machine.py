@@ -180,3 +180,27 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def write_cpu_section(path: str, title: str, intro: str, cpu: str, body: str) -> str:
+    """Write ``body`` as the section of ``cpu`` in the results file ``path`` and keep every
+    other CPU's section as it is (a result on one vendor says little about the other, so
+    a run on an Intel Xeon must not erase the AMD EPYC's figures, nor the other way round).
+    Sections are ``## CPU`` headings, sorted; returns the text written (atomically)."""
+    from numgpt.io.files import atomic_write
+
+    sections: dict[str, str] = {}
+    if os.path.exists(path):
+        current = None
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("## "):
+                    current = line[3:].strip()
+                    sections[current] = ""
+                elif current is not None:
+                    sections[current] += line
+    sections[cpu] = "\n" + body.strip("\n") + "\n\n"
+    text = f"# {title}\n\n{intro.strip()}\n\n" + "".join(
+        f"## {name}\n{sections[name]}" for name in sorted(sections))
+    atomic_write(path, text.rstrip("\n") + "\n")
+    return text

@@ -35,3 +35,15 @@ def test_a_decode_streaming_faster_than_the_ceiling_is_flagged_and_one_below_is_
     below = machine.check_streaming("124M numgpt", 498e6, 40.0, 25.0)  # 19.9 GB/s < 25
     assert above.startswith("WARNING") and "29.9 GB/s" in above and "under-measured" in above
     assert not below.startswith("WARNING") and "19.9 GB/s" in below and "80%" in below
+
+
+def test_a_cpus_section_replaces_only_its_own_and_keeps_the_other_vendors(tmp_path):
+    path = str(tmp_path / "bench.md")
+    machine.write_cpu_section(path, "T", "intro", "AMD EPYC", "| a | 1 |")
+    machine.write_cpu_section(path, "T", "intro", "Intel Xeon", "| b | 2 |")
+    machine.write_cpu_section(path, "T", "intro", "AMD EPYC", "| a | 3 |")
+    text = Path(path).read_text()
+    assert text.startswith("# T\n\nintro\n\n## AMD EPYC\n")
+    assert "| a | 3 |" in text and "| b | 2 |" in text  # the Xeon's row survived
+    assert "| a | 1 |" not in text  # the EPYC's old row was replaced, not duplicated
+    assert text.count("## ") == 2
