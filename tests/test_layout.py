@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import numgpt
+
 PACKAGE = Path(__file__).resolve().parents[1] / "numgpt"
 LAYERS = ["core", "io", "infer", "train", "verify", "inspect", "serve"]
 ANYWHERE = {"errors"}  # importable from every layer
@@ -142,3 +144,44 @@ def test_building_a_training_config_leaves_numpy_unloaded():
              "TrainConfig(n_layer=2).model_config(vocab_size=256); print('numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _module_imports(path: Path, package: str) -> set[str]:
+    """Every numgpt module ``path`` imports (top level and inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            found |= {target, *(f"{target}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def _import_cycles(root: Path) -> list[tuple[str, str]]:
+    """Pairs of modules (not packages) of ``root`` that import each other."""
+    modules = {}
+    for path in root.rglob("*.py"):
+        if path.name != "__init__.py":
+            modules[".".join(path.relative_to(root.parent).with_suffix("").parts)] = path
+    edges = {name: _module_imports(path, name.rsplit(".", 1)[0]) & set(modules)
+             for name, path in modules.items()}
+    return sorted((a, b) for a in edges for b in edges[a] if a < b and a in edges[b])
+
+
+def test_no_two_modules_import_each_other():
+    """core/model <-> core/quant and infer/decoder <-> infer/sample imported each other
+    (inside functions, to dodge the cycle); each pair is now one-way."""
+    assert _import_cycles(Path(numgpt.__file__).parent) == []
+
+
+def test_the_cycle_check_sees_a_cycle_hidden_inside_a_function(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from .a import y\n")
+    assert _import_cycles(pkg) == [("pkg.a", "pkg.b")]

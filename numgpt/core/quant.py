@@ -526,9 +526,9 @@ def weight_bytes(model) -> dict[str, int]:
 def dequantize_model(model):
     """A float32 model holding the values a quantized model's blocks stand for, for writing
     formats that have no q8_0 (a Hugging Face folder). Export only: inference never needs it."""
-    from .model import GPT  # model.py imports this module
-
-    out = GPT(model.config.__class__.from_dict(model.config.to_dict()), seed=None)
+    # the model's own class builds the copy: model.py imports this module, so importing GPT
+    # here would make the two import each other
+    out = type(model)(model.config.__class__.from_dict(model.config.to_dict()), seed=None)
     params = out.parameters()
     for name, p in model.parameters().items():
         params[name].data[...] = p.data

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..core.checks import is_int
 from ..errors import InputError
-from .sample import SamplingParams, StopMatcher, sample_rng, select_next, token_logprobs
+from .choice import SamplingParams, StopMatcher, sample_rng, select_next, token_logprobs
 
 __all__ = ["SequenceDecoder", "ReleasedToken", "Feed", "FINISH_STOP", "FINISH_LENGTH"]
 
