@@ -280,30 +280,6 @@ NANOGPT_ISSUE = {
     "model_args is a list": ("f32", (("top_set", "model_args", [1]),)),
     "the file cut in half": ("f32", (("truncate", -40000),)),
 }
-HF_SHARDED_ISSUE = {
-    "a shard that is a named pipe": ("sharded", (("index_set", 0, "FIFO"),)),
-    "a shard that is /dev/zero": ("sharded", (("index_set", 0, "/dev/zero"),)),
-    "weight_map is a list": ("sharded", (("index_doc", {"weight_map": ["a"]}),)),
-    "every shard named ''": ("sharded", (("index_all", ""),)),
-    # found by the fuzz suite
-    "a shard name that is a number": ("sharded", (("index_set", 0, 1.5),)),
-    "every shard name a number": ("sharded", (("index_all", 7),)),
-}
-HF_SHARDED_ISSUE = {k: (case, True) for k, case in HF_SHARDED_ISSUE.items()}
-
-HF_BPE_ISSUE = {
-    "a token id past the model's vocabulary": ("bpe", (("vocab_set", "Ġthe", 10 ** 12),)),
-    "a negative token id": ("bpe", (("vocab_set", "he", -1),)),
-    "a token id that is a string": ("bpe", (("vocab_set", "in", "7"),)),
-    "vocab.json is a list": ("bpe", (("vocab_doc", ["a", "b"]),)),
-    "a merge of three symbols": ("bpe", (("merges_line", 0, "a b c"),)),
-    "a merge whose result is not in the vocabulary": ("bpe", (("merges_line", 0, "x y"),)),
-}
-HF_BPE_ISSUE = {k: (case, False) for k, case in HF_BPE_ISSUE.items()}
-HF_BPE_ISSUE.update({  # found by the fuzz suite: broken files beside the weights are refused
-    "vocab.json that is not UTF-8": (("bpe", (("insert", 1, b"\xff", "vocab"),)), True),
-    "merges.txt that is not UTF-8": (("bpe", (("insert", 20, b"\xc3", "merges"),)), True)})
-
 NANOGPT_ISSUE = {k: (case, True) for k, case in NANOGPT_ISSUE.items()}
 
 LOADER_TARGETS = {

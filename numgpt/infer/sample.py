@@ -4,15 +4,8 @@ Each generated sequence is one ``decoder.SequenceDecoder`` (token choice with th
 end-of-text, stop strings, max tokens, released text); the server's engine drives the same
 decoder, so offline and served tokens agree.
 
-Filters are pure functions on logits arrays ``(..., V)``; each returns a new array in which
-removed tokens are ``-inf`` (the input is never modified). They are applied in the order
-Hugging Face ``transformers`` applies its logits warpers, and match them exactly:
-
-    allowed mask (ASCII-only, padded vocab)  ->  temperature  ->  top-k  ->  top-p
-
-``select_next`` turns (filtered) logits into token ids: ``argmax`` when the temperature is
-0 (greedy; top-k/top-p cannot change the argmax), otherwise one draw per row from the
-softmax of the filtered logits with an explicit ``numpy.random.Generator``.
+The rules (logits filters, ``select_next``, ``sample_rng``, ``StopMatcher``) are documented
+in ``choice``.
 
 Generation (``generate``, ``stream``, ``generate_batch``) prefills a KV cache with the
 prompt and then feeds one token per step. When a sequence fills the model's context

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.checks import is_int, log_softmax64
 from ..errors import InputError
-from .common import logit_diff, prompt, token
+from .common import Result, logit_diff, prompt, token
 
 __all__ = ["Ablation", "ablate", "METHODS"]
 
@@ -28,7 +28,7 @@ METHODS = ("zero", "mean")
 
 
 @dataclass(frozen=True)
-class Ablation:
+class Ablation(Result):
     """heads (L, nh) and mlps (L,): metric after the ablation minus the clean metric."""
 
     ids: list[int]
@@ -37,9 +37,6 @@ class Ablation:
     clean: float
     heads: np.ndarray
     mlps: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
 
 def loss(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -20,13 +20,13 @@ import numpy as np
 
 from ..core.nn import Parameter
 from ..errors import InputError
-from .common import prompt, token
+from .common import Result, prompt, token
 
 __all__ = ["Attribution", "attribute"]
 
 
 @dataclass(frozen=True)
-class Attribution:
+class Attribution(Result):
     """heads (L, nh), mlps (L,), attn_bias (L,), embed, pos_embed, ln_bias: each component's
     share of ``logit`` (the logit, or logit difference with ``contrast``) at ``position``."""
 
@@ -41,9 +41,6 @@ class Attribution:
     pos_embed: float
     ln_bias: float
     logit: float
-
-    def to_dict(self) -> dict:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
 
 def attribute(model, ids, target: int, position: int = -1, contrast: int | None = None) -> Attribution:

@@ -12,6 +12,14 @@ from ..errors import InputError
 __all__ = ["prompt", "token", "logit_diff", "format_grid", "heatmap"]
 
 
+class Result:
+    """Base of the tools' frozen result dataclasses: ``to_dict`` is the JSON form (arrays as
+    nested lists), what ``numgpt inspect --json`` and ``/v1/inspect`` print."""
+
+    def to_dict(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
+
+
 def prompt(model, ids, what: str = "prompt") -> np.ndarray:
     """ids as one (1, T) int64 row after the shared id rule; 1 <= T <= block_size."""
     c = model.config

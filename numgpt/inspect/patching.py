@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .common import logit_diff, prompt, token
+from .common import Result, logit_diff, prompt, token
 
 __all__ = ["Patching", "patch"]
 
 
 @dataclass(frozen=True)
-class Patching:
+class Patching(Result):
     """resid (L, T) and heads (L, nh): normalised logit differences after each patch."""
 
     clean_ids: list[int]
@@ -41,9 +41,6 @@ class Patching:
     corrupted_diff: float
     resid: np.ndarray
     heads: np.ndarray
-
-    def to_dict(self) -> dict:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
 
 def _normalised(logits, answer, wrong, clean, corrupted) -> np.ndarray:

@@ -516,12 +516,16 @@ class CompletionFold:
             self.failed, self.failure = True, self.failure or ev
             return [sse(_generation_failed(ev).body())] if self.spec.stream else []
         c.text.append(ev.text)
-        out = self._chunk([choice_json(ev.text, c.index, None, ev.reason)])
+        out = self._last_chunks(c, ev)
         if self.remaining == 0 and self.spec.stream:
             if self.spec.include_usage:
                 out += self._chunk([], usage=self.usage())
             out.append(SSE_DONE)
         return out
+
+    def _last_chunks(self, c: Choice, ev: FinishEvent) -> list[str]:
+        """A finished choice's last chunk: its released tail text and the finish reason."""
+        return self._chunk([choice_json(ev.text, c.index, None, ev.reason)])
 
     def _offset_base(self, c: Choice) -> int:
         """Generated text's offsets count from the start of the echoed prompt, if echoed."""
@@ -678,19 +682,10 @@ class ChatFold(CompletionFold):
             c.logprobs.extend(entry)
         return self._chunk([self._delta(c, {"content": ev.text}, entry)])
 
-    def _finish(self, c: Choice, ev: FinishEvent) -> list[str]:
-        c.finish, self.remaining = ev, self.remaining - 1
-        if ev.reason in ("error", "cancelled"):
-            self.failed, self.failure = True, self.failure or ev
-            return [sse(_generation_failed(ev).body())] if self.spec.stream else []
-        c.text.append(ev.text)
+    def _last_chunks(self, c: Choice, ev: FinishEvent) -> list[str]:
+        """The released tail as a content delta (if any), then an empty delta with the reason."""
         out = self._chunk([self._delta(c, {"content": ev.text})]) if ev.text else []
-        out += self._chunk([self._delta(c, {}, finish=ev.reason)])
-        if self.remaining == 0 and self.spec.stream:
-            if self.spec.include_usage:
-                out += self._chunk([], usage=self.usage())
-            out.append(SSE_DONE)
-        return out
+        return out + self._chunk([self._delta(c, {}, finish=ev.reason)])
 
     def _delta(self, c: Choice, delta: dict, entry: list | None = None,
                finish: str | None = None) -> dict:
