@@ -245,6 +245,76 @@ class GPT(Module):
         cache.lengths[rows] = start + idx.shape[1]
         return logits
 
+    def forward_packed(self, segments, cache: KVCache, logits=None) -> list[np.ndarray | None]:
+        """Several cache slots' new tokens of different lengths in one pass (the server's step:
+        decode rows and prompt chunks together).
+
+        segments [(slot, ids), ...]: ``ids`` (n,) new tokens of cache slot ``slot`` (distinct
+        slots), continuing from position ``cache.lengths[slot]``. The segments are packed into
+        N = sum(n) rows, so every linear layer, LayerNorm and MLP runs once on (1, N, C):
+        each weight matrix is read once per call for all of them. Only the attention runs per
+        group: the one-token segments together (the decode kernel, as ``forward_cached``'s
+        decode step), each longer segment alone with its own length (the prompt kernel),
+        each writing its keys and values at its own positions first.
+
+        logits: one entry per segment, "last" (default), "all" or None -> a list holding
+        (V,), (n, V) or None per segment: the head runs on the rows asked for only.
+        Equals ``forward_cached`` of each segment alone to the rounding of the row count
+        (tests/test_packed.py).
+        """
+        want = ["last"] * len(segments) if logits is None else list(logits)
+        if len(want) != len(segments) or any(w not in ("last", "all", None) for w in want):
+            raise InputError(f"logits must give 'last', 'all' or None for each of the "
+                             f"{len(segments)} segments, got {logits!r}")
+        if not segments:
+            return []
+        slots = _check_rows([s for s, _ in segments], len(segments), cache.slots)
+        ids = [np.asarray(t) for _, t in segments]
+        if any(t.ndim != 1 or t.size == 0 for t in ids):
+            raise InputError("each segment needs a non-empty 1-D array of token ids")
+        start = cache.lengths[slots].copy()  # (S,)
+        sizes = np.asarray([t.size for t in ids])  # (S,)
+        idx = check_token_ids(np.concatenate(ids)[None], self.config.vocab_size)  # (1, N)
+        end = int(np.max(start + sizes))
+        if end > min(cache.max_len, self.config.block_size):
+            raise InputError(f"cache holds {cache.max_len} positions of a {self.config.block_size}-"
+                             f"position context; a segment would end at {end}")
+        offsets = np.concatenate([[0], np.cumsum(sizes)])  # (S + 1,)
+        positions = np.concatenate([s + np.arange(n) for s, n in zip(start, sizes)])[None]  # (1, N)
+        one = np.flatnonzero(sizes == 1)  # segments fed one token (decode rows)
+        many = np.flatnonzero(sizes > 1)  # prompt chunks
+        with no_grad():
+            x = self.embed(idx, positions)  # (1, N, C)
+            for layer, block in enumerate(self.h):
+                a = block.attn
+                qkv = a.c_attn(block.ln_1(x)).data[0]  # (N, 3C)
+                y = np.empty((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype)  # (N, C)
+                if one.size:
+                    q1 = qkv[offsets[one]][:, None]  # (D, 1, 3C)
+                    self._write_cache(q1, cache, layer, slots[one], start[one])
+                    y[offsets[one]] = self._fused_attention(q1, cache, layer, slots[one],
+                                                            start[one]).data[:, 0]  # (D, C)
+                for s in many:
+                    qs = qkv[None, offsets[s]:offsets[s + 1]]  # (1, n, 3C)
+                    self._write_cache(qs, cache, layer, slots[s:s + 1], start[s:s + 1])
+                    y[offsets[s]:offsets[s + 1]] = self._fused_attention(
+                        qs, cache, layer, slots[s:s + 1], start[s:s + 1]).data[0]  # (n, C)
+                x = x + a.c_proj(Tensor(y[None]))
+                x = x + block.mlp(block.ln_2(x))
+            picked = [np.arange(offsets[s], offsets[s + 1]) if w == "all" else [offsets[s + 1] - 1]
+                      for s, w in enumerate(want) if w is not None]
+            out = self.head(x[:, np.concatenate(picked)]).data[0] if picked else None  # (M, V)
+        cache.lengths[slots] = start + sizes
+        result, at = [], 0
+        for s, w in enumerate(want):
+            if w is None:
+                result.append(None)
+                continue
+            n = int(sizes[s]) if w == "all" else 1
+            result.append(out[at:at + n] if w == "all" else out[at])
+            at += n
+        return result
+
     def _write_cache(self, qkv: np.ndarray, cache: KVCache, layer: int, rows: np.ndarray,
                      start: np.ndarray) -> None:
         """Write the new keys/values of qkv (A, Tn, 3C) at each row's position."""
