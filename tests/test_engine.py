@@ -72,7 +72,8 @@ def run_until_idle(engine, limit=500):
 
 
 class RowsSpy:
-    """Wraps a model and records (rows, tokens per row) of each forward_cached call."""
+    """Wraps a model and records each forward call the engine makes (one per step, packed):
+    [(slot, new tokens), ...] per call."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
@@ -81,9 +82,9 @@ class RowsSpy:
     def new_cache(self, *a, **kw):
         return self.model.new_cache(*a, **kw)
 
-    def forward_cached(self, idx, cache, rows=None, **kw):
-        self.calls.append((list(np.asarray(rows).tolist()), np.asarray(idx).shape[1]))
-        return self.model.forward_cached(idx, cache, rows=rows, **kw)
+    def forward_packed(self, segments, cache, **kw):
+        self.calls.append([(int(s), len(t)) for s, t in segments])
+        return self.model.forward_packed(segments, cache, **kw)
 
 
 # --------------------------------------------------------------------- equals offline
@@ -128,13 +129,15 @@ def test_request_joins_the_running_batch_at_the_next_step(model):
     engine.submit([a])
     engine.step()
     engine.step()
-    assert spy.calls == [([0], 5), ([0], 1), ([0], 1)]  # prefill, then decode alone
+    assert spy.calls == [[(0, 5)], [(0, 1)]]  # the prompt, then its decode alone
     b, rec_b = make("second!", 10, SamplingParams(1.0, seed=4))
     engine.submit([b])
     spy.calls.clear()
     engine.step()
-    # b is prefilled into the free slot 1 and decoded in the same step as a
-    assert spy.calls == [([1], 7), ([0, 1], 1)]
+    # b's prompt goes into the free slot 1 in the same forward call as a's decode row
+    assert spy.calls == [[(0, 1), (1, 7)]]
+    engine.step()
+    assert spy.calls[-1] == [(0, 1), (1, 1)]  # then both decode together
     run_until_idle(engine)
     assert rec_a.tokens == generate(model, list(b"first"), 10, GREEDY)
     assert rec_b.tokens == generate(model, list(b"second!"), 10, SamplingParams(1.0, seed=4))
@@ -147,12 +150,13 @@ def test_a_finished_slot_is_reused_by_a_waiting_request(model):
     long_, rec_l = make("bb", 8)
     waiting, rec_w = make("cc", 5)
     engine.submit([short, long_, waiting])
-    engine.step()  # prefill gives short's first token, the decode its second: it finishes
+    engine.step()  # both prompts in one call: each gets its first token
+    engine.step()  # a decode step gives short its second token: it finishes
     assert (short.slot, long_.slot) == (0, 1) and engine.queue_depth == 1
     assert rec_s.finish is not None and engine.active == 1
     engine.step()  # the waiting request takes the freed slot 0
     assert waiting.slot == 0 and engine.queue_depth == 0
-    assert ([0], 2) in spy.calls and spy.calls[-1] == ([0, 1], 1)
+    assert spy.calls[0] == [(0, 2), (1, 2)] and spy.calls[-1] == [(1, 1), (0, 2)]
     run_until_idle(engine)
     for text, n, rec in (("aa", 2, rec_s), ("bb", 8, rec_l), ("cc", 5, rec_w)):
         assert rec.tokens == generate(model, list(text.encode()), n, GREEDY)
@@ -177,7 +181,7 @@ def test_cancel_frees_the_slot_and_the_others_continue(model):
     assert rec_stay.tokens == generate(model, list(b"stay"), 12, GREEDY)
     assert engine.active == 0 and engine.metrics.active.value() == 0
     assert engine.metrics.finished.value(reason="cancelled") == 2
-    assert len(rec_gone.tokens) == 4  # one token from the prefill, one per step before the cancel
+    assert len(rec_gone.tokens) == 3  # one per step before the cancel (the first step's from its prompt)
 
 
 def test_cancel_of_a_waiting_request_never_runs_it(model):
@@ -189,7 +193,7 @@ def test_cancel_of_a_waiting_request_never_runs_it(model):
     engine.cancel(second)
     run_until_idle(engine)
     assert rec.finish.reason == "cancelled" and rec.tokens == []
-    assert all(rows == [0] for rows, _ in spy.calls) and len(spy.calls) == 3
+    assert [[s for s, _ in call] for call in spy.calls] == [[0]] * 3  # first's prompt, 2 decodes
 
 
 # ---------------------------------------------------------------- limits and endings
@@ -267,7 +271,10 @@ def test_identical_prompts_share_one_prefill(model):
     made = [make("shared prompt", 6, params, index=j) for j in range(3)]
     engine.submit([r for r, _ in made])
     engine.step()
-    assert [c for c in spy.calls if c[1] > 1] == [([0], 13)], "one prefill for three sequences"
+    engine.step()
+    assert spy.calls[0] == [(0, 13)], "one prefill for three sequences"
+    assert spy.calls[1] == [(0, 1), (1, 1), (2, 1)], "the others copied its keys and values"
+    assert engine.metrics.prefix_hits.value(source="identical") == 2
     run_until_idle(engine)
     for j, (_, rec) in enumerate(made):
         assert rec.tokens == generate(model, list(b"shared prompt"), 6, params,
@@ -275,15 +282,14 @@ def test_identical_prompts_share_one_prefill(model):
     assert made[0][1].tokens != made[1][1].tokens
 
 
-def test_prompts_of_one_length_are_prefilled_in_one_call(model):
+def test_prompts_of_any_lengths_are_prefilled_in_one_call(model):
     spy = RowsSpy(model)
     engine = Engine(spy, max_batch=4)
     texts = ["abcd", "wxyz", "a longer one", "1234"]
     made = [make(t, 5) for t in texts]
     engine.submit([r for r, _ in made])
     engine.step()
-    prefills = sorted(c for c in spy.calls if c[1] > 1)
-    assert prefills == [([0, 1, 3], 4), ([2], 12)]
+    assert spy.calls == [[(0, 4), (1, 4), (2, 12), (3, 4)]]
     run_until_idle(engine)
     for text, (_, rec) in zip(texts, made):
         assert rec.tokens == generate(model, list(text.encode()), 5, GREEDY)
@@ -358,3 +364,233 @@ def test_a_failing_callback_cancels_only_its_sequence(model):
     engine.submit([bad, good])
     run_until_idle(engine)
     assert bad.done and rec.tokens == generate(model, list(b"good"), 6, GREEDY)
+
+
+# ------------------------------------------------------------------ chunked prefill
+
+PROMPT = "A prompt long enough to be read in several chunks."  # 50 byte tokens
+
+
+@pytest.fixture(scope="module")
+def long_model():
+    """The module's model shape with room for 128 positions."""
+    m = GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=2, n_head=2, n_embd=32,
+                      dtype="float64"), seed=3)
+    m.tokenizer = ByteTokenizer()
+    return m
+
+
+def _serve_one(model, text, max_new, params, chunk, logprobs=2, prompt_logprobs=True, **kw):
+    """tokens, token logprobs and prompt logprobs of one request on a fresh engine."""
+    engine = Engine(model, max_batch=2, prefill_chunk=chunk, **kw)
+    req, rec = make(text, max_new, params, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    engine.submit([req])
+    run_until_idle(engine)
+    prompt = [e for e in rec.events if isinstance(e, PromptEvent)]
+    lps = [e.logprob for e in rec.events if isinstance(e, TokenEvent)]
+    return rec.tokens, np.asarray(lps), (np.asarray(prompt[0].logprobs[1:]) if prompt else None)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(1.0, seed=5)], ids=["greedy", "seeded"])
+def test_chunked_prompt_gives_the_tokens_and_logprobs_of_the_whole_prompt(long_model, params):
+    """Chunk sizes 1 to past the prompt: the same tokens (and offline generate's), token and
+    prompt logprobs within 1e-12 (float64: only the packed row count's rounding differs)."""
+    whole = _serve_one(long_model, PROMPT, 10, params, chunk=256)
+    assert whole[0] == generate(long_model, list(PROMPT.encode()), 10, params)
+    for chunk in (1, 2, 3, 7, 16, 49, 50):
+        tokens, lps, prompt_lps = _serve_one(long_model, PROMPT, 10, params, chunk=chunk)
+        assert tokens == whole[0], chunk
+        np.testing.assert_allclose(lps, whole[1], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(prompt_lps, whole[2], rtol=0, atol=1e-12)
+
+
+def test_chunked_prompt_float32_tokens_equal_and_logprobs_within_rounding():
+    m = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32), seed=3)
+    m.tokenizer = ByteTokenizer()
+    whole = _serve_one(m, PROMPT, 10, GREEDY, chunk=256)
+    for chunk in (1, 5, 16):
+        tokens, lps, prompt_lps = _serve_one(m, PROMPT, 10, GREEDY, chunk=chunk)
+        assert tokens == whole[0]
+        np.testing.assert_allclose(lps, whole[1], rtol=0, atol=1e-6)  # measured worst 6e-8
+        np.testing.assert_allclose(prompt_lps, whole[2], rtol=0, atol=1e-6)
+
+
+def test_a_long_prompt_is_read_in_chunks_while_the_streams_keep_decoding(model):
+    spy = RowsSpy(model)
+    engine = Engine(spy, max_batch=3, prefill_chunk=8)
+    stream, rec_s = make("stream", 20)
+    engine.submit([stream])
+    engine.step()
+    newcomer, rec_n = make(PROMPT[:30], 5)  # 30 tokens: 4 steps of at most 8
+    engine.submit([newcomer])
+    spy.calls.clear()
+    got_before = len(rec_s.tokens)
+    for _ in range(4):
+        engine.step()
+    assert spy.calls == [[(0, 1), (1, 8)], [(0, 1), (1, 8)], [(0, 1), (1, 8)], [(0, 1), (1, 6)]]
+    assert len(rec_s.tokens) == got_before + 4, "the stream got a token at every step"
+    assert len(rec_n.tokens) == 1, "the newcomer's first token comes with its last chunk"
+    engine.step()
+    assert spy.calls[-1] == [(0, 1), (1, 1)]
+    run_until_idle(engine)
+    assert rec_s.tokens == generate(model, list(b"stream"), 20, GREEDY)
+    assert rec_n.tokens == generate(model, list(PROMPT[:30].encode()), 5, GREEDY)
+
+
+def test_the_chunk_budget_is_shared_oldest_prompt_first(model):
+    spy = RowsSpy(model)
+    engine = Engine(spy, max_batch=3, prefill_chunk=10)
+    made = [make(t, 3) for t in ("first prompt", "second", "third one")]  # 12, 6, 9 tokens
+    engine.submit([r for r, _ in made])
+    engine.step()
+    engine.step()
+    assert spy.calls == [[(0, 10)], [(0, 2), (1, 6), (2, 2)]]
+    run_until_idle(engine)
+    for (req, rec), text in zip(made, ("first prompt", "second", "third one")):
+        assert rec.tokens == generate(model, list(text.encode()), 3, GREEDY)
+
+
+def test_cancelling_the_prompt_others_wait_on_hands_it_to_them(model):
+    """n > 1 equal prompts: the first computes it; cancelled midway, the next one takes over."""
+    spy = RowsSpy(model)
+    engine = Engine(spy, max_batch=3, prefill_chunk=4)
+    params = SamplingParams(1.0, seed=2)
+    made = [make(PROMPT[:12], 4, params, index=j) for j in range(3)]
+    engine.submit([r for r, _ in made])
+    engine.step()
+    assert spy.calls == [[(0, 4)]]
+    engine.cancel(made[0][0])
+    for _ in range(3):
+        engine.step()
+    assert spy.calls[1:] == [[(1, 4)], [(1, 4)], [(1, 4)]]
+    run_until_idle(engine)
+    assert made[0][1].finish.reason == "cancelled"
+    for j in (1, 2):
+        assert made[j][1].tokens == generate(model, list(PROMPT[:12].encode()), 4, params,
+                                             rng=sample_rng(2, j))
+
+
+def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model):
+    class Broken(RowsSpy):
+        fail = True
+
+        def forward_packed(self, segments, cache, **kw):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("kernel exploded")
+            return super().forward_packed(segments, cache, **kw)
+
+    engine = Engine(Broken(model), max_batch=2)
+    bad, rec_bad = make("bad", 4)
+    engine.submit([bad])
+    engine.step()
+    assert rec_bad.finish.reason == "error" and "kernel exploded" in rec_bad.finish.message
+    good, rec = make("bad", 4)  # the same prompt: the failed step left nothing to reuse
+    engine.submit([good])
+    run_until_idle(engine)
+    assert rec.tokens == generate(model, list(b"bad"), 4, GREEDY)
+    assert engine.metrics.prefix_misses.value() == 2
+
+
+# -------------------------------------------------------------------- prefix reuse
+
+SHARED = "The same long context every answer choice is sent with: "  # 56 byte tokens
+
+
+def test_a_free_slots_prefix_is_reused_and_changes_nothing(long_model):
+    """The second prompt shares 56 tokens with the first one's slot: only its rest is
+    computed, and its tokens and logprobs equal a fresh engine's within 1e-12 (float64)."""
+    spy = RowsSpy(long_model)
+    engine = Engine(spy, max_batch=2, max_len=None)
+    first, _ = make(SHARED + "A", 3, logprobs=2)
+    engine.submit([first])
+    run_until_idle(engine)
+    second, rec = make(SHARED + "Bc", 3, logprobs=2)
+    spy.calls.clear()
+    engine.submit([second])
+    run_until_idle(engine)
+    assert spy.calls[0] == [(0, 2)], "only the 2 new prompt tokens are computed"
+    assert engine.metrics.prefix_hits.value(source="slot") == 1
+    assert engine.metrics.reused_tokens.value() == len(SHARED)
+    fresh = _serve_one(long_model, SHARED + "Bc", 3, GREEDY, chunk=256, prompt_logprobs=False)
+    assert rec.tokens == fresh[0] == generate(long_model, list((SHARED + "Bc").encode()), 3, GREEDY)
+    np.testing.assert_allclose([e.logprob for e in rec.events if isinstance(e, TokenEvent)],
+                               fresh[1], rtol=0, atol=1e-12)
+
+
+def test_a_corrupted_reused_row_fails_the_exactness_gate(long_model):
+    """Negative control: the same reuse with one cached key row changed gives other logprobs,
+    so the equality above really reads the reused keys."""
+    engine = Engine(long_model, max_batch=1)
+    first, _ = make(SHARED + "A", 3, logprobs=2)
+    engine.submit([first])
+    run_until_idle(engine)
+    engine.cache.k[0, 0, :, 10] += 1.0  # (L, slots, nh, max_len, hs): layer 0, position 10
+    second, rec = make(SHARED + "Bc", 3, logprobs=2)
+    engine.submit([second])
+    run_until_idle(engine)
+    assert engine.metrics.prefix_hits.value(source="slot") == 1
+    fresh = _serve_one(long_model, SHARED + "Bc", 3, GREEDY, chunk=256, prompt_logprobs=False)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose([e.logprob for e in rec.events if isinstance(e, TokenEvent)],
+                                   fresh[1], rtol=0, atol=1e-12)
+
+
+def test_the_pool_keeps_an_overwritten_slots_prefix(long_model):
+    def run(mb):
+        spy = RowsSpy(long_model)
+        engine = Engine(spy, max_batch=1, prefix_cache_mb=mb)
+        for text in (SHARED + "A", "something else", SHARED + "Bc"):
+            req, rec = make(text, 3)
+            engine.submit([req])
+            run_until_idle(engine)
+        return engine, spy, rec
+    engine, spy, rec = run(1.0)
+    assert spy.calls[-3][0] == (0, 2), "the last prompt copied 56 tokens from the pool"
+    assert engine.metrics.prefix_hits.value(source="pool") == 1
+    assert rec.tokens == generate(long_model, list((SHARED + "Bc").encode()), 3, GREEDY)
+    per_token = 2 * 2 * 32 * 8  # k and v, 2 layers, n_embd 32, float64
+    assert engine.metrics.pool_bytes.value() == engine.pool.bytes > 0
+    assert engine.pool.bytes == per_token * (len(SHARED) + 1 + 2 + len("something else") + 2)
+    off, spy_off, rec_off = run(0)
+    assert spy_off.calls[-3][0] == (0, len(SHARED) + 2) and off.pool.bytes == 0
+    assert off.metrics.prefix_misses.value() == 3 and rec_off.tokens == rec.tokens
+
+
+def test_the_prefix_pool_is_bounded_and_least_recently_used_goes_first():
+    from numgpt.serve.engine import PrefixPool
+    kv = np.zeros((1, 1, 4, 2))  # (L, nh, n, hs): 64 bytes, 128 with v
+    pool = PrefixPool(3 * 128)
+    for start in (0, 10, 20):
+        pool.add(list(range(start, start + 4)), kv, kv)
+    assert pool.bytes == 384 and len(pool) == 3
+    assert pool.longest([10, 11, 12, 99]) == (3, (10, 11, 12, 13))
+    pool.get((0, 1, 2, 3))  # now the most recently used
+    pool.add([30, 31, 32, 33], kv, kv)
+    assert pool.longest([10, 11])[0] == 0, "the least recently used entry was dropped"
+    assert pool.longest([0, 1])[0] == 2 and pool.bytes == 384
+    pool.add([0, 1], kv[:, :, :2], kv[:, :, :2])  # covered by (0, 1, 2, 3): not stored twice
+    assert len(pool) == 3
+    pool.add([30, 31, 32, 33, 34], np.zeros((1, 1, 5, 2)), np.zeros((1, 1, 5, 2)))
+    assert (30, 31, 32, 33) not in pool._entries, "an entry the new one extends is dropped"
+    assert pool.bytes <= pool.capacity
+    PrefixPool(100).add([1, 2, 3, 4], kv, kv)  # larger than the pool: ignored, no error
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+def test_time_to_first_token_and_inter_token_latency_are_per_sequence(model):
+    engine = Engine(model, max_batch=4, prefill_chunk=7)
+    made = [make(t, 6) for t in ("one", "two two", "three three three")]
+    engine.submit([r for r, _ in made])
+    run_until_idle(engine)
+    m = engine.metrics
+    assert m.ttft.count() == 3 and m.itl.count() == 3 * 5
+    prompt = sum(len(r.prompt_ids) for r, _ in made)
+    assert m.prompt_tokens.value() == prompt
+    text = m.registry.render()
+    assert "numgpt_time_to_first_token_seconds_count 3" in text
+    assert "numgpt_inter_token_latency_seconds_count 15" in text
+    assert f"numgpt_step_prefill_tokens_sum {prompt}" in text
+    assert "numgpt_prefix_cache_misses_total 3" in text

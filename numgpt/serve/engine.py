@@ -1,21 +1,39 @@
 """Continuous batching: one model, one KV cache with ``max_batch`` slots, one worker thread.
 
-The HTTP server (``numgpt.serve.server``) turns each completion request into one ``Request`` per
+The HTTP server (``numgpt.serve.app``) turns each completion request into one ``Request`` per
 sequence (``n`` choices x prompts) and submits them here; this module knows nothing about
 HTTP and is tested without it.
 
-One scheduler iteration (``Engine.step``)::
+One scheduler iteration (``Engine.step``) is one forward call (``GPT.forward_packed``)::
 
     drop cancelled sequences (free their slots)
-    admit queued sequences into free slots: prefill the prompts into their slots (prompts
-        of equal length in one forward call; an identical prompt is computed once and its
-        cache rows copied) and choose each first token from its prompt's last logits
-    one batched decode step: feed every active slot's newest token at its own position,
-        logits (A, V) -> each row's next token with its own params and generator
+    admit queued sequences into free slots, reusing cached prompt prefixes (below)
+    pack: every running slot's newest token (one row each), then prompt chunks of the
+        admitted sequences, oldest first, up to ``prefill_chunk`` prompt tokens in all
+    one packed forward: each weight matrix is read once for the decode rows and the
+        chunks together; logits only for the decode rows and for prompts whose last
+        chunk this was (every prompt position when prompt logprobs are asked)
+    each decode row's next token; a prompt that is now complete gets its first token
 
 so a request that arrives while others decode joins the running batch at the next step,
-and a finished one leaves it (its slot is free for the next admission). Each sequence is
-one ``numgpt.infer.decoder.SequenceDecoder`` (token choice with generator
+a finished one leaves it (its slot is free for the next admission), and a long prompt is
+read ``prefill_chunk`` tokens per step while the running streams keep getting one token
+per step, instead of freezing them for its whole prefill (llama-server and vLLM schedule
+the same way). Chunking changes no output: the keys and values a chunk writes are the
+ones the whole prompt would write, to the rounding of the packed row count (exact in
+float64 to 1e-12; tests/test_engine.py runs chunk sizes 1 to the prompt length).
+
+Prompt-prefix reuse (llama-server's ``cache_prompt``, vLLM's prefix caching): a free slot
+keeps the tokens whose keys and values it holds, and a new sequence takes the free slot
+whose tokens share the longest prefix with its prompt, then prefills only the rest. A
+slot's tokens about to be overwritten go to a pool of recent prefixes (copies of their
+keys and values, least recently used dropped first, at most ``prefix_cache_mb``; 0 turns
+the pool off), which a later prompt can copy from. At least the last prompt token is
+always computed (its logits choose the first token); a sequence that wants prompt
+logprobs computes its whole prompt. Equal prompts admitted together (``n`` > 1 choices)
+are computed once: the others wait in their slots and copy the keys and values.
+
+Each sequence is one ``numgpt.infer.decoder.SequenceDecoder`` (token choice with generator
 ``sample_rng(seed, index)``, end-of-text, stop strings, max tokens, released text), the
 decoder offline ``sample.generate`` drives, so a greedy or seeded request gets the tokens
 offline generation gives. The engine's decoders use ``slide=None``: where offline
@@ -32,7 +50,8 @@ and NaN logits would otherwise be sampled as token 0 and sent as ``NaN`` log-pro
 which is not JSON. Such a sequence ends with reason ``error`` and ``code``
 ``NON_FINITE_LOGITS``, a one-line message meant for the client; the others go on.
 
-Shapes: ``A`` active slots, ``V`` vocabulary size, ``T`` prompt length.
+Shapes: ``A`` active slots, ``V`` vocabulary size, ``T`` prompt length, ``L`` layers,
+``nh`` heads, ``hs`` head size.
 """
 
 from __future__ import annotations
@@ -40,23 +59,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from ..core.checks import check_token_ids
 from ..errors import InputError, NumGPTError
 from ..infer.decoder import ReleasedToken, SequenceDecoder
 from ..infer.sample import SamplingParams, allowed_tokens, token_logprobs
 from .metrics import Counter, Gauge, Histogram, Registry
 
 __all__ = ["Engine", "EngineMetrics", "Request", "TokenEvent", "PromptEvent", "FinishEvent",
-           "QueueFull", "NonFiniteLogits", "MAX_LOGPROBS", "NON_FINITE_LOGITS"]
+           "QueueFull", "NonFiniteLogits", "PrefixPool", "MAX_LOGPROBS", "NON_FINITE_LOGITS",
+           "DEFAULT_PREFILL_CHUNK", "DEFAULT_PREFIX_CACHE_MB"]
 
 log = logging.getLogger("numgpt.serve.engine")
 
 MAX_LOGPROBS = 5  # OpenAI's limit on top alternatives per token
+# Prompt tokens one step may carry besides its decode rows: llama-server's default batch
+# (-b) is 2048 and vLLM's chunk 512 to 2048; 256 keeps a step that carries a chunk within
+# a few decode steps' time on a 2-core CPU (124M: about 4x a 16-row decode step), so the
+# streams' inter-token latency stays even while a long prompt is read.
+DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFIX_CACHE_MB = 256.0  # the pool of recent prompt prefixes (0: slots' own reuse only)
 
 
 class QueueFull(NumGPTError):
@@ -134,6 +161,15 @@ class Request:
     done: bool = field(default=False, init=False)  # its FinishEvent was sent
     slot: int | None = field(default=None, init=False)
     decoder: SequenceDecoder | None = field(default=None, init=False)  # made at admission
+    prefilled: int = field(default=0, init=False)  # prompt tokens in its slot's cache
+    leader: "Request | None" = field(default=None, init=False)  # an equal prompt it copies
+    submitted: float = field(default=0.0, init=False)  # perf_counter at submit
+    last_token_at: float | None = field(default=None, init=False)  # its newest token's time
+    prompt_logits: list = field(default_factory=list, init=False, repr=False)  # (n, V) chunks
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.prefilled == len(self.prompt_ids)
 
     @property
     def generated(self) -> int:
@@ -143,6 +179,8 @@ class Request:
 
 # --------------------------------------------------------------------------- metrics
 
+_SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
 
 class EngineMetrics:
     """What the engine measures; the server renders ``registry`` at ``/metrics``."""
@@ -150,24 +188,106 @@ class EngineMetrics:
     def __init__(self, registry: Registry | None = None):
         r = self.registry = registry if registry is not None else Registry()
         self.tokens = r.add(Counter("numgpt_tokens_generated_total", "Tokens generated."))
-        self.prompt_tokens = r.add(Counter("numgpt_prompt_tokens_total", "Prompt tokens prefilled."))
+        self.prompt_tokens = r.add(Counter(
+            "numgpt_prompt_tokens_total", "Prompt tokens computed (prefilled), reused ones not counted."))
         self.finished = r.add(Counter("numgpt_sequences_finished_total",
                                       "Sequences finished, by reason.", ["reason"]))
         self.queue_depth = r.add(Gauge("numgpt_queue_depth", "Sequences waiting for a slot."))
         self.active = r.add(Gauge("numgpt_active_slots", "Sequences holding a KV-cache slot."))
-        self.steps = r.add(Counter("numgpt_decode_steps_total", "Batched decode steps run."))
-        self.batch = r.add(Histogram("numgpt_decode_batch_size", "Sequences per decode step.",
+        self.steps = r.add(Counter("numgpt_decode_steps_total", "Steps that decoded at least one sequence."))
+        self.batch = r.add(Histogram("numgpt_decode_batch_size",
+                                     "Decode tokens per step (sequences decoded together).",
                                      [1, 2, 4, 8, 16, 32, 64, 128]))
         self.batch_max = r.add(Gauge("numgpt_decode_batch_size_max",
                                      "Largest decode batch seen since start."))
+        self.step_prefill = r.add(Histogram(
+            "numgpt_step_prefill_tokens", "Prompt tokens computed per step (0: a decode-only step).",
+            [0, 1, 16, 64, 128, 256, 512, 1024, 2048]))
         self.token_time = r.add(Histogram(
             "numgpt_time_per_token_seconds",
-            "Time between a sequence's tokens: the decode step that produced each token.",
-            [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))
+            "Time of the step that produced each generated token.", _SECONDS))
         self.prefill_time = r.add(Histogram(
             "numgpt_prefill_seconds",
-            "Time of one prefill call (the prompts of one length admitted together).",
+            "Time of one step that carried prompt tokens (its decode rows included).",
             [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30]))
+        self.ttft = r.add(Histogram(
+            "numgpt_time_to_first_token_seconds",
+            "Per sequence: from submission (queueing included) to its first generated token.",
+            _SECONDS + [30, 60]))
+        self.itl = r.add(Histogram(
+            "numgpt_inter_token_latency_seconds",
+            "Per sequence: time between two consecutive generated tokens.", _SECONDS))
+        self.prefix_hits = r.add(Counter(
+            "numgpt_prefix_cache_hits_total",
+            "Sequences that reused cached prompt keys/values, by where they came from "
+            "(slot: a free slot's own; pool: the prefix pool; identical: an equal prompt "
+            "admitted with it).", ["source"]))
+        self.prefix_misses = r.add(Counter(
+            "numgpt_prefix_cache_misses_total", "Sequences that found no cached prompt prefix."))
+        self.reused_tokens = r.add(Counter(
+            "numgpt_prompt_tokens_reused_total", "Prompt tokens whose keys/values were reused."))
+        self.pool_bytes = r.add(Gauge("numgpt_prefix_cache_bytes",
+                                      "Bytes of keys/values held by the prefix pool."))
+        self.pool_entries = r.add(Gauge("numgpt_prefix_cache_entries", "Prefixes in the pool."))
+
+
+# ------------------------------------------------------------------ prefix reuse
+
+
+def common_prefix(a, b) -> int:
+    """How many leading tokens the sequences ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+class PrefixPool:
+    """Recent prompt prefixes: tokens -> copies of their keys and values (L, nh, n, hs) each,
+    at most ``capacity`` bytes, the least recently used dropped first."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity = int(capacity_bytes)
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def longest(self, prompt) -> tuple[int, tuple[int, ...] | None]:
+        """(n, key): the entry sharing the longest prefix with ``prompt``, n tokens of it."""
+        best, key = 0, None
+        for tokens in self._entries:
+            n = common_prefix(tokens, prompt)
+            if n > best:
+                best, key = n, tokens
+        return best, key
+
+    def get(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def covers(self, tokens) -> bool:
+        """True when an entry already starts with all of ``tokens``."""
+        return any(common_prefix(t, tokens) == len(tokens) for t in self._entries)
+
+    def add(self, tokens, k: np.ndarray, v: np.ndarray) -> None:
+        """Keep copies of k, v (L, nh, n, hs) for ``tokens``; entries it extends are dropped."""
+        size = k.nbytes + v.nbytes
+        if size > self.capacity or not len(tokens) or self.covers(tokens):
+            return
+        key = tuple(int(t) for t in tokens)
+        for old in [t for t in self._entries if common_prefix(t, key) == len(t)]:
+            self._drop(old)
+        while self._entries and self.bytes + size > self.capacity:
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = (k.copy(), v.copy())
+        self.bytes += size
+
+    def _drop(self, key) -> None:
+        k, v = self._entries.pop(key)
+        self.bytes -= k.nbytes + v.nbytes
 
 
 # ---------------------------------------------------------------------------- engine
@@ -181,19 +301,30 @@ class Engine:
     max_queue: sequences allowed to wait for a slot; ``submit`` raises QueueFull beyond it.
     max_len: positions per slot (default block_size); a sequence that fills its slot ends
         with reason "length".
+    prefill_chunk: prompt tokens one step may compute besides its decode rows.
+    prefix_cache_mb: bytes (in MiB) of the pool of recent prompt prefixes; 0 turns it off
+        (a free slot's own tokens are still reused).
     """
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
-                 metrics: EngineMetrics | None = None):
+                 metrics: EngineMetrics | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
         if max_batch < 1 or max_queue < 1:
             raise InputError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        if prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be >= 1 prompt token per step, got {prefill_chunk}")
+        if not prefix_cache_mb >= 0:
+            raise InputError(f"prefix_cache_mb must be >= 0 (0 turns the pool off), got {prefix_cache_mb}")
         self.model = model
         self.tokenizer = getattr(model, "tokenizer", None)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, int(prefill_chunk)
         self.cache = model.new_cache(max_batch, max_len)
         self.max_len = self.cache.max_len
         self.metrics = metrics if metrics is not None else EngineMetrics()
+        self.pool = PrefixPool(int(prefix_cache_mb * 2**20))
         self._slots: list[Request | None] = [None] * max_batch
+        self._held: list[list[int]] = [[] for _ in range(max_batch)]  # tokens each slot's cache holds
+        self._prefilling: list[Request] = []  # computing their prompts, oldest first
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -210,6 +341,9 @@ class Engine:
             if len(self._queue) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self._queue)} sequences are waiting and the queue holds "
                                 f"{self.max_queue}; retry shortly")
+            now = time.perf_counter()
+            for r in requests:
+                r.submitted = now
             self._queue.extend(requests)
             self.metrics.queue_depth.set(len(self._queue))
             self._cv.notify()
@@ -252,16 +386,16 @@ class Engine:
 
     # ---------------------------------------------------------------- scheduler
     def step(self) -> int:
-        """One scheduler iteration: drop cancelled, admit, one batched decode step.
-        Returns the decode batch size (0 when nothing was active). Call it directly only
-        when no worker thread runs (tests)."""
+        """One scheduler iteration: drop cancelled, admit, one packed forward of the decode
+        rows and prompt chunks. Returns the number of decode rows (0 when none ran). Call
+        it directly only when no worker thread runs (tests)."""
         self._drop_cancelled()
         self._admit()
-        active = [s for s, r in enumerate(self._slots) if r is not None]
-        if active:
-            self._decode(active)
+        decode, chunks = self._plan()
+        if decode or chunks:
+            self._run(decode, chunks)
         self.metrics.active.set(self.active)
-        return len(active)
+        return len(decode)
 
     def _loop(self) -> None:
         while True:
@@ -290,6 +424,8 @@ class Engine:
             raise InputError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {r.logprobs}")
         if (r.stop or r.params.ascii_only) and self.tokenizer is None:
             raise InputError("stop strings and ascii_only need a tokenizer; this model has none")
+        # here, not in the packed step, where one bad prompt would fail every sequence with it
+        check_token_ids(r.prompt_ids, self.model.config.vocab_size, what="prompt token ids")
 
     def _allowed_for(self, params: SamplingParams) -> np.ndarray | None:
         """The drawable-token mask offline generation uses (ascii-only, padded vocab)."""
@@ -310,99 +446,186 @@ class Engine:
             if r is not None and r.cancelled:
                 self._finish(r, "cancelled")
 
+    # ---------------------------------------------------------------- admission
     def _admit(self) -> None:
-        """Move queued sequences into free slots, prefill them, choose their first tokens."""
-        admitted = self._take_free_slots()
-        if not admitted:
-            return
-        logits, failed = self._prefill_all(admitted)
-        for r in admitted:
+        """Move queued sequences into free slots (reusing what the caches hold) and make
+        their decoders; their prompts are computed by the following packed steps."""
+        with self._cv:
+            taken = []
+            while self._queue and None in self._slots:
+                taken.append(self._queue.popleft())
+                self._place(taken[-1])
+            self.metrics.queue_depth.set(len(self._queue))
+        for r in taken:
             try:
-                if r in failed:
-                    raise failed[r]
                 self._start(r)
-                if r.decoder.finished:  # max_new_tokens 0: scored (prompt logprobs) only
-                    self._finish(r, r.decoder.finish_reason)
-                else:
-                    self._advance(r, logits[r])
-            except NonFiniteLogits as e:  # the model's fault, said in one line
-                log.error("%s", e)
-                self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
             except Exception as e:  # a bad sequence fails alone, the batch goes on
-                log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
+                log.error("admission failed: %s: %s", type(e).__name__, e, exc_info=e)
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
 
-    def _take_free_slots(self) -> list[Request]:
-        """Pop queued sequences into the free slots (lowest slot first)."""
-        taken = []
-        with self._cv:
-            while self._queue and None in self._slots:
-                r = self._queue.popleft()
-                slot = self._slots.index(None)
-                r.slot, self._slots[slot] = slot, r
-                taken.append(r)
-            self.metrics.queue_depth.set(len(self._queue))
-        return taken
-
-    def _prefill_all(self, admitted: list[Request]) -> tuple[dict, dict]:
-        """Fill the admitted sequences' slots with their prompts.
-
-        Distinct prompts of equal length go through the model together, one forward call
-        per length (each weight matrix is read once for all of them); a prompt equal to
-        another one admitted now is not recomputed, its cache rows are copied. A sequence
-        that wants prompt logprobs is prefilled alone, with the logits of every position.
-        Returns ({request: logits after its prompt (V,)}, {request: exception}).
-        """
-        logits: dict[Request, np.ndarray] = {}
-        failed: dict[Request, Exception] = {}
-        first: dict[tuple[int, ...], Request] = {}
-        by_length: dict[int, list[Request]] = {}
-        for r in admitted:
-            if r.prompt_logprobs:
-                self._run_prefill([r], logits, failed)
-            elif first.setdefault(tuple(r.prompt_ids), r) is r:
-                by_length.setdefault(len(r.prompt_ids), []).append(r)
-        for group in by_length.values():
-            self._run_prefill(group, logits, failed)
-        for r in admitted:
-            src = first.get(tuple(r.prompt_ids))
-            if r in logits or r in failed or src is None:
-                continue
-            if src in failed:
-                failed[r] = failed[src]
-                continue
-            T = len(r.prompt_ids)  # nothing is decoded during admission: src holds just the prompt
-            self.cache.k[:, r.slot, :, :T] = self.cache.k[:, src.slot, :, :T]  # (L, nh, T, hs)
-            self.cache.v[:, r.slot, :, :T] = self.cache.v[:, src.slot, :, :T]
-            self.cache.lengths[r.slot] = T
-            logits[r] = logits[src]
-        return logits, failed
-
-    def _run_prefill(self, group: list[Request], logits: dict, failed: dict) -> None:
-        """One forward call over prompts of one length, each in its own slot."""
-        t0 = time.perf_counter()
-        rows = np.asarray([r.slot for r in group], dtype=np.int64)  # (G,)
-        every = group[0].prompt_logprobs  # only ever a group of one
-        try:
-            self.cache.reset(rows)
-            ids = np.asarray([r.prompt_ids for r in group], dtype=np.int64)  # (G, T)
-            out = self.model.forward_cached(ids, self.cache, rows=rows, all_logits=every)
-        except Exception as e:
-            for r in group:
-                failed[r] = e
+    def _place(self, r: Request) -> None:
+        """Give r a free slot: follow an equal prompt being computed, else take the free slot
+        sharing the longest prefix with its prompt (lowest slot on a tie), or copy a longer
+        one from the pool; its cache then holds r.prefilled prompt tokens."""
+        free = [s for s, x in enumerate(self._slots) if x is None]
+        leader = None if r.prompt_logprobs else next(
+            (x for x in self._prefilling if x.leader is None and not x.prompt_logprobs
+             and x.prompt_ids == r.prompt_ids), None)
+        # at least the last prompt token is computed: its logits choose the first token
+        limit = 0 if r.prompt_logprobs else len(r.prompt_ids) - 1
+        shared = {s: min(common_prefix(self._held[s], r.prompt_ids), limit) for s in free}
+        # on a tie the slot holding least is overwritten (less goes to the pool), then the lowest
+        slot = min(free, key=lambda s: (-shared[s], len(self._held[s]), s))
+        n = shared[slot]
+        from_pool, key = self.pool.longest(r.prompt_ids) if self.pool.capacity else (0, None)
+        from_pool = min(from_pool, limit)
+        if leader is not None or from_pool > n:
+            n = 0
+        self._keep_in_pool(slot, n)
+        r.slot, self._slots[slot] = slot, r
+        m = self.metrics
+        if leader is not None:  # waits, then copies the leader's keys and values
+            r.leader, self._held[slot] = leader, []
+            self.cache.lengths[slot] = 0
+            m.prefix_hits.inc(source="identical")
             return
-        if every:
+        if from_pool > n:
+            k, v = self.pool.get(key)  # (L, nh, n, hs)
+            n = from_pool
+            self.cache.k[:, slot, :, :n] = k[:, :, :n]
+            self.cache.v[:, slot, :, :n] = v[:, :, :n]
+            self._held[slot] = list(r.prompt_ids[:n])
+            m.prefix_hits.inc(source="pool")
+        elif n:
+            del self._held[slot][n:]
+            m.prefix_hits.inc(source="slot")
+        else:
+            self._held[slot] = []
+            m.prefix_misses.inc()
+        m.reused_tokens.inc(n)
+        self.cache.lengths[slot] = r.prefilled = n
+        self._prefilling.append(r)
+
+    def _keep_in_pool(self, slot: int, keep: int) -> None:
+        """Before slot's tokens past ``keep`` are overwritten, copy them to the pool."""
+        held = self._held[slot]
+        if self.pool.capacity and len(held) > keep:
+            n = len(held)
+            self.pool.add(held, self.cache.k[:, slot, :, :n], self.cache.v[:, slot, :, :n])
+            self.metrics.pool_bytes.set(self.pool.bytes)
+            self.metrics.pool_entries.set(len(self.pool))
+
+    def _start(self, r: Request) -> None:
+        """The sequence's decoder: it ends with "length" when its slot is full (slide=None)."""
+        r.decoder = SequenceDecoder(r.prompt_ids, r.max_new_tokens, r.params,
+                                    context=self.max_len, slide=None, index=r.index, stop=r.stop,
+                                    tokenizer=self.tokenizer, allowed=self._allowed_for(r.params),
+                                    logprobs=r.logprobs)
+
+    # -------------------------------------------------------------- the packed step
+    def _plan(self) -> tuple[list[Request], list[tuple[Request, int]]]:
+        """This step's decode rows (every running sequence's newest token) and prompt chunks
+        ((request, tokens), oldest prompt first, at most ``prefill_chunk`` tokens in all)."""
+        decode = [r for r in self._slots if r is not None and r.prompt_done and r.leader is None
+                  and r.decoder is not None and r.decoder.feed is not None]
+        chunks, budget = [], self.prefill_chunk
+        for r in self._prefilling:
+            if budget == 0:
+                break
+            n = min(len(r.prompt_ids) - r.prefilled, budget)
+            chunks.append((r, n))
+            budget -= n
+        return decode, chunks
+
+    def _run(self, decode: list[Request], chunks: list[tuple[Request, int]]) -> None:
+        """One forward call over the decode rows and prompt chunks; hand out the logits."""
+        segments, want = [], []
+        for r in decode:
+            feed = r.decoder.feed  # with slide=None a running decoder's feed is its newest token
+            assert not feed.prefill and len(feed.tokens) == 1
+            segments.append((r.slot, feed.tokens))
+            want.append("last")
+        for r, n in chunks:
+            segments.append((r.slot, r.prompt_ids[r.prefilled:r.prefilled + n]))
+            done = r.prefilled + n == len(r.prompt_ids)
+            want.append("all" if r.prompt_logprobs else "last" if done else None)
+        t0 = time.perf_counter()
+        try:
+            out = self.model.forward_packed(segments, self.cache, logits=want)
+        except Exception as e:  # every sequence of this step fails; no slot keeps its new rows
+            log.error("step failed: %s: %s", type(e).__name__, e, exc_info=e)
+            for r in [*decode, *(r for r, _ in chunks)]:
+                self._finish(r, "error", f"{type(e).__name__}: {e}")
+            return
+        now = time.perf_counter()
+        for slot, tokens in segments:
+            self._held[slot].extend(int(t) for t in tokens)
+        self._observe(len(decode), sum(n for _, n in chunks), now - t0)
+        for r, logits in zip(decode, out):
+            if r.cancelled:
+                self._finish(r, "cancelled")
+                continue
+            self._guarded(self._advance, r, logits)
+        for (r, n), logits in zip(chunks, out[len(decode):]):
+            r.prefilled += n
+            if r.prompt_logprobs:
+                r.prompt_logits.append(logits)  # (n, V)
+            if r.prompt_done:
+                self._prefilling.remove(r)
+                self._prompt_complete(r, logits if not r.prompt_logprobs else logits[-1])
+
+    def _observe(self, rows: int, prompt: int, seconds: float) -> None:
+        m = self.metrics
+        m.step_prefill.observe(prompt)
+        m.prompt_tokens.inc(prompt)
+        if prompt:
+            m.prefill_time.observe(seconds)
+        if rows:
+            m.steps.inc()
+            m.batch.observe(rows)
+            m.batch_max.set_max(rows)
+            m.token_time.observe(seconds, times=rows)
+
+    def _prompt_complete(self, r: Request, logits: np.ndarray) -> None:
+        """r's whole prompt is in its cache; logits (V,) after its last token. Sequences
+        waiting on the same prompt copy its keys and values first."""
+        T = len(r.prompt_ids)
+        followers = [f for f in self._slots if f is not None and f.leader is r]
+        for f in followers:
+            self.cache.k[:, f.slot, :, :T] = self.cache.k[:, r.slot, :, :T]  # (L, nh, T, hs)
+            self.cache.v[:, f.slot, :, :T] = self.cache.v[:, r.slot, :, :T]
+            self.cache.lengths[f.slot] = f.prefilled = T
+            self._held[f.slot] = list(r.prompt_ids)
+            f.leader = None
+            self.metrics.reused_tokens.inc(T)
+        if r.prompt_logprobs:
+            every = np.concatenate(r.prompt_logits)  # (T, V)
+            r.prompt_logits = []
             try:
-                check_finite_logits(out[0], "over the prompt")  # (T, V)
+                check_finite_logits(every, "over the prompt")
             except NonFiniteLogits as e:
-                failed[group[0]] = e
+                log.error("%s", e)
+                self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
                 return
-            self._emit_prompt_logprobs(group[0], out[0])  # (T, V)
-            out = out[:, -1]  # (G, V)
-        for r, row in zip(group, out):
-            logits[r] = row
-        self.metrics.prompt_tokens.inc(ids.size)
-        self.metrics.prefill_time.observe(time.perf_counter() - t0)
+            self._emit_prompt_logprobs(r, every)
+        for x in [r, *followers]:
+            if x.cancelled:  # finished by the next step's _drop_cancelled
+                continue
+            if x.decoder.finished:  # max_new_tokens 0: scored (prompt logprobs) only
+                self._finish(x, x.decoder.finish_reason)
+            else:
+                self._guarded(self._advance, x, logits)
+
+    def _guarded(self, fn, r: Request, logits: np.ndarray) -> None:
+        """fn(r, logits); an error ends r alone (non-finite logits: said in one line)."""
+        try:
+            fn(r, logits)
+        except NonFiniteLogits as e:  # the model's fault, this row only: the batch goes on
+            log.error("%s", e)
+            self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
+        except Exception as e:
+            log.error("sequence failed: %s: %s", type(e).__name__, e, exc_info=e)
+            self._finish(r, "error", f"{type(e).__name__}: {e}")
 
     def _emit_prompt_logprobs(self, r: Request, logits: np.ndarray) -> None:
         """logits (T, V): row t predicts prompt token t + 1."""
@@ -415,43 +638,17 @@ class Engine:
             tops += [tuple(zip(t.tolist(), p.tolist())) for t, p in zip(res.top_ids, res.top_logprobs)]
         self._send(r, PromptEvent(lps, tops))
 
-    def _start(self, r: Request) -> None:
-        """The sequence's decoder: it ends with "length" when its slot is full (slide=None)."""
-        r.decoder = SequenceDecoder(r.prompt_ids, r.max_new_tokens, r.params,
-                                    context=self.max_len, slide=None, index=r.index, stop=r.stop,
-                                    tokenizer=self.tokenizer, allowed=self._allowed_for(r.params),
-                                    logprobs=r.logprobs)
-
-    def _decode(self, active: list[int]) -> None:
-        """Feed each active slot's newest token; choose every row's next token."""
-        t0 = time.perf_counter()
-        rows = np.asarray(active, dtype=np.int64)  # (A,)
-        # with slide=None a running decoder's feed is always its one newest token
-        feeds = [self._slots[s].decoder.feed.tokens for s in active]
-        tokens = np.asarray(feeds, dtype=np.int64)  # (A, 1)
-        logits = self.model.forward_cached(tokens, self.cache, rows=rows)  # (A, V)
-        dt = time.perf_counter() - t0
-        m = self.metrics
-        m.steps.inc()
-        m.batch.observe(len(active))
-        m.batch_max.set_max(len(active))
-        m.token_time.observe(dt, times=len(active))
-        for i, s in enumerate(active):
-            r = self._slots[s]
-            if r.cancelled:
-                self._finish(r, "cancelled")
-                continue
-            try:
-                self._advance(r, logits[i])
-            except NonFiniteLogits as e:  # this row only: the batch goes on
-                log.error("%s", e)
-                self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
-
     def _advance(self, r: Request, logits: np.ndarray) -> None:
         """Hand the sequence its logits (V,): send the tokens its decoder releases, and
         finish it when the decoder has."""
         check_finite_logits(logits, f"for generated token {r.generated + 1}")
         released = r.decoder.step(logits)
+        now = time.perf_counter()
+        if r.last_token_at is None:
+            self.metrics.ttft.observe(now - r.submitted)
+        else:
+            self.metrics.itl.observe(now - r.last_token_at)
+        r.last_token_at = now
         self.metrics.tokens.inc()
         for token in released:
             self._send(r, token)
@@ -459,10 +656,18 @@ class Engine:
             self._finish(r, r.decoder.finish_reason)
 
     def _finish(self, r: Request, reason: str, message: str = "", code: str = "") -> None:
-        """End a sequence once: free its slot and send its FinishEvent."""
+        """End a sequence once: free its slot and send its FinishEvent. Sequences waiting
+        on its prompt take over computing it (the first of them leads)."""
         if r.done:
             return
         r.done = True
+        if r in self._prefilling:
+            self._prefilling.remove(r)
+            followers = [f for f in self._slots if f is not None and f.leader is r]
+            if followers:
+                for f in followers:
+                    f.leader = followers[0] if f is not followers[0] else None
+                self._prefilling.append(followers[0])
         if r.slot is not None and self._slots[r.slot] is r:
             self._slots[r.slot] = None
             self.cache.lengths[r.slot] = 0
