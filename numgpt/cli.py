@@ -357,6 +357,14 @@ def _add_serve(sub) -> None:
                    help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="sequences allowed to wait for a slot before 503")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=256, metavar="N",
+                   help="prompt tokens one step computes beside the running streams' next "
+                        "tokens: a long prompt is read N at a time while they keep flowing "
+                        "(default 256)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MB",
+                   help="MiB of recent prompt prefixes' keys/values kept for reuse by later "
+                        "prompts that start the same way (default 256; 0 keeps only each "
+                        "free slot's own)")
     p.add_argument("--max-tokens-limit", type=_positive_int, default=None,
                    help="largest max_tokens a request may ask for (default: the context length)")
     p.add_argument("--model-name", default=None,
@@ -421,7 +429,8 @@ def _run_serve(args) -> int:
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
         max_connections=args.max_connections, grace_period_s=args.grace_period,
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
-        chat_template=_chat_template(args))
+        chat_template=_chat_template(args), prefill_chunk=args.prefill_chunk,
+        prefix_cache_mb=args.prefix_cache_mb)
     return app.serve(config, host=args.host, port=args.port, log_level=args.log_level)
 
 

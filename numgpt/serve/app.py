@@ -63,7 +63,8 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import ConfigError, InputError, NumGPTError
 from . import internals, lookinside
-from .engine import Engine, EngineMetrics, QueueFull, Request
+from .engine import (DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, Engine, EngineMetrics,
+                     QueueFull, Request, matmul_line)
 from .metrics import CONTENT_TYPE, Counter, Registry
 from .protocol import (PROMPT_CHARS_PER_CONTEXT, PROMPT_TOKENS_PER_CONTEXT, APIError,
                        ChatFold, CompletionFold, CompletionSpec, detokenize_json, error_body,
@@ -117,6 +118,8 @@ class ServerConfig:
         ``serve`` adds the name it binds to.
     chat_template: the Jinja2 text ``/v1/chat/completions`` renders messages with (default:
         the model's own, else ``numgpt.io.chat.DEFAULT_TEMPLATE``).
+    prefill_chunk: prompt tokens one engine step computes besides its decode rows.
+    prefix_cache_mb: MiB of the engine's pool of recent prompt prefixes (0: off).
     """
 
     model_path: str | None = None
@@ -136,8 +139,16 @@ class ServerConfig:
     grace_period_s: float = 10.0
     allowed_hosts: tuple[str, ...] = ()
     chat_template: str | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
 
     def __post_init__(self) -> None:
+        if not self.prefill_chunk >= 1:
+            raise ConfigError(f"--prefill-chunk must be >= 1 prompt token per step, got "
+                              f"{self.prefill_chunk}")
+        if not self.prefix_cache_mb >= 0:
+            raise ConfigError(f"--prefix-cache-mb must be >= 0 (0 turns the pool off), got "
+                              f"{self.prefix_cache_mb}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty, which would turn authentication off; "
                               "pass a non-empty --api-key (or NUMGPT_API_KEY), or leave both "
@@ -338,7 +349,9 @@ class _State:
                              "save it with its tokenizer (model.tokenizer) and load it again")
         self.model = model
         self.engine = Engine(model, self.config.max_batch, self.config.max_queue,
-                             metrics=self.engine_metrics).start()
+                             metrics=self.engine_metrics, prefill_chunk=self.config.prefill_chunk,
+                             prefix_cache_mb=self.config.prefix_cache_mb).start()
+        log.info("%s", matmul_line(model))
 
     def stop(self) -> None:
         if self.engine is not None:

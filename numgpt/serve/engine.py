@@ -231,6 +231,23 @@ class EngineMetrics:
         self.pool_entries = r.add(Gauge("numgpt_prefix_cache_entries", "Prefixes in the pool."))
 
 
+def matmul_line(model) -> str:
+    """One line for the server's start: what multiplies a step's packed rows by the weights
+    (the GEMM library and its kernel per row count; for q8_0 weights, the q8_0 kernel)."""
+    from ..core import quant
+    try:
+        from ..core import gemm
+    except ImportError:  # a core without the GEMM-library choice
+        gemm = None
+    describe = getattr(gemm, "describe", None)
+    parts = [f"matmul: {describe()}" if describe else "matmul: NumPy's BLAS (np.matmul)"]
+    if quant.is_quantized(model):
+        rows = getattr(quant, "decode_rows_text", None) or getattr(quant, "describe_kernels", None)
+        parts.append(f"q8_0 weights: {rows()}" if rows else
+                     "q8_0 weights: core.quant.linear")
+    return "; ".join(parts)
+
+
 # ------------------------------------------------------------------ prefix reuse
 
 
