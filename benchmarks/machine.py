@@ -52,6 +52,20 @@ def gemm_peak(n: int = 2048, repeats: int = 3) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
+def gemm_library() -> str:
+    """The library numgpt's matrix products run on, as every benchmark prints it:
+    ``numgpt.core.gemm.describe()`` where that module exists (the GEMM library is a choice,
+    issue 19), else NumPy's BLAS (what ``ops.linear``'s ``@`` called before the choice)."""
+    try:
+        from numgpt.core import gemm
+        return gemm.describe()
+    except (ImportError, AttributeError):
+        import numpy as np
+
+        blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        return f"NumPy's BLAS ({blas.get('name', 'unknown')} {blas.get('version', '')})".replace(" )", ")")
+
+
 _CHUNK_SUM = None
 
 
@@ -147,6 +161,7 @@ class Machine:
     bandwidth_gbs: float
     load: float
     one_thread_sum_gbs: float = float("nan")
+    gemm: str = ""
 
     @classmethod
     def measure(cls, threads: int, quick: bool = False) -> "Machine":
@@ -155,13 +170,13 @@ class Machine:
         mib = 256 if quick else 1024  # far above the last-level cache either way
         return cls(cpu_model(), os.cpu_count() or 1, threads,
                    gemm_peak(1024 if quick else 2048), read_bandwidth(mib, threads=threads), load,
-                   one_thread_sum_bandwidth(mib, repeats=2 if quick else 3))
+                   one_thread_sum_bandwidth(mib, repeats=2 if quick else 3), gemm_library())
 
     def describe(self) -> str:
         return (f"CPU {self.cpu}, {self.cores} cores visible, {self.threads} thread(s) per side; "
-                f"measured float32 GEMM peak {self.gemm_gflops:.0f} GFLOP/s, memory read "
-                f"bandwidth {self.bandwidth_gbs:.1f} GB/s ({self.threads}-thread sweep; one "
-                f"thread's numpy sum reads {self.one_thread_sum_gbs:.1f}); load average "
+                f"GEMM library {self.gemm or gemm_library()}; measured float32 GEMM peak "
+                f"{self.gemm_gflops:.0f} GFLOP/s, memory read bandwidth {self.bandwidth_gbs:.1f} GB/s "
+                f"({self.threads}-thread sweep; one thread's numpy sum reads {self.one_thread_sum_gbs:.1f}); load average "
                 f"{self.load:.1f} at the start (above the core count means other processes "
                 f"shared the CPUs)")
 

@@ -47,3 +47,12 @@ def test_a_cpus_section_replaces_only_its_own_and_keeps_the_other_vendors(tmp_pa
     assert "| a | 3 |" in text and "| b | 2 |" in text  # the Xeon's row survived
     assert "| a | 1 |" not in text  # the EPYC's old row was replaced, not duplicated
     assert text.count("## ") == 2
+
+
+def test_the_machine_line_names_the_gemm_library():
+    """Every benchmark prints the library its products ran on (issue 19): the measured one,
+    else what ``gemm_library()`` finds now (numgpt's choice, or NumPy's BLAS before it)."""
+    line = machine.Machine("AMD EPYC", 2, 2, 190.0, 25.0, 0.5, 7.6, gemm="oneMKL 2025").describe()
+    assert "CPU AMD EPYC" in line and "GEMM library oneMKL 2025;" in line
+    found = machine.gemm_library()
+    assert found and f"GEMM library {found};" in machine.Machine("X", 1, 1, 1.0, 1.0, 0.0).describe()
