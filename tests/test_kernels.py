@@ -386,3 +386,25 @@ def test_the_openmp_pool_sleeps_between_kernels_unless_the_user_says_otherwise()
                                    text=True, check=True).stdout.strip()
     assert run(env) == "0"
     assert run({**env, "GOMP_SPINCOUNT": "1000"}) == "1000"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_decode_attention_runs_serial_below_the_work_threshold_and_both_builds_agree(dtype, monkeypatch):
+    """One token per row picks its build by the keys it reads (DECODE_PARALLEL_MIN_KEYS),
+    not by the size of the whole cache; both builds give the same bits, so the choice never
+    changes the math. Negative control: the gate sees a build that differs."""
+    rng = np.random.default_rng(5)
+    qkv, ck, cv, rows, start, layer, nh = _cache_case(rng, dtype, [2, 7, 0], Tn=1)
+    args = dict(layer=layer, rows=rows, start=start, n_head=nh)
+    used = []
+    for build in ("serial", "parallel"):
+        real = getattr(kernels.cached_attention_kernel, build)
+        monkeypatch.setattr(kernels.cached_attention_kernel, build,
+                            lambda *a, _real=real, _b=build: (used.append(_b), _real(*a))[1])
+    small = kernels.cached_attention(qkv, ck, cv, **args)
+    monkeypatch.setattr(kernels, "DECODE_PARALLEL_MIN_KEYS", 0)
+    large = kernels.cached_attention(qkv, ck, cv, **args)
+    assert used == ["serial", "parallel"] and np.array_equal(small, large)
+    assert _rel_error(small, _reference_cached(qkv, ck, cv, rows, start, layer, nh)) < TOLERANCE[dtype]
+    broken = kernels.cached_attention(qkv[:, :, ::-1].copy(), ck, cv, **args)  # another query
+    assert not np.array_equal(broken, large)

@@ -401,3 +401,57 @@ def test_a_deep_copy_of_a_model_is_an_independent_equal_model():
     twin.wte.weight.data[...] = 0
     assert not np.array_equal(model(ids)[0].data, twin(ids)[0].data)
     assert copy.copy(OpPath("fast")).path == "fast"
+
+
+def _randomized(config: GPTConfig, seed: int) -> GPT:
+    """A model whose every parameter (biases and LayerNorm gains too) is random, so a fused
+    op that dropped a bias or a gain would show."""
+    m = GPT(config, seed=None)
+    rng = np.random.default_rng(seed)
+    for p in m.parameters().values():
+        p.data[...] = rng.normal(0.0, 0.3, p.data.shape)
+    return m
+
+
+def _fused_and_layered(model, monkeypatch=None):
+    """A 5-token prompt then 3 decode steps, through the fused pass and through the layers'
+    own forwards (``_hooked_layers`` with no hook, the module-by-module definition) on two
+    caches of 2 slots at different lengths -> the two lists of logits."""
+    ids = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    out = {}
+    for name, hooks in (("fused", None), ("layered", [])):
+        cache = model.new_cache(2)
+        got = [model.forward_cached(ids, cache, all_logits=True, hooks=hooks),
+               model.forward_cached(ids[:1, :2], cache, rows=[1], hooks=hooks)]  # slot 1 ahead
+        for t in range(3):
+            got.append(model.forward_cached(np.array([[t + 7], [t + 11]]), cache, hooks=hooks))
+        out[name] = got
+    return out["fused"], out["layered"]
+
+
+@pytest.mark.parametrize("variant", ["fast float32", "reference float32", "fast float64", "q8_0"])
+def test_fused_pass_is_bit_identical_to_the_layers_own_forwards(variant):
+    from numgpt.core.quant import quantize_model
+
+    kernels, dtype = ("reference", "float32") if variant.startswith("reference") else \
+        ("fast", "float64" if variant.endswith("float64") else "float32")
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=40, block_size=16, dtype=dtype,
+                       kernels=kernels)
+    model = _randomized(config, 7)
+    if variant == "q8_0":
+        model = quantize_model(model)
+    fused, layered = _fused_and_layered(model)
+    for f, g in zip(fused, layered):
+        assert f.dtype == g.dtype and np.array_equal(f, g)
+
+
+def test_fused_pass_check_catches_a_fused_op_that_drops_a_bias(monkeypatch):
+    """Negative control of the bit-identity check: a fused projection without its bias."""
+    import numgpt.core.model as model_module
+
+    model = _randomized(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=40, block_size=16), 7)
+    real = model_module._project
+    monkeypatch.setattr(model_module, "_project",
+                        lambda layer, x: real(layer, x) - (0 if layer.bias is None else layer.bias.data))
+    fused, layered = _fused_and_layered(model)
+    assert not np.array_equal(fused[-1], layered[-1])

@@ -891,6 +891,16 @@ def attention_inference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
     return out
 
 
+# One new token per row (decoding) reads A * nh * (position + 1) * hs key elements; below
+# this many it runs the serial build, not by the size of the whole cache (which sent every
+# decode step to the threads). Waking the OpenMP pool costs more than a row of keys: on a
+# shared 2-vCPU AMD EPYC, 2 threads, 12 heads of 64, one row, serial 18 us vs parallel 25 us
+# at 64 keys and 251 vs 263 us at 1023 (the sweep is bound by reading the cache, which one
+# core already does near the memory rate; a wake is a futex call on either vendor). So one
+# sequence of GPT-2 never wakes the pool, and a server batch of 16 at 171 positions does.
+DECODE_PARALLEL_MIN_KEYS = 1 << 21
+
+
 def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, *, layer: int,
                      rows: np.ndarray, start: np.ndarray, n_head: int, block: int = 128) -> np.ndarray:
     """Attention of new tokens over a KV cache whose slots hold different lengths (no
@@ -915,10 +925,12 @@ def cached_attention(qkv: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, 
         _attention_blocked(heads, q, cache_k[int(layer)], cache_v[int(layer)], rows, start + Tn,
                            ops._check_block(block))
         return out
-    AH, max_len = A * n_head, cache_k.shape[3]
-    cached_attention_kernel(out, qkv, cache_k, cache_v, int(layer), rows, start, n_head,
-                            np.empty((AH, hs, max_len), qkv.dtype), np.empty((AH, max_len)),
-                            np.empty((AH, hs)))
+    AH, n = A * n_head, int(start.max()) + 1 if A else 1  # n: the most keys a row reads
+    kernel = cached_attention_kernel.parallel if AH * n * hs >= DECODE_PARALLEL_MIN_KEYS \
+        else cached_attention_kernel.serial
+    # scratch as large as this call reads, not the cache's max_len (kT is unused for Tn = 1)
+    kernel(out, qkv, cache_k, cache_v, int(layer), rows, start, n_head,
+           np.empty((AH, hs, 0), qkv.dtype), np.empty((AH, n)), np.empty((AH, hs)))
     return out
 
 

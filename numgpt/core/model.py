@@ -30,7 +30,8 @@ from .config import PRESETS, GPTConfig
 from .hooks import Hooks
 from .kernels import ops_for
 from .nn import Block, Embedding, LayerNorm, Module, dropout
-from .quant import QuantizedEmbedding
+from .quant import QuantizedEmbedding, QuantizedLinear
+from .quant import linear as quant_linear
 from .tensor import Tensor, apply, no_grad
 
 __all__ = ["GPTConfig", "GPT", "KVCache", "PRESETS", "Probe", "PROBE_POINTS"]
@@ -120,6 +121,21 @@ def _as_index(rows: np.ndarray):
     if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
         return slice(int(rows[0]), int(rows[0]) + len(rows))
     return rows
+
+
+def _norm(ln: LayerNorm, x: np.ndarray) -> np.ndarray:
+    """What ``ln(Tensor(x)).data`` computes, on the array: its path's layernorm op."""
+    return ln.ops.layernorm(x, ln.weight.data, None if ln.bias is None else ln.bias.data,
+                            eps=ln.eps)[0]
+
+
+def _project(layer, x: np.ndarray) -> np.ndarray:
+    """What ``layer(Tensor(x)).data`` computes for a ``Linear`` (``ops.linear``) or a
+    ``QuantizedLinear`` (``quant.linear``), on the array: x (..., in) -> (..., out)."""
+    bias = None if layer.bias is None else layer.bias.data
+    if isinstance(layer, QuantizedLinear):
+        return quant_linear(x, layer.weight, bias)
+    return ops.linear(x, layer.weight.data, bias)[0]
 
 
 class GPT(Module):
@@ -227,16 +243,20 @@ class GPT(Module):
         positions = start[:, None] + np.arange(idx.shape[1])  # (A, Tn)
         with no_grad():
             if hooks is None and probe is None:
-                x = self.embed(idx, positions)
+                # the fused pass on arrays: the same ops in the same order as the layers' own
+                # forwards (bit-identical logits), without a Tensor and an op wrapper per op,
+                # which cost about a millisecond of a 124M decode token (profile_decode.py)
+                x = self.wte(idx).data + self.wpe(positions).data  # (A, Tn, C)
                 for layer, block in enumerate(self.h):
-                    a = block.attn
-                    qkv = a.c_attn(block.ln_1(x))  # (A, Tn, 3C)
-                    self._write_cache(qkv.data, cache, layer, rows, start)
-                    x = x + a.c_proj(self._fused_attention(qkv.data, cache, layer, rows, start))
-                    x = x + block.mlp(block.ln_2(x))
+                    a, mlp = block.attn, block.mlp
+                    qkv = _project(a.c_attn, _norm(block.ln_1, x))  # (A, Tn, 3C)
+                    self._write_cache(qkv, cache, layer, rows, start)
+                    x = x + _project(a.c_proj, self._fused_attention(qkv, cache, layer, rows, start).data)
+                    h = getattr(mlp.ops, mlp.activation)(_project(mlp.c_fc, _norm(block.ln_2, x)))[0]
+                    x = x + _project(mlp.c_proj, h)  # (A, Tn, C)
                 if not all_logits:
                     x = x[:, -1]  # (A, C): logits only where they are needed
-                logits = self.head(x).data
+                logits = self.head(Tensor(x)).data
             else:
                 if not isinstance(hooks, Hooks):
                     hooks = Hooks(hooks, self.config.n_layer) if probe is None else \
