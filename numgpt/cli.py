@@ -357,10 +357,10 @@ def _add_serve(sub) -> None:
                    help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="sequences allowed to wait for a slot before 503")
-    p.add_argument("--prefill-chunk", type=_positive_int, default=256, metavar="N",
+    p.add_argument("--prefill-chunk", type=_positive_int, default=64, metavar="N",
                    help="prompt tokens one step computes beside the running streams' next "
                         "tokens: a long prompt is read N at a time while they keep flowing "
-                        "(default 256)")
+                        "(default 64)")
     p.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MB",
                    help="MiB of recent prompt prefixes' keys/values kept for reuse by later "
                         "prompts that start the same way (default 256; 0 keeps only each "
