@@ -303,11 +303,11 @@ class GPT(Module):
         positions = np.concatenate([s + np.arange(n) for s, n in zip(start, sizes)])[None]  # (1, N)
         one = np.flatnonzero(sizes == 1)  # segments fed one token (decode rows)
         many = np.flatnonzero(sizes > 1)  # prompt chunks
-        with no_grad():
-            x = self.embed(idx, positions)  # (1, N, C)
+        with no_grad():  # on arrays, the ops of forward_cached's fused pass in its order
+            x = self.wte(idx).data[0] + self.wpe(positions).data[0]  # (N, C)
             for layer, block in enumerate(self.h):
-                a = block.attn
-                qkv = a.c_attn(block.ln_1(x)).data[0]  # (N, 3C)
+                a, mlp = block.attn, block.mlp
+                qkv = _project(a.c_attn, _norm(block.ln_1, x))  # (N, 3C)
                 y = np.empty((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype)  # (N, C)
                 if one.size:
                     q1 = qkv[offsets[one]][:, None]  # (D, 1, 3C)
@@ -319,11 +319,12 @@ class GPT(Module):
                     self._write_cache(qs, cache, layer, slots[s:s + 1], start[s:s + 1])
                     y[offsets[s]:offsets[s + 1]] = self._fused_attention(
                         qs, cache, layer, slots[s:s + 1], start[s:s + 1]).data[0]  # (n, C)
-                x = x + a.c_proj(Tensor(y[None]))
-                x = x + block.mlp(block.ln_2(x))
+                x = x + _project(a.c_proj, y)
+                h = getattr(mlp.ops, mlp.activation)(_project(mlp.c_fc, _norm(block.ln_2, x)))[0]
+                x = x + _project(mlp.c_proj, h)  # (N, C)
             picked = [np.arange(offsets[s], offsets[s + 1]) if w == "all" else [offsets[s + 1] - 1]
                       for s, w in enumerate(want) if w is not None]
-            out = self.head(x[:, np.concatenate(picked)]).data[0] if picked else None  # (M, V)
+            out = self.head(Tensor(x[np.concatenate(picked)])).data if picked else None  # (M, V)
         cache.lengths[slots] = start + sizes
         result, at = [], 0
         for s, w in enumerate(want):
