@@ -90,3 +90,12 @@ def test_the_cli_defaults_are_the_engines():
     assert (args.prefill_chunk, args.prefix_cache_mb) == (DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB)
     assert (ServerConfig().prefill_chunk, ServerConfig().prefix_cache_mb) == \
         (DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB)
+
+
+def test_the_start_line_names_the_q8_0_path_only_for_quantized_weights():
+    from numgpt.core.quant import quantize_model
+    from numgpt.serve.engine import matmul_line
+
+    m = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32), seed=0)
+    assert matmul_line(m).startswith("matmul: ") and "q8_0" not in matmul_line(m)
+    assert "q8_0" in matmul_line(quantize_model(m))

@@ -243,9 +243,8 @@ def matmul_line(model) -> str:
     describe = getattr(gemm, "describe", None)
     parts = [f"matmul: {describe()}" if describe else "matmul: NumPy's BLAS (np.matmul)"]
     if quant.is_quantized(model):
-        rows = getattr(quant, "decode_rows_text", None) or getattr(quant, "describe_kernels", None)
-        parts.append(f"q8_0 weights: {rows()}" if rows else
-                     "q8_0 weights: core.quant.linear")
+        plan = getattr(quant, "kernel_plan", None)  # the q8_0 kernel per row count
+        parts.append(plan() if plan else "q8_0 weights: core.quant.linear")
     return "; ".join(parts)
 
 
