@@ -26,7 +26,8 @@ default every core).
 
     python benchmarks/bench_decode.py [--threads N] [--tokens 64] [--repeats 5] [--quick]
 
-Writes ``docs/results/bench_decode.md``. Targets (issue 5): 124M decode >= 45 tokens/s and
+Writes this CPU's section of ``docs/results/bench_decode.md`` (``machine.write_cpu_section``:
+another CPU's section stays). Targets (issue 5): 124M decode >= 45 tokens/s and
 >= 1.6x transformers; medium >= 1.5x; prefill of 32 tokens no slower than transformers.
 """
 
@@ -41,6 +42,9 @@ import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results",
                        "bench_decode.md")
+TITLE = "KV-cache decode: numgpt vs transformers (float32, batch 1)"
+INTRO = ("One section per CPU measured (a result on one vendor says little about the other); "
+         "`python benchmarks/bench_decode.py` on a CPU replaces only that CPU's section.")
 SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768),
           "medium": dict(n_layer=24, n_head=16, n_embd=1024)}
 TARGETS = {"tokens_per_s_124M": 45.0, "ratio_124M": 1.6, "ratio_medium": 1.5, "prefill_ratio": 1.0}
@@ -228,8 +232,7 @@ def measure_shape(name: str, args) -> dict:
 
 
 def report(rows: list[dict], args) -> str:
-    lines = ["# KV-cache decode: numgpt vs transformers (float32, batch 1)", "",
-             f"Written by `benchmarks/bench_decode.py` ({args.threads} threads, {args.tokens} new "
+    lines = [f"Written by `benchmarks/bench_decode.py` ({args.threads} threads, {args.tokens} new "
              f"tokens after a {PROMPT_LEN}-token prompt, median of {args.repeats} interleaved "
              f"rounds; cpu count {os.cpu_count()}). The ceiling is the read bandwidth measured in the "
              f"same rounds divided by the bytes of weights one step reads.",
@@ -278,7 +281,7 @@ def main(argv=None) -> int:
 
     set_blas_threads(args.threads)  # before NumPy loads
     import torch
-    from machine import Machine
+    from machine import Machine, write_cpu_section
 
     torch.set_num_threads(args.threads)
     machine = Machine.measure(args.threads, quick=args.quick)
@@ -286,12 +289,9 @@ def main(argv=None) -> int:
     rows = [measure_shape(name, args) for name in (["124M"] if args.skip_medium else list(SHAPES))]
     text = report(rows, args) + f"\n- {machine.describe()}; numgpt kernels={KERNELS}\n"
     print(text)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
-        print(f"wrote {os.path.relpath(args.out)}")
+    if args.out:  # this CPU's section; the other CPUs' sections stay
+        write_cpu_section(args.out, TITLE, INTRO, machine.cpu, text)
+        print(f"wrote {os.path.relpath(args.out)} (section {machine.cpu!r})")
     return 0
 
 

@@ -25,7 +25,8 @@ as ``numgpt serve`` parses it, then ``sample.generate``); its rendered prompt
 
     python benchmarks/bench_llamacpp.py [--llama-bin DIR] [--threads N] [--tokens 64] [--repeats 3] [--quick]
 
-Writes ``docs/results/bench_llamacpp.md`` (not with ``--quick``). Target (issue 14):
+Writes this CPU's section of ``docs/results/bench_llamacpp.md`` (``machine.write_cpu_section``:
+another CPU's section stays; not with ``--quick``). Target (issue 14):
 numgpt q8_0 >= 0.8x llama.cpp q8_0.
 """
 
@@ -47,6 +48,9 @@ from typing import Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..")
 RESULTS = os.path.join(REPO, "docs", "results", "bench_llamacpp.md")
+TITLE = "numgpt's GGUF in llama.cpp: greedy tokens and decode speed"
+INTRO = ("One section per CPU measured (a result on one vendor says little about the other); "
+         "`python benchmarks/bench_llamacpp.py` on a CPU replaces only that CPU's section.")
 SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
           "quick": dict(n_layer=2, n_head=4, n_embd=128, block_size=128)}
 PROMPT_LEN, GREEDY_TOKENS = 32, 20
@@ -336,8 +340,7 @@ def chat_line(chat: dict) -> str:
 
 def report(rows: list[dict], args, byte_level: dict | None = None, machine=None,
            chat: dict | None = None) -> str:
-    lines = ["# numgpt's GGUF in llama.cpp: greedy tokens and decode speed", "",
-             f"Written by `benchmarks/bench_llamacpp.py` ({'quick, ' if args.quick else ''}"
+    lines = [f"Written by `benchmarks/bench_llamacpp.py` ({'quick, ' if args.quick else ''}"
              f"{machine.describe() + '; ' if machine else ''}"
              f"{args.threads} threads, {args.tokens} new tokens, median of {args.repeats} "
              f"alternated rounds; llama.cpp from {args.llama_bin}). Random weights, GPT-2 "
@@ -383,18 +386,16 @@ def main(argv=None) -> int:
 
     set_blas_threads(args.threads)
     sys.path.insert(0, HERE)  # machine.py
-    from machine import Machine
+    from machine import Machine, write_cpu_section
 
     machine = Machine.measure(args.threads, quick=args.quick)
     print(machine.describe(), flush=True)
     text = report(measure(args, server, bench), args, byte_level_check(args, server), machine,
                   chat_check(args, server))
     print(text)
-    if args.out:
-        from numgpt.io.files import atomic_write
-
-        atomic_write(args.out, text)
-        print(f"wrote {os.path.relpath(args.out)}")
+    if args.out:  # this CPU's section; the other CPUs' sections stay
+        write_cpu_section(args.out, TITLE, INTRO, machine.cpu, text)
+        print(f"wrote {os.path.relpath(args.out)} (section {machine.cpu!r})")
     return 0
 
 

@@ -27,7 +27,8 @@ link, from this run's measured compute rate (printed step by step).
     python benchmarks/bench_mpi.py [--quick] [--rounds R] [--steps N]
 
 ``--quick`` (3 timed steps, 1 round) proves the script works and writes nothing; the full
-run writes ``docs/results/bench_mpi.md``. Run it on quiet cores: the numbers mean nothing
+run writes this CPU's section of ``docs/results/bench_mpi.md`` (``machine.write_cpu_section``:
+another CPU's section stays). Run it on quiet cores: the numbers mean nothing
 when other work shares the CPUs.
 """
 
@@ -46,6 +47,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "bench_mpi.md"
+TITLE = "Data-parallel training: numgpt on MPI ranks vs one process vs PyTorch DDP (gloo)"
+INTRO = ("One section per CPU measured (a result on one vendor says little about the other); "
+         "`python benchmarks/bench_mpi.py` on a CPU replaces only that CPU's section.")
 SHAKESPEARE = Path(os.environ.get("NUMGPT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "tinyshakespeare.txt"
 GLOBAL_ROWS, T = 12, 64
 VOCAB = {"gpt": 50304, "recipe": 256}
@@ -268,8 +272,10 @@ def report(args, results: dict) -> str:
     import numpy as np
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = ["# Data-parallel training: numgpt on MPI ranks vs one process vs PyTorch DDP (gloo)", "",
-             f"Written by `benchmarks/bench_mpi.py` (numpy {np.__version__}; {os.cpu_count()} cores visible, "
+    from machine import cpu_model, gemm_library
+
+    lines = [f"Written by `benchmarks/bench_mpi.py` (numpy {np.__version__}; CPU {cpu_model()}, "
+             f"{os.cpu_count()} cores visible; GEMM library {gemm_library()}; "
              f"load average {load:.1f} at the end). Global batch {GLOBAL_ROWS} x {T} tokens per step, "
              f"every process one thread; {args.steps} timed steps per process after {args.warmup} "
              f"untimed, {args.rounds} round(s) taking turns. Milliseconds per step (forward, backward, "
@@ -286,7 +292,7 @@ def report(args, results: dict) -> str:
                  f"{1e3 * statistics.median(r['reduce']):.1f}" if r["reduce"] and "ranks" in name else "-",
                  f"{1e3 * statistics.median(r['alone']):.1f}" if r["alone"] else "-"]
                 for name, r in res.items()]
-        lines += [f"## {title}", "", "| side | median ms/step | min ms/step | allreduce in the step "
+        lines += [f"### {title}", "", "| side | median ms/step | min ms/step | allreduce in the step "
                   "(ms, incl. waiting for the slower rank) | allreduce alone (ms, after a barrier) |",
                   "|---|---|---|---|---|", *["| " + " | ".join(r) + " |" for r in rows], ""]
         scaling_line = f"- scaling: 1 process / 2 ranks = **{one / two:.2f}x**"
@@ -300,7 +306,7 @@ def report(args, results: dict) -> str:
                   f"of the 2-rank step; alone {1e3 * alone:.1f} ms, **{100 * alone / two:.1f}%**",
                   ""]
     if "gpt" in results:
-        lines += ["## On paper: GPT-2 124M across two machines on 10 Gbit/s", "",
+        lines += ["### On paper: GPT-2 124M across two machines on 10 Gbit/s", "",
                   *extrapolation(results["gpt"]), ""]
     return "\n".join(lines)
 
@@ -314,6 +320,10 @@ def main(argv=None) -> int:
         torch_worker(args)
         return 0
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # machine.py
+    from machine import cpu_model, gemm_library, write_cpu_section
+
+    print(f"CPU {cpu_model()}, {os.cpu_count()} cores visible; GEMM library {gemm_library()}", flush=True)
     results = {}
     for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
         data = _prepare_recipe() if workload == "recipe" else None
@@ -324,11 +334,9 @@ def main(argv=None) -> int:
     text = report(args, results)
     print()
     print(text)
-    if args.out:
-        from numgpt.io.files import atomic_write
-
-        atomic_write(Path(args.out), text + "\n")
-        print(f"\nwritten to {args.out}")
+    if args.out:  # this CPU's section; the other CPUs' sections stay
+        write_cpu_section(str(args.out), TITLE, INTRO, cpu_model(), text)
+        print(f"\nwritten to {args.out} (section {cpu_model()!r})")
     return 0
 
 

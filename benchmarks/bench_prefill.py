@@ -14,8 +14,8 @@ Target (issue 11): numgpt at least as fast as llama.cpp f32.
 
     python benchmarks/bench_prefill.py [--llama-bin DIR] [--threads N] [--tokens 512] [--quick]
 
-Writes ``docs/results/bench_prefill.md`` (``--quick``: a small model and 64 tokens, writes
-nothing).
+Writes this CPU's section of ``docs/results/bench_prefill.md`` (``machine.write_cpu_section``:
+another CPU's section stays; ``--quick``: a small model and 64 tokens, writes nothing).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..")
 RESULTS = os.path.join(REPO, "docs", "results", "bench_prefill.md")
+INTRO = ("One section per CPU measured (a result on one vendor says little about the other); "
+         "`python benchmarks/bench_prefill.py` on a CPU replaces only that CPU's section.")
 
 
 def _on_path(binary: str) -> str | None:
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
 
     import numgpt
     from bench_llamacpp import SHAPES, build
-    from machine import Machine
+    from machine import Machine, write_cpu_section
     from numgpt.io.gguf import write_gguf
 
     machine = Machine.measure(args.threads, quick=args.quick)
@@ -120,8 +122,8 @@ def main(argv=None) -> int:
                 rates["llama.cpp f32"].append(llama_prefill(bench, path, args.tokens, args.threads))
     med = {k: statistics.median(v) for k, v in rates.items() if v}
     flops = prefill_flops(args.tokens, shape["n_layer"], shape["n_embd"], 50257)
-    lines = [f"# Prefill of a {args.tokens}-token prompt, float32: numgpt vs llama.cpp", "",
-             f"Written by `benchmarks/bench_prefill.py` ({'quick run, ' if args.quick else ''}"
+    title = f"Prefill of a {args.tokens}-token prompt, float32: numgpt vs llama.cpp"
+    lines = [f"Written by `benchmarks/bench_prefill.py` ({'quick run, ' if args.quick else ''}"
              f"shape {shape}, median of {args.repeats} alternated rounds; {machine.describe()}).", "",
              "| implementation | tokens/s | share of the GEMM peak | llama.cpp / it |", "|---|---|---|---|"]
     for name, rate in med.items():
@@ -135,11 +137,9 @@ def main(argv=None) -> int:
         lines += ["", f"Target numgpt fast >= llama.cpp f32: {'met' if ok else 'NOT met'}."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        from numgpt.io.files import atomic_write
-
-        atomic_write(args.out, text)
-        print(f"wrote {os.path.relpath(args.out)}")
+    if args.out:  # this CPU's section; the other CPUs' sections stay
+        write_cpu_section(args.out, title, INTRO, machine.cpu, text)
+        print(f"wrote {os.path.relpath(args.out)} (section {machine.cpu!r})")
     else:
         print("--quick: nothing written" if args.quick else "")
     return 0

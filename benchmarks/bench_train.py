@@ -28,7 +28,9 @@ PyTorch eager and faster than torch.compile; vocabulary-50304 step >= 1.3x eager
     python benchmarks/bench_train.py [--quick] [--threads N] [--workers W] [--iters 2000]
 
 ``--quick`` runs 200 recipe iterations and 5 big-vocab steps and writes nothing unless
-``--out`` is given; the full run writes ``docs/results/bench_train.md``.
+``--out`` is given; the full run writes its section of ``docs/results/bench_train.md``: one
+section per CPU, core count and worker count (``machine.write_cpu_section``), so a run on
+another CPU or with other ``--threads``/``--workers`` keeps the others' figures.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "bench_train.md"
+TITLE = "Training speed: numgpt vs PyTorch eager (nanoGPT-style), side by side"
+INTRO = ("One section per CPU, core count and numgpt worker count measured (a result on one "
+         "vendor says little about the other); `python benchmarks/bench_train.py` replaces only "
+         "the section of its own CPU and counts.")
 SHAKESPEARE = Path(os.environ.get("NUMGPT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "tinyshakespeare.txt"
 VAL_TARGET = 1.89
 RECIPE_TARGET = 1.5
@@ -70,9 +76,6 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile side")
     p.add_argument("--out", default=None, help=f"markdown results (default {RESULTS.relative_to(ROOT)} "
                                                "for a full run; --quick writes nothing unless given)")
-    p.add_argument("--append", action="store_true",
-                   help="add this run's section to --out instead of replacing the file (to keep "
-                        "runs with other --threads/--workers side by side)")
     args = p.parse_args(argv)
     args.workers = args.workers or 1
     if not 1 <= args.workers <= args.threads:
@@ -317,8 +320,7 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
     import numpy as np
     import torch
 
-    lines = ["# Training speed: numgpt vs PyTorch eager (nanoGPT-style), side by side", "",
-             f"Written by `benchmarks/bench_train.py` (numpy {np.__version__}, torch {torch.__version__}, "
+    lines = [f"Written by `benchmarks/bench_train.py` (numpy {np.__version__}, torch {torch.__version__}, "
              f"{args.threads} cores each: torch {args.threads} intra-op threads, numgpt "
              f"{args.workers} worker(s) x {max(1, args.threads // args.workers)} BLAS thread(s); "
              f"numgpt kernels={args.kernels}; {_MACHINE.describe()}). Times are wall-clock per training step "
@@ -332,7 +334,7 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
                  f"{st['median'] / n['median']:.2f}x"]
                 for name, st in ((k, _stats(v)) for k, v in recipe["times"].items())]
         val_ok = recipe["val"]["numgpt"] <= VAL_TARGET
-        lines += [f"## nanoGPT CPU Shakespeare recipe, {args.iters} iterations; {tag}", "",
+        lines += [f"### nanoGPT CPU Shakespeare recipe, {args.iters} iterations; {tag}", "",
                   *_table(rows, ["implementation", "median ms/iter", "mean ms/iter", "min ms/iter",
                                  "last train loss", f"final val loss ({args.eval_iters} batches)",
                                  "its median / numgpt's"]), ""]
@@ -351,7 +353,7 @@ def report(args, recipe: dict | None, big: dict | None) -> str:
                  f"{st['median'] / n['median']:.2f}x"]
                 for name, st in ((k, _stats(v)) for k, v in big["times"].items())]
         ratio = _stats(big["times"]["torch"])["median"] / n["median"]
-        lines += [f"## One step with vocabulary 50304 (4 layers, 128 wide, block 64, batch 12); {tag}", "",
+        lines += [f"### One step with vocabulary 50304 (4 layers, 128 wide, block 64, batch 12); {tag}", "",
                   *_table(rows, ["implementation", "median ms/step", "mean ms/step", "min ms/step",
                                  "its median / numgpt's"]), "",
                   f"- speed: torch / numgpt = **{ratio:.2f}x** by median (target >= {BIG_VOCAB_TARGET}x: "
@@ -384,15 +386,13 @@ def main(argv=None) -> int:
     text = report(args, recipe, big)
     print()
     print(text)
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if args.append and path.is_file():  # keep the title once, add this run's sections
-            text = path.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + text.split("\n", 2)[2]
-        from numgpt.io.files import atomic_write
+    if args.out:  # this CPU's (and counts') section; the other sections stay
+        from machine import write_cpu_section
 
-        atomic_write(path, text + "\n")
-        print(f"\nwritten to {path}")
+        section = f"{_MACHINE.cpu}, {args.threads} core(s), {args.workers} numgpt worker(s)"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_cpu_section(args.out, TITLE, INTRO, section, text)
+        print(f"\nwritten to {args.out} (section {section!r})")
     return 0
 
 
