@@ -10,12 +10,13 @@ reached here unconverted. ``--json`` output is always valid JSON (``_print_json`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from .core.threads import set_blas_threads
 from .errors import InputError, NumGPTError
-from .io.files import write_error
+from .io.files import atomic_write, write_error
 
 __all__ = ["main", "build_parser"]
 
@@ -69,15 +70,48 @@ def _note_cold_kernel_cache(args) -> None:
               f"{threads.kernel_cache_dir()} ...", file=sys.stderr, flush=True)
 
 
+# Commands whose matrix products run on the GEMM library (core/gemm.py): each takes --gemm
+# and names the library on stderr when it starts; info takes --gemm to show that choice.
+_GEMM_COMMANDS = _KERNEL_COMMANDS | {"inspect"}
+
+
+def _add_gemm_flag(p) -> None:
+    from .core.gemm import CHOICES
+
+    p.add_argument("--gemm", choices=CHOICES, default=None,
+                   help="the library that multiplies the weight matrices: NumPy's openblas, or "
+                        "mkl (pip install 'numgpt[mkl]'); auto (the default, or NUMGPT_GEMM) "
+                        "takes what `numgpt compile` measured on this CPU, else the CPU vendor's")
+
+
+def _note_gemm(args) -> None:
+    """Choose the GEMM library before NumPy loads and say which and why on stderr (never a
+    silent switch); ConfigError when --gemm/NUMGPT_GEMM asks for one that is not here."""
+    from .core import gemm
+
+    if getattr(args, "gemm", None):
+        os.environ[gemm.ENV] = args.gemm  # this process's gemm.select() and its MPI ranks
+    if args.command not in _GEMM_COMMANDS:
+        return  # info prints gemm.describe() with the rest
+    lib, why = gemm.resolve(getattr(args, "gemm", None), "--gemm")
+    if lib == "mkl" and not why.startswith("auto"):
+        gemm.load("mkl")  # now, before torch can (`trace --reference-hf` imports it)
+    elif lib == "mkl" and "mkl" not in gemm.available():
+        lib, why = "openblas", f"{why}; but mkl did not load -> openblas"
+    print(f"numgpt: GEMM library {lib}: {why}", file=sys.stderr, flush=True)
+
+
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile the fast path's kernels into numba's cache now "
-                                       "(the first run of any command does it otherwise)")
+                                       "(the first run of any command does it otherwise), and "
+                                       "time the GEMM libraries here for --gemm auto")
     p.set_defaults(run=_run_compile)
 
 
 def _run_compile(args) -> int:
     from .core import threads
 
+    _measure_gemm()  # first: the kernels' summary stays the last line
     cold = threads.kernel_cache_is_cold()
     print(f"{'compiling' if cold else 'loading'} every kernel, both builds, float32 and float64; "
           f"cache {threads.kernel_cache_dir()}", flush=True)
@@ -95,6 +129,24 @@ def _run_compile(args) -> int:
     print(f"{len(done)} functions ready in {seconds:.1f} s; {compiled} kernels compiled, the "
           f"rest loaded from the cache; cache {threads.kernel_cache_dir()}")
     return 0
+
+
+def _measure_gemm() -> None:
+    """Time the GEMM libraries at numgpt's shapes and record the choice for --gemm auto."""
+    import json
+    import time
+
+    from .core import gemm
+
+    t0 = time.perf_counter()
+    results = gemm.measure()
+    record, choice, summary = gemm.record_measurement(results)
+    atomic_write(gemm.record_path(), json.dumps(record, indent=1) + "\n")
+    for group, shapes in gemm.SHAPES.items():
+        rates = "  ".join(f"{lib} {sum(r[group]) / len(r[group]):.0f}" for lib, r in results.items())
+        print(f"  GEMM {group:16s} mean GFLOP/s over {len(shapes)} shapes: {rates}")
+    print(f"GEMM library for --gemm auto on this {gemm.cpu_model()}: {choice} ({summary}; "
+          f"{time.perf_counter() - t0:.1f} s); recorded in {gemm.record_path()}")
 
 
 # ------------------------------------------------------------------------ gradcheck
@@ -240,7 +292,10 @@ def _run_info(args) -> int:
 
     from .io import checkpoint
 
+    from .core import gemm
+
     d = checkpoint.describe(checkpoint.load(args.model, check_finite=not args.skip_finite_check))
+    d["gemm"] = gemm.describe()  # the library this machine multiplies with, and why
     if args.json:
         _print_json(d, indent=2)
         return 0
@@ -252,6 +307,7 @@ def _run_info(args) -> int:
     print(f"dtype       {d['dtype']}")
     print(f"kernels     {d['config'].get('kernels', 'fast')} (the op path: 'fast' compiled kernels or "
           f"'reference' NumPy ops)")
+    print(f"gemm        {d['gemm']}")
     if d.get("quantization"):
         q = d["quantization"]
         print(f"quantized   {q['scheme']}: {q['bytes']:,} bytes of weights in memory "
@@ -1086,6 +1142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)
+    for name, p in sub.choices.items():
+        if name in _GEMM_COMMANDS or name == "info":
+            _add_gemm_flag(p)
     return parser
 
 
@@ -1099,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _note_cold_kernel_cache(args)
     try:
+        _note_gemm(args)
         return args.run(args)
     except NumGPTError as exc:
         if not (getattr(exc, "every_rank", False) and _launched_rank() != 0):  # once, not per rank

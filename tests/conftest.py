@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from numgpt.core import gemm
+
+# oneMKL (where installed) loads before any test module imports torch: libmkl_rt resolves its
+# parts in the process's global symbols, where torch's copy of MKL would win and give wrong
+# products (core/gemm.py's probe refuses that case); tests/test_gemm_gates.py uses it.
+gemm.available()
+
 
 def shared_data_dir() -> Path:
     """``$NUMGPT_SHARED_DATA`` if set, else ``<repo>/../shared/data``."""

@@ -41,7 +41,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..errors import ConfigError, ShapeError
-from . import ops
+from . import gemm, ops
 from .threads import CACHE_ENV, kernel_cache_dir, let_openmp_threads_sleep
 
 __all__ = ["PATHS", "FAST_OPS", "OpPath", "ops_for", "set_threads", "compile_all",
@@ -773,20 +773,21 @@ def tied_head(x: np.ndarray, w_e: np.ndarray):
     row per cache slot) OpenBLAS repacks the large (C, V) operand on every call of
     ``x @ W_e.T``, and ``(W_e @ x^T)^T`` streams W_e as it is stored instead (measured 1.3x
     faster at 4 to 16 rows, equal at 1 and 256). Up to ``FEW_ROWS`` rows it takes that order
-    (and copies the small (N, V) result to C order); more rows run the reference op. The
-    backward is the reference's. tests/test_kernels.py checks both against ``ops.tied_head``.
+    (and copies the small (N, V) result to C order); more rows run the reference op. Both
+    run on the selected GEMM library (``gemm.mm``). The backward is the reference's.
+    tests/test_kernels.py checks both against ``ops.tied_head``.
     """
     N = int(np.prod(x.shape[:-1]))
     if N > FEW_ROWS or w_e.ndim != 2 or x.shape[-1] != w_e.shape[-1]:
         return ops.tied_head(x, w_e)  # (its checks name a shape mismatch)
     ops._check_float(x, w_e)
     x2 = x.reshape(N, w_e.shape[1])  # (N, C)
-    out = np.ascontiguousarray((w_e @ x2.T).T)  # (V, C) @ (C, N) -> (V, N) -> (N, V)
+    out = np.ascontiguousarray(gemm.mm(w_e, x2.T).T)  # (V, C) @ (C, N) -> (V, N) -> (N, V)
 
     def backward(dout):  # as ops.tied_head
         d2 = dout.reshape(-1, w_e.shape[0])  # (N, V)
-        dx = (d2 @ w_e).reshape(x.shape)  # (N, V) @ (V, C) -> (..., C)
-        dw = d2.T @ x2  # (V, N) @ (N, C) -> (V, C)
+        dx = gemm.mm(d2, w_e).reshape(x.shape)  # (N, V) @ (V, C) -> (..., C)
+        dw = gemm.mm(d2.T, x2)  # (V, N) @ (N, C) -> (V, C)
         return dx, dw
     return out.reshape(*x.shape[:-1], w_e.shape[0]), backward
 

@@ -37,6 +37,7 @@ import numpy as np
 from scipy.special import erf
 
 from ..errors import DTypeError, InputError, ShapeError
+from . import gemm
 
 __all__ = [
     "add", "sub", "mul", "scale", "neg", "relu", "tanh", "exp", "log",
@@ -318,15 +319,15 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None):
         raise ShapeError(f"linear: bias {b.shape} does not match weight {w.shape}; expected ({w.shape[1]},)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.shape[0])  # (N, in)
-    out = x2 @ w  # (N, in) @ (in, out) -> (N, out)
+    out = gemm.mm(x2, w)  # (N, in) @ (in, out) -> (N, out)
     if b is not None:
         out += b
     out = out.reshape(*lead, w.shape[1])  # (..., out)
 
     def backward(dout):
         d2 = dout.reshape(-1, w.shape[1])  # (N, out)
-        dx = (d2 @ w.T).reshape(x.shape)  # (N, out) @ (out, in) -> (..., in)
-        dw = x2.T @ d2  # (in, N) @ (N, out) -> (in, out)
+        dx = gemm.mm(d2, w.T).reshape(x.shape)  # (N, out) @ (out, in) -> (..., in)
+        dw = gemm.mm(x2.T, d2)  # (in, N) @ (N, out) -> (in, out)
         db = d2.sum(axis=0) if b is not None else None
         return dx, dw, db
     return out, backward
@@ -570,12 +571,12 @@ def tied_head(x: np.ndarray, w_e: np.ndarray):
     if w_e.ndim != 2 or x.shape[-1] != w_e.shape[1]:
         raise ShapeError(f"tied_head: input {x.shape} does not match embedding {w_e.shape} (V, C)")
     x2 = x.reshape(-1, w_e.shape[1])  # (N, C)
-    out = (x2 @ w_e.T).reshape(*x.shape[:-1], w_e.shape[0])  # (..., V)
+    out = gemm.mm(x2, w_e.T).reshape(*x.shape[:-1], w_e.shape[0])  # (N, C) @ (C, V) -> (..., V)
 
     def backward(dout):
         d2 = dout.reshape(-1, w_e.shape[0])  # (N, V)
-        dx = (d2 @ w_e).reshape(x.shape)  # (N, V) @ (V, C) -> (..., C)
-        dw = d2.T @ x2  # (V, N) @ (N, C) -> (V, C)
+        dx = gemm.mm(d2, w_e).reshape(x.shape)  # (N, V) @ (V, C) -> (..., C)
+        dw = gemm.mm(d2.T, x2)  # (V, N) @ (N, C) -> (V, C)
         return dx, dw
     return out, backward
 
