@@ -27,7 +27,10 @@ as ``numgpt serve`` parses it, then ``sample.generate``); its rendered prompt
 
 Writes this CPU's section of ``docs/results/bench_llamacpp.md`` (``machine.write_cpu_section``:
 another CPU's section stays; not with ``--quick``). Target (issue 14):
-numgpt q8_0 >= 0.8x llama.cpp q8_0.
+numgpt q8_0 >= 0.8x llama.cpp q8_0. Issue 19's decode targets are checked too: f32 >= 0.95x
+llama.cpp f32 and >= 90% of the ceiling (the read bandwidth measured at the start, all
+threads, over the weight bytes one token reads), q8_0 >= 1.0x llama.cpp q8_0 and >= 1.8x
+numgpt's own f32; both sides' share of the ceiling is in the table.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from typing import Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..")
 RESULTS = os.path.join(REPO, "docs", "results", "bench_llamacpp.md")
+# issue 19's decode targets, batch 1: ratios to llama.cpp, share of the bandwidth ceiling, q8_0 over f32
+ISSUE19 = {"f32_vs_llama": 0.95, "f32_ceiling": 0.90, "q8_vs_llama": 1.0, "q8_vs_f32": 1.8}
 TITLE = "numgpt's GGUF in llama.cpp: greedy tokens and decode speed"
 INTRO = ("One section per CPU measured (a result on one vendor says little about the other); "
          "`python benchmarks/bench_llamacpp.py` on a CPU replaces only that CPU's section.")
@@ -205,9 +210,19 @@ def measure(args, server: str, bench: str) -> list[dict]:
                 rates["llama.cpp"].append(llama_bench(bench, path, args.tokens, args.threads))
             rows.append({"dtype": dtype, "same": mine == theirs, "numgpt_tokens": mine,
                          "llama_tokens": theirs, "size": os.path.getsize(path),
+                         "bytes": weight_bytes_per_token(ours),
                          **{k: statistics.median(v) for k, v in rates.items()}})
             del ours
     return rows
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every matrix and vector once, one row of wpe
+    (q8_0 blocks at their stored size)."""
+    from numgpt.core import quant
+
+    wpe = model.wpe.weight.data
+    return quant.weight_bytes(model)["total"] - wpe.nbytes + wpe[0].nbytes
 
 
 def byte_level_check(args, server: str) -> dict:
@@ -345,14 +360,27 @@ def report(rows: list[dict], args, byte_level: dict | None = None, machine=None,
              f"{args.threads} threads, {args.tokens} new tokens, median of {args.repeats} "
              f"alternated rounds; llama.cpp from {args.llama_bin}). Random weights, GPT-2 "
              f"tokenizer; greedy: {GREEDY_TOKENS} tokens after a {PROMPT_LEN}-token prompt.", "",
-             "| GGUF | file MB | same greedy tokens | numgpt tok/s | llama.cpp tok/s | numgpt / llama.cpp |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
+             "| GGUF | file MB | same greedy tokens | numgpt tok/s | llama.cpp tok/s | numgpt / llama.cpp "
+             "| ceiling tok/s | numgpt / ceiling | llama.cpp / ceiling |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:  # ceiling: the read bandwidth measured at the start over the weight bytes per token
+        ceiling = machine.bandwidth_gbs * 1e9 / r["bytes"] if machine else float("nan")
         lines.append(f"| {r['dtype']} | {r['size'] / 1e6:.0f} | {'yes' if r['same'] else 'NO'} | "
-                     f"{r['numgpt']:.1f} | {r['llama.cpp']:.1f} | {r['numgpt'] / r['llama.cpp']:.2f}x |")
+                     f"{r['numgpt']:.1f} | {r['llama.cpp']:.1f} | {r['numgpt'] / r['llama.cpp']:.2f}x | "
+                     f"{ceiling:.1f} | {r['numgpt'] / ceiling:.0%} | {r['llama.cpp'] / ceiling:.0%} |")
     q8 = next(r for r in rows if r["dtype"] == "q8_0")
     lines += ["", f"Target: numgpt q8_0 >= {TARGET}x llama.cpp q8_0: "
               f"{'met' if q8['numgpt'] / q8['llama.cpp'] >= TARGET else 'MISSED'}"]
+    f32 = next((r for r in rows if r["dtype"] == "f32"), None)
+    if f32 is not None and machine is not None:
+        share = f32["numgpt"] * f32["bytes"] / (machine.bandwidth_gbs * 1e9)
+        checks = [(f"f32 >= {ISSUE19['f32_vs_llama']}x llama.cpp f32",
+                   f32["numgpt"] / f32["llama.cpp"] >= ISSUE19["f32_vs_llama"]),
+                  (f"f32 >= {ISSUE19['f32_ceiling']:.0%} of the ceiling", share >= ISSUE19["f32_ceiling"]),
+                  (f"q8_0 >= {ISSUE19['q8_vs_llama']}x llama.cpp q8_0",
+                   q8["numgpt"] / q8["llama.cpp"] >= ISSUE19["q8_vs_llama"]),
+                  (f"q8_0 >= {ISSUE19['q8_vs_f32']}x numgpt f32", q8["numgpt"] / f32["numgpt"] >= ISSUE19["q8_vs_f32"])]
+        lines += ["", "Targets (issue 19): " + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in checks)]
     if byte_level is not None:
         lines += ["", f"Byte-level model (vocab 256, q8_0 GGUF with the 256 byte tokens and one inert "
                   f"merge): llama.cpp loads it; its /tokenize gives the UTF-8 bytes as ids: "
