@@ -594,3 +594,83 @@ def test_time_to_first_token_and_inter_token_latency_are_per_sequence(model):
     assert "numgpt_inter_token_latency_seconds_count 15" in text
     assert f"numgpt_step_prefill_tokens_sum {prompt}" in text
     assert "numgpt_prefix_cache_misses_total 3" in text
+
+
+# ------------------------------------------------- prefix reuse with prompt logprobs
+
+
+def _scored(engine, text, max_new=0):
+    """Submit a prompt-logprobs request (top 2) and run it: (PromptEvent, recorder)."""
+    req, rec = make(text, max_new, logprobs=2, prompt_logprobs=True)
+    engine.submit([req])
+    run_until_idle(engine)
+    assert rec.finish.reason == "length", rec.finish
+    return next(e for e in rec.events if isinstance(e, PromptEvent)), rec
+
+
+def _assert_same_prompt_event(got, want, atol=1e-12):
+    assert got.logprobs[0] is None and len(got.logprobs) == len(want.logprobs)
+    np.testing.assert_allclose(got.logprobs[1:], want.logprobs[1:], rtol=0, atol=atol)
+    for g, w in zip(got.top[1:], want.top[1:]):
+        assert [t for t, _ in g] == [t for t, _ in w]
+        np.testing.assert_allclose([p for _, p in g], [p for _, p in w], rtol=0, atol=atol)
+
+
+def test_scoring_requests_reuse_the_shared_context_and_its_scores(long_model):
+    """lm-evaluation-harness sends one context with each answer (echo + logprobs, max_tokens
+    0): the second answer computes only its own tokens, and its prompt logprobs equal a
+    fresh engine's within 1e-12 (float64), tops included."""
+    spy = RowsSpy(long_model)
+    engine = Engine(spy, max_batch=2)
+    _scored(engine, SHARED + " Paris")
+    spy.calls.clear()
+    got, _ = _scored(engine, SHARED + " Rome")
+    # SHARED and the space are shared; the space is computed again (its logits score 'R')
+    assert spy.calls == [[(0, 5)]], "only ' Rome' is computed"
+    assert engine.metrics.reused_tokens.value() == len(SHARED)
+    fresh, _ = _scored(Engine(long_model, max_batch=1), SHARED + " Rome")
+    _assert_same_prompt_event(got, fresh)
+    got_gen, rec = _scored(engine, SHARED + " Oslo", max_new=4)  # and generating after it
+    assert rec.tokens == generate(long_model, list((SHARED + " Oslo").encode()), 4, GREEDY)
+    _assert_same_prompt_event(got_gen, _scored(Engine(long_model), SHARED + " Oslo", 4)[0])
+
+
+def test_a_corrupted_reused_score_fails_the_gate(long_model):
+    """Negative control: the reused scores are what the answer sends."""
+    engine = Engine(long_model, max_batch=1)
+    _scored(engine, SHARED + " Paris")
+    engine._scores[0].logprob[7] += 0.5
+    got, _ = _scored(engine, SHARED + " Rome")
+    fresh, _ = _scored(Engine(long_model, max_batch=1), SHARED + " Rome")
+    with pytest.raises(AssertionError):
+        _assert_same_prompt_event(got, fresh)
+
+
+def test_scores_are_dropped_past_where_a_later_prompt_differs(long_model):
+    """A plain request that shares 20 tokens with the slot keeps only scores 0..18; the next
+    scoring request (sharing all of SHARED with the first) may reuse only those, and its
+    logprobs still equal a fresh engine's."""
+    spy = RowsSpy(long_model)
+    engine = Engine(spy, max_batch=1, prefix_cache_mb=0)
+    _scored(engine, SHARED + " Paris")
+    req, _ = make(SHARED[:20] + "something else", 3)
+    engine.submit([req])
+    run_until_idle(engine)
+    assert engine._scores[0].n == 19
+    spy.calls.clear()
+    got, _ = _scored(engine, SHARED + " Rome")
+    assert spy.calls[0] == [(0, len(SHARED) + 5 - 19)]
+    _assert_same_prompt_event(got, _scored(Engine(long_model, max_batch=1), SHARED + " Rome")[0])
+
+
+def test_the_pool_keeps_scores_with_the_keys_and_values(long_model):
+    spy = RowsSpy(long_model)
+    engine = Engine(spy, max_batch=1, prefix_cache_mb=1)
+    _scored(engine, SHARED + " Paris")
+    req, _ = make("unrelated", 2)
+    engine.submit([req])
+    run_until_idle(engine)
+    spy.calls.clear()
+    got, _ = _scored(engine, SHARED + " Rome")
+    assert spy.calls[0] == [(0, 5)] and engine.metrics.prefix_hits.value(source="pool") == 1
+    _assert_same_prompt_event(got, _scored(Engine(long_model, max_batch=1), SHARED + " Rome")[0])

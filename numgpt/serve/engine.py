@@ -29,9 +29,13 @@ whose tokens share the longest prefix with its prompt, then prefills only the re
 slot's tokens about to be overwritten go to a pool of recent prefixes (copies of their
 keys and values, least recently used dropped first, at most ``prefix_cache_mb``; 0 turns
 the pool off), which a later prompt can copy from. At least the last prompt token is
-always computed (its logits choose the first token); a sequence that wants prompt
-logprobs computes its whole prompt. Equal prompts admitted together (``n`` > 1 choices)
-are computed once: the others wait in their slots and copy the keys and values.
+always computed (its logits choose the first token). A sequence that wants prompt logprobs
+(scoring: lm-evaluation-harness sends one context with every answer) needs each position's
+log-probabilities too: slots and pool entries keep, beside the keys and values, the scores
+(``Scores``: the next token's log-probability and the top alternatives) an earlier
+prompt-logprobs pass computed, and such a sequence reuses only positions whose scores are
+kept. Equal prompts admitted together (``n`` > 1 choices) are computed once: the others
+wait in their slots and copy the keys and values.
 
 Each sequence is one ``numgpt.infer.decoder.SequenceDecoder`` (token choice with generator
 ``sample_rng(seed, index)``, end-of-text, stop strings, max tokens, released text), the
@@ -166,7 +170,6 @@ class Request:
     leader: "Request | None" = field(default=None, init=False)  # an equal prompt it copies
     submitted: float = field(default=0.0, init=False)  # perf_counter at submit
     last_token_at: float | None = field(default=None, init=False)  # its newest token's time
-    prompt_logits: list = field(default_factory=list, init=False, repr=False)  # (n, V) chunks
 
     @property
     def prompt_done(self) -> bool:
@@ -260,13 +263,61 @@ def common_prefix(a, b) -> int:
     return int(differ[0]) if differ.size else n
 
 
+@dataclass
+class Scores:
+    """What prompt logprobs report for the token after each cache position t < n: the token
+    (at t + 1), its log-probability and the ``MAX_LOGPROBS`` most likely tokens with theirs
+    (``token_logprobs`` of the logits at t, in float64). Kept beside the keys and values of a
+    slot (and of a pool entry), so a prompt that asks for its logprobs can reuse a prefix:
+    entry t holds whenever tokens 0..t + 1 are the same."""
+
+    token: np.ndarray  # (P,) int64
+    logprob: np.ndarray  # (P,) float64
+    top_ids: np.ndarray  # (P, MAX_LOGPROBS) int64
+    top_lps: np.ndarray  # (P, MAX_LOGPROBS) float64
+    n: int = 0  # entries 0..n-1 are filled
+
+    @classmethod
+    def empty(cls, positions: int) -> "Scores":
+        return cls(np.zeros(positions, np.int64), np.zeros(positions),
+                   np.zeros((positions, MAX_LOGPROBS), np.int64), np.zeros((positions, MAX_LOGPROBS)))
+
+    @property
+    def nbytes(self) -> int:
+        return self.token.nbytes + self.logprob.nbytes + self.top_ids.nbytes + self.top_lps.nbytes
+
+    def head(self, n: int) -> "Scores":
+        """A copy of entries 0..n-1 (n <= self.n)."""
+        return Scores(self.token[:n].copy(), self.logprob[:n].copy(), self.top_ids[:n].copy(),
+                      self.top_lps[:n].copy(), n)
+
+    def put(self, other: "Scores", n: int) -> None:
+        """Take other's entries 0..n-1 (n <= other.n)."""
+        for mine, theirs in zip((self.token, self.logprob, self.top_ids, self.top_lps),
+                                (other.token, other.logprob, other.top_ids, other.top_lps)):
+            mine[:n] = theirs[:n]
+        self.n = n
+
+    def extend(self, at: int, logits: np.ndarray, tokens) -> None:
+        """Entries at..at + m - 1 from logits (m, V) and the m tokens after them (of the same
+        sequence as the entries held); kept only where the filled run reaches ``at``."""
+        if at > self.n or not len(tokens):
+            return
+        m = len(tokens)
+        res = token_logprobs(logits, np.asarray(tokens), MAX_LOGPROBS)
+        self.token[at:at + m], self.logprob[at:at + m] = tokens, res.logprob
+        self.top_ids[at:at + m], self.top_lps[at:at + m] = res.top_ids, res.top_logprobs
+        self.n = max(self.n, at + m)
+
+
 class PrefixPool:
-    """Recent prompt prefixes: tokens -> copies of their keys and values (L, nh, n, hs) each,
-    at most ``capacity`` bytes, the least recently used dropped first."""
+    """Recent prompt prefixes: tokens -> copies of their keys and values (L, nh, n, hs) and
+    their ``Scores`` (as far as known), at most ``capacity`` bytes, the least recently used
+    dropped first."""
 
     def __init__(self, capacity_bytes: int):
         self.capacity = int(capacity_bytes)
-        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -281,17 +332,22 @@ class PrefixPool:
                 best, key = n, tokens
         return best, key
 
-    def get(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, Scores | None]:
+        """(k, v, scores) of an entry, now the most recently used."""
         self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def peek(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, Scores | None]:
         return self._entries[key]
 
     def covers(self, tokens) -> bool:
         """True when an entry already starts with all of ``tokens``."""
         return any(common_prefix(t, tokens) == len(tokens) for t in self._entries)
 
-    def add(self, tokens, k: np.ndarray, v: np.ndarray) -> None:
-        """Keep copies of k, v (L, nh, n, hs) for ``tokens``; entries it extends are dropped."""
-        size = k.nbytes + v.nbytes
+    def add(self, tokens, k: np.ndarray, v: np.ndarray, scores: Scores | None = None) -> None:
+        """Keep copies of k, v (L, nh, n, hs) for ``tokens`` (and their scores, copied by the
+        caller); entries it extends are dropped."""
+        size = k.nbytes + v.nbytes + (scores.nbytes if scores is not None else 0)
         if size > self.capacity or not len(tokens) or self.covers(tokens):
             return
         key = tuple(int(t) for t in tokens)
@@ -299,12 +355,12 @@ class PrefixPool:
             self._drop(old)
         while self._entries and self.bytes + size > self.capacity:
             self._drop(next(iter(self._entries)))
-        self._entries[key] = (k.copy(), v.copy())
+        self._entries[key] = (k.copy(), v.copy(), scores)
         self.bytes += size
 
     def _drop(self, key) -> None:
-        k, v = self._entries.pop(key)
-        self.bytes -= k.nbytes + v.nbytes
+        k, v, scores = self._entries.pop(key)
+        self.bytes -= k.nbytes + v.nbytes + (scores.nbytes if scores is not None else 0)
 
 
 # ---------------------------------------------------------------------------- engine
@@ -341,6 +397,7 @@ class Engine:
         self.pool = PrefixPool(int(prefix_cache_mb * 2**20))
         self._slots: list[Request | None] = [None] * max_batch
         self._held: list[list[int]] = [[] for _ in range(max_batch)]  # tokens each slot's cache holds
+        self._scores = [Scores.empty(self.max_len) for _ in range(max_batch)]  # and their scores
         self._prefilling: list[Request] = []  # computing their prompts, oldest first
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
@@ -488,14 +545,16 @@ class Engine:
         leader = None if r.prompt_logprobs else next(
             (x for x in self._prefilling if x.leader is None and not x.prompt_logprobs
              and x.prompt_ids == r.prompt_ids), None)
-        # at least the last prompt token is computed: its logits choose the first token
-        limit = 0 if r.prompt_logprobs else len(r.prompt_ids) - 1
-        shared = {s: min(common_prefix(self._held[s], r.prompt_ids), limit) for s in free}
+        common = {s: common_prefix(self._held[s], r.prompt_ids) for s in free}
+        shared = {s: self._reusable(r, common[s], self._scores[s].n) for s in free}
         # on a tie the slot holding least is overwritten (less goes to the pool), then the lowest
         slot = min(free, key=lambda s: (-shared[s], len(self._held[s]), s))
         n = shared[slot]
-        from_pool, key = self.pool.longest(r.prompt_ids) if self.pool.capacity else (0, None)
-        from_pool = min(from_pool, limit)
+        pool_common, key = self.pool.longest(r.prompt_ids) if self.pool.capacity else (0, None)
+        from_pool = 0
+        if key is not None:
+            pooled = self.pool.peek(key)[2]
+            from_pool = self._reusable(r, pool_common, pooled.n if pooled is not None else 0)
         if leader is not None or from_pool > n:
             n = 0
         self._keep_in_pool(slot, n)
@@ -503,32 +562,51 @@ class Engine:
         m = self.metrics
         if leader is not None:  # waits, then copies the leader's keys and values
             r.leader, self._held[slot] = leader, []
-            self.cache.lengths[slot] = 0
+            self.cache.lengths[slot] = self._scores[slot].n = 0
             m.prefix_hits.inc(source="identical")
             return
+        # score t stays while it scores this prompt's token t + 1: t + 1 < the common prefix
+        scores = self._scores[slot]
         if from_pool > n:
-            k, v = self.pool.get(key)  # (L, nh, n, hs)
+            k, v, pooled = self.pool.get(key)  # (L, nh, n, hs)
             n = from_pool
             self.cache.k[:, slot, :, :n] = k[:, :, :n]
             self.cache.v[:, slot, :, :n] = v[:, :, :n]
             self._held[slot] = list(r.prompt_ids[:n])
+            scores.n = 0
+            if pooled is not None:
+                scores.put(pooled, max(0, min(pooled.n, pool_common - 1)))
             m.prefix_hits.inc(source="pool")
         elif n:
             del self._held[slot][n:]
+            scores.n = max(0, min(scores.n, common[slot] - 1))
             m.prefix_hits.inc(source="slot")
         else:
             self._held[slot] = []
+            scores.n = 0
             m.prefix_misses.inc()
         m.reused_tokens.inc(n)
         self.cache.lengths[slot] = r.prefilled = n
         self._prefilling.append(r)
 
+    @staticmethod
+    def _reusable(r: Request, shared: int, scored: int) -> int:
+        """Cached positions r can reuse from a cache sharing ``shared`` prompt tokens whose
+        scores are known for its first ``scored`` positions. At least the last prompt token
+        is computed (its logits choose the first token); a request for prompt logprobs
+        reuses only positions whose scores are known and whose next token is its own."""
+        last = len(r.prompt_ids) - 1
+        if r.prompt_logprobs:
+            return max(0, min(shared - 1, scored, last))
+        return min(shared, last)
+
     def _keep_in_pool(self, slot: int, keep: int) -> None:
         """Before slot's tokens past ``keep`` are overwritten, copy them to the pool."""
         held = self._held[slot]
         if self.pool.capacity and len(held) > keep:
-            n = len(held)
-            self.pool.add(held, self.cache.k[:, slot, :, :n], self.cache.v[:, slot, :, :n])
+            n, scores = len(held), self._scores[slot]
+            self.pool.add(held, self.cache.k[:, slot, :, :n], self.cache.v[:, slot, :, :n],
+                          scores.head(scores.n) if scores.n else None)
             self.metrics.pool_bytes.set(self.pool.bytes)
             self.metrics.pool_entries.set(len(self.pool))
 
@@ -584,12 +662,20 @@ class Engine:
                 continue
             self._guarded(self._advance, r, logits)
         for (r, n), logits in zip(chunks, out[len(decode):]):
-            r.prefilled += n
-            if r.prompt_logprobs:
-                r.prompt_logits.append(logits)  # (n, V)
+            at, r.prefilled = r.prefilled, r.prefilled + n
+            if r.prompt_logprobs:  # logits (n, V): score the prompt tokens that follow them
+                try:
+                    check_finite_logits(logits, "over the prompt")
+                except NonFiniteLogits as e:
+                    log.error("%s", e)
+                    self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
+                    continue
+                following = r.prompt_ids[at + 1:at + 1 + n]
+                self._scores[r.slot].extend(at, logits[:len(following)], following)
+                logits = logits[-1]
             if r.prompt_done:
                 self._prefilling.remove(r)
-                self._prompt_complete(r, logits if not r.prompt_logprobs else logits[-1])
+                self._prompt_complete(r, logits)
 
     def _observe(self, rows: int, prompt: int, seconds: float) -> None:
         m = self.metrics
@@ -616,15 +702,7 @@ class Engine:
             f.leader = None
             self.metrics.reused_tokens.inc(T)
         if r.prompt_logprobs:
-            every = np.concatenate(r.prompt_logits)  # (T, V)
-            r.prompt_logits = []
-            try:
-                check_finite_logits(every, "over the prompt")
-            except NonFiniteLogits as e:
-                log.error("%s", e)
-                self._finish(r, "error", str(e), code=NON_FINITE_LOGITS)
-                return
-            self._emit_prompt_logprobs(r, every)
+            self._emit_prompt_logprobs(r)
         for x in [r, *followers]:
             if x.cancelled:  # finished by the next step's _drop_cancelled
                 continue
@@ -644,15 +722,13 @@ class Engine:
             log.error("sequence failed: %s: %s", type(e).__name__, e, exc_info=e)
             self._finish(r, "error", f"{type(e).__name__}: {e}")
 
-    def _emit_prompt_logprobs(self, r: Request, logits: np.ndarray) -> None:
-        """logits (T, V): row t predicts prompt token t + 1."""
-        ids = r.prompt_ids
-        lps: list[float | None] = [None]
-        tops: list = [None]
-        if len(ids) > 1:
-            res = token_logprobs(logits[:-1], np.asarray(ids[1:]), r.logprobs or 0)
-            lps += [float(x) for x in res.logprob]
-            tops += [tuple(zip(t.tolist(), p.tolist())) for t, p in zip(res.top_ids, res.top_logprobs)]
+    def _emit_prompt_logprobs(self, r: Request) -> None:
+        """From its slot's scores: entry t + 1 scores prompt token t + 1 given tokens <= t."""
+        T, k, sc = len(r.prompt_ids), r.logprobs or 0, self._scores[r.slot]
+        assert sc.n >= T - 1 and sc.token[:T - 1].tolist() == r.prompt_ids[1:]
+        lps: list[float | None] = [None, *sc.logprob[:T - 1].tolist()]
+        tops: list = [None, *(tuple(zip(t.tolist(), p.tolist()))
+                              for t, p in zip(sc.top_ids[:T - 1, :k], sc.top_lps[:T - 1, :k]))]
         self._send(r, PromptEvent(lps, tops))
 
     def _advance(self, r: Request, logits: np.ndarray) -> None:
