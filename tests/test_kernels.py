@@ -408,3 +408,45 @@ def test_decode_attention_runs_serial_below_the_work_threshold_and_both_builds_a
     assert _rel_error(small, _reference_cached(qkv, ck, cv, rows, start, layer, nh)) < TOLERANCE[dtype]
     broken = kernels.cached_attention(qkv[:, :, ::-1].copy(), ck, cv, **args)  # another query
     assert not np.array_equal(broken, large)
+
+
+# ------------------------------------------------------------------ the sampler's stable argsort
+
+def _hard_rows(dtype):
+    """Rows a sort can get wrong: ties, -0.0 beside +0.0, infinities, NaNs of both signs,
+    a row that is mostly -inf (after a top-k filter), and plain random logits."""
+    rng = np.random.default_rng(8)
+    z = (rng.standard_normal((4, 5003)) * 3).astype(dtype)
+    z[0, ::3] = np.round(z[0, ::3])  # many ties
+    z[1, :7], z[1, 7:14] = -0.0, 0.0
+    z[1, 20:23], z[1, 30] = np.nan, -np.nan
+    z[1, 40:42], z[1, 50:52] = np.inf, -np.inf
+    z[2, 40:] = -np.inf
+    return z
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_argsort_stable_gives_numpys_stable_order_index_for_index(dtype):
+    z = _hard_rows(dtype)
+    want = np.argsort(z, axis=-1, kind="stable")
+    assert np.array_equal(kernels.argsort_stable(z), want)
+    assert np.array_equal(kernels.argsort_stable(z[2]), want[2])  # one row, (V,)
+    assert np.array_equal(kernels.argsort_stable(z[:, :1]), np.zeros((4, 1), np.int64))
+
+
+def test_argsort_stable_check_catches_an_unstable_order_and_a_wrong_zero_key(monkeypatch):
+    """Negative controls: an order that breaks ties otherwise, and keys that put -0.0 below
+    +0.0 (the raw IEEE order), both fail the index-for-index check."""
+    z = _hard_rows(np.float32)
+    want = np.argsort(z, axis=-1, kind="stable")
+    V = z.shape[-1]
+    later_first = V - 1 - np.argsort(z[:, ::-1], axis=-1, kind="stable")  # ties: higher id first
+    assert np.array_equal(np.take_along_axis(z, later_first, -1), np.take_along_axis(z, want, -1),
+                          equal_nan=True)  # the same sorted values: only the ties differ
+    assert not np.array_equal(later_first, want)
+
+    def raw_ieee_keys(x):
+        b = np.ascontiguousarray(x).view(np.uint32)
+        return np.where(b >> np.uint32(31) == 1, ~b, b | np.uint32(1 << 31)).astype(np.uint64)
+    monkeypatch.setattr(kernels, "_sort_keys", raw_ieee_keys)
+    assert not np.array_equal(kernels.argsort_stable(z), want)

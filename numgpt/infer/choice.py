@@ -29,6 +29,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from ..core.checks import is_int, log_softmax64
+from ..core.kernels import argsort_stable
 from ..errors import InputError
 
 __all__ = ["SamplingParams", "ContextSlideWarning", "TokenLogprobs", "top_k_ids", "apply_temperature", "top_k_filter", "top_p_filter", "ascii_mask", "filter_logits", "select_next", "token_logprobs", "sample_rng", "StopMatcher"]
@@ -124,7 +125,7 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     if not 0.0 < p <= 1.0:
         raise InputError(f"top_p must lie in (0, 1], got {p}")
     logits = np.asarray(logits)
-    order = np.argsort(logits, axis=-1, kind="stable")  # (..., V) ascending
+    order = argsort_stable(logits)  # (..., V) ascending, = np.argsort(kind="stable"), faster
     ascending = np.take_along_axis(logits, order, axis=-1)
     shifted = ascending - ascending[..., -1:]  # the max is last
     e = np.exp(shifted)
