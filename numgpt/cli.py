@@ -416,7 +416,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--prefill-chunk", type=_positive_int, default=64, metavar="N",
                    help="prompt tokens one step computes beside the running streams' next "
                         "tokens: a long prompt is read N at a time while they keep flowing "
-                        "(default 64)")
+                        "(default 64; up to 512 while none is running)")
     p.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MB",
                    help="MiB of recent prompt prefixes' keys/values kept for reuse by later "
                         "prompts that start the same way (default 256; 0 keeps only each "

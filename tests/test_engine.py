@@ -382,7 +382,7 @@ def long_model():
 
 def _serve_one(model, text, max_new, params, chunk, logprobs=2, prompt_logprobs=True, **kw):
     """tokens, token logprobs and prompt logprobs of one request on a fresh engine."""
-    engine = Engine(model, max_batch=2, prefill_chunk=chunk, **kw)
+    engine = Engine(model, max_batch=2, prefill_chunk=chunk, idle_chunk=chunk, **kw)
     req, rec = make(text, max_new, params, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     engine.submit([req])
     run_until_idle(engine)
@@ -437,9 +437,22 @@ def test_a_long_prompt_is_read_in_chunks_while_the_streams_keep_decoding(model):
     assert rec_n.tokens == generate(model, list(PROMPT[:30].encode()), 5, GREEDY)
 
 
+def test_with_nothing_decoding_a_step_reads_up_to_the_idle_budget(model):
+    """No stream waits on a step without decode rows: the prompt is read in larger pieces
+    (fewer passes over the weights), still chunked past the idle budget."""
+    spy = RowsSpy(model)
+    engine = Engine(spy, max_batch=2, prefill_chunk=4, idle_chunk=16)
+    req, rec = make(PROMPT[:40], 3)
+    engine.submit([req])
+    run_until_idle(engine)
+    assert [c[0][1] for c in spy.calls] == [16, 16, 8, 1, 1]
+    assert rec.tokens == generate(model, list(PROMPT[:40].encode()), 3, GREEDY)
+    assert Engine(model, prefill_chunk=600, idle_chunk=10).idle_chunk == 600  # never below
+
+
 def test_the_chunk_budget_is_shared_oldest_prompt_first(model):
     spy = RowsSpy(model)
-    engine = Engine(spy, max_batch=3, prefill_chunk=10)
+    engine = Engine(spy, max_batch=3, prefill_chunk=10, idle_chunk=10)
     made = [make(t, 3) for t in ("first prompt", "second", "third one")]  # 12, 6, 9 tokens
     engine.submit([r for r, _ in made])
     engine.step()
@@ -453,7 +466,7 @@ def test_the_chunk_budget_is_shared_oldest_prompt_first(model):
 def test_cancelling_the_prompt_others_wait_on_hands_it_to_them(model):
     """n > 1 equal prompts: the first computes it; cancelled midway, the next one takes over."""
     spy = RowsSpy(model)
-    engine = Engine(spy, max_batch=3, prefill_chunk=4)
+    engine = Engine(spy, max_batch=3, prefill_chunk=4, idle_chunk=4)
     params = SamplingParams(1.0, seed=2)
     made = [make(PROMPT[:12], 4, params, index=j) for j in range(3)]
     engine.submit([r for r, _ in made])
