@@ -588,6 +588,10 @@ def test_the_prefix_pool_is_bounded_and_least_recently_used_goes_first():
     assert (30, 31, 32, 33) not in pool._entries, "an entry the new one extends is dropped"
     assert pool.bytes <= pool.capacity
     PrefixPool(100).add([1, 2, 3, 4], kv, kv)  # larger than the pool: ignored, no error
+    few = PrefixPool(10**6, max_entries=2)
+    for start in (0, 10, 20):
+        few.add(list(range(start, start + 4)), kv, kv)
+    assert len(few) == 2 and few.longest([0, 1])[0] == 0, "the oldest of 3 went"
 
 
 # ------------------------------------------------------------------------- metrics

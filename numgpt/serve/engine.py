@@ -319,11 +319,12 @@ class Scores:
 
 class PrefixPool:
     """Recent prompt prefixes: tokens -> copies of their keys and values (L, nh, n, hs) and
-    their ``Scores`` (as far as known), at most ``capacity`` bytes, the least recently used
+    their ``Scores`` (as far as known), at most ``capacity`` bytes and ``max_entries``
+    entries (each admission compares its prompt with every entry), the least recently used
     dropped first."""
 
-    def __init__(self, capacity_bytes: int):
-        self.capacity = int(capacity_bytes)
+    def __init__(self, capacity_bytes: int, max_entries: int = 256):
+        self.capacity, self.max_entries = int(capacity_bytes), int(max_entries)
         self._entries: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
         self.bytes = 0
 
@@ -360,7 +361,8 @@ class PrefixPool:
         key = tuple(int(t) for t in tokens)
         for old in [t for t in self._entries if common_prefix(t, key) == len(t)]:
             self._drop(old)
-        while self._entries and self.bytes + size > self.capacity:
+        while self._entries and (self.bytes + size > self.capacity
+                                 or len(self._entries) >= self.max_entries):
             self._drop(next(iter(self._entries)))
         self._entries[key] = (k.copy(), v.copy(), scores)
         self.bytes += size
