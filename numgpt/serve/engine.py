@@ -536,12 +536,12 @@ class Engine:
     def _admit(self) -> None:
         """Move queued sequences into free slots (reusing what the caches hold) and make
         their decoders; their prompts are computed by the following packed steps."""
-        with self._cv:
-            taken = []
-            while self._queue and None in self._slots:
-                taken.append(self._queue.popleft())
-                self._place(taken[-1])
+        free = self._slots.count(None)
+        with self._cv:  # only the queue is shared with submit(); slots are this thread's
+            taken = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
             self.metrics.queue_depth.set(len(self._queue))
+        for r in taken:  # outside the lock: placing may copy keys and values from the pool
+            self._place(r)
         for r in taken:
             try:
                 self._start(r)
