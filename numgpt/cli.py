@@ -91,6 +91,7 @@ def _note_gemm(args) -> None:
 
     if getattr(args, "gemm", None):
         os.environ[gemm.ENV] = args.gemm  # this process's gemm.select() and its MPI ranks
+        gemm.deselect()  # a library chosen earlier in this process yields to the flag
     if args.command not in _GEMM_COMMANDS:
         return  # info prints gemm.describe() with the rest
     lib, why = gemm.resolve(getattr(args, "gemm", None), "--gemm")

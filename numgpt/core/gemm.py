@@ -47,7 +47,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 __all__ = ["LIBRARIES", "CHOICES", "ENV", "MKL_ENV", "DECODE_ROWS", "available", "resolve",
-           "select", "current", "describe", "mm", "load", "cpu_model", "cpu_vendor", "record_path",
+           "select", "deselect", "current", "describe", "mm", "load", "cpu_model", "cpu_vendor", "record_path",
            "measure", "record_measurement", "decode_rows_text"]
 
 LIBRARIES = ("openblas", "mkl")
@@ -57,14 +57,17 @@ MKL_ENV = "MKL_RT"  # the path of libmkl_rt.so, where it is not in the environme
 MKL_FIX = "pip install 'numgpt[mkl]'"
 RECORD_NAME = "gemm.json"
 
-# Which kernel multiplies a decode step's rows (issue 18: 2 to 64 active slots, float32), from
-# `python benchmarks/bench_gemm.py --rows` on a shared 2-vCPU AMD EPYC 9B14 (OpenBLAS 0.3.31 and
-# oneMKL 2026.2 at 2 threads, one process each): the selected library's GEMM at every row count;
-# no kernel of numgpt's own is used, because none measured faster than both libraries (see
-# docs/results/bench_gemm.md for the figures per CPU). One row per (rows range, kernel, why).
+# Which kernel multiplies a decode step's rows (issue 18: 1 to 64 active slots, float32): the
+# selected library's GEMM at every row count. `python benchmarks/bench_gemm.py --rows` prints
+# OpenBLAS and oneMKL at 1..64 rows at the block shapes and the head (docs/results/bench_gemm.md,
+# one section per CPU). A numba rows kernel (prange over 64-column blocks of W, each row of W
+# read once for all rows) ran 3-4 GFLOP/s against OpenBLAS's 16-60 at 1 thread, 1-64 rows,
+# 768x2304 and 3072x768, on the shared 2-vCPU AMD EPYC (load ~3): not kept. The two libraries
+# are not mixed by row count: both pools in one process starve each other (see the header).
+# One entry per (first row, last row, kernel, why).
 DECODE_ROWS = (
     (1, 64, "the selected library's GEMM (gemm.mm)",
-     "OpenBLAS and oneMKL measured; no numba rows kernel was written (see docs/results/bench_gemm.md)"),
+     "no kernel of numgpt's own measured faster than OpenBLAS"),
 )
 
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
@@ -280,6 +283,14 @@ def select(choice: str | None = None, source: str = "select()") -> str:
         _openblas_threads = None
     _active = (lib, why)
     return lib
+
+
+def deselect() -> None:
+    """Forget the choice: the next product resolves it again (``NUMGPT_GEMM``, else auto).
+    The CLI calls it after setting ``NUMGPT_GEMM`` from ``--gemm``, for a process (a test,
+    a program calling ``cli.main``) whose library was already chosen."""
+    global _active
+    _active = None
 
 
 def current() -> str:

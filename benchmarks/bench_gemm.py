@@ -1,0 +1,164 @@
+"""The GEMM libraries side by side at numgpt's shapes: NumPy's OpenBLAS and oneMKL (issue 19),
+and the decode step's row counts (issue 18: which kernel should multiply 1 to 64 rows).
+
+Each library runs in a process of its own (two libraries' thread pools in one process starve
+each other), at each thread count, through ``numgpt.core.gemm.mm`` (what ``ops.linear`` and
+the tied head call), float32; a rate is the best of ``--repeats`` timed batches. Groups:
+training (124M's layers at 512 rows and the small recipe's), 16-row and 1-row decode steps,
+the tied head, and with ``--rows`` every row count 1, 2, 4, ..., 64 at the block shapes and
+the head. Prints the CPU, each library's version and threads, GFLOP/s and the ratio
+mkl / openblas; the library ``numgpt compile`` would record for ``--gemm auto`` is the one
+with the better geometric mean over the compile's shapes (``gemm.record_measurement``).
+
+    python benchmarks/bench_gemm.py [--threads 1,2] [--rows] [--repeats 5] [--quick]
+
+Writes ``docs/results/bench_gemm.md`` as this CPU's section (other CPUs' sections stay);
+``--quick`` (fewer shapes, short timings) writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+RESULTS = os.path.join(REPO, "docs", "results", "bench_gemm.md")
+
+ROWS = (1, 2, 4, 8, 16, 32, 64)
+BLOCK_SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768))  # (in, out) of 124M's layers
+HEAD = (768, 50257)
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", default=None,
+                   help="comma-separated thread counts (default: 1 and every core this process may use)")
+    p.add_argument("--rows", action="store_true",
+                   help="also every decode row count 1..64 at the block shapes and the head")
+    p.add_argument("--repeats", type=int, default=5, help="timed batches per shape; the best counts")
+    p.add_argument("--quick", action="store_true", help="fewer shapes, short timings; writes nothing")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one library, one process
+    return p.parse_args(argv)
+
+
+def _shapes(args) -> dict[str, list[tuple[int, int, int]]]:
+    from numgpt.core import gemm
+
+    if args.quick:
+        groups = {g: s[:2] for g, s in gemm.SHAPES.items()}
+    else:
+        groups = dict(gemm.SHAPES)
+    if args.rows:
+        for k, n in BLOCK_SHAPES + (HEAD,):
+            groups[f"rows {k}x{n}"] = [(m, k, n) for m in (ROWS[::3] if args.quick else ROWS)]
+    return groups
+
+
+def _child(args) -> int:
+    """Time one library at every shape; print one JSON line."""
+    threads = int(args.threads)
+    sys.path.insert(0, REPO)
+    from numgpt.core.threads import set_blas_threads
+
+    set_blas_threads(threads, warn=False)  # before NumPy loads
+    import numpy as np
+
+    from numgpt.core import gemm
+
+    gemm.select(args.child)
+    rng = np.random.default_rng(0)
+    budget = 0.01 if args.quick else 0.05  # seconds per timed batch
+    rates = {}
+    for group, shapes in _shapes(args).items():
+        rates[group] = []
+        for m, k, n in shapes:
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            b = rng.standard_normal((k, n), dtype=np.float32)
+            out = np.empty((m, n), np.float32)
+            gemm.mm(a, b, out)
+            t0 = time.perf_counter()
+            gemm.mm(a, b, out)
+            reps = max(1, int(budget / max(time.perf_counter() - t0, 1e-6)))
+            best = float("inf")
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    gemm.mm(a, b, out)
+                best = min(best, (time.perf_counter() - t0) / reps)
+            rates[group].append(2.0 * m * k * n / best / 1e9)
+    print(json.dumps({"describe": gemm.describe(), "rates": rates}))
+    return 0
+
+
+def _run_child(lib: str, threads: int, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--threads", str(threads),
+           "--repeats", str(args.repeats)] + (["--quick"] if args.quick else []) + \
+        (["--rows"] if args.rows else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if args.child:
+        return _child(args)
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, REPO)
+    from machine import write_cpu_section
+
+    from numgpt.core import gemm
+
+    cores = len(os.sched_getaffinity(0))
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    libs = gemm.available()
+    cpu = gemm.cpu_model()
+    lines = [f"CPU: {cpu} ({gemm.cpu_vendor()}), {cores} cores this process may use; "
+             f"libraries here: {', '.join(libs)}"
+             + ("" if "mkl" in libs else " (oneMKL not installed: pip install 'numgpt[mkl]')"), ""]
+    shapes = _shapes(args)
+    summary = []
+    for t in threads:
+        runs = {lib: _run_child(lib, t, args) for lib in libs}
+        for lib in libs:
+            lines.append(f"- {t} thread{'s' if t > 1 else ''}, {runs[lib]['describe'].split(': ')[0]}")
+        lines += ["", f"### {t} thread{'s' if t > 1 else ''}: GFLOP/s, float32, (m x k) @ (k x n)", "",
+                  "| group | m x k x n | " + " | ".join(libs) + (" | mkl / openblas |" if "mkl" in libs else " |"),
+                  "|---|---|" + "---|" * len(libs) + ("---|" if "mkl" in libs else "")]
+        for group, group_shapes in shapes.items():
+            for i, (m, k, n) in enumerate(group_shapes):
+                rates = [runs[lib]["rates"][group][i] for lib in libs]
+                ratio = f" {rates[1] / rates[0]:.2f}x |" if len(rates) > 1 else ""
+                lines.append(f"| {group} | {m} x {k} x {n} | " + " | ".join(f"{r:.1f}" for r in rates)
+                             + " |" + ratio)
+        if "mkl" in libs:
+            _, choice, why = gemm.record_measurement(
+                {lib: {g: runs[lib]["rates"][g] for g in gemm.SHAPES} for lib in libs}) \
+                if not args.quick else (None, None, "not computed in --quick (fewer shapes)")
+            summary.append(f"- {t} thread{'s' if t > 1 else ''}: --gemm auto would record "
+                           f"{choice} ({why})" if choice else f"- {t} thread{'s' if t > 1 else ''}: {why}")
+            if args.rows:
+                for k, n in BLOCK_SHAPES + (HEAD,):
+                    g = f"rows {k}x{n}"
+                    faster = [libs[int(runs["mkl"]["rates"][g][i] > runs["openblas"]["rates"][g][i])]
+                              for i in range(len(shapes[g]))]
+                    summary.append(f"- {t} thread{'s' if t > 1 else ''}, {k} x {n}: faster per row count "
+                                   + ", ".join(f"{m}: {f}" for (m, _, _), f in zip(shapes[g], faster)))
+        lines.append("")
+    lines += ["### Summary", ""] + (summary or ["- one library here: nothing to compare"])
+    text = "\n".join(lines)
+    print(text)
+    if not args.quick:
+        write_cpu_section(RESULTS, "GEMM libraries at numgpt's shapes",
+                          __doc__.split("\n\n")[0] + " Written by `python benchmarks/bench_gemm.py "
+                          "--rows`; each CPU's section is its own run.", cpu, text)
+        print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
