@@ -246,6 +246,8 @@ def test_cli_prints_the_library_result_as_json_text_and_png(pair, capsys, tmp_pa
     want = patch(model, ids, [464, 3797, 2497, 262, 3797], 3290, 3797)
     assert f"clean logit diff {want.clean_diff:+.4f}" in out
     code, out, err = _cli(capsys, "inspect", "attribute", *common, "--target", " doghouse")
+    gemm_line, err = err.split("\n", 1)
+    assert gemm_line.startswith("numgpt: GEMM library ")  # every computing command names it first
     assert code == 2 and err.count("\n") == 1 and "encodes to 3 tokens" in err
 
 
