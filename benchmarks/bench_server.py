@@ -263,6 +263,31 @@ def step_time(model, rows: int, repeats: int) -> float:
     return best
 
 
+def step_profile(model, rows: int, top: int = 5) -> str:
+    """Where one packed decode step of ``rows`` slots spends its time: the functions with the
+    most time of their own (cProfile, one step after a warm one), as shares of the step."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    cache = model.new_cache(rows, 128)
+    rng = np.random.default_rng(1)
+    model.forward_packed([(s, rng.integers(0, 50257, 64)) for s in range(rows)], cache)
+    segments = [(s, rng.integers(0, 50257, 1)) for s in range(rows)]
+    cache.lengths[:] = 64
+    model.forward_packed(segments, cache)
+    cache.lengths[:] = 64
+    prof = cProfile.Profile()
+    prof.enable()
+    model.forward_packed(segments, cache)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    total = sum(v[2] for v in stats.values())
+    worst = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return ", ".join(f"{Path(f).name}:{name} {100 * v[2] / total:.0f}%" for (f, _, name), v in worst)
+
+
 def step_row(label: str, weights: str, model, machine, rows: int, repeats: int) -> dict:
     """One step's time against max(weight bytes / bandwidth, FLOPs / GEMM peak)."""
     from numgpt.core.quant import weight_bytes
@@ -273,8 +298,10 @@ def step_row(label: str, weights: str, model, machine, rows: int, repeats: int) 
     read_s = streamed / (machine.bandwidth_gbs * 1e9)
     flop_s = 2 * rows * matrix_params / (machine.gemm_gflops * 1e9)
     t = step_time(model, rows, repeats)
+    ratio = t / max(read_s, flop_s)
     return {"model": label, "weights": weights, "rows": rows, "step": t, "bytes": streamed,
-            "read": read_s, "flop": flop_s, "ratio": t / max(read_s, flop_s)}
+            "read": read_s, "flop": flop_s, "ratio": ratio,
+            "profile": step_profile(model, rows) if ratio > STEP_TARGET else ""}
 
 
 # ---------------------------------------------------------------------------- tables
@@ -495,7 +522,9 @@ def _verdicts(out: dict, label: str) -> list[str]:
                      f"(target >= {REUSE_TARGET:g}x: {_verdict(r['ratio'] >= REUSE_TARGET)}).")
     for r in out["step"]:
         notes.append(f"one step, {r['model']} {r['weights']}: {r['ratio']:.2f}x its bound (target "
-                     f"<= {STEP_TARGET:g}x: {_verdict(r['ratio'] <= STEP_TARGET)}).")
+                     f"<= {STEP_TARGET:g}x: {_verdict(r['ratio'] <= STEP_TARGET)})"
+                     + (f"; where the step's time goes (own time by function): {r['profile']}."
+                        if r["profile"] else "."))
     return notes
 
 
