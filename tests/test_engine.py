@@ -691,3 +691,61 @@ def test_the_pool_keeps_scores_with_the_keys_and_values(long_model):
     got, _ = _scored(engine, SHARED + " Rome")
     assert spy.calls[0] == [(0, 5)] and engine.metrics.prefix_hits.value(source="pool") == 1
     _assert_same_prompt_event(got, _scored(Engine(long_model, max_batch=1), SHARED + " Rome")[0])
+
+
+# ------------------------------------------------------------- a random workload
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_random_workload_equals_offline_generation(long_model, seed):
+    """Prompts sharing prefixes in different ways, n > 1 equal prompts, prompt logprobs,
+    cancellations, arrivals at random steps, random chunk budgets and pool sizes: every
+    sequence's tokens equal offline generate's (a cancelled one's are a prefix of them), and
+    its token and prompt logprobs equal log-softmax of the uncached reference forward within
+    1e-10 (float64). Exercises slot reuse, the pool, scores and leaders together."""
+    rng = np.random.default_rng(seed)
+    engine = Engine(long_model, max_batch=3, max_queue=64,
+                    prefill_chunk=int(rng.integers(1, 9)), idle_chunk=int(rng.integers(1, 24)),
+                    prefix_cache_mb=float(rng.choice([0.0, 0.02, 1.0])))
+    bases = ["The quick brown fox ", "The quick red ", "Lorem ipsum dolor sit "]
+    made, cancelled = [], set()
+    for _ in range(80):
+        if rng.random() < 0.35 and len(made) < 24:
+            text = bases[rng.integers(3)] + "".join(rng.choice(list("ab "), rng.integers(0, 5)))
+            scored = bool(rng.random() < 0.35)
+            params = GREEDY if rng.random() < 0.5 else SamplingParams(1.0, seed=int(rng.integers(99)))
+            max_new = int(rng.integers(0 if scored else 1, 6))
+            group = [make(text, max_new, params, index=j, logprobs=2, prompt_logprobs=scored)
+                     for j in range(int(rng.integers(1, 3)))]
+            engine.submit([r for r, _ in group])
+            made += group
+        if made and rng.random() < 0.06:
+            victim = made[int(rng.integers(len(made)))][0]
+            engine.cancel(victim)
+            cancelled.add(id(victim))
+        engine.step()
+    run_until_idle(engine)
+    assert len(made) > 8
+    for req, rec in made:
+        text = bytes(req.prompt_ids).decode()
+        want = generate(long_model, req.prompt_ids, req.max_new_tokens, req.params,
+                        rng=sample_rng(req.params.seed, req.index))
+        if rec.finish.reason == "cancelled":
+            assert id(req) in cancelled and rec.tokens == want[:len(rec.tokens)], text
+            continue
+        assert rec.finish.reason == "length" and rec.tokens == want, (text, rec.finish)
+        ids = req.prompt_ids + rec.tokens
+        ref = _log_softmax(long_model(np.asarray([ids]))[0].data[0])  # (T, V): row t -> t + 1
+        T = len(req.prompt_ids)
+        lps = [e.logprob for e in rec.events if isinstance(e, TokenEvent)]
+        np.testing.assert_allclose(lps, [ref[T - 1 + i, t] for i, t in enumerate(rec.tokens)],
+                                   rtol=0, atol=1e-10)
+        prompt = [e for e in rec.events if isinstance(e, PromptEvent)]
+        assert len(prompt) == req.prompt_logprobs
+        if prompt:
+            np.testing.assert_allclose(prompt[0].logprobs[1:],
+                                       [ref[t, ids[t + 1]] for t in range(T - 1)], rtol=0, atol=1e-10)
+            for t, top in enumerate(prompt[0].top[1:]):
+                assert [i for i, _ in top] == list(np.argsort(-ref[t], kind="stable")[:2])
+    m = engine.metrics
+    assert m.prefix_hits.value(source="slot") + m.prefix_hits.value(source="pool") > 0
