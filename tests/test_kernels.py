@@ -16,6 +16,9 @@ attention with its causal mask off by one.
 from __future__ import annotations
 
 
+import platform
+import re
+
 import numpy as np
 import pytest
 
@@ -450,3 +453,34 @@ def test_argsort_stable_check_catches_an_unstable_order_and_a_wrong_zero_key(mon
         return np.where(b >> np.uint32(31) == 1, ~b, b | np.uint32(1 << 31)).astype(np.uint64)
     monkeypatch.setattr(kernels, "_sort_keys", raw_ieee_keys)
     assert not np.array_equal(kernels.argsort_stable(z), want)
+
+
+# ------------------------------------------------------------------ vector code in the serial builds
+
+def test_every_kernel_build_compiles_with_numpys_error_model():
+    """Both builds of every kernel divide as NumPy does (inf/nan, no ZeroDivisionError check),
+    which numba's prange bodies do already: the serial build had the "python" model, whose
+    zero check kept its loops scalar (tanh GELU 30 us vs 4.8 us for 3072 float32 values)."""
+    builds = [b for obj in vars(kernels).values() if isinstance(obj, kernels._Kernel)
+              for b in (obj.parallel, obj.serial)]
+    assert len(builds) >= 20
+    assert all(b.targetoptions.get("error_model") == "numpy" for b in builds)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 vector registers")
+def test_the_serial_gelu_loop_is_vector_code_and_the_python_error_model_is_not():
+    """The serial tanh GELU, compiled afresh with its build's own options (cached code cannot
+    be inspected), holds packed AVX arithmetic on ymm/zmm registers; the same loop under the
+    "python" error model (the negative control, what the serial build was) holds few."""
+    from numba import njit
+
+    x = np.ones(8, np.float32)
+    fn, options = kernels.gelu_tanh_forward.serial.py_func, kernels.gelu_tanh_forward.serial.targetoptions
+    packed = re.compile(r"^\s*v\w+p[sd]\s.*%[yz]mm", re.M)
+    counts = {}
+    for model in ("numpy", "python"):
+        f = njit(fastmath=options["fastmath"], error_model=model)(fn)
+        f(x.copy(), x)
+        counts[model] = len(packed.findall(f.inspect_asm(f.signatures[0])))
+    assert options["error_model"] == "numpy"
+    assert counts["numpy"] >= 16 and counts["python"] < counts["numpy"] // 4, counts
