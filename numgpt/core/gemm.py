@@ -41,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +79,7 @@ _MKL_THREADING_INTEL = 0
 _active: tuple[str, str] | None = None
 _openblas_threads: int | None = None  # OpenBLAS's thread count before mkl took the work
 _mkl = None  # the loaded libmkl_rt (ctypes.CDLL), or None
+_select_lock = threading.RLock()
 
 
 # ------------------------------------------------------------------------ the machine
@@ -264,6 +266,11 @@ def _openblas_pools():
 def select(choice: str | None = None, source: str = "select()") -> str:
     """Make ``choice`` (a name from CHOICES; None: ``NUMGPT_GEMM`` or "auto") the library that
     ``mm`` runs on, and move the threads to it (see the header). Returns the library."""
+    with _select_lock:  # the server's and the training workers' threads may all ask at once
+        return _select(choice, source)
+
+
+def _select(choice: str | None, source: str) -> str:
     global _active, _openblas_threads
     lib, why = resolve(choice, source)
     if lib == "mkl" and why.startswith("auto"):
