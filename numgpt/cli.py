@@ -99,7 +99,8 @@ def _note_gemm(args) -> None:
         gemm.load("mkl")  # now, before torch can (`trace --reference-hf` imports it)
     elif lib == "mkl" and "mkl" not in gemm.available():
         lib, why = "openblas", f"{why}; but mkl did not load -> openblas"
-    print(f"numgpt: GEMM library {lib}: {why}", file=sys.stderr, flush=True)
+    rows = f"; decode rows: {gemm.decode_rows_text()}" if args.command == "serve" else ""
+    print(f"numgpt: GEMM library {lib}: {why}{rows}", file=sys.stderr, flush=True)
 
 
 def _add_compile(sub) -> None:

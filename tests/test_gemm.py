@@ -343,3 +343,30 @@ def test_compile_records_the_measured_choice_that_auto_then_takes(monkeypatch, t
     assert json.loads((tmp_path / "gemm.json").read_text())[gemm.cpu_model()]["gflops"]["mkl"] == fast
     lib, why = gemm.resolve()
     assert lib == "mkl" and "measured on this" in why
+
+
+def test_serve_names_the_kernel_for_each_decode_row_count_at_start(monkeypatch, capsys):
+    monkeypatch.delenv(gemm.ENV, raising=False)
+    cli._note_gemm(argparse.Namespace(command="serve", gemm="openblas"))
+    err = capsys.readouterr().err
+    assert err == f"numgpt: GEMM library openblas: asked for by --gemm; decode rows: {gemm.decode_rows_text()}\n"
+    assert "1-64 rows -> the selected library's GEMM" in err
+    monkeypatch.delenv(gemm.ENV, raising=False)
+
+
+@NEEDS_MKL
+def test_the_cli_loads_mkl_before_torch_can_so_mkl_works_beside_it():
+    """`numgpt trace --reference-hf` imports torch after the CLI starts: the CLI loads MKL
+    first (the test above shows the other order refused), and products are then right."""
+    pytest.importorskip("torch")
+    code = ("import argparse\n"
+            "from numgpt import cli\n"
+            "cli._note_gemm(argparse.Namespace(command='trace', gemm='mkl'))\n"
+            "import torch, numpy as np\n"
+            "from numgpt.core import gemm\n"
+            "print(gemm.select())\n"
+            "a = np.arange(96, dtype=np.float32).reshape(6, 16) % 7; b = np.arange(768, dtype=np.float32).reshape(16, 48) % 5\n"
+            "print(np.array_equal(gemm.mm(a, b), a @ b))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(Path(gemm.__file__).parents[2])})
+    assert out.stdout.split() == ["mkl", "True"], out.stdout + out.stderr
