@@ -35,8 +35,9 @@ always computed (its logits choose the first token). A sequence that wants promp
 log-probabilities too: slots and pool entries keep, beside the keys and values, the scores
 (``Scores``: the next token's log-probability and the top alternatives) an earlier
 prompt-logprobs pass computed, and such a sequence reuses only positions whose scores are
-kept. Equal prompts admitted together (``n`` > 1 choices) are computed once: the others
-wait in their slots and copy the keys and values.
+kept. Prompts admitted while another one is being computed wait for what they share with
+it (at least ``MIN_SHARED_PREFIX`` tokens) and copy it; an equal prompt (``n`` > 1 choices)
+copies the whole prompt and its last logits, computing nothing.
 
 Each sequence is one ``numgpt.infer.decoder.SequenceDecoder`` (token choice with generator
 ``sample_rng(seed, index)``, end-of-text, stop strings, max tokens, released text), the
@@ -95,6 +96,9 @@ DEFAULT_PREFILL_CHUNK = 64
 # slower read in chunks of 64 than in one pass, and level with it in chunks of 256 (same
 # shared EPYC, best of 2); 512 also leaves a request that arrives meanwhile a short wait.
 IDLE_PREFILL_CHUNK = 512
+# A prompt admitted while another one sharing at least this many leading tokens is being
+# computed waits for those and copies them (below it, computing them costs less than a step).
+MIN_SHARED_PREFIX = 16
 DEFAULT_PREFIX_CACHE_MB = 256.0  # the pool of recent prompt prefixes (0: slots' own reuse only)
 
 
@@ -174,7 +178,8 @@ class Request:
     slot: int | None = field(default=None, init=False)
     decoder: SequenceDecoder | None = field(default=None, init=False)  # made at admission
     prefilled: int = field(default=0, init=False)  # prompt tokens in its slot's cache
-    leader: "Request | None" = field(default=None, init=False)  # an equal prompt it copies
+    leader: "Request | None" = field(default=None, init=False)  # a prompt being computed it copies
+    share: int = field(default=0, init=False)  # positions it copies from its leader
     submitted: float = field(default=0.0, init=False)  # perf_counter at submit
     last_token_at: float | None = field(default=None, init=False)  # its newest token's time
 
@@ -232,7 +237,7 @@ class EngineMetrics:
             "numgpt_prefix_cache_hits_total",
             "Sequences that reused cached prompt keys/values, by where they came from "
             "(slot: a free slot's own; pool: the prefix pool; identical: an equal prompt "
-            "admitted with it).", ["source"]))
+            "being computed; shared: the start of a prompt being computed).", ["source"]))
         self.prefix_misses = r.add(Counter(
             "numgpt_prefix_cache_misses_total", "Sequences that found no cached prompt prefix."))
         self.reused_tokens = r.add(Counter(
@@ -554,9 +559,6 @@ class Engine:
         sharing the longest prefix with its prompt (lowest slot on a tie), or copy a longer
         one from the pool; its cache then holds r.prefilled prompt tokens."""
         free = [s for s, x in enumerate(self._slots) if x is None]
-        leader = None if r.prompt_logprobs else next(
-            (x for x in self._prefilling if x.leader is None and not x.prompt_logprobs
-             and x.prompt_ids == r.prompt_ids), None)
         common = {s: common_prefix(self._held[s], r.prompt_ids) for s in free}
         shared = {s: self._reusable(r, common[s], self._scores[s].n) for s in free}
         # on a tie the slot holding least is overwritten (less goes to the pool), then the lowest
@@ -567,20 +569,23 @@ class Engine:
         if key is not None:
             pooled = self.pool.peek(key)[2]
             from_pool = self._reusable(r, pool_common, pooled.n if pooled is not None else 0)
+        leader, share = self._leader_for(r, max(n, from_pool))
         if leader is not None or from_pool > n:
             n = 0
+        # taken before the slot's own tokens go to the pool, which may drop this entry
+        entry = self.pool.get(key) if leader is None and from_pool > n else None
         self._keep_in_pool(slot, n)
         r.slot, self._slots[slot] = slot, r
         m = self.metrics
         if leader is not None:  # waits, then copies the leader's keys and values
-            r.leader, self._held[slot] = leader, []
+            r.leader, r.share, self._held[slot] = leader, share, []
             self.cache.lengths[slot] = self._scores[slot].n = 0
-            m.prefix_hits.inc(source="identical")
+            m.prefix_hits.inc(source="identical" if share == len(r.prompt_ids) else "shared")
             return
         # score t stays while it scores this prompt's token t + 1: t + 1 < the common prefix
         scores = self._scores[slot]
-        if from_pool > n:
-            k, v, pooled = self.pool.get(key)  # (L, nh, n, hs)
+        if entry is not None:
+            k, v, pooled = entry  # (L, nh, n, hs)
             n = from_pool
             self.cache.k[:, slot, :, :n] = k[:, :, :n]
             self.cache.v[:, slot, :, :n] = v[:, :, :n]
@@ -600,6 +605,36 @@ class Engine:
         m.reused_tokens.inc(n)
         self.cache.lengths[slot] = r.prefilled = n
         self._prefilling.append(r)
+
+    def _leader_for(self, r: Request, reusable: int) -> tuple[Request | None, int]:
+        """A prompt being computed that r should wait for and copy: an equal one (share: the
+        whole prompt, its logits included), else the one sharing most (at least
+        MIN_SHARED_PREFIX positions and more than ``reusable``, what the caches hold now)."""
+        if not r.prompt_logprobs:
+            for x in self._prefilling:
+                if not x.prompt_logprobs and x.prompt_ids == r.prompt_ids:
+                    return x, len(r.prompt_ids)
+        best, share = None, max(reusable, MIN_SHARED_PREFIX - 1)
+        for x in self._prefilling:
+            c = common_prefix(x.prompt_ids, r.prompt_ids)
+            n = self._reusable(r, c, c - 1 if x.prompt_logprobs else self._scores[x.slot].n)
+            if n > share:
+                best, share = x, n
+        return best, share
+
+    def _hand_over(self, f: Request, n: int) -> None:
+        """f stops waiting: it copies its leader's first n positions (and the scores valid
+        for its prompt) and computes the rest of its prompt itself."""
+        src, slot = f.leader.slot, f.slot
+        self.cache.k[:, slot, :, :n] = self.cache.k[:, src, :, :n]  # (L, nh, n, hs)
+        self.cache.v[:, slot, :, :n] = self.cache.v[:, src, :, :n]
+        self._held[slot] = list(f.prompt_ids[:n])
+        c = common_prefix(f.leader.prompt_ids, f.prompt_ids)
+        self._scores[slot].put(self._scores[src], max(0, min(self._scores[src].n, c - 1)))
+        self.cache.lengths[slot] = f.prefilled = n
+        f.leader, f.share = None, 0
+        self._prefilling.append(f)
+        self.metrics.reused_tokens.inc(n)
 
     @staticmethod
     def _reusable(r: Request, shared: int, scored: int) -> int:
@@ -634,6 +669,9 @@ class Engine:
         """This step's decode rows (every running sequence's newest token) and prompt chunks
         ((request, tokens), oldest prompt first, at most ``prefill_chunk`` tokens in all, or
         ``idle_chunk`` when nothing decodes)."""
+        for f in [f for f in self._slots if f is not None and f.leader is not None]:
+            if f.share < len(f.prompt_ids) and f.leader.prefilled >= f.share:
+                self._hand_over(f, f.share)  # its leader has computed what they share
         decode = [r for r in self._slots if r is not None and r.prompt_done and r.leader is None
                   and r.decoder is not None and r.decoder.feed is not None]
         chunks, budget = [], self.prefill_chunk if decode else self.idle_chunk
@@ -706,13 +744,17 @@ class Engine:
         """r's whole prompt is in its cache; logits (V,) after its last token. Sequences
         waiting on the same prompt copy its keys and values first."""
         T = len(r.prompt_ids)
-        followers = [f for f in self._slots if f is not None and f.leader is r]
+        waiting = [f for f in self._slots if f is not None and f.leader is r]
+        for f in waiting:
+            if f.share < len(f.prompt_ids):
+                self._hand_over(f, f.share)
+        followers = [f for f in waiting if f.leader is r]  # equal prompts: keys, values, logits
         for f in followers:
             self.cache.k[:, f.slot, :, :T] = self.cache.k[:, r.slot, :, :T]  # (L, nh, T, hs)
             self.cache.v[:, f.slot, :, :T] = self.cache.v[:, r.slot, :, :T]
             self.cache.lengths[f.slot] = f.prefilled = T
             self._held[f.slot] = list(r.prompt_ids)
-            f.leader = None
+            f.leader, f.share = None, 0
             self.metrics.reused_tokens.inc(T)
         if r.prompt_logprobs:
             self._emit_prompt_logprobs(r)
@@ -763,17 +805,20 @@ class Engine:
 
     def _finish(self, r: Request, reason: str, message: str = "", code: str = "") -> None:
         """End a sequence once: free its slot and send its FinishEvent. Sequences waiting
-        on its prompt take over computing it (the first of them leads)."""
+        on its prompt take what it computed so far (its slot is still intact) and compute
+        the rest; of those with an equal prompt, the first leads the others."""
         if r.done:
             return
         r.done = True
         if r in self._prefilling:
             self._prefilling.remove(r)
-            followers = [f for f in self._slots if f is not None and f.leader is r]
-            if followers:
-                for f in followers:
-                    f.leader = followers[0] if f is not followers[0] else None
-                self._prefilling.append(followers[0])
+        waiting = [f for f in self._slots if f is not None and f.leader is r]
+        equal = [f for f in waiting if f.share == len(f.prompt_ids)]
+        for f in waiting:
+            if f not in equal[1:]:
+                self._hand_over(f, min(r.prefilled, f.share, len(f.prompt_ids) - 1))
+        for f in equal[1:]:
+            f.leader = equal[0]
         if r.slot is not None and self._slots[r.slot] is r:
             self._slots[r.slot] = None
             self.cache.lengths[r.slot] = 0
