@@ -6,8 +6,9 @@ each other), at each thread count, through ``numgpt.core.gemm.mm`` (what ``ops.l
 the tied head call), float32; a rate is the best of ``--repeats`` timed batches. Groups:
 training (124M's layers at 512 rows and the small recipe's), 16-row and 1-row decode steps,
 the tied head, and with ``--rows`` every row count 1, 2, 4, ..., 64 at the block shapes and
-the head. Prints the CPU, each library's version and threads, GFLOP/s and the ratio
-mkl / openblas; the library ``numgpt compile`` would record for ``--gemm auto`` is the one
+the head, beside the candidate rows kernel (``numba-rows``: the issue-18 design as a plain
+numba loop, which numgpt does not use; it runs here so its verdict can be re-checked on any
+CPU). Prints the CPU, each library's version and threads, GFLOP/s and the ratios to openblas; the library ``numgpt compile`` would record for ``--gemm auto`` is the one
 with the better geometric mean over the compile's shapes (``gemm.record_measurement``).
 
     python benchmarks/bench_gemm.py [--threads 1,2] [--rows] [--repeats 5] [--quick]
@@ -58,6 +59,41 @@ def _shapes(args) -> dict[str, list[tuple[int, int, int]]]:
     return groups
 
 
+NUMBA_ROWS = "numba-rows"  # the candidate rows kernel (not part of numgpt: it lost; see gemm.DECODE_ROWS)
+
+
+def _numba_rows_kernel():
+    """out (M, N) = x (M, K) @ w (K, N): threads split the output columns in blocks of 256;
+    each row of a block of w is copied once to a contiguous buffer and applied to every row
+    of x, with the (M, 256) sums in a local array (so the compiler may vectorise over columns:
+    a local array cannot alias w or out). The issue-18 design, as a plain numba loop."""
+    import numpy as np
+    from numba import njit, prange
+
+    cb = 256
+
+    @njit(parallel=True, fastmath={"reassoc", "contract"}, boundscheck=False)
+    def rows_mm(x, w, out):
+        M, K = x.shape
+        N = w.shape[1]
+        for bi in prange((N + cb - 1) // cb):
+            c0 = bi * cb
+            width = min(cb, N - c0)
+            acc = np.zeros((M, cb), np.float32)
+            wb = np.zeros(cb, np.float32)
+            for k in range(K):
+                for c in range(width):
+                    wb[c] = w[k, c0 + c]
+                for m in range(M):
+                    xv = x[m, k]
+                    for c in range(cb):
+                        acc[m, c] += xv * wb[c]
+            for m in range(M):
+                for c in range(width):
+                    out[m, c0 + c] = acc[m, c]
+    return rows_mm
+
+
 def _child(args) -> int:
     """Time one library at every shape; print one JSON line."""
     threads = int(args.threads)
@@ -69,28 +105,43 @@ def _child(args) -> int:
 
     from numgpt.core import gemm
 
-    gemm.select(args.child)
+    gemm.select("openblas" if args.child == NUMBA_ROWS else args.child)
+    mm = gemm.mm
+    if args.child == NUMBA_ROWS:
+        kernel = _numba_rows_kernel()
+
+        def mm(a, b, out):
+            kernel(a, b, out)
+        x = np.random.default_rng(1).standard_normal((5, 300), dtype=np.float32)
+        w = np.random.default_rng(2).standard_normal((300, 700), dtype=np.float32)
+        got = np.empty((5, 700), np.float32)
+        mm(x, w, got)
+        assert np.allclose(got, x @ w, rtol=1e-4, atol=1e-3), "the numba rows kernel is wrong"
     rng = np.random.default_rng(0)
     budget = 0.01 if args.quick else 0.05  # seconds per timed batch
     rates = {}
     for group, shapes in _shapes(args).items():
+        if args.child == NUMBA_ROWS and not group.startswith(("rows", "decode")):
+            continue  # a candidate for the decode step's rows only
         rates[group] = []
         for m, k, n in shapes:
             a = rng.standard_normal((m, k), dtype=np.float32)
             b = rng.standard_normal((k, n), dtype=np.float32)
             out = np.empty((m, n), np.float32)
-            gemm.mm(a, b, out)
+            mm(a, b, out)
             t0 = time.perf_counter()
-            gemm.mm(a, b, out)
+            mm(a, b, out)
             reps = max(1, int(budget / max(time.perf_counter() - t0, 1e-6)))
             best = float("inf")
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 for _ in range(reps):
-                    gemm.mm(a, b, out)
+                    mm(a, b, out)
                 best = min(best, (time.perf_counter() - t0) / reps)
             rates[group].append(2.0 * m * k * n / best / 1e9)
-    print(json.dumps({"describe": gemm.describe(), "rates": rates}))
+    describe = (f"{NUMBA_ROWS} (numba, {threads} threads; benchmarks/bench_gemm.py's candidate)"
+                if args.child == NUMBA_ROWS else gemm.describe())
+    print(json.dumps({"describe": describe, "rates": rates}))
     return 0
 
 
@@ -121,33 +172,37 @@ def main(argv=None) -> int:
              f"libraries here: {', '.join(libs)}"
              + ("" if "mkl" in libs else " (oneMKL not installed: pip install 'numgpt[mkl]')"), ""]
     shapes = _shapes(args)
+    timed = libs + ([NUMBA_ROWS] if args.rows else [])
+    ratios = [lib for lib in timed if lib != "openblas"]
     summary = []
     for t in threads:
-        runs = {lib: _run_child(lib, t, args) for lib in libs}
-        for lib in libs:
-            lines.append(f"- {t} thread{'s' if t > 1 else ''}, {runs[lib]['describe'].split(': ')[0]}")
-        lines += ["", f"### {t} thread{'s' if t > 1 else ''}: GFLOP/s, float32, (m x k) @ (k x n)", "",
-                  "| group | m x k x n | " + " | ".join(libs) + (" | mkl / openblas |" if "mkl" in libs else " |"),
-                  "|---|---|" + "---|" * len(libs) + ("---|" if "mkl" in libs else "")]
+        runs = {lib: _run_child(lib, t, args) for lib in timed}
+        plural = "s" if t > 1 else ""
+        for lib in timed:
+            lines.append(f"- {t} thread{plural}, {runs[lib]['describe'].split(': ')[0]}")
+        lines += ["", f"### {t} thread{plural}: GFLOP/s, float32, (m x k) @ (k x n)", "",
+                  "| group | m x k x n | " + " | ".join(timed) + " | "
+                  + "".join(f"{lib} / openblas | " for lib in ratios),
+                  "|---|---|" + "---|" * (len(timed) + len(ratios))]
         for group, group_shapes in shapes.items():
             for i, (m, k, n) in enumerate(group_shapes):
-                rates = [runs[lib]["rates"][group][i] for lib in libs]
-                ratio = f" {rates[1] / rates[0]:.2f}x |" if len(rates) > 1 else ""
-                lines.append(f"| {group} | {m} x {k} x {n} | " + " | ".join(f"{r:.1f}" for r in rates)
-                             + " |" + ratio)
+                rates = {lib: runs[lib]["rates"][group][i] for lib in timed if group in runs[lib]["rates"]}
+                lines.append(f"| {group} | {m} x {k} x {n} | "
+                             + " | ".join(f"{rates[lib]:.1f}" if lib in rates else "-" for lib in timed)
+                             + " | " + "".join(f"{rates[lib] / rates['openblas']:.2f}x | " if lib in rates
+                                               else "- | " for lib in ratios))
         if "mkl" in libs:
             _, choice, why = gemm.record_measurement(
                 {lib: {g: runs[lib]["rates"][g] for g in gemm.SHAPES} for lib in libs}) \
                 if not args.quick else (None, None, "not computed in --quick (fewer shapes)")
-            summary.append(f"- {t} thread{'s' if t > 1 else ''}: --gemm auto would record "
-                           f"{choice} ({why})" if choice else f"- {t} thread{'s' if t > 1 else ''}: {why}")
-            if args.rows:
-                for k, n in BLOCK_SHAPES + (HEAD,):
-                    g = f"rows {k}x{n}"
-                    faster = [libs[int(runs["mkl"]["rates"][g][i] > runs["openblas"]["rates"][g][i])]
-                              for i in range(len(shapes[g]))]
-                    summary.append(f"- {t} thread{'s' if t > 1 else ''}, {k} x {n}: faster per row count "
-                                   + ", ".join(f"{m}: {f}" for (m, _, _), f in zip(shapes[g], faster)))
+            summary.append(f"- {t} thread{plural}: --gemm auto would record {choice} ({why})"
+                           if choice else f"- {t} thread{plural}: {why}")
+        if args.rows:
+            for k, n in BLOCK_SHAPES + (HEAD,):
+                g = f"rows {k}x{n}"
+                fastest = [max(timed, key=lambda lib: runs[lib]["rates"][g][i]) for i in range(len(shapes[g]))]
+                summary.append(f"- {t} thread{plural}, {k} x {n}: fastest per row count "
+                               + ", ".join(f"{m}: {f}" for (m, _, _), f in zip(shapes[g], fastest)))
         lines.append("")
     lines += ["### Summary", ""] + (summary or ["- one library here: nothing to compare"])
     text = "\n".join(lines)

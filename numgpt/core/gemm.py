@@ -60,11 +60,12 @@ RECORD_NAME = "gemm.json"
 
 # Which kernel multiplies a decode step's rows (issue 18: 1 to 64 active slots, float32): the
 # selected library's GEMM at every row count. `python benchmarks/bench_gemm.py --rows` prints
-# OpenBLAS and oneMKL at 1..64 rows at the block shapes and the head (docs/results/bench_gemm.md,
-# one section per CPU). A numba rows kernel (prange over 64-column blocks of W, each row of W
-# read once for all rows) ran 3-4 GFLOP/s against OpenBLAS's 16-60 at 1 thread, 1-64 rows,
-# 768x2304 and 3072x768, on the shared 2-vCPU AMD EPYC (load ~3): not kept. The two libraries
-# are not mixed by row count: both pools in one process starve each other (see the header).
+# OpenBLAS, oneMKL and the candidate rows kernel of issue 18 (`numba-rows`: threads split the
+# output columns, each row of a weight block read once for all rows) at 1..64 rows, the block
+# shapes and the head (docs/results/bench_gemm.md, one section per CPU). `--quick --rows
+# --threads 1` on the shared 2-vCPU AMD EPYC (load ~4): numba-rows ran 0.09-0.75x OpenBLAS at
+# every row count and shape, so it is not used. The two libraries are not mixed by row count
+# either: their pools in one process starve each other (see the header).
 # One entry per (first row, last row, kernel, why).
 DECODE_ROWS = (
     (1, 64, "the selected library's GEMM (gemm.mm)",
