@@ -106,12 +106,8 @@ def _child(args) -> int:
     from numgpt.core import gemm
 
     gemm.select("openblas" if args.child == NUMBA_ROWS else args.child)
-    mm = gemm.mm
+    mm = _numba_rows_kernel() if args.child == NUMBA_ROWS else gemm.mm  # mm(a, b, out)
     if args.child == NUMBA_ROWS:
-        kernel = _numba_rows_kernel()
-
-        def mm(a, b, out):
-            kernel(a, b, out)
         x = np.random.default_rng(1).standard_normal((5, 300), dtype=np.float32)
         w = np.random.default_rng(2).standard_normal((300, 700), dtype=np.float32)
         got = np.empty((5, 700), np.float32)
