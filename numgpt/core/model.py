@@ -244,8 +244,9 @@ class GPT(Module):
         with no_grad():
             if hooks is None and probe is None:
                 # the fused pass on arrays: the same ops in the same order as the layers' own
-                # forwards (bit-identical logits), without a Tensor and an op wrapper per op,
-                # which cost about a millisecond of a 124M decode token (profile_decode.py)
+                # forwards (bit-identical logits), without a Tensor and an op wrapper per op:
+                # a decode token is the matrix products plus this Python between them
+                # (benchmarks/profile_decode.py's "rest" row)
                 x = self.wte(idx).data + self.wpe(positions).data  # (A, Tn, C)
                 for layer, block in enumerate(self.h):
                     a, mlp = block.attn, block.mlp
