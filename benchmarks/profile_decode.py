@@ -5,9 +5,9 @@ The GPT-2 124M shape with random weights and the GPT-2 vocabulary (50257), float
 child process per count: BLAS reads its thread count once, when NumPy loads). One token is
 decoded at position ``--position`` (the cache already holds that many). Each part is timed
 on its own, with the arrays and weights of a real step, over every layer in turn (so each
-layer's weights come from memory, not from the cache, as in decoding), best of ``--repeats``
-(the minimum: the machine may be shared with other work, and the minimum is the figure
-least disturbed by it):
+layer's weights come from memory, not from the cache, as in decoding); the parts and the
+whole step take turns for ``--repeats`` rounds and each reports its best (the minimum: the
+machine may be shared with other work, and the minimum is the figure least disturbed by it):
 
     embed          token + position rows
     layernorms     ln_1 and ln_2 of every layer (the op of the model's path)
@@ -20,12 +20,13 @@ least disturbed by it):
     ln_f + head    the final LayerNorm and the tied head (V logits)
     rest           the whole ``forward_cached`` step minus the parts above: Python per
                    layer, Tensor and op wrappers, checks, allocations
-    decoder        ``sample.stream`` per token minus the step: ``select_next`` (greedy),
-                   the decoder's rules, the generator
+    decoder        one ``SequenceDecoder.step`` on the step's logits, greedy: ``select_next``
+                   and the decoder's rules (stop, length, release)
     sampling       ``select_next`` alone with temperature 0.8, top-k 40, top-p 0.95; and with
                    temperature 0.8, top-p 0.9 (the whole vocabulary sorted)
 
-and the floor: the bytes of weights one token reads (every matrix once, one row of ``wpe``)
+``stream per token`` is the user-facing generator end to end (its prefill excluded), and
+the floor is the bytes of weights one token reads (every matrix once, one row of ``wpe``)
 over the read bandwidth measured in the same run (``machine.read_bandwidth``, all threads).
 
     python benchmarks/profile_decode.py [--threads 1,2] [--position 64] [--repeats 20] [--quick]
@@ -72,6 +73,21 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
+def interleaved_best(jobs: dict, repeats: int) -> dict[str, float]:
+    """Seconds of the fastest call of each job, the jobs taking turns for ``repeats`` rounds
+    (after one warm-up call each): a neighbour's burst slows every part of a round alike,
+    so the step and its parts stay comparable and "rest" (their difference) means something."""
+    for fn in jobs.values():
+        fn()
+    times = {name: float("inf") for name in jobs}
+    for _ in range(repeats):
+        for name, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - t0)
+    return times
+
+
 def _linear(module, x):
     """The op a Linear or QuantizedLinear layer runs, on arrays: x (..., in) -> (..., out)."""
     from numgpt.core import ops, quant
@@ -88,6 +104,7 @@ def profile(model, position: int, repeats: int) -> dict[str, float]:
 
     from numgpt.core.tensor import Tensor
     from numgpt.infer.choice import SamplingParams, select_next
+    from numgpt.infer.decoder import SequenceDecoder
     from numgpt.infer.sample import stream
 
     c = model.config
@@ -127,8 +144,8 @@ def profile(model, position: int, repeats: int) -> dict[str, float]:
         "residual adds (2 per layer)": over_layers(lambda layer, b: (x + x, x + x)),
         "ln_f + head": lambda: model.head(Tensor(x[:, -1])),
     }
-    out = {name: best(fn, repeats) for name, fn in parts.items()}
-    total = best(step, repeats)
+    out = interleaved_best({**parts, "forward_cached step": step}, repeats)
+    total = out.pop("forward_cached step")
     out["rest (Python, wrappers, checks, allocations)"] = total - sum(out.values())
     out["forward_cached step"] = total
     n = 33
@@ -138,7 +155,8 @@ def profile(model, position: int, repeats: int) -> dict[str, float]:
                                                        else prompt[:1], n, SamplingParams(temperature=0))]
         stream_s.append((stamps[-1] - stamps[0]) / (n - 1))
     logits = step()[0]
-    out["decoder (stream per token - step)"] = min(stream_s) - total
+    decoder = SequenceDecoder(prompt, 1 << 30, SamplingParams(temperature=0), context=1 << 30)
+    out["decoder: SequenceDecoder.step, greedy"] = best(lambda: decoder.step(logits), repeats)
     gen = np.random.default_rng(0)
     for name, params in (("t=0.8 top-k 40 top-p 0.95", SamplingParams(temperature=0.8, top_k=40, top_p=0.95)),
                          ("t=0.8 top-p 0.9", SamplingParams(temperature=0.8, top_p=0.9))):
