@@ -8,8 +8,9 @@ training (124M's layers at 512 rows and the small recipe's), 16-row and 1-row de
 the tied head, and with ``--rows`` every row count 1, 2, 4, ..., 64 at the block shapes and
 the head, beside the candidate rows kernel (``numba-rows``: the issue-18 design as a plain
 numba loop, which numgpt does not use; it runs here so its verdict can be re-checked on any
-CPU). Prints the CPU, each library's version and threads, GFLOP/s and the ratios to openblas; the library ``numgpt compile`` would record for ``--gemm auto`` is the one
-with the better geometric mean over the compile's shapes (``gemm.record_measurement``).
+CPU). Prints the CPU, each library's version and threads, GFLOP/s and the ratios to
+openblas; the library ``numgpt compile`` would record for ``--gemm auto`` is the one with the
+better geometric mean over the compile's shapes (``gemm.record_measurement``).
 
     python benchmarks/bench_gemm.py [--threads 1,2] [--rows] [--repeats 5] [--quick]
 

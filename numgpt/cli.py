@@ -134,12 +134,20 @@ def _run_compile(args) -> int:
 
 
 def _measure_gemm() -> None:
-    """Time the GEMM libraries at numgpt's shapes and record the choice for --gemm auto."""
+    """Time the GEMM libraries at numgpt's shapes and record the choice for --gemm auto; not
+    while NUMGPT_GEMM names a library (the choice is fixed, and the test suite sets it so that
+    a run on a busy machine never records its timings as this machine's choice)."""
     import json
     import time
 
     from .core import gemm
 
+    fixed = os.environ.get(gemm.ENV)
+    if fixed and fixed != "auto":
+        gemm.resolve(None)  # an unknown name is refused as everywhere
+        print(f"GEMM library fixed by {gemm.ENV}={fixed}: not measured (unset it to let "
+              f"`numgpt compile` time the libraries for --gemm auto)")
+        return
     t0 = time.perf_counter()
     results = gemm.measure()
     record, choice, summary = gemm.record_measurement(results)

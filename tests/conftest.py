@@ -17,6 +17,11 @@ from numgpt.core import gemm
 # parts in the process's global symbols, where torch's copy of MKL would win and give wrong
 # products (core/gemm.py's probe refuses that case); tests/test_gemm_gates.py uses it.
 gemm.available()
+# The suite runs on NumPy's OpenBLAS unless NUMGPT_GEMM says otherwise (NUMGPT_GEMM=mkl pytest
+# runs all of it on oneMKL), the same on every machine whatever `numgpt compile` recorded there;
+# tests/test_gemm_gates.py reruns every gate on oneMKL. It also keeps `numgpt compile` in the
+# tests from recording a busy machine's timings as its --gemm auto choice.
+os.environ.setdefault(gemm.ENV, "openblas")
 
 
 def shared_data_dir() -> Path:

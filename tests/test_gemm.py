@@ -250,7 +250,8 @@ def test_every_computing_command_names_the_library_on_stderr(monkeypatch, capsys
         sub = parser._subparsers._group_actions[0].choices[command]
         assert any("--gemm" in a.option_strings for a in sub._actions), command
         cli._note_gemm(argparse.Namespace(command=command, gemm="openblas"))
-        assert capsys.readouterr().err == "numgpt: GEMM library openblas: asked for by --gemm\n"
+        rows = f"; decode rows: {gemm.decode_rows_text()}" if command == "serve" else ""
+        assert capsys.readouterr().err == f"numgpt: GEMM library openblas: asked for by --gemm{rows}\n"
     monkeypatch.delenv(gemm.ENV, raising=False)
     cli._note_gemm(argparse.Namespace(command="generate", gemm=None))
     lib, why = gemm.resolve()
@@ -370,3 +371,15 @@ def test_the_cli_loads_mkl_before_torch_can_so_mkl_works_beside_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(Path(gemm.__file__).parents[2])})
     assert out.stdout.split() == ["mkl", "True"], out.stdout + out.stderr
+
+
+def test_compile_does_not_measure_while_numgpt_gemm_fixes_the_library(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gemm, "record_path", lambda: tmp_path / "gemm.json")
+    monkeypatch.setattr(gemm, "measure", lambda: pytest.fail("measured although the library is fixed"))
+    monkeypatch.setenv(gemm.ENV, "openblas")
+    cli._measure_gemm()
+    assert "GEMM library fixed by NUMGPT_GEMM=openblas: not measured" in capsys.readouterr().out
+    assert not (tmp_path / "gemm.json").exists()
+    monkeypatch.setenv(gemm.ENV, "bogus")
+    with pytest.raises(ConfigError, match="'bogus'"):
+        cli._measure_gemm()

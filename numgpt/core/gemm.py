@@ -47,9 +47,10 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["LIBRARIES", "CHOICES", "ENV", "MKL_ENV", "DECODE_ROWS", "available", "resolve",
-           "select", "deselect", "current", "describe", "mm", "load", "cpu_model", "cpu_vendor", "record_path",
-           "measure", "record_measurement", "decode_rows_text"]
+__all__ = ["LIBRARIES", "CHOICES", "ENV", "MKL_ENV", "MKL_MARGIN", "DECODE_ROWS", "SHAPES",
+           "available", "resolve", "select", "deselect", "current", "describe", "mm", "load",
+           "cpu_model", "cpu_vendor", "record_path", "measure", "measure_here",
+           "record_measurement", "decode_rows_text"]
 
 LIBRARIES = ("openblas", "mkl")
 CHOICES = ("auto", *LIBRARIES)
@@ -57,6 +58,9 @@ ENV = "NUMGPT_GEMM"  # a choice from CHOICES; the --gemm flag sets it for the pr
 MKL_ENV = "MKL_RT"  # the path of libmkl_rt.so, where it is not in the environment's lib/
 MKL_FIX = "pip install 'numgpt[mkl]'"
 RECORD_NAME = "gemm.json"
+# how much faster (geometric mean over SHAPES) mkl must measure to be recorded for auto: a
+# near tie keeps NumPy's own library, which needs no second thread pool
+MKL_MARGIN = 1.05
 
 # Which kernel multiplies a decode step's rows (issue 18: 1 to 64 active slots, float32): the
 # selected library's GEMM at every row count. `python benchmarks/bench_gemm.py --rows` prints
@@ -465,13 +469,13 @@ def _geomean(values: list[float]) -> float:
 
 def record_measurement(results: dict[str, dict[str, list[float]]]) -> tuple[dict, str, str]:
     """Choose from ``measure()``'s figures: mkl when its geometric-mean speed over every shape
-    is at least 5% above OpenBLAS's. Returns (the record with this CPU's entry replaced and
-    other CPUs' kept, the choice, a summary); the caller writes it to ``record_path()``
-    (atomically, with io.files.atomic_write: io is above core)."""
+    is at least ``MKL_MARGIN`` times OpenBLAS's. Returns (the record with this CPU's entry
+    replaced and other CPUs' kept, the choice, a summary); the caller writes it to
+    ``record_path()`` (atomically, with io.files.atomic_write: io is above core)."""
     ratio = None
     if "mkl" in results:
         ratio = _geomean([m / o for g in SHAPES for m, o in zip(results["mkl"][g], results["openblas"][g])])
-    choice = "mkl" if ratio is not None and ratio >= 1.05 else "openblas"
+    choice = "mkl" if ratio is not None and ratio >= MKL_MARGIN else "openblas"
     summary = ("mkl not installed" if ratio is None else
                f"mkl/openblas speed {ratio:.2f}x, geometric mean over {sum(map(len, SHAPES.values()))} "
                f"shapes at {_threads()} threads")
