@@ -442,9 +442,10 @@ class Engine:
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
 
     def _place(self, r: Request) -> None:
-        """Give r a free slot: follow an equal prompt being computed, else take the free slot
-        sharing the longest prefix with its prompt (lowest slot on a tie), or copy a longer
-        one from the pool; its cache then holds r.prefilled prompt tokens."""
+        """Give r a free slot and what the caches can give it: the free slot sharing the
+        longest prefix with its prompt (on a tie the one holding least, then the lowest),
+        or a longer prefix from the pool, or, longer still, a prompt being computed to wait
+        for (``_leader_for``); its cache then holds r.prefilled prompt tokens."""
         free = [s for s, x in enumerate(self._slots) if x is None]
         common = {s: common_prefix(self._held[s], r.prompt_ids) for s in free}
         shared = {s: self._reusable(r, common[s], self._scores[s].n) for s in free}
