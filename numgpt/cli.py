@@ -100,7 +100,8 @@ def _note_gemm(args) -> None:
     elif lib == "mkl" and "mkl" not in gemm.available():
         lib, why = "openblas", f"{why}; but mkl did not load -> openblas"
     rows = f"; decode rows: {gemm.decode_rows_text()}" if args.command == "serve" else ""
-    print(f"numgpt: GEMM library {lib}: {why}{rows}", file=sys.stderr, flush=True)
+    if _launched_rank() == 0:  # once under mpiexec, not once per rank
+        print(f"numgpt: GEMM library {lib}: {why}{rows}", file=sys.stderr, flush=True)
 
 
 def _add_compile(sub) -> None:
