@@ -272,6 +272,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("out", metavar="OUT", help="output numgpt checkpoint PREFIX")
     p.add_argument("--scheme", default="q8_0",
                    help="q8_0: blocks of 32 int8 weights sharing one float16 scale (GGML's layout)")
+    p.add_argument("--activations", choices=["float32", "q8_0"], default=None,
+                   help="what the weights are multiplied with, recorded in the checkpoint: float32 "
+                        "(default: exact to the stored weights) or q8_0 (activations quantized per "
+                        "32-block too, integer dot products, as llama.cpp; see the README). Given "
+                        "a q8_0 model, only this setting changes")
     p.set_defaults(run=_run_quantize)
 
 
@@ -281,7 +286,11 @@ def _run_quantize(args) -> int:
 
     if args.scheme not in quant.SCHEMES:
         raise InputError(f"--scheme {args.scheme!r} is not supported; choose one of {list(quant.SCHEMES)}")
-    model = quant.quantize_model(checkpoint.load(args.model), args.scheme)
+    model = checkpoint.load(args.model)
+    if quant.is_quantized(model) and args.activations is not None:  # re-record the setting only
+        quant.set_activations(model, args.activations)
+    else:
+        model = quant.quantize_model(model, args.scheme, args.activations or "float32")
     out = checkpoint.save(model, args.out)
     sizes = quant.weight_bytes(model)
     print(f"wrote {args.scheme} checkpoint {out}.json + {out}.safetensors: "
@@ -322,7 +331,11 @@ def _run_info(args) -> int:
     if d.get("quantization"):
         q = d["quantization"]
         print(f"quantized   {q['scheme']}: {q['bytes']:,} bytes of weights in memory "
-              f"({q['quantized_bytes']:,} in {q['scheme']} blocks, {q['float_bytes']:,} float32)")
+              f"({q['quantized_bytes']:,} in {q['scheme']} blocks, {q['float_bytes']:,} float32); "
+              f"activations {q.get('activations') or 'float32'}")
+        from .core import quant
+
+        print(f"q8_0 kernels {quant.kernel_plan()}")
     tok_text = "none" if tok is None else f"{tok['type']} vocab_size={tok['vocab_size']}"
     print(f"tokenizer   {tok_text}")
     for note in d["notes"]:

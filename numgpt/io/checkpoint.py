@@ -779,7 +779,8 @@ def _new_quantized_model(config: GPTConfig, thunks: dict[str, Thunk], path: Path
                  bytes_per_parameter=quant.bytes_per_parameter(config, name))
     if check_finite:
         thunks = {key: _finite_after(read, key, path) for key, read in thunks.items()}
-    return quant.build_quantized(GPT(config, seed=None), thunks, str(path))
+    return quant.build_quantized(GPT(config, seed=None), thunks, str(path),
+                                 activations=scheme.get("activations") or "float32")
 
 
 def _check_quantized_header(config: GPTConfig, thunks: Mapping[str, Thunk], path: Path) -> None:
