@@ -433,7 +433,11 @@ def test_argsort_stable_gives_numpys_stable_order_index_for_index(dtype):
     z = _hard_rows(dtype)
     want = np.argsort(z, axis=-1, kind="stable")
     assert np.array_equal(kernels.argsort_stable(z), want)
-    assert np.array_equal(kernels.argsort_stable(z[2]), want[2])  # one row, (V,)
+    assert np.array_equal(kernels.argsort_stable(z[2]), want[2])  # one row, (V,), mostly -inf
+    sparse = np.full((2, 5003), -np.inf, dtype)  # mostly -inf with ties, zeros of both signs, NaNs
+    sparse[:, 10:20], sparse[:, 30:33], sparse[:, 40:45], sparse[0, 50] = 1.5, -0.0, 0.0, np.nan
+    sparse[1, 60:70] = z[3, :10]
+    assert np.array_equal(kernels.argsort_stable(sparse), np.argsort(sparse, axis=-1, kind="stable"))
     assert np.array_equal(kernels.argsort_stable(z[:, :1]), np.zeros((4, 1), np.int64))
 
 
