@@ -76,10 +76,12 @@ path (BLAS tiles), as llama.cpp's BLAS backend does. The integer loop compiles t
 ``vpmovsxbd`` + ``vpmulld`` + ``vpaddd`` (ymm/zmm; ``vpmaddwd`` where LLVM sees one row, in
 the tail), not to ``vpmaddwd``/``vpdpbusd`` for 4 rows: LLVM did not form those from any
 numba spelling tried (int32 casts, pairs of products), so per 32 weights the integer path
-issues about as many instructions as the float one. Measured on this AMD EPYC it is not
-faster (768 x 2304 at 1 row 0.137 vs 0.126 ms; at 16 rows 2.1 vs 0.7 ms against the strips),
-so the default stays float32 activations: exact to ``x @ dequantize(W)^T`` to float32
-rounding, the weights the only approximation. Its quality (perplexity, KL, greedy) is in
+issues about as many instructions as the float one. Measured on this shared AMD EPYC it is
+not faster: a 124M decode step at batch 1 took 19.3-20.5 ms with 8-bit activations against
+19.3-19.8 ms with float32 ones (per call 0.8x to 1.7x between matrices and runs), and at 16
+rows 98-171 ms against the strips' 68-81 (it widens the weights again for every row and sums
+every block across the vector). So the default stays float32 activations: exact to
+``x @ dequantize(W)^T`` to float32 rounding, the weights the only approximation. Its quality (perplexity, KL, greedy) is in
 docs/results/quant_quality.md.
 
 The float kernels are exact for the numbers stored: q * d is exact in float32 (8-bit times
