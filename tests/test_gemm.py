@@ -97,6 +97,46 @@ def test_mm_hands_other_dtypes_and_empty_operands_to_numpy(library):
     assert np.all(gemm.mm(np.ones((2, 0), np.float32), np.ones((0, 3), np.float32)) == 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_openblas_runs_two_or_three_rows_as_one_gemv_per_row(dtype, monkeypatch):
+    """gemm.ROW_BY_ROW: on OpenBLAS a product of 2 or 3 rows is one GEMV per row, so each row
+    of a C-contiguous input is bit for bit its one-row product (the batch-1 decode's), and within the rounding bound
+    (float64: 1e-12) for every layout; 1 and 4 rows stay one NumPy product (counted)."""
+    before = gemm.current()
+    gemm.select("openblas")
+    try:
+        rng = np.random.default_rng(4)
+        k, n = 768, 130
+        b = rng.standard_normal((k, n)).astype(dtype)
+        real, split = gemm._row_by_row, []
+        monkeypatch.setattr(gemm, "_row_by_row", lambda x, y: split.append(1) or real(x, y))
+        for m in range(1, 6):
+            a = rng.standard_normal((m, k)).astype(dtype)
+            split.clear()
+            for name, va in _views(a).items():
+                got = gemm.mm(va, b)
+                assert _within_bound(got, a, b), f"{m} rows, {name}"
+                if dtype == np.float64:
+                    ref = _exact(a, b)
+                    assert np.max(np.abs(got - ref)) <= 1e-12 * max(1.0, np.max(np.abs(ref)))
+                if name == "C" and gemm.ROW_BY_ROW[0] <= m <= gemm.ROW_BY_ROW[1]:  # decode's layout
+                    assert all(np.array_equal(got[i], gemm.mm(a[i:i + 1], b)[0]) for i in range(m))
+            assert len(split) == (4 if gemm.ROW_BY_ROW[0] <= m <= gemm.ROW_BY_ROW[1] else 0), m
+    finally:
+        gemm.select(before)
+
+
+def test_negative_control_a_row_split_that_repeats_a_row_fails_the_check():
+    """The row check is not blind: a split that multiplies row 0 twice (an off-by-one in the
+    loop) gives a product outside the bound, and the correct split passes it."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 9)).astype(np.float32)
+    wrong = np.stack([np.matmul(a[max(i - 1, 0)], b) for i in range(3)])
+    assert not _within_bound(wrong, a, b)
+    assert _within_bound(gemm._row_by_row(a, b), a, b)
+
+
 @NEEDS_MKL
 def test_negative_control_a_wrong_leading_dimension_fails_the_check():
     """The check above is not blind: sgemm called with ldb = n - 1 (one element short per
@@ -240,7 +280,8 @@ def test_describe_names_library_version_threads_reason_and_decode_rows(library):
     line = gemm.describe()
     assert "\n" not in line and line.startswith(library)
     assert ("oneMKL" if library == "mkl" else "OpenBLAS") in line and "threads" in line
-    assert "decode rows: 1-64 rows -> " in line and "asked for by" in line
+    assert "decode rows: 1 row -> " in line and "; 2-3 rows -> openblas: one GEMV per row" in line \
+        and "4-64 rows -> " in line and "asked for by" in line
 
 
 def test_every_computing_command_names_the_library_on_stderr(monkeypatch, capsys):
@@ -351,7 +392,7 @@ def test_serve_names_the_kernel_for_each_decode_row_count_at_start(monkeypatch, 
     cli._note_gemm(argparse.Namespace(command="serve", gemm="openblas"))
     err = capsys.readouterr().err
     assert err == f"numgpt: GEMM library openblas: asked for by --gemm; decode rows: {gemm.decode_rows_text()}\n"
-    assert "1-64 rows -> the selected library's GEMM" in err
+    assert "1 row -> the selected library's GEMM" in err and "4-64 rows -> the selected library's GEMM" in err
     monkeypatch.delenv(gemm.ENV, raising=False)
 
 

@@ -48,7 +48,8 @@ from pathlib import Path
 from ..errors import ConfigError
 
 __all__ = ["LIBRARIES", "CHOICES", "ENV", "MKL_ENV", "MKL_MARGIN", "DECODE_ROWS", "SHAPES",
-           "available", "resolve", "select", "deselect", "current", "describe", "mm", "load",
+           "ROW_BY_ROW", "available", "resolve", "select", "deselect", "current", "describe",
+           "mm", "load",
            "cpu_model", "cpu_vendor", "record_path", "measure", "measure_here",
            "record_measurement", "decode_rows_text"]
 
@@ -71,8 +72,20 @@ MKL_MARGIN = 1.05
 # every row count and shape, so it is not used. The two libraries are not mixed by row count
 # either: their pools in one process starve each other (see the header).
 # One entry per (first row, last row, kernel, why).
+# OpenBLAS (0.3.30/0.3.31) multiplies 2 or 3 rows by a weight matrix on its GEMM path, which
+# measured slower than one GEMV per row: 12 layers' distinct weights per call (so they come
+# from memory, as in a decode step), GFLOP/s GEMM -> per row on the 2-vCPU AMD EPYC, 1 thread:
+# 2 rows 7.8-9.2 -> 12.0-15.1, 3 rows 10.1-12.7 -> 14.4-19.6, 4 rows 15.4-17.2 -> 17.0-21.6
+# (mixed at 2 threads, where 4 rows lost on one shape), 8 rows GEMM as fast or faster. So mm
+# runs rows ROW_BY_ROW on OpenBLAS as GEMVs; each row is then the one-row product itself.
+# oneMKL keeps its GEMM at every row count (not measured row by row on an Intel Xeon).
+ROW_BY_ROW = (2, 3)  # on OpenBLAS, products with this many rows (inclusive) run as GEMVs
 DECODE_ROWS = (
-    (1, 64, "the selected library's GEMM (gemm.mm)",
+    (1, 1, "the selected library's GEMM (gemm.mm)",
+     "no kernel of numgpt's own measured faster than OpenBLAS"),
+    (ROW_BY_ROW[0], ROW_BY_ROW[1], "openblas: one GEMV per row; mkl: its GEMM",
+     "OpenBLAS's small-M GEMM measured slower than a GEMV per row (above)"),
+    (ROW_BY_ROW[1] + 1, 64, "the selected library's GEMM (gemm.mm)",
      "no kernel of numgpt's own measured faster than OpenBLAS"),
 )
 
@@ -340,7 +353,8 @@ def describe() -> str:
 
 def decode_rows_text() -> str:
     """``DECODE_ROWS`` as one phrase: which kernel runs for which row count."""
-    return "; ".join(f"{lo}-{hi} rows -> {kernel}" for lo, hi, kernel, _ in DECODE_ROWS)
+    return "; ".join(f"{lo} row -> {kernel}" if lo == hi == 1 else f"{lo}-{hi} rows -> {kernel}"
+                     for lo, hi, kernel, _ in DECODE_ROWS)
 
 
 # ------------------------------------------------------------------------ the product
@@ -370,7 +384,12 @@ def mm(a, b, out=None):
     be a C-contiguous (m, n) array of that dtype, as for ``numpy.matmul``."""
     import numpy as np
 
-    if (_active or (current(),))[0] != "mkl" or a.ndim != 2 or b.ndim != 2 \
+    if (_active or (current(),))[0] != "mkl":
+        if ROW_BY_ROW[0] <= a.shape[0] <= ROW_BY_ROW[1] and a.ndim == 2 and b.ndim == 2 \
+                and a.shape[1] == b.shape[0] and out is None:
+            return _row_by_row(a, b)
+        return np.matmul(a, b, out=out)
+    if a.ndim != 2 or b.ndim != 2 \
             or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) \
             or 0 in a.shape or 0 in b.shape or a.shape[1] != b.shape[0] \
             or not (a.flags.aligned and b.flags.aligned):
@@ -398,6 +417,16 @@ def mm(a, b, out=None):
         out[...] = target
         return out
     return target
+
+
+def _row_by_row(a, b):
+    """``a @ b`` for a (m, k) with m in ROW_BY_ROW, b (k, n): one GEMV per row of a."""
+    import numpy as np
+
+    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    for i in range(a.shape[0]):
+        np.matmul(a[i], b, out=out[i])  # (k,) @ (k, n) -> (n,)
+    return out
 
 
 # ------------------------------------------------------------------------ the measurement
