@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                                                else "- | " for lib in ratios))
         if "mkl" in libs:
             _, choice, why = gemm.record_measurement(
-                {lib: {g: runs[lib]["rates"][g] for g in gemm.SHAPES} for lib in libs}) \
+                {lib: {g: runs[lib]["rates"][g] for g in gemm.SHAPES} for lib in libs}, threads=t) \
                 if not args.quick else (None, None, "not computed in --quick (fewer shapes)")
             summary.append(f"- {t} thread{plural}: --gemm auto would record {choice} ({why})"
                            if choice else f"- {t} thread{plural}: {why}")

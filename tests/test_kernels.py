@@ -69,7 +69,9 @@ def _cases(dtype, rng):
         ("cross_entropy", kernels.cross_entropy, ops.cross_entropy, [r(3, 5, 37, scale=3.0)],
          {"targets": targets, "ignore_index": -1}),
         ("embedding", kernels.embedding, ops.embedding, [r(9, 70)], {"ids": ids}),
+        ("tied_head (one row: tied_head_rows)", kernels.tied_head, ops.tied_head, [r(1, 24), r(301, 24)], {}),
         ("tied_head (few rows)", kernels.tied_head, ops.tied_head, [r(4, 24), r(301, 24)], {}),
+        ("tied_head (8 rows: BLAS order)", kernels.tied_head, ops.tied_head, [r(2, 4, 24), r(301, 24)], {}),
         ("tied_head (many rows)", kernels.tied_head, ops.tied_head, [r(5, 20, 24), r(301, 24)], {}),
         ("attention_training", kernels.attention_training, ops.attention_training, [r(2, 13, 3 * 24)], {"n_head": 3}),
         ("attention_training (T=1)", kernels.attention_training, ops.attention_training, [r(3, 1, 3 * 8)], {"n_head": 2}),
@@ -488,3 +490,30 @@ def test_the_serial_gelu_loop_is_vector_code_and_the_python_error_model_is_not()
         counts[model] = len(packed.findall(f.inspect_asm(f.signatures[0])))
     assert options["error_model"] == "numpy"
     assert counts["numpy"] >= 16 and counts["python"] < counts["numpy"] // 4, counts
+
+
+def test_the_head_runs_tied_head_rows_up_to_its_row_limit_and_a_swapped_row_fails():
+    """Up to HEAD_ROWS_MAX rows the fast tied head is the streaming kernel (counted), above
+    it the BLAS-ordered product; both within float32 rounding of the float64 product. The
+    check is not blind: the kernel handed x with two rows swapped is outside it."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((517, 96)).astype(np.float32)
+    calls = []
+    real = kernels.tied_head_rows
+    try:
+        kernels.tied_head_rows = lambda out, x, w_: calls.append(len(x)) or real(out, x, w_)
+        for n in range(1, kernels.HEAD_ROWS_MAX + 3):
+            x = rng.standard_normal((n, 96)).astype(np.float32)
+            got, _ = kernels.tied_head(x, w)
+            exact = x.astype(np.float64) @ w.astype(np.float64).T
+            bound = 96 * np.finfo(np.float32).eps * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T)
+            assert np.all(np.abs(got - exact) <= bound + 1e-30), n
+            assert calls[-1:] == ([n] if n <= kernels.HEAD_ROWS_MAX else calls[-1:]) and \
+                (len(calls) == min(n, kernels.HEAD_ROWS_MAX)), (n, calls)
+    finally:
+        kernels.tied_head_rows = real
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    swapped = np.empty((2, 517), np.float32)
+    real(swapped, np.ascontiguousarray(x[::-1]), w)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.max(np.abs(swapped - exact)) > 1.0

@@ -166,29 +166,37 @@ def shakespeare_model(shakespeare_path):
     (~10 s on a quiet core), the last 10% as held-out bytes, and the held-out perplexity of
     the training bytes' unigram frequencies (what a model that learned nothing scores)."""
     from numgpt.io.tokenizer import ByteTokenizer
-    from numgpt.train.optim import AdamW
 
     data = np.frombuffer(shakespeare_path.read_bytes(), dtype=np.uint8).astype(np.int64)
     split = int(0.9 * len(data))
     train, held_out = data[:split], data[split:]
     model = GPT(GPTConfig(**TINY), seed=0)
     model.tokenizer = ByteTokenizer()
-    opt = AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.0)
-    rng = np.random.default_rng(0)
-    T, B = TINY["block_size"], 16
     started = time.perf_counter()
-    for _ in range(300):
-        starts = rng.integers(0, len(train) - T - 1, B)
+    loss = _train_adamw(model, train, lr=3e-3, batch=16, steps=300)
+    seconds = time.perf_counter() - started
+    freq = (np.bincount(train, minlength=256) + 1) / (len(train) + 256)  # add-one unigram
+    unigram = float(np.exp(-np.log(freq[held_out[:HELD_OUT_BYTES]]).mean()))
+    return model, held_out, loss, seconds, unigram
+
+
+def _train_adamw(model, train: np.ndarray, *, lr: float, batch: int, steps: int) -> float:
+    """``steps`` AdamW steps (betas 0.9, 0.99, no decay, constant lr) on random windows of
+    ``train`` (seeded: the same model every run); returns the last batch's loss."""
+    from numgpt.train.optim import AdamW
+
+    opt = AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    T = model.config.block_size
+    for _ in range(steps):
+        starts = rng.integers(0, len(train) - T - 1, batch)
         x = np.stack([train[s:s + T] for s in starts])  # (B, T)
         y = np.stack([train[s + 1:s + T + 1] for s in starts])
         opt.zero_grad()
         _, loss = model(x, y)
         loss.backward()
-        opt.step(lr=3e-3)
-    seconds = time.perf_counter() - started
-    freq = (np.bincount(train, minlength=256) + 1) / (len(train) + 256)  # add-one unigram
-    unigram = float(np.exp(-np.log(freq[held_out[:HELD_OUT_BYTES]]).mean()))
-    return model, held_out, float(loss.data), seconds, unigram
+        opt.step(lr=lr)
+    return float(loss.data)
 
 
 def _quantized_copy(model):
@@ -381,7 +389,6 @@ def gpt2_vocab_model(shakespeare_path, gpt2_tokenizer_dir):
     tinyshakespeare's first GPT2_TEXT_CHARS characters (GPT-2 BPE); the rest held out; and
     the held-out perplexity of the training tokens' unigram frequencies."""
     from numgpt.io.tokenizer import load_tokenizer
-    from numgpt.train.optim import AdamW
 
     tok = load_tokenizer(str(gpt2_tokenizer_dir))
     ids = np.array(tok.encode(shakespeare_path.read_text()[:GPT2_TEXT_CHARS]), dtype=np.int64)
@@ -389,17 +396,7 @@ def gpt2_vocab_model(shakespeare_path, gpt2_tokenizer_dir):
     train, held_out = ids[:split], ids[split:]
     model = GPT(GPTConfig(**GPT2_TINY), seed=0)
     model.tokenizer = tok
-    opt = AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
-    rng = np.random.default_rng(0)
-    T, B = GPT2_TINY["block_size"], 8
-    for _ in range(GPT2_STEPS):
-        starts = rng.integers(0, len(train) - T - 1, B)
-        x = np.stack([train[s:s + T] for s in starts])  # (B, T)
-        y = np.stack([train[s + 1:s + T + 1] for s in starts])
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step(lr=1e-2)
+    _train_adamw(model, train, lr=1e-2, batch=8, steps=GPT2_STEPS)
     V = GPT2_TINY["vocab_size"]
     freq = (np.bincount(train, minlength=V) + 1) / (len(train) + V)
     unigram = float(np.exp(-np.log(freq[held_out[:EVAL_TOKENS]]).mean()))

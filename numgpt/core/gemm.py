@@ -496,19 +496,22 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def record_measurement(results: dict[str, dict[str, list[float]]]) -> tuple[dict, str, str]:
+def record_measurement(results: dict[str, dict[str, list[float]]],
+                       threads: int | None = None) -> tuple[dict, str, str]:
     """Choose from ``measure()``'s figures: mkl when its geometric-mean speed over every shape
-    is at least ``MKL_MARGIN`` times OpenBLAS's. Returns (the record with this CPU's entry
+    is at least ``MKL_MARGIN`` times OpenBLAS's. ``threads``: how many threads the figures were
+    measured with (default: this process's). Returns (the record with this CPU's entry
     replaced and other CPUs' kept, the choice, a summary); the caller writes it to
     ``record_path()`` (atomically, with io.files.atomic_write: io is above core)."""
+    threads = _threads() if threads is None else threads
     ratio = None
     if "mkl" in results:
         ratio = _geomean([m / o for g in SHAPES for m, o in zip(results["mkl"][g], results["openblas"][g])])
     choice = "mkl" if ratio is not None and ratio >= MKL_MARGIN else "openblas"
     summary = ("mkl not installed" if ratio is None else
                f"mkl/openblas speed {ratio:.2f}x, geometric mean over {sum(map(len, SHAPES.values()))} "
-               f"shapes at {_threads()} threads")
+               f"shapes at {threads} thread{'s' if threads != 1 else ''}")
     record = _read_record()
-    record[cpu_model()] = {"choice": choice, "summary": summary, "threads": _threads(),
+    record[cpu_model()] = {"choice": choice, "summary": summary, "threads": threads,
                            "gflops": results, "shapes": SHAPES}
     return record, choice, summary
