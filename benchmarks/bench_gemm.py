@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -114,28 +113,12 @@ def _child(args) -> int:
         got = np.empty((5, 700), np.float32)
         mm(x, w, got)
         assert np.allclose(got, x @ w, rtol=1e-4, atol=1e-3), "the numba rows kernel is wrong"
-    rng = np.random.default_rng(0)
     budget = 0.01 if args.quick else 0.05  # seconds per timed batch
     rates = {}
     for group, shapes in _shapes(args).items():
         if args.child == NUMBA_ROWS and not group.startswith(("rows", "decode")):
             continue  # a candidate for the decode step's rows only
-        rates[group] = []
-        for m, k, n in shapes:
-            a = rng.standard_normal((m, k), dtype=np.float32)
-            b = rng.standard_normal((k, n), dtype=np.float32)
-            out = np.empty((m, n), np.float32)
-            mm(a, b, out)
-            t0 = time.perf_counter()
-            mm(a, b, out)
-            reps = max(1, int(budget / max(time.perf_counter() - t0, 1e-6)))
-            best = float("inf")
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    mm(a, b, out)
-                best = min(best, (time.perf_counter() - t0) / reps)
-            rates[group].append(2.0 * m * k * n / best / 1e9)
+        rates[group] = [gemm.product_gflops(m, k, n, budget, args.repeats, mm) for m, k, n in shapes]
     describe = (f"{NUMBA_ROWS} (numba, {threads} threads; benchmarks/bench_gemm.py's candidate)"
                 if args.child == NUMBA_ROWS else gemm.describe())
     print(json.dumps({"describe": describe, "rates": rates}))

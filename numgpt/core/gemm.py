@@ -50,7 +50,7 @@ from ..errors import ConfigError
 __all__ = ["LIBRARIES", "CHOICES", "ENV", "MKL_ENV", "MKL_MARGIN", "DECODE_ROWS", "SHAPES",
            "ROW_BY_ROW", "available", "resolve", "select", "deselect", "current", "describe",
            "mm", "load",
-           "cpu_model", "cpu_vendor", "record_path", "measure", "measure_here",
+           "cpu_model", "cpu_vendor", "record_path", "measure", "measure_here", "product_gflops",
            "record_measurement", "decode_rows_text"]
 
 LIBRARIES = ("openblas", "mkl")
@@ -442,24 +442,27 @@ SHAPES = {
 }
 
 
-def _time_one(m: int, k: int, n: int, seconds: float) -> float:
-    """GFLOP/s of the best of a few timed batches of ``mm`` at (m, k) @ (k, n), float32."""
+def product_gflops(m: int, k: int, n: int, batch_seconds: float, repeats: int = 3,
+                   product=None) -> float:
+    """GFLOP/s of ``product(a, b, out)`` (default: ``mm``) at (m, k) @ (k, n), float32: the
+    best of ``repeats`` timed batches of about ``batch_seconds`` each. ``numgpt compile`` and
+    benchmarks/bench_gemm.py time every library (and bench_gemm its candidate kernel) with it."""
     import numpy as np
 
+    product = mm if product is None else product
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal((k, n), dtype=np.float32)
     out = np.empty((m, n), np.float32)
-    mm(a, b, out)
+    product(a, b, out)
     t0 = time.perf_counter()
-    mm(a, b, out)
-    once = max(time.perf_counter() - t0, 1e-6)
-    reps = max(1, int(seconds / 3 / once))
+    product(a, b, out)
+    reps = max(1, int(batch_seconds / max(time.perf_counter() - t0, 1e-6)))
     best = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(reps):
-            mm(a, b, out)
+            product(a, b, out)
         best = min(best, (time.perf_counter() - t0) / reps)
     return 2.0 * m * k * n / best / 1e9
 
@@ -467,7 +470,7 @@ def _time_one(m: int, k: int, n: int, seconds: float) -> float:
 def measure_here(lib: str, seconds: float = 0.05) -> dict[str, list[float]]:
     """GFLOP/s of ``lib`` at every shape of SHAPES, in this process: group -> [rates]."""
     select(lib)
-    return {group: [_time_one(*s, seconds) for s in shapes] for group, shapes in SHAPES.items()}
+    return {group: [product_gflops(*s, seconds / 3) for s in shapes] for group, shapes in SHAPES.items()}
 
 
 def measure(seconds: float = 0.03, rounds: int = 2) -> dict[str, dict[str, list[float]]]:
